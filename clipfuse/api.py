@@ -1,0 +1,93 @@
+"""The Python API behind the CLI: every command is one call here (the CLI only parses)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipfuse.errors import ClipfuseError
+
+
+def export_engine(backbones, classes, out, templates=None, force=False, opset=None, quiet=False):
+    """Build engines/<name>/: fused ONNX graph validated against PyTorch, heads, controller, manifest."""
+    from clipfuse.export.engine import export_engine as _export
+
+    return _export(backbones, classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
+
+
+def list_backbones(measure: bool = False) -> list[dict]:
+    """The nine OpenAI CLIP backbones: input size, image-tower parameters, GFLOPs, embedding width."""
+    from clipfuse.export.backbones import OPENAI_BACKBONES, load_backbone
+
+    rows = []
+    for arch, info in OPENAI_BACKBONES.items():
+        row = dict(arch=arch, **info)
+        if measure:   # rebuild at random weights and count: FLOPs do not depend on weight values
+            b = load_backbone(f"{arch}:random:0", measure_flops=True)
+            row.update(visual_params=b.info["visual_params"], gflops=b.info["gflops"], embed_dim=b.embed_dim)
+            del b
+        rows.append(row)
+    return rows
+
+
+def inspect_engine(folder, verify: bool = True) -> dict:
+    """What an engine folder holds: backbones, classes, IO, files, parameters, GFLOPs, validation."""
+    from clipfuse.runtime.manifest import read_manifest
+
+    m = read_manifest(folder, verify=verify)
+    d = m.data
+    files = {}
+    for p in sorted(Path(m.folder).iterdir()):
+        if p.is_file():
+            files[p.name] = p.stat().st_size
+    val = d.get("validation", {})
+    worst = {}
+    for batch in val.get("batches", {}).values():
+        for name, o in batch["outputs"].items():
+            worst[name] = max(worst.get(name, 0.0), o["max_rel"])
+    return {
+        "folder": str(m.folder),
+        "name": d.get("name"),
+        "created": d.get("created"),
+        "backbones": d["backbones"],
+        "classes": d["classes"],
+        "head_kind": d.get("head_kind"),
+        "controller": d.get("controller", {}).get("kind"),
+        "inputs": d["inputs"],
+        "outputs": d["outputs"],
+        "files": files,
+        "total_visual_params": sum(b["visual_params"] for b in d["backbones"]),
+        "total_gflops": round(sum(b["gflops"] for b in d["backbones"]), 3),
+        "validation_max_rel": worst,
+        "onnx": d["onnx"],
+        "versions": d.get("versions", {}),
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise ClipfuseError("unreachable")
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"engine {info['name']}  ({info['folder']}, created {info['created']})"]
+    lines.append(f"head: {info['head_kind']}   controller: {info['controller']}   "
+                 f"opset {info['onnx']['opset']}   classes: {len(info['classes'])}")
+    lines.append("")
+    lines.append(f"{'#':>2}  {'backbone':<34} {'input':<10} {'D':>5} {'params':>9} {'GFLOPs':>8}")
+    for i, b in enumerate(info["backbones"]):
+        name = f"{b['arch']}:{b['weights']}"
+        lines.append(f"{i:>2}  {name[:34]:<34} {b['input']:<10} {b['embed_dim']:>5} "
+                     f"{b['visual_params'] / 1e6:>8.1f}M {b['gflops']:>8.2f}")
+    lines.append(f"    {'total':<34} {'':<10} {'':>5} {info['total_visual_params'] / 1e6:>8.1f}M {info['total_gflops']:>8.2f}")
+    lines.append("")
+    shown = ", ".join(info["classes"][:10]) + (f", ... (+{len(info['classes']) - 10})" if len(info["classes"]) > 10 else "")
+    lines.append(f"classes: {shown}")
+    lines.append("inputs:  " + "; ".join(f"{i['name']} {i['dtype']} {tuple(i['shape'])}" for i in info["inputs"]))
+    lines.append("outputs: " + "; ".join(f"{o['name']} {o['dtype']} {tuple(o['shape'])}" for o in info["outputs"]))
+    lines.append("files:   " + "; ".join(f"{k} {human_bytes(v)}" for k, v in info["files"].items()))
+    if info["validation_max_rel"]:
+        lines.append("ONNX Runtime vs PyTorch, max relative error: " +
+                     ", ".join(f"{k} {v:.1e}" for k, v in info["validation_max_rel"].items()))
+    return "\n".join(lines)

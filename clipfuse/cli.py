@@ -1,0 +1,113 @@
+"""The `clipfuse` command line: parses arguments and calls clipfuse.api, nothing more.
+
+Errors a user can cause (ClipfuseError) print one line, `error: ...`, and exit 1.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from clipfuse.errors import ClipfuseError
+
+DEMO_BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
+DEMO_CLASSES = "astronaut,cat,cup of coffee,rocket,dog,car,bird,airplane,flower,building"
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ClipfuseError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="clipfuse")
+def cli():
+    """Fuse several CLIP backbones into one ONNX graph / TensorRT engine, and measure what it costs."""
+
+
+@cli.command()
+@click.option("--measure", is_flag=True, help="Rebuild each backbone (random weights) and count parameters and FLOPs now.")
+@click.option("--all", "show_all", is_flag=True, help="Also list every architecture name open_clip knows.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def backbones(measure, show_all, as_json):
+    """List the nine OpenAI CLIP backbones: input size, parameters, GFLOPs."""
+    from clipfuse import api
+
+    rows = api.list_backbones(measure=measure)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(f"{'backbone':<14} {'input':>6} {'embed':>6} {'image params':>13} {'GFLOPs':>8}")
+        for r in rows:
+            click.echo(f"{r['arch']:<14} {r['image_size']:>6} {r['embed_dim']:>6} {r['visual_params'] / 1e6:>12.1f}M {r['gflops']:>8.2f}")
+        click.echo("\nWrite a backbone as ARCH[:WEIGHTS]; WEIGHTS = openai (default), a checkpoint path, or random:SEED.")
+        click.echo("GFLOPs: image tower, batch 1, multiply-add = 2 (torch.utils.flop_counter).")
+    if show_all:
+        from clipfuse.export.backbones import known_architectures
+
+        click.echo("\nall open_clip architectures:\n" + " ".join(sorted(known_architectures())))
+
+
+@cli.command()
+@click.option("--backbone", "-b", "backbone_list", multiple=True, required=True, metavar="ARCH[:WEIGHTS]",
+              help="A backbone; repeat for each (order is kept). WEIGHTS: openai (default), a checkpoint file, random:SEED.")
+@click.option("--classes", "-c", required=True, help="Class names: a file with one per line, or a comma-separated list.")
+@click.option("--templates", type=click.Path(dir_okay=False), default=None,
+              help="Prompt templates file, one per line with {} for the class name (default: open_clip's 80 OpenAI templates).")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def export(backbone_list, classes, templates, out, force, opset, quiet):
+    """Build ONE validated ONNX graph of all backbones, heads, controller and combination."""
+    from clipfuse import api
+
+    result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
+    click.echo(api.format_inspect(api.inspect_engine(result.folder, verify=False)))
+
+
+@cli.command()
+@click.argument("engine", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the artefacts (faster on large engines).")
+def inspect(engine, as_json, no_verify):
+    """Show what an engine folder holds: backbones, classes, IO, files, parameters, GFLOPs."""
+    from clipfuse import api
+
+    info = api.inspect_engine(engine, verify=not no_verify)
+    click.echo(json.dumps(info, indent=2) if as_json else api.format_inspect(info))
+
+
+@cli.command()
+@click.option("--out", "-o", default="engines/demo", show_default=True, type=click.Path(file_okay=False))
+def demo(out):
+    """Export and validate the default two-backbone ensemble (RN50 + ViT-B-32), offline.
+
+    Weights are seeded random (no download is possible here): latency and memory
+    do not depend on weight values; predictions are meaningless until real weights
+    (RN50:openai, ViT-B-32:openai) are used.
+    """
+    from clipfuse import api
+    from clipfuse.export.heads import simple_templates
+
+    click.echo(f"clipfuse demo: {' + '.join(DEMO_BACKBONES)} (seeded random weights: offline), "
+               f"{len(DEMO_CLASSES.split(','))} classes, open_clip's {len(simple_templates())} simple templates", err=True)
+    result = api.export_engine(list(DEMO_BACKBONES), DEMO_CLASSES, out, templates=simple_templates(), force=True)
+    click.echo(api.format_inspect(api.inspect_engine(result.folder, verify=False)))
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="clipfuse")
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Build an engine folder: backbones -> heads -> fused module -> model.onnx -> validated -> manifest.
+
+engines/<name>/ holds everything the runtime needs and nothing else:
+
+    manifest.json           the contract with runtime/ (written last)
+    model.onnx (+ .data)    the fused graph
+    heads.safetensors       the K heads (weights with logit scale folded in, biases)
+    controller.safetensors  the controller inside the graph
+
+The folder is assembled under a hidden temporary name beside the target and
+renamed into place only once everything is written, validated and flushed:
+a crash never leaves a folder that looks complete.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipfuse import iospec
+from clipfuse.errors import ClipfuseError
+
+from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+
+MODEL_ONNX = "model.onnx"
+HEADS = "heads.safetensors"
+CONTROLLER = "controller.safetensors"
+
+
+def log(msg: str) -> None:
+    print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def step(msg: str, quiet: bool = False):
+    """Progress for a long step: announce it, then say how long it took."""
+    t0 = time.perf_counter()
+    if not quiet:
+        log(f"{msg} ...")
+    yield
+    if not quiet:
+        log(f"{msg}: done in {time.perf_counter() - t0:.1f} s")
+
+
+def check_output_folder(out: Path, force: bool) -> Path:
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ClipfuseError(f"output {str(out)!r} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ClipfuseError(f"output folder {str(out)!r} already exists; pass --force to replace it")
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClipfuseError(f"cannot create the output's parent folder {str(parent)!r}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ClipfuseError(f"output folder {str(out)!r} cannot be written: no write permission on {str(parent)!r}")
+    return out
+
+
+@contextmanager
+def atomic_folder(out: Path):
+    """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        from clipfuse.export.onnx_export import fsync_tree
+
+        fsync_tree(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes it private; an engine folder is not
+        for p in tmp.iterdir():
+            os.chmod(p, 0o666 & ~umask)
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+    import platform
+
+    versions = {"python": platform.python_version()}
+    for dist in ("clipfuse", "torch", "open_clip_torch", "onnx", "onnxruntime", "numpy", "pillow"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def validation_images() -> list:
+    """The real photographs shipped with clipfuse (see clipfuse/assets/README.md)."""
+    from PIL import Image
+
+    import clipfuse
+
+    folder = Path(clipfuse.__file__).parent / "assets"
+    files = sorted(folder.glob("*.jpg"))
+    if not files:
+        raise ClipfuseError(f"validation photographs are missing from {str(folder)!r}: reinstall clipfuse")
+    return [Image.open(f) for f in files]
+
+
+def input_specs(backbones) -> dict:
+    """{input_name: PreprocessSpec} for the distinct resolutions, ascending."""
+    from clipfuse.runtime.preprocess import PreprocessSpec
+
+    specs: dict = {}
+    for b in backbones:
+        spec = PreprocessSpec(b.image_size, b.preprocess.get("interpolation", "bicubic"), b.preprocess.get("resize_mode", "shortest"))
+        name = iospec.input_name(b.image_size)
+        if name in specs and specs[name] != spec:
+            raise ClipfuseError(f"backbones at {b.image_size} px disagree on host preprocessing ({specs[name]} vs {spec}); "
+                                "they cannot share one graph input")
+        specs[name] = spec
+    return dict(sorted(specs.items(), key=lambda kv: kv[1].size))
+
+
+def make_feeds(images, specs: dict, batch_sizes=(1, 4)) -> dict:
+    import numpy as np
+
+    from clipfuse.runtime.preprocess import preprocess_image
+
+    feeds = {}
+    for bs in batch_sizes:
+        chosen = [images[i % len(images)] for i in range(bs)]
+        feeds[bs] = {name: np.stack([preprocess_image(im, s) for im in chosen]) for name, s in specs.items()}
+    return feeds
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    manifest: dict
+
+
+def export_engine(backbones, classes, out, templates=None, force: bool = False, opset: int | None = None,
+                  heads=None, controller=None, quiet: bool = False) -> ExportResult:
+    """Build and validate engines/<name>/ for the given backbone strings and classes.
+
+    backbones: list of `ARCH[:WEIGHTS]` strings (or BackboneSpec); classes: list of names or the
+    --classes string; templates: list of prompt templates, a file path, or None for open_clip's 80.
+    heads: optional list of Head (e.g. linear probes) replacing the zero-shot heads.
+    controller: optional fitted controller module (default: constant 1/K = LOG-AVG).
+    """
+    from clipfuse.export import backbones as bb
+    from clipfuse.export import heads as hd
+    from clipfuse.export.fused import ConstantController, FusedEnsemble, save_controller
+    from clipfuse.export.onnx_export import DEFAULT_OPSET, export_onnx, validate_onnx
+
+    t_start = time.perf_counter()
+    # Everything a user can get wrong is checked before the long work starts.
+    if not backbones:
+        raise ClipfuseError("no backbones given: pass --backbone ARCH[:WEIGHTS] at least once")
+    specs = [b if isinstance(b, bb.BackboneSpec) else bb.parse_backbone(b) for b in backbones]
+    dup = {str(s) for s in specs if [str(x) for x in specs].count(str(s)) > 1}
+    if dup:
+        raise ClipfuseError(f"backbone {sorted(dup)[0]!r} is given twice")
+    classes = hd.parse_classes(classes) if isinstance(classes, str) else hd.check_classes(list(classes))
+    if templates is None or isinstance(templates, (str, Path)):
+        templates = hd.parse_templates(templates)
+    out = check_output_folder(Path(out), force)
+    if heads is not None and len(heads) != len(specs):
+        raise ClipfuseError(f"{len(heads)} heads given for {len(specs)} backbones")
+    opset = opset or DEFAULT_OPSET
+
+    built, head_list = [], []
+    for i, spec in enumerate(specs):
+        with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
+            b = bb.load_backbone(spec)
+        if heads is None:
+            with step(f"backbone {i + 1}/{len(specs)} {spec}: zero-shot head, {len(classes)} classes x {len(templates)} templates", quiet):
+                head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates))
+        else:
+            head_list.append(heads[i])
+        if head_list[-1].weight.shape != (len(classes), b.embed_dim):
+            raise ClipfuseError(f"head {i} for {spec} has shape {tuple(head_list[-1].weight.shape)}, "
+                                f"expected ({len(classes)}, {b.embed_dim})")
+        b.model = b.model.visual     # the text tower is no longer needed: free it now
+        built.append(b)
+
+    fused = FusedEnsemble(
+        [b.model for b in built], head_list, [b.image_size for b in built],
+        [b.preprocess["mean"] for b in built], [b.preprocess["std"] for b in built],
+        controller if controller is not None else ConstantController(len(built)),
+    ).eval()
+    in_specs = input_specs(built)
+    feature_dim = sum(b.embed_dim for b in built)
+    inputs, outputs = iospec.io_spec([b.image_size for b in built], len(built), len(classes), feature_dim)
+
+    with atomic_folder(out) as tmp:
+        with step(f"exporting the fused graph ({len(built)} backbones, opset {opset})", quiet):
+            onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
+        with step("validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on real photographs", quiet):
+            validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs))
+        hd.save_heads(head_list, tmp / HEADS)
+        save_controller(fused.controller, tmp / CONTROLLER)
+        with step("hashing artefacts", quiet):
+            artefacts = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                         for p in sorted(tmp.iterdir()) if p.is_file()}
+        manifest = {
+            "format": "clipfuse-engine",
+            "schema_version": SCHEMA_VERSION,
+            "name": out.name,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "backbones": [
+                {
+                    "arch": b.spec.arch,
+                    "weights": b.spec.weights,
+                    "weights_kind": b.spec.kind,
+                    "weights_sha256": b.weights_sha256,
+                    "input": iospec.input_name(b.image_size),
+                    "image_size": b.image_size,
+                    "mean": list(b.preprocess["mean"]),
+                    "std": list(b.preprocess["std"]),
+                    "embed_dim": b.embed_dim,
+                    "visual_params": b.info["visual_params"],
+                    "gflops": b.info["gflops"],
+                    "logit_scale": b.info["logit_scale"],
+                }
+                for b in built
+            ],
+            "classes": classes,
+            "templates": templates if heads is None else None,
+            "head_kind": head_list[0].kind,
+            "controller": {"kind": fused.controller.kind, "file": CONTROLLER,
+                           "note": "constant 1/K until fitted: fused logits = mean of backbone logits (LOG-AVG)"
+                           if fused.controller.kind == "constant" else None},
+            "heads_file": HEADS,
+            "inputs": [dict(t.to_json(), preprocess=in_specs[t.name].to_json()) for t in inputs],
+            "outputs": [t.to_json() for t in outputs],
+            "onnx": onnx_info,
+            "validation": validation,
+            "versions": package_versions(),
+            "artefacts": artefacts,
+            "export_seconds": round(time.perf_counter() - t_start, 1),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if not quiet:
+        log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
+    return ExportResult(out, manifest)

@@ -1,0 +1,75 @@
+"""Host preprocessing: open_clip's eval transform, up to (not including) ToTensor/Normalize.
+
+open_clip's eval `preprocess` for a square size R and resize_mode "shortest" is
+
+    Resize(R, bicubic) -> CenterCrop(R) -> convert("RGB") -> ToTensor -> Normalize
+
+This module does the first three with the same PIL calls torchvision makes,
+in the same order (the resize runs in the image's own mode, before the RGB
+conversion, as open_clip does), and returns uint8 (3, R, R). The graph does
+`/255` and Normalize itself, so each backbone sees bit-for-bit what open_clip
+would feed it. No torch or torchvision is needed here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What the host does for one graph input (recorded per input in the manifest)."""
+
+    size: int                      # square side R
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "interpolation": self.interpolation, "resize_mode": self.resize_mode}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PreprocessSpec":
+        return cls(int(d["size"]), d.get("interpolation", "bicubic"), d.get("resize_mode", "shortest"))
+
+
+def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new_w, new_h) with the shortest side = size, as torchvision computes it (long side truncated)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_shortest(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+    w, h = img.size
+    new_w, new_h = resized_size(w, h, size)
+    if (new_w, new_h) == (w, h):          # torchvision returns the image untouched
+        return img
+    return img.resize((new_w, new_h), _RESAMPLE[interpolation])
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if w < size or h < size:              # cannot happen after resize_shortest; kept for direct callers
+        raise ValueError(f"image {w}x{h} is smaller than the crop {size}")
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess_image(img: Image.Image, spec: PreprocessSpec | int) -> np.ndarray:
+    """One PIL image -> uint8 array (3, R, R), exactly open_clip's eval transform before ToTensor."""
+    if isinstance(spec, int):
+        spec = PreprocessSpec(spec)
+    if spec.resize_mode != "shortest":
+        raise ValueError(f"resize_mode {spec.resize_mode!r} is not supported")
+    out = center_crop(resize_shortest(img, spec.size, spec.interpolation), spec.size).convert("RGB")
+    return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()   # HWC -> CHW
+
+
+def preprocess_for_inputs(img: Image.Image, specs: dict) -> dict:
+    """One image -> {input_name: (3, R, R) uint8} for every graph input."""
+    return {name: preprocess_image(img, spec) for name, spec in specs.items()}
