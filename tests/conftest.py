@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny seeded towers, one tiny engine per session, the shipped photographs.
+
+Nothing here downloads anything: every backbone is `ARCH:random:SEED`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never let a test reach a model hub, even by mistake.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TINY = ["clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1", "clipfuse-test-vit48:random:2"]
+TINY_CLASSES = ["astronaut", "cat", "cup of coffee", "rocket"]
+TWO_TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_towers():
+    from clipfuse.export.tiny import register_test_towers
+
+    register_test_towers()
+
+
+@pytest.fixture(scope="session")
+def photo_paths() -> list[Path]:
+    import clipfuse
+
+    paths = sorted((Path(clipfuse.__file__).parent / "assets").glob("*.jpg"))
+    assert len(paths) >= 4
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory):
+    """A 3-backbone tiny engine (32, 48 and 64 px inputs), exported once per session."""
+    from clipfuse.export.engine import export_engine
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    return export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
