@@ -151,13 +151,17 @@ class ExportResult:
 
 
 def export_engine(backbones, classes, out, templates=None, force: bool = False, opset: int | None = None,
-                  heads=None, controller=None, quiet: bool = False) -> ExportResult:
+                  heads=None, controller=None, quiet: bool = False, extra_files: dict | None = None,
+                  extra_manifest: dict | None = None) -> ExportResult:
     """Build and validate engines/<name>/ for the given backbone strings and classes.
 
     backbones: list of `ARCH[:WEIGHTS]` strings (or BackboneSpec); classes: list of names or the
     --classes string; templates: list of prompt templates, a file path, or None for open_clip's 80.
     heads: optional list of Head (e.g. linear probes) replacing the zero-shot heads.
     controller: optional fitted controller module (default: constant 1/K = LOG-AVG).
+    extra_files: {file name: bytes | str | callable(path)} written into the folder (and hashed).
+    extra_manifest: entries added to the manifest (e.g. how the controller was fitted).
+    Backbones may also be already built `Backbone` objects (their text tower is dropped).
     """
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
@@ -168,7 +172,9 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     # Everything a user can get wrong is checked before the long work starts.
     if not backbones:
         raise ClipfuseError("no backbones given: pass --backbone ARCH[:WEIGHTS] at least once")
-    specs = [b if isinstance(b, bb.BackboneSpec) else bb.parse_backbone(b) for b in backbones]
+    prebuilt = {i: b for i, b in enumerate(backbones) if isinstance(b, bb.Backbone)}
+    specs = [b.spec if isinstance(b, bb.Backbone) else b if isinstance(b, bb.BackboneSpec) else bb.parse_backbone(b)
+             for b in backbones]
     dup = {str(s) for s in specs if [str(x) for x in specs].count(str(s)) > 1}
     if dup:
         raise ClipfuseError(f"backbone {sorted(dup)[0]!r} is given twice")
@@ -182,8 +188,11 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
 
     built, head_list = [], []
     for i, spec in enumerate(specs):
-        with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
-            b = bb.load_backbone(spec)
+        if i in prebuilt:
+            b = prebuilt[i]
+        else:
+            with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
+                b = bb.load_backbone(spec)
         if heads is None:
             with step(f"backbone {i + 1}/{len(specs)} {spec}: zero-shot head, {len(classes)} classes x {len(templates)} templates", quiet):
                 head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates))
@@ -192,7 +201,8 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
         if head_list[-1].weight.shape != (len(classes), b.embed_dim):
             raise ClipfuseError(f"head {i} for {spec} has shape {tuple(head_list[-1].weight.shape)}, "
                                 f"expected ({len(classes)}, {b.embed_dim})")
-        b.model = b.model.visual     # the text tower is no longer needed: free it now
+        if hasattr(b.model, "visual"):
+            b.model = b.model.visual     # the text tower is no longer needed: free it now
         built.append(b)
 
     fused = FusedEnsemble(
@@ -211,6 +221,13 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
             validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs))
         hd.save_heads(head_list, tmp / HEADS)
         save_controller(fused.controller, tmp / CONTROLLER)
+        for name, content in (extra_files or {}).items():
+            if callable(content):
+                content(tmp / name)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
         with step("hashing artefacts", quiet):
             artefacts = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -237,7 +254,7 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
                 for b in built
             ],
             "classes": classes,
-            "templates": templates if heads is None else None,
+            "templates": templates if head_list[0].kind == hd.ZERO_SHOT else None,
             "head_kind": head_list[0].kind,
             "controller": {"kind": fused.controller.kind, "file": CONTROLLER,
                            "note": "constant 1/K until fitted: fused logits = mean of backbone logits (LOG-AVG)"
@@ -250,6 +267,7 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
             "versions": package_versions(),
             "artefacts": artefacts,
             "export_seconds": round(time.perf_counter() - t_start, 1),
+            **(extra_manifest or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if not quiet:

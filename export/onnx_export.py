@@ -29,7 +29,8 @@ DEFAULT_OPSET = 18
 # Protobuf cannot hold a message past 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
-# fp32 tolerance, per output: |onnx - torch| <= ATOL + RTOL * max|torch|.
+# fp32 tolerance, per output: |onnx - torch| <= ATOL + RTOL * max|torch| (+ for logits, the
+# part the head's conditioning propagates from the features' own error: propagated_error).
 # Both runtimes compute in fp32 but order reductions differently (conv
 # algorithms, GEMM blocking, fused attention); measured errors are 1e-6 to
 # 1e-5 of the output's scale (see the manifest's validation block). 1e-4
@@ -90,7 +91,9 @@ class OutputCheck:
     ok: bool
 
 
-def compare_outputs(ref: dict, got: dict, rtol: float = RTOL, atol: float = ATOL) -> list[OutputCheck]:
+def compare_outputs(ref: dict, got: dict, rtol: float = RTOL, atol: float = ATOL, extra: dict | None = None) -> list[OutputCheck]:
+    """Per output: max |got - ref| against atol + rtol * max|ref| + extra[name]."""
+    extra = extra or {}
     checks = []
     for name in iospec.OUTPUT_NAMES:
         a, b = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
@@ -99,9 +102,34 @@ def compare_outputs(ref: dict, got: dict, rtol: float = RTOL, atol: float = ATOL
             continue
         scale = float(np.abs(a).max()) if a.size else 0.0
         err = float(np.abs(a - b).max()) if a.size else 0.0
-        tol = atol + rtol * scale
+        tol = atol + rtol * scale + extra.get(name, 0.0)
         checks.append(OutputCheck(name, err, err / scale if scale else err, tol, bool(err <= tol)))
     return checks
+
+
+def propagated_error(module: torch.nn.Module, ref: dict, got: dict) -> dict:
+    """How far the logits may move because the features did: the head's conditioning times the feature error.
+
+    z_k = f_k @ W_k.T + b_k, so |dz_k| <= max_c ||W_k[c]|| * ||df_k|| (Cauchy-Schwarz). A zero-shot head
+    has unit rows times the logit scale (~100), so this adds ~1e-4 at most. A linear probe fitted on
+    standardised features has rows of norm 1/std: on random towers, whose features barely vary, that
+    is 1e3-1e4, and fp32 differences of 1e-7 in the features legitimately move its logits by 1e-4
+    relative. The features themselves are held to the plain relative tolerance.
+    """
+    f_ref, f_got = np.asarray(ref[iospec.FEATURES], np.float64), np.asarray(got[iospec.FEATURES], np.float64)
+    t_ref = np.asarray(ref[iospec.TEMPERATURES], np.float64)
+    dt = np.abs(t_ref - np.asarray(got[iospec.TEMPERATURES], np.float64)).max(0)          # (K,)
+    z_max = np.abs(np.asarray(ref[iospec.BACKBONE_LOGITS], np.float64)).max(axis=(0, 2))   # (K,)
+    dz, lo = [], 0
+    for k in range(module.num_backbones):
+        w = getattr(module, f"head_weight_{k}").double()
+        hi = lo + w.shape[1]
+        df = float(np.linalg.norm(f_ref[:, lo:hi] - f_got[:, lo:hi], axis=1).max()) if len(f_ref) else 0.0
+        dz.append(float(w.norm(dim=1).max()) * df)
+        lo = hi
+    dz = np.array(dz)
+    d_logits = float((t_ref.max(0) * dz + dt * z_max).sum())
+    return {iospec.BACKBONE_LOGITS: float(dz.max()), iospec.LOGITS: d_logits, iospec.PROBS: d_logits}
 
 
 def torch_outputs(module: torch.nn.Module, feed: dict, resolutions) -> dict:
@@ -140,11 +168,13 @@ def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict]) -
     for bs, feed in feeds.items():
         ref = refs[bs]
         got = dict(zip(iospec.OUTPUT_NAMES, session.run(list(iospec.OUTPUT_NAMES), feed)))
-        checks = compare_outputs(ref, got)
+        extra = propagated_error(module, ref, got)
+        checks = compare_outputs(ref, got, extra=extra)
         top1_same = bool((ref[iospec.LOGITS].argmax(-1) == got[iospec.LOGITS].argmax(-1)).all())
         bb_same = bool((ref[iospec.BACKBONE_LOGITS].argmax(-1) == got[iospec.BACKBONE_LOGITS].argmax(-1)).all())
         report["batches"][str(bs)] = {
-            "outputs": {c.name: {"max_abs": c.max_abs, "max_rel": c.max_rel, "ok": c.ok} for c in checks},
+            "outputs": {c.name: {"max_abs": c.max_abs, "max_rel": c.max_rel, "tolerance": c.tolerance, "ok": c.ok}
+                        for c in checks},
             "top1_identical": top1_same,
             "backbone_top1_identical": bb_same,
         }

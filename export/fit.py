@@ -1,0 +1,296 @@
+"""`clipfuse fit` and `clipfuse eval`: few-shot NLC on labelled image folders, against every baseline.
+
+fit:  labelled folder -> features (cached) -> heads (zero-shot, or linear probes
+      fitted on a train split) -> NLC and C-LOG-AVG on k shots per class ->
+      the study table (every method, k in {1,2,4,8,16}, several seeds) ->
+      an engine folder whose graph holds the fitted NLC, with report.md/json.
+eval: the exported graph (ONNX Runtime, not the PyTorch module) on a labelled
+      folder -> the same table, from the graph's own outputs.
+
+Splits:
+- eval images: a separate folder (--eval) or a stratified seeded split of
+  --data (eval_fraction, split seed fixed at 0 so every fit shares it);
+- zero-shot heads: NLC's k shots come from all remaining images;
+- linear probes (the paper's second setting): the remaining images are split
+  again, probes on `probe_fraction` (paper: 90%), NLC's shots drawn from the
+  disjoint rest, so the controller never sees a probe's training image.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipfuse.errors import ClipfuseError
+
+SPLIT_SEED = 0
+STATIC = "static.safetensors"
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+
+
+def log(msg: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
+
+
+def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0):
+    """Multinomial logistic regression on standardised features, folded back into one linear head.
+
+    Standardising matters: unit-norm features of random towers vary in tiny
+    directions and train poorly raw. The fitted (W', b') on (f - mu) / sd is
+    rewritten as W = W' / sd, b = b' - W' @ (mu / sd), so the graph applies it
+    to the raw unit-norm features and computes exactly the same logits.
+    Regularisation strength C is chosen by 3-fold cross-validation.
+    """
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    from clipfuse.export.heads import LINEAR_PROBE, Head
+
+    X = np.asarray(features, np.float64)
+    y = np.asarray(labels)
+    present = np.unique(y)
+    if len(present) != num_classes:
+        missing = sorted(set(range(num_classes)) - set(present.tolist()))
+        raise ClipfuseError(f"linear probe: classes {missing} have no training image")
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Xs = (X - mu) / sd
+    if np.bincount(y).min() >= 3:
+        clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=3, max_iter=2000, random_state=seed).fit(Xs, y)
+    else:
+        clf = LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(Xs, y)
+    Wp, bp = clf.coef_, clf.intercept_                                 # (C, D), (C,)
+    W = Wp / sd
+    b = bp - (Wp * (mu / sd)).sum(1)
+    return Head(torch.tensor(W, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), LINEAR_PROBE)
+
+
+def _check_same_classes(names_a, names_b, what_a: str, what_b: str) -> None:
+    if list(names_a) != list(names_b):
+        only_a = sorted(set(names_a) - set(names_b))
+        only_b = sorted(set(names_b) - set(names_a))
+        detail = []
+        if only_a:
+            detail.append(f"only in {what_a}: {', '.join(only_a[:5])}")
+        if only_b:
+            detail.append(f"only in {what_b}: {', '.join(only_b[:5])}")
+        if not detail:
+            detail.append("same names in another order")
+        raise ClipfuseError(f"classes of {what_a} do not match {what_b} ({'; '.join(detail)})")
+
+
+def _select(fs, paths):
+    """Rows of a FeatureSet for `paths` (all of which loaded)."""
+    index = {p: i for i, p in enumerate(fs.paths)}
+    rows = [index[p] for p in paths]
+    return [f[rows] for f in fs.features]
+
+
+def feasible_shots(labels: np.ndarray, num_classes: int, shots) -> tuple[list[int], list[int]]:
+    fewest = int(np.bincount(labels, minlength=num_classes).min())
+    return [k for k in shots if k <= fewest], [k for k in shots if k > fewest]
+
+
+def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction: float = 0.3, shots: int = 1,
+               seed: int = 0, head: str = "zero-shot", templates=None, probe_fraction: float = 0.9,
+               study_shots=(1, 2, 4, 8, 16), study_seeds=(0, 1, 2), cache_dir=None, batch_size: int = 32,
+               force: bool = False, quiet: bool = False, config=None):
+    """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the fitted graph."""
+    from clipfuse.export import backbones as bb
+    from clipfuse.export import heads as hd
+    from clipfuse.export import nlc
+    from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
+    from clipfuse.export.engine import check_output_folder, export_engine, step
+    from clipfuse.export.features import FeatureCache, compute_features, head_logits
+    from clipfuse.export.fused import save_controller
+
+    t0 = time.perf_counter()
+    if head not in hd.HEAD_KINDS:
+        raise ClipfuseError(f"--head {head!r} is not one of {', '.join(hd.HEAD_KINDS)}")
+    if not backbones:
+        raise ClipfuseError("no backbones given: pass --backbone ARCH[:WEIGHTS] at least once")
+    specs = [bb.parse_backbone(b) if not isinstance(b, bb.BackboneSpec) else b for b in backbones]
+    check_output_folder(Path(out), force)
+    config = (config or nlc.FitConfig()).check()
+    paths, labels, class_names = scan_labelled_folder(data, classes)
+    if eval_data is not None:
+        ev_paths, ev_labels, ev_names = scan_labelled_folder(eval_data, classes)
+        _check_same_classes(ev_names, class_names, f"--eval {eval_data}", f"--data {data}")
+    if head == hd.ZERO_SHOT:
+        templates = hd.parse_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)
+    C = len(class_names)
+    log(f"{len(paths)} images in {C} classes from {data}" + (f"; eval: {len(ev_paths)} images from {eval_data}" if eval_data else ""), quiet)
+
+    built = []
+    for i, spec in enumerate(specs):
+        with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
+            built.append(bb.load_backbone(spec))
+
+    cache = FeatureCache(cache_dir)
+    all_paths = list(paths) + (list(ev_paths) if eval_data is not None else [])
+    fs = compute_features(built, all_paths, cache, batch_size=batch_size, progress=not quiet)
+    log(cache.stats.line(), quiet)
+    if fs.failures:
+        log(f"{len(fs.failures)} unreadable image(s) skipped:", quiet)
+        for f in fs.failures:
+            log(f"  {f.path}: {f.reason}", quiet)
+    ok = set(fs.paths)
+    keep = [i for i, p in enumerate(paths) if p in ok]
+    paths, labels = [paths[i] for i in keep], labels[keep]
+    if eval_data is not None:
+        keep_ev = [i for i, p in enumerate(ev_paths) if p in ok]
+        ev_paths, ev_labels = [ev_paths[i] for i in keep_ev], ev_labels[keep_ev]
+    else:
+        tr_idx, ev_idx = seeded_split(labels, eval_fraction, SPLIT_SEED)
+        ev_paths, ev_labels = [paths[i] for i in ev_idx], labels[ev_idx]
+        paths, labels = [paths[i] for i in tr_idx], labels[tr_idx]
+    for c in range(C):
+        if not (labels == c).any():
+            raise ClipfuseError(f"class {class_names[c]!r} has no readable training image left")
+
+    tr_feats, ev_feats = _select(fs, paths), _select(fs, ev_paths)
+    # Heads: zero-shot from the text towers, or probes on a disjoint split of the training pool.
+    if head == hd.ZERO_SHOT:
+        heads = []
+        for i, b in enumerate(built):
+            with step(f"backbone {i + 1}/{len(built)} {b.spec}: zero-shot head, {C} classes x {len(templates)} templates", quiet):
+                heads.append(hd.zero_shot_head(b.model, b.spec.arch, class_names, templates))
+        pool = np.arange(len(paths))
+    else:
+        probe_idx, pool = seeded_split(labels, 1.0 - probe_fraction, SPLIT_SEED + 1)
+        heads = []
+        for i, b in enumerate(built):
+            with step(f"backbone {i + 1}/{len(built)} {b.spec}: linear probe on {len(probe_idx)} images", quiet):
+                heads.append(fit_linear_probe(tr_feats[i][probe_idx], labels[probe_idx], C, seed=seed))
+    names = [str(s) for s in specs]
+
+    def arrays(feats):
+        Z = np.stack([head_logits(f, h) for f, h in zip(feats, heads)], axis=1)    # (N, K, C)
+        return np.concatenate(feats, axis=1), Z                                    # (N, sum D), (N, K, C)
+
+    X_pool, Z_pool = arrays([f[pool] for f in tr_feats])
+    y_pool = labels[pool]
+    X_ev, Z_ev = arrays(ev_feats)
+
+    ok_shots, skipped = feasible_shots(y_pool, C, sorted(set(study_shots) | {shots}))
+    if shots in skipped:
+        fewest = class_names[int(np.bincount(y_pool, minlength=C).argmin())]
+        raise ClipfuseError(f"--shots {shots} is more than class {fewest!r} has in the controller's pool "
+                            f"({int(np.bincount(y_pool, minlength=C).min())} images)")
+    with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
+        study = nlc.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
+                              seeds=study_seeds, config=config, class_names=class_names)
+    # The controller that ships: k = shots, seed = seed.
+    idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
+    from dataclasses import replace
+
+    run_cfg = replace(config, seed=seed)
+    static = nlc.fit_static(Z_pool[idx], y_pool[idx], run_cfg)
+    controller = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg)
+    shipped = nlc.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller)
+
+    report = {
+        "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
+        "head": head, "classes": class_names, "backbones": names,
+        "num_train_pool": int(len(y_pool)), "num_eval": int(len(ev_labels)),
+        "probe_images": int(len(paths) - len(pool)) if head != hd.ZERO_SHOT else 0,
+        "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in fs.failures],
+        "shots_skipped": skipped,
+        "shipped": {"shots": shots, "seed": seed, "accuracy": shipped,
+                    "static_temperatures": [float(v) for v in static.value.reshape(-1)]},
+        "config": asdict(run_cfg),
+        "study": study,
+        "cache": asdict(cache.stats),
+    }
+    md = render_report(report)
+    extra = {REPORT_MD: md, REPORT_JSON: json.dumps(report, indent=2) + "\n",
+             STATIC: lambda p: save_controller(static, p)}
+    fit_info = {"fit": {"data": str(data), "shots": shots, "seed": seed, "head": head,
+                        "accuracy": shipped, "static_file": STATIC, "report": REPORT_MD}}
+    result = export_engine(built, class_names, out, templates=templates if head == hd.ZERO_SHOT else None,
+                           force=force, heads=heads, controller=controller, quiet=quiet,
+                           extra_files=extra, extra_manifest=fit_info)
+    log(f"fit + export in {time.perf_counter() - t0:.0f} s", quiet)
+    return result, report
+
+
+def render_report(report: dict) -> str:
+    from clipfuse.export.nlc import study_to_markdown
+
+    s = report["shipped"]
+    lines = [
+        f"# clipfuse fit: {', '.join(report['backbones'])}",
+        "",
+        f"- data: {report['data']}; eval: {report['eval']} ({report['num_eval']} images)",
+        f"- head: {report['head']}; controller pool: {report['num_train_pool']} images"
+        + (f"; probes fitted on {report['probe_images']} other images" if report["probe_images"] else ""),
+        f"- unreadable images skipped: {len(report['unreadable_images'])}",
+        "",
+        "## Accuracy (%) on the eval split, mean ± std over seeds "
+        f"{report['study']['seeds']}, by shots per class",
+        "",
+        study_to_markdown(report["study"]),
+        "",
+    ]
+    if report["shots_skipped"]:
+        lines += [f"Shots {report['shots_skipped']} skipped: a class has fewer images in the controller's pool.", ""]
+    lines += [f"## The shipped controller (k = {s['shots']}, seed {s['seed']})", "",
+              "| method | accuracy % |", "| --- | ---: |"]
+    lines += [f"| {m} | {a:.1f} |" for m, a in s["accuracy"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = False) -> dict:
+    """Accuracy of every method from the exported graph's own outputs on a labelled folder."""
+    from clipfuse.export import nlc
+    from clipfuse.export.data import scan_labelled_folder
+    from clipfuse.export.fused import load_controller
+    from clipfuse.export.onnx_export import ort_session
+    from clipfuse.runtime.images import iter_batches
+    from clipfuse.runtime.manifest import read_manifest
+
+    m = read_manifest(engine)
+    paths, labels, names = scan_labelled_folder(data, classes)
+    _check_same_classes(names, m.classes, f"--data {data}", f"engine {engine}")
+    session = ort_session(m.onnx_path)
+    outs = {"backbone_logits": [], "logits": [], "temperatures": []}
+    kept, failures = [], []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(paths), desc="eval", unit="img", disable=quiet, file=sys.stderr)
+    label_of = dict(zip(paths, labels))
+    for batch in iter_batches(paths, m.preprocess_specs(), batch_size=batch_size):
+        failures += batch.failures
+        if batch.paths:
+            res = session.run(list(outs), batch.inputs)
+            for k, v in zip(outs, res):
+                outs[k].append(v)
+            kept += batch.paths
+        bar.update(len(batch.paths) + len(batch.failures))
+    bar.close()
+    if not kept:
+        raise ClipfuseError(f"no readable image in {data}")
+    y = np.array([label_of[p] for p in kept])
+    Z = np.concatenate(outs["backbone_logits"])
+    fused = np.concatenate(outs["logits"])
+    static = None
+    static_file = m.folder / STATIC
+    if static_file.is_file():
+        static = load_controller(static_file)
+    acc = nlc.evaluate(None, Z, y, m.backbone_names, static=static)
+    kind = m.data.get("controller", {}).get("kind", "constant")
+    engine_label = "NLC" if kind == "nlc" else f"ENGINE ({kind})"
+    ordered = {}
+    for name, v in acc.items():
+        if name == "ORACLE":
+            ordered[engine_label] = float(100.0 * np.mean(fused.argmax(-1) == y))
+        ordered[name] = v
+    return {"engine": str(m.folder), "data": str(data), "num_images": int(len(y)), "accuracy": ordered,
+            "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in failures],
+            "predictions": fused.argmax(-1).tolist(), "paths": [str(p) for p in kept],
+            "temperatures": np.concatenate(outs["temperatures"]).tolist()}

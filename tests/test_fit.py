@@ -1,0 +1,129 @@
+"""fit -> engine with the NLC inside -> eval on the exported graph; cache reuse; bad input."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from clipfuse.errors import ClipfuseError
+from clipfuse.export.fit import eval_engine, fit_engine
+from clipfuse.runtime.manifest import read_manifest
+
+from conftest import TINY
+
+STUDY = dict(study_shots=(1, 2), study_seeds=(0, 1), quiet=True)
+
+
+def make_folder(root, photo_paths, per_class=6, seed=0):
+    """root/<class>/<i>.jpg: each class is crops and colour variants of one real photograph."""
+    rng = random.Random(seed)
+    names = ["astronaut", "cat", "coffee", "rocket"]
+    for name, src in zip(names, photo_paths):
+        (root / name).mkdir(parents=True)
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        for i in range(per_class):
+            x0, y0 = rng.randint(0, w // 4), rng.randint(0, h // 4)
+            crop = im.crop((x0, y0, x0 + w // 2 + rng.randint(0, w // 4), y0 + h // 2 + rng.randint(0, h // 4)))
+            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
+            crop.save(root / name / f"{i}.jpg", quality=90)
+    return names
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, photo_paths):
+    root = tmp_path_factory.mktemp("data") / "train"
+    make_folder(root, photo_paths)
+    return root
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, data):
+    base = tmp_path_factory.mktemp("fit")
+    result, report = fit_engine(TINY[:2], data, base / "engine", shots=2, seed=1, eval_fraction=0.34,
+                                templates=["a photo of a {}."], cache_dir=base / "cache", **STUDY)
+    return result.folder, report, base
+
+
+def test_fit_writes_an_engine_with_the_fitted_controller(fitted):
+    folder, report, _ = fitted
+    m = read_manifest(folder)                  # report and static controller are hashed artefacts too
+    assert m.data["controller"]["kind"] == "nlc"
+    assert {"report.md", "report.json", "static.safetensors"} <= set(m.data["artefacts"])
+    assert m.data["fit"]["shots"] == 2 and m.data["fit"]["seed"] == 1
+    study = json.loads((folder / "report.json").read_text())["study"]
+    for method in ("clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1", "LOG-AVG", "PROB-AVG", "VOTE",
+                   "C-LOG-AVG", "NLC", "ORACLE"):
+        assert set(study["mean"][method]) == {"1", "2"} and method in (folder / "report.md").read_text()
+    assert report["num_eval"] == 8 and report["num_train_pool"] == 16
+
+
+def test_eval_on_the_graph_reproduces_the_pytorch_path(fitted, data):
+    """Same predictions as the fitted PyTorch controller on cached features; same temperatures."""
+    import torch
+
+    from clipfuse.export.backbones import load_backbone
+    from clipfuse.export.features import FeatureCache, compute_features, head_logits
+    from clipfuse.export.fused import load_controller
+    from clipfuse.export.heads import load_heads
+    from clipfuse.export.nlc import controller_temperatures, predict_controller
+
+    folder, report, base = fitted
+    res = eval_engine(folder, data, quiet=True)
+    assert res["num_images"] == 24
+    bbs = [load_backbone(b) for b in TINY[:2]]
+    cache = FeatureCache(base / "cache")
+    fs = compute_features(bbs, res["paths"], cache, progress=False)
+    assert cache.stats.computed == 0                      # all from the fit's cache
+    heads = load_heads(folder / "heads.safetensors")
+    X = np.concatenate(fs.features, axis=1)
+    Z = np.stack([head_logits(f, h) for f, h in zip(fs.features, heads)], axis=1)
+    nlc = load_controller(folder / "controller.safetensors")
+    assert res["predictions"] == predict_controller(nlc, X, Z).tolist()
+    np.testing.assert_allclose(np.array(res["temperatures"]), controller_temperatures(nlc, X), rtol=1e-4, atol=1e-5)
+    assert set(res["accuracy"]) >= {"LOG-AVG", "C-LOG-AVG", "NLC", "ORACLE"}
+    assert res["accuracy"]["ORACLE"] >= max(res["accuracy"][n] for n in ("clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1"))
+    _ = torch
+
+
+def test_refit_with_other_k_and_seed_computes_no_feature(fitted, data):
+    _, _, base = fitted
+    _, report = fit_engine(TINY[:2], data, base / "engine2", shots=1, seed=5, eval_fraction=0.34,
+                           templates=["a photo of a {}."], cache_dir=base / "cache", **STUDY)
+    assert report["cache"]["computed"] == 0 and report["cache"]["hits"] == 2 * 24
+
+
+def test_linear_probe_heads(tmp_path, data):
+    result, report = fit_engine(TINY[:2], data, tmp_path / "probe", head="linear-probe", shots=1, probe_fraction=0.6,
+                                eval_fraction=0.34, cache_dir=tmp_path / "cache", **STUDY)
+    m = read_manifest(result.folder)
+    assert m.data["head_kind"] == "linear-probe" and m.data["templates"] is None
+    assert report["probe_images"] > 0 and report["probe_images"] + report["num_train_pool"] == 16
+
+
+def test_bad_input(tmp_path, data, photo_paths):
+    kw = dict(templates=["a {}"], cache_dir=tmp_path / "cache", **STUDY)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipfuseError, match="empty"):
+        fit_engine(TINY[:1], tmp_path / "empty", tmp_path / "o1", **kw)
+    with pytest.raises(ClipfuseError, match=r"--shots 9 is more than class"):
+        fit_engine(TINY[:1], data, tmp_path / "o2", shots=9, eval_fraction=0.34, **kw)
+    bad = tmp_path / "bad"
+    make_folder(bad, photo_paths, per_class=3)
+    for f in (bad / "cat").iterdir():
+        f.write_bytes(b"not an image")
+    with pytest.raises(ClipfuseError, match="class 'cat' has no readable training image"):
+        fit_engine(TINY[:1], bad, tmp_path / "o3", eval_fraction=0.34, **kw)
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o3"))
+
+
+def test_eval_refuses_other_classes(fitted, tmp_path, photo_paths):
+    folder, _, _ = fitted
+    other = tmp_path / "other"
+    make_folder(other, photo_paths, per_class=1)
+    (other / "rocket").rename(other / "spaceship")
+    with pytest.raises(ClipfuseError, match="only in --data .*spaceship"):
+        eval_engine(folder, other, quiet=True)
