@@ -6,13 +6,14 @@ cropping see real textures and edges rather than flat synthetic fills.
 from __future__ import annotations
 
 import os
+import random
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import skimage.data
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 DATA = Path(os.path.dirname(skimage.data.__file__))
 
@@ -105,3 +106,19 @@ def bomb_png(path: Path, width: int = 30000, height: int = 30000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
                      + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
     return path
+
+
+def make_labelled_folder(root, photo_paths, per_class=6, seed=0):
+    """root/<class>/<i>.jpg: each class is crops and colour variants of one real photograph."""
+    rng = random.Random(seed)
+    names = ["astronaut", "cat", "coffee", "rocket"]
+    for name, src in zip(names, photo_paths):
+        (root / name).mkdir(parents=True)
+        im = Image.open(src).convert("RGB")
+        w, h = im.size
+        for i in range(per_class):
+            x0, y0 = rng.randint(0, w // 4), rng.randint(0, h // 4)
+            crop = im.crop((x0, y0, x0 + w // 2 + rng.randint(0, w // 4), y0 + h // 2 + rng.randint(0, h // 4)))
+            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
+            crop.save(root / name / f"{i}.jpg", quality=90)
+    return names

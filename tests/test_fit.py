@@ -2,35 +2,17 @@
 from __future__ import annotations
 
 import json
-import random
-
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
 
 from clipfuse.errors import ClipfuseError
 from clipfuse.export.fit import eval_engine, fit_engine
 from clipfuse.runtime.manifest import read_manifest
 
 from conftest import TINY
+from imagefactory import make_labelled_folder as make_folder
 
 STUDY = dict(study_shots=(1, 2), study_seeds=(0, 1), quiet=True)
-
-
-def make_folder(root, photo_paths, per_class=6, seed=0):
-    """root/<class>/<i>.jpg: each class is crops and colour variants of one real photograph."""
-    rng = random.Random(seed)
-    names = ["astronaut", "cat", "coffee", "rocket"]
-    for name, src in zip(names, photo_paths):
-        (root / name).mkdir(parents=True)
-        im = Image.open(src).convert("RGB")
-        w, h = im.size
-        for i in range(per_class):
-            x0, y0 = rng.randint(0, w // 4), rng.randint(0, h // 4)
-            crop = im.crop((x0, y0, x0 + w // 2 + rng.randint(0, w // 4), y0 + h // 2 + rng.randint(0, h // 4)))
-            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
-            crop.save(root / name / f"{i}.jpg", quality=90)
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +109,26 @@ def test_eval_refuses_other_classes(fitted, tmp_path, photo_paths):
     (other / "rocket").rename(other / "spaceship")
     with pytest.raises(ClipfuseError, match="only in --data .*spaceship"):
         eval_engine(folder, other, quiet=True)
+
+
+def test_paper_zero_shot_script_end_to_end(tmp_path, data):
+    """benchmarks/paper_zero_shot.py on tiny towers and a tiny generated folder."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_zero_shot.py"
+    spec = importlib.util.spec_from_file_location("paper_zero_shot", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of a {}.\n")
+    out = tmp_path / "results" / "tiny"
+    report = mod.main(["--backbone", TINY[0], "--backbone", TINY[2], "--data", str(data), "--templates", str(templates),
+                       "--shots", "1", "2", "--seeds", "0", "1", "--out", str(out), "--engine", str(tmp_path / "eng"),
+                       "--cache", str(tmp_path / "cache")])
+    md = out.with_suffix(".md").read_text()
+    assert "| NLC | " in md and "| C-LOG-AVG | " in md and "1-shot | 2-shot" in md
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["study"]["shots"] == [1, 2] and saved["study"]["seeds"] == [0, 1]
+    assert saved["head"] == "zero-shot" and report["backbones"] == [TINY[0], TINY[2]]
+    assert read_manifest(tmp_path / "eng").data["controller"]["kind"] == "nlc"
