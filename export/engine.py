@@ -273,3 +273,38 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     if not quiet:
         log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
     return ExportResult(out, manifest)
+
+
+def reexport_engine(folder, opset: int | None = None, quiet: bool = False) -> ExportResult:
+    """Rebuild model.onnx of an existing engine folder from its manifest, heads and controller.
+
+    Used after `clipfuse fit` or to change the opset: backbones are rebuilt from their recorded
+    `ARCH:WEIGHTS` and must hash to the recorded weights; the heads and the (fitted) controller
+    come from the folder; every other artefact (reports, static controller) is carried over.
+    """
+    from clipfuse.export import backbones as bb
+    from clipfuse.export.fused import load_controller
+    from clipfuse.export.heads import load_heads
+    from clipfuse.runtime.manifest import read_manifest
+
+    m = read_manifest(folder)
+    built = []
+    for i, rec in enumerate(m.backbones):
+        spec = f"{rec['arch']}:{rec['weights']}"
+        with step(f"backbone {i + 1}/{len(m.backbones)} {spec}: rebuilding", quiet):
+            b = bb.load_backbone(spec)
+        if b.weights_sha256 != rec["weights_sha256"]:
+            raise ClipfuseError(f"backbone {spec} no longer has the weights engine {str(m.folder)!r} was built with "
+                                "(weights sha256 differs); export a new engine instead")
+        built.append(b)
+    heads = load_heads(m.folder / m.data.get("heads_file", HEADS), num_backbones=len(built))
+    controller = load_controller(m.folder / m.data["controller"]["file"])
+    own = {MANIFEST, MODEL_ONNX, MODEL_ONNX + ".data", m.data.get("heads_file", HEADS), m.data["controller"]["file"]}
+    carried = {name: (m.folder / name).read_bytes() for name in m.data["artefacts"] if name not in own}
+    known = {"format", "schema_version", "name", "created", "backbones", "classes", "templates", "head_kind",
+             "controller", "heads_file", "inputs", "outputs", "onnx", "validation", "versions", "artefacts",
+             "export_seconds"}
+    extra_manifest = {k: v for k, v in m.data.items() if k not in known}
+    return export_engine(built, m.classes, m.folder, templates=m.data.get("templates"), force=True,
+                         opset=opset or m.data["onnx"]["opset"], heads=heads, controller=controller, quiet=quiet,
+                         extra_files=carried, extra_manifest=extra_manifest)

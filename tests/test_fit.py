@@ -132,3 +132,23 @@ def test_paper_zero_shot_script_end_to_end(tmp_path, data):
     assert saved["study"]["shots"] == [1, 2] and saved["study"]["seeds"] == [0, 1]
     assert saved["head"] == "zero-shot" and report["backbones"] == [TINY[0], TINY[2]]
     assert read_manifest(tmp_path / "eng").data["controller"]["kind"] == "nlc"
+
+
+def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
+    import shutil
+
+    from clipfuse.export.engine import reexport_engine
+
+    folder, _, _ = fitted
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    before = read_manifest(copy).data
+    after = reexport_engine(copy, opset=19, quiet=True).manifest
+    assert after["onnx"]["opset"] == 19 and after["controller"]["kind"] == "nlc" and after["fit"] == before["fit"]
+    for name in ("controller.safetensors", "heads.safetensors", "static.safetensors", "report.md"):
+        assert after["artefacts"][name]["sha256"] == before["artefacts"][name]["sha256"]
+    data = json.loads((copy / "manifest.json").read_text())
+    data["backbones"][0]["weights_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ClipfuseError, match="no longer has the weights"):
+        reexport_engine(copy, quiet=True)
