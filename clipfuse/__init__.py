@@ -5,6 +5,11 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.export_engine(backbones, classes, out, ...)   build + validate engines/<name>/
     clipfuse.inspect_engine(folder) -> dict                what an engine folder holds
     clipfuse.list_backbones() -> list[dict]                the nine OpenAI CLIP backbones
+    clipfuse.load(engine_dir, backend="auto") -> Predictor  classify images with an engine folder:
+        .predict(images, top_k=5) -> [Prediction]          paths and/or PIL images, one result each
+        .predict_batches(paths) -> iterator of [Prediction]  streaming, for large folders
+        .predict_arrays(feed) -> {output: array}             ready-made uint8 tensors
+    clipfuse.available_backends() -> list[str]             backends that run here, fastest first
     clipfuse.ClipfuseError                                 every error a user can cause
 """
 from clipfuse.errors import ClipfuseError
@@ -15,6 +20,8 @@ _LAZY = {
     "export_engine": ("clipfuse.api", "export_engine"),
     "inspect_engine": ("clipfuse.api", "inspect_engine"),
     "list_backbones": ("clipfuse.api", "list_backbones"),
+    "load": ("clipfuse.api", "load"),
+    "available_backends": ("clipfuse.api", "available_backends"),
     "parse_backbone": ("clipfuse.export.backbones", "parse_backbone"),
 }
 

@@ -62,6 +62,43 @@ def inspect_engine(folder, verify: bool = True) -> dict:
     }
 
 
+def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
+         threads: int | None = None, verify: bool = True, quiet: bool = False):
+    """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
+
+    backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
+    "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
+    workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
+    (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
+    open_clip unless a torch backend is asked for.
+    """
+    from clipfuse.runtime.predict import load_predictor
+
+    return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
+                          threads=threads, verify=verify, quiet=quiet)
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here, fastest first (the order `backend="auto"` tries)."""
+    from clipfuse.runtime.backends import available_backends as _available
+
+    return _available()
+
+
+def collect_images(sources, stdin=None) -> list[Path]:
+    """Image paths from files, folders (recursive), globs and "-" (a list on stdin)."""
+    from clipfuse.runtime.images import collect_images as _collect
+
+    return _collect(sources, stdin=stdin)
+
+
+def format_predictions(preds, fmt: str, top_k: int, backbone_names, header: bool = False) -> str:
+    """Predictions as text: "table", "jsonl" (one JSON object per image) or "csv"."""
+    from clipfuse.runtime.predict import format_predictions as _format
+
+    return _format(preds, fmt, top_k, backbone_names, header=header)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":

@@ -84,6 +84,50 @@ def inspect(engine, as_json, no_verify):
 
 
 @cli.command()
+@click.argument("engine", type=click.Path())
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Labels shown per image.")
+@click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "jsonl", "csv"]),
+              help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
+@click.option("--batch", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per engine call.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, torch, torch-cuda or tensorrt.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Image-decoding threads (default min(4, CPUs)).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
+@click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files (faster on large engines).")
+def predict(engine, images, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify):
+    """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
+
+    Prints the top-k labels with probabilities and each backbone's temperature per image.
+    Images that cannot be read are named on stderr with the reason; the exit code is then 1
+    unless --allow-failures.
+    """
+    from clipfuse import api
+
+    paths = api.collect_images(images, stdin=click.get_text_stream("stdin"))
+    if not paths:
+        raise ClipfuseError("no images to classify: the list on stdin was empty")
+    total = failed = 0
+    with api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
+                  verify=not no_verify) as predictor:
+        k = min(top_k, len(predictor.classes))
+        for preds in predictor.predict_batches(paths, top_k=top_k):
+            shown = preds if fmt != "table" else [p for p in preds if p.ok]   # the table leaves failures to stderr
+            click.echo(api.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
+            for p in preds:
+                if not p.ok:
+                    click.echo(f"failed: {p.name}: {p.error}", err=True)
+            total += len(preds)
+            failed += sum(not p.ok for p in preds)
+    if failed and not allow_failures:
+        raise ClipfuseError(f"{failed} of {total} images could not be classified (named above); "
+                            "fix or remove them, or pass --allow-failures to exit 0 anyway")
+    if failed:
+        click.echo(f"{failed} of {total} images could not be classified (allowed by --allow-failures)", err=True)
+
+
+@cli.command()
 @click.option("--out", "-o", default="engines/demo", show_default=True, type=click.Path(file_okay=False))
 def demo(out):
     """Export and validate the default two-backbone ensemble (RN50 + ViT-B-32), offline.

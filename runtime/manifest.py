@@ -3,7 +3,11 @@
 `read_manifest(folder)` refuses, with a message that says what to rebuild:
 a folder without a manifest (an export that never finished), another schema
 version, a missing artefact, or an artefact whose sha256 or size differs from
-what the export recorded (tampered with, or half-copied).
+what the export recorded (tampered with, or half-copied), and an engine made
+by another major version of clipfuse. Backends add their own check before
+loading the graph (`check_onnxruntime_can_run`: the installed onnxruntime must
+implement the graph's opset). Every refusal ends with the command that rebuilds
+the engine (`rebuild_hint`).
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ def read_manifest(folder, verify: bool = True) -> Manifest:
         if key not in data:
             raise ClipfuseError(f"{str(mpath)!r} lacks the {key!r} entry; re-run `clipfuse export`")
     manifest = Manifest(folder, data)
+    check_clipfuse_version(manifest)
     if verify:
         verify_artefacts(manifest)
     return manifest
@@ -106,3 +111,54 @@ def verify_artefacts(manifest: Manifest, names=None) -> None:
         if sha256_file(p) != meta["sha256"]:
             raise ClipfuseError(f"{str(p)!r} does not match the sha256 in the manifest: the file was changed; "
                                 "re-run `clipfuse export`")
+
+
+# ----------------------------------------------------------------------------- versions
+
+def rebuild_hint(manifest: Manifest) -> str:
+    """The export command that rebuilds this engine in place (classes: the user's own file or list)."""
+    backbones = " ".join(f"-b {b['arch']}:{b['weights']}" for b in manifest.data.get("backbones", []))
+    return f"`clipfuse export {backbones} -c CLASSES --out {manifest.folder} --force`"
+
+
+def _major(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+def check_clipfuse_version(manifest: Manifest, installed: str | None = None) -> None:
+    """An engine made by another major version of clipfuse may use conventions this one does not know
+    (the schema version covers the manifest's layout, not the graph's meaning)."""
+    if installed is None:
+        import clipfuse
+
+        installed = clipfuse.__version__
+    made_by = (manifest.data.get("versions") or {}).get("clipfuse")
+    if made_by and _major(made_by) != _major(installed):
+        raise ClipfuseError(f"engine {str(manifest.folder)!r} was made by clipfuse {made_by}; this is clipfuse "
+                            f"{installed} (another major version): rebuild it with {rebuild_hint(manifest)}")
+
+
+def onnxruntime_max_opset() -> int | None:
+    """The highest ai.onnx opset the installed onnxruntime implements, from its operator schemas;
+    None where this build does not expose them (then loading the graph is the test)."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        return max(s.since_version for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+    except Exception:       # a minimal build without schemas, or a renamed private module
+        return None
+
+
+def check_onnxruntime_can_run(manifest: Manifest, max_opset: int | None = None) -> None:
+    """Refuse, before loading, a graph whose opset the installed onnxruntime does not implement."""
+    opset = manifest.data.get("onnx", {}).get("opset")
+    if max_opset is None:
+        max_opset = onnxruntime_max_opset()
+    if opset is None or max_opset is None or int(opset) <= max_opset:
+        return
+    import onnxruntime
+
+    raise ClipfuseError(f"engine {str(manifest.folder)!r} is an opset {opset} graph; the installed onnxruntime "
+                        f"{onnxruntime.__version__} implements opsets up to {max_opset}. Upgrade onnxruntime "
+                        f"(pip install -U onnxruntime), or rebuild the engine for it: "
+                        f"{rebuild_hint(manifest)[:-1]} --opset {max(17, min(max_opset, 18))}`")
