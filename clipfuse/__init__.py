@@ -3,6 +3,9 @@
 Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_clip):
 
     clipfuse.export_engine(backbones, classes, out, ...)   build + validate engines/<name>/
+    clipfuse.reexport_engine(folder)                       rebuild an engine's graph (e.g. after fit)
+    clipfuse.fit_engine(backbones, data, out, ...)         few-shot NLC + baselines -> engine + report
+    clipfuse.eval_engine(folder, data) -> dict             accuracy of the exported graph + baselines
     clipfuse.inspect_engine(folder) -> dict                what an engine folder holds
     clipfuse.list_backbones() -> list[dict]                the nine OpenAI CLIP backbones
     clipfuse.load(engine_dir, backend="auto") -> Predictor  classify images with an engine folder:
@@ -19,6 +22,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "export_engine": ("clipfuse.api", "export_engine"),
     "inspect_engine": ("clipfuse.api", "inspect_engine"),
+    "reexport_engine": ("clipfuse.api", "reexport_engine"),
+    "fit_engine": ("clipfuse.api", "fit_engine"),
+    "eval_engine": ("clipfuse.api", "eval_engine"),
     "list_backbones": ("clipfuse.api", "list_backbones"),
     "load": ("clipfuse.api", "load"),
     "available_backends": ("clipfuse.api", "available_backends"),

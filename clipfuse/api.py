@@ -13,6 +13,27 @@ def export_engine(backbones, classes, out, templates=None, force=False, opset=No
     return _export(backbones, classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
 
 
+def reexport_engine(folder, opset=None, quiet=False):
+    """Rebuild an existing engine's graph from its manifest (keeps heads, fitted controller, reports)."""
+    from clipfuse.export.engine import reexport_engine as _reexport
+
+    return _reexport(folder, opset=opset, quiet=quiet)
+
+
+def fit_engine(backbones, data, out, **kwargs):
+    """Few-shot NLC + every baseline on a labelled folder -> engine folder with report (see export.fit)."""
+    from clipfuse.export.fit import fit_engine as _fit
+
+    return _fit(backbones, data, out, **kwargs)
+
+
+def eval_engine(engine, data, **kwargs):
+    """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit)."""
+    from clipfuse.export.fit import eval_engine as _eval
+
+    return _eval(engine, data, **kwargs)
+
+
 def list_backbones(measure: bool = False) -> list[dict]:
     """The nine OpenAI CLIP backbones: input size, image-tower parameters, GFLOPs, embedding width."""
     from clipfuse.export.backbones import OPENAI_BACKBONES, load_backbone

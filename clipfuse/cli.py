@@ -53,22 +53,110 @@ def backbones(measure, show_all, as_json):
         click.echo("\nall open_clip architectures:\n" + " ".join(sorted(known_architectures())))
 
 
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
 @cli.command()
-@click.option("--backbone", "-b", "backbone_list", multiple=True, required=True, metavar="ARCH[:WEIGHTS]",
+@click.argument("engine", required=False, type=click.Path(file_okay=False))
+@click.option("--backbone", "-b", "backbone_list", multiple=True, metavar="ARCH[:WEIGHTS]",
               help="A backbone; repeat for each (order is kept). WEIGHTS: openai (default), a checkpoint file, random:SEED.")
-@click.option("--classes", "-c", required=True, help="Class names: a file with one per line, or a comma-separated list.")
+@click.option("--classes", "-c", help="Class names: a file with one per line, or a comma-separated list.")
 @click.option("--templates", type=click.Path(dir_okay=False), default=None,
               help="Prompt templates file, one per line with {} for the class name (default: open_clip's 80 OpenAI templates).")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(backbone_list, classes, templates, out, force, opset, quiet):
-    """Build ONE validated ONNX graph of all backbones, heads, controller and combination."""
+def export(engine, backbone_list, classes, templates, out, force, opset, quiet):
+    """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
+
+    \b
+    New engine:      clipfuse export -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME
+    Existing engine: clipfuse export engines/NAME   (rebuilds its graph, e.g. after `clipfuse fit`,
+                     keeping its heads, fitted controller and reports)
+    """
     from clipfuse import api
 
-    result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
+    if engine is not None:
+        if backbone_list or classes or templates or out:
+            raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
+                                "drop --backbone/--classes/--templates/--out, or drop ENGINE to make a new one")
+        result = api.reexport_engine(engine, opset=opset, quiet=quiet)
+    else:
+        missing = [f"--{n}" for n, v in (("backbone", backbone_list), ("classes", classes), ("out", out)) if not v]
+        if missing:
+            raise ClipfuseError(f"a new engine needs {', '.join(missing)} "
+                                "(e.g. -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME)")
+        result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
     click.echo(api.format_inspect(api.inspect_engine(result.folder, verify=False)))
+
+
+@cli.command()
+@click.option("--backbone", "-b", "backbone_list", multiple=True, required=True, metavar="ARCH[:WEIGHTS]",
+              help="A backbone; repeat for each.")
+@click.option("--data", "-d", required=True, type=click.Path(), help="Labelled images: DATA/<class folder>/<images>.")
+@click.option("--eval", "eval_data", type=click.Path(), default=None,
+              help="Labelled eval folder (default: a stratified split of --data, see --eval-fraction).")
+@click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False),
+              help="Map file 'folder<TAB>class name' per line (default: folder names are the class names).")
+@click.option("--shots", "-k", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Labelled images per class the shipped controller is fitted on.")
+@click.option("--seed", "-s", default=0, show_default=True, type=int, help="Seed of the shipped controller's shots and fit.")
+@click.option("--head", type=click.Choice(["zero-shot", "linear-probe"]), default="zero-shot", show_default=True)
+@click.option("--templates", type=click.Path(dir_okay=False), default=None, help="Prompt templates file (zero-shot heads).")
+@click.option("--eval-fraction", default=0.3, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--probe-fraction", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Linear probes: share of the training pool the probes are fitted on (NLC gets the rest).")
+@click.option("--study-shots", default="1,2,4,8,16", show_default=True, callback=_int_list, help="k values of the report.")
+@click.option("--study-seeds", default="0,1,2", show_default=True, callback=_int_list, help="Seeds of the report.")
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Feature cache (default ~/.cache/clipfuse).")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Engine folder to write.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--quiet", "-q", is_flag=True)
+def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
+        study_shots, study_seeds, cache, batch, out, force, quiet):
+    """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
+
+    Writes the engine folder with the fitted controller inside the graph, report.md and report.json.
+    """
+    from clipfuse import api
+
+    result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
+                                    seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
+                                    probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
+                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet)
+    click.echo((result.folder / "report.md").read_text())
+
+
+@cli.command(name="eval")
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--data", "-d", required=True, type=click.Path(), help="Labelled images: DATA/<class folder>/<images>.")
+@click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False), help="Folder -> class name map file.")
+@click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image predictions).")
+@click.option("--quiet", "-q", is_flag=True)
+def eval_(engine, data, classes, batch, as_json, quiet):
+    """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder."""
+    from clipfuse import api
+
+    res = api.eval_engine(engine, data, classes=classes, batch_size=batch, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    click.echo(f"{res['engine']} on {res['data']}: {res['num_images']} images"
+               + (f", {len(res['unreadable_images'])} unreadable (skipped)" if res["unreadable_images"] else ""))
+    click.echo("\n| method | accuracy % |\n| --- | ---: |")
+    for m, a in res["accuracy"].items():
+        click.echo(f"| {m} | {a:.1f} |")
+    for f in res["unreadable_images"]:
+        click.echo(f"skipped: {f['path']}: {f['reason']}", err=True)
 
 
 @cli.command()

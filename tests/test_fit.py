@@ -145,10 +145,45 @@ def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
     before = read_manifest(copy).data
     after = reexport_engine(copy, opset=19, quiet=True).manifest
     assert after["onnx"]["opset"] == 19 and after["controller"]["kind"] == "nlc" and after["fit"] == before["fit"]
-    for name in ("controller.safetensors", "heads.safetensors", "static.safetensors", "report.md"):
-        assert after["artefacts"][name]["sha256"] == before["artefacts"][name]["sha256"]
+    for name in ("heads.safetensors", "static.safetensors", "report.md"):        # carried or rewritten verbatim
+        assert after["artefacts"][name]["sha256"] == before["artefacts"][name]["sha256"], name
+    # the controller is saved anew (safetensors' metadata order is not fixed): compare its tensors
+    import torch
+
+    from clipfuse.export.fused import load_controller
+
+    a, b = load_controller(folder / "controller.safetensors"), load_controller(copy / "controller.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     data = json.loads((copy / "manifest.json").read_text())
     data["backbones"][0]["weights_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ClipfuseError, match="no longer has the weights"):
         reexport_engine(copy, quiet=True)
+
+
+def test_cli_fit_eval_and_reexport(tmp_path, data):
+    """The CLI calls the same API: fit writes the engine and prints the report; eval and export ENGINE work."""
+    from click.testing import CliRunner
+
+    from clipfuse.cli import cli
+
+    templates = tmp_path / "t.txt"
+    templates.write_text("a photo of a {}.\n")
+    out = tmp_path / "engine"
+    r = CliRunner().invoke(cli, ["fit", "-b", TINY[0], "-d", str(data), "-k", "2", "--templates", str(templates),
+                                 "--eval-fraction", "0.34", "--study-shots", "1,2", "--study-seeds", "0",
+                                 "--cache", str(tmp_path / "cache"), "-o", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    assert "| NLC |" in r.stdout and read_manifest(out).data["fit"]["shots"] == 2
+    r = CliRunner().invoke(cli, ["eval", str(out), "-d", str(data), "-q", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["num_images"] == 24 and "NLC" in res["accuracy"]
+    r = CliRunner().invoke(cli, ["export", str(out), "-q"])
+    assert r.exit_code == 0, r.output and read_manifest(out).data["controller"]["kind"] == "nlc"
+    r = CliRunner().invoke(cli, ["export", str(out), "-b", TINY[0]])
+    assert r.exit_code == 1 and "rebuilds an existing engine" in r.stderr
+    r = CliRunner().invoke(cli, ["export", "-b", TINY[0]])
+    assert r.exit_code == 1 and "needs --classes, --out" in r.stderr
+    r = CliRunner().invoke(cli, ["fit", "-b", TINY[0], "-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "does not exist" in r.stderr
