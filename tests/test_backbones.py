@@ -114,7 +114,7 @@ def test_untrusted_pickle_is_refused(tmp_path):
     """weights_only=True: a torch file carrying arbitrary objects is not unpickled."""
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
-        pickle.dump({"x": _Evil()}, f)
+        pickle.dump({"x": _Evil()}, f, protocol=2)
     with pytest.raises(ClipfuseError, match="could not be read"):
         load_backbone(f"clipfuse-test-vit:{path}")
 
