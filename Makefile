@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+# dev + serve: the serving tests run a real Triton (pytriton), which needs numpy<2.
 # Pinned for CI and dev installs only (pyproject leaves users free): these
 # wheels lie on the build machines' disk.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
@@ -16,7 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)

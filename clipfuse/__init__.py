@@ -13,6 +13,14 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
         .predict_batches(paths) -> iterator of [Prediction]  streaming, for large folders
         .predict_arrays(feed) -> {output: array}             ready-made uint8 tensors
     clipfuse.available_backends() -> list[str]             backends that run here, fastest first
+    clipfuse.bench_engine(folder, data=None, batches=(1, 8)) -> dict   fused vs singles vs naive vs torch
+    clipfuse.run_demo("engines/demo")                      fit -> export -> predict -> bench, offline
+    clipfuse.export_fp16(folder) -> dict                   add model.fp16.onnx (fp32 islands), validated on CPU
+    clipfuse.build_engine(folder, "fp16", batch=(1, 8, 32)) build a TensorRT plan (needs TensorRT + GPU)
+    clipfuse.compare_backends(folder, "onnxruntime,torch") -> dict   do the backends agree? (report["ok"])
+    clipfuse.write_triton_repository(folder, "repo")       Triton model repository (config checked against the schema)
+    clipfuse.serve(folder, http_port=8000) -> Server       Triton (pytriton) serving the engine; .stop()
+    clipfuse.connect("http://127.0.0.1:8000") -> Predictor  the same Predictor, the engine on a Triton server
     clipfuse.ClipfuseError                                 every error a user can cause
 """
 from clipfuse.errors import ClipfuseError
@@ -28,7 +36,15 @@ _LAZY = {
     "list_backbones": ("clipfuse.api", "list_backbones"),
     "load": ("clipfuse.api", "load"),
     "available_backends": ("clipfuse.api", "available_backends"),
+    "bench_engine": ("clipfuse.api", "bench_engine"),
+    "run_demo": ("clipfuse.api", "run_demo"),
+    "export_fp16": ("clipfuse.api", "export_fp16"),
+    "build_engine": ("clipfuse.api", "build_engine"),
+    "compare_backends": ("clipfuse.api", "compare_backends"),
     "parse_backbone": ("clipfuse.export.backbones", "parse_backbone"),
+    "write_triton_repository": ("clipfuse.api", "write_triton_repository"),
+    "serve": ("clipfuse.api", "serve"),
+    "connect": ("clipfuse.api", "connect"),
 }
 
 __all__ = ["ClipfuseError", "__version__", *_LAZY]

@@ -106,6 +106,53 @@ def available_backends() -> list[str]:
     return _available()
 
 
+def export_fp16(engine_dir, quiet: bool = False) -> dict:
+    """Add model.fp16.onnx to an engine folder (fp32 islands by explicit casts), validated against
+    model.onnx on ONNX Runtime CPU; returns the manifest's precisions["fp16"] entry (see export.fp16)."""
+    from clipfuse.export.fp16 import export_fp16 as _fp16
+
+    return _fp16(engine_dir, quiet=quiet)
+
+
+def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,
+                 opt_level: int = 3, workspace=None, quiet: bool = False) -> dict:
+    """Build model.<precision>.plan with TensorRT (needs TensorRT and a GPU; see export.trt)."""
+    from clipfuse.export.trt import build_engine as _build
+
+    return _build(engine_dir, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
+                  opt_level=opt_level, workspace=workspace, quiet=quiet)
+
+
+def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,
+                     verify: bool = True) -> dict:
+    """Identical inputs through each backend, each compared with the first; report["ok"] says whether all
+    agree within the precision's tolerance (see runtime.compare)."""
+    from clipfuse.runtime.compare import compare_backends as _compare
+
+    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify)
+
+
+def format_compare(report: dict) -> str:
+    from clipfuse.runtime.compare import format_report
+
+    return format_report(report)
+
+
+def format_fp16(info: dict) -> str:
+    """The fp16 validation figures as a short table."""
+    v = info["validation"]
+    lines = [f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
+             f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
+    for b in v["backbones"]:
+        lines.append(f"  {b['backbone']}: embedding cosine mean {b['cosine_mean']:.7f} min {b['cosine_min']:.7f} "
+                     f"(>= {v['bounds']['min_cosine']}), max logit err {b['logits_max_abs']:.3g} "
+                     f"(bound {b['logits_bound']:.3g}), top-1 agreement {b['top1_agreement'] * 100:.1f}%")
+    f = v["fused"]
+    lines.append(f"  fused: max logit err {f['logits_max_abs']:.3g} (bound {f['logits_bound']:.3g}), "
+                 f"top-1 agreement {f['top1_agreement'] * 100:.1f}%")
+    return "\n".join(lines)
+
+
 def collect_images(sources, stdin=None) -> list[Path]:
     """Image paths from files, folders (recursive), globs and "-" (a list on stdin)."""
     from clipfuse.runtime.images import collect_images as _collect
@@ -149,3 +196,67 @@ def format_inspect(info: dict) -> str:
         lines.append("ONNX Runtime vs PyTorch, max relative error: " +
                      ", ".join(f"{k} {v:.1e}" for k, v in info["validation_max_rel"].items()))
     return "\n".join(lines)
+
+
+def bench_engine(engine, **kwargs) -> dict:
+    """The fused graph vs each backbone alone, their sum, the naive ensemble and PyTorch eager, side by
+    side; writes bench.md/.json/.png (see clipfuse.runtime.bench.run_bench for the options)."""
+    from clipfuse.runtime.bench import run_bench
+
+    return run_bench(engine, **kwargs)
+
+
+def format_bench(result: dict) -> str:
+    """A bench result as Markdown tables."""
+    from clipfuse.runtime.bench import format_table
+
+    return format_table(result)
+
+
+def run_demo(out="engines/demo", **kwargs) -> dict:
+    """The whole offline flow: fit on a digits subset -> export -> predict -> bench (see runtime.bench.run_demo)."""
+    from clipfuse.runtime.bench import run_demo as _demo
+
+    return _demo(out, **kwargs)
+
+
+# ----------------------------------------------------------------------------- Triton (runtime/triton, serve, client)
+
+TRITON_ACCESS_HEADER = "triton-access-token"
+
+
+def write_triton_repository(engine, out, **kwargs):
+    """Triton model repository OUT/<model>/{config.pbtxt, 1/model.onnx|plan} -> the model folder
+    (options: backend, max_batch, instances, kind, queue_delay_us, model_name, precision, force)."""
+    from clipfuse.runtime.triton import write_repository
+
+    return write_repository(engine, out, **kwargs)
+
+
+def serve(engine, **kwargs):
+    """Start a Triton server (pytriton) for an engine folder -> Server (stop() or `with`; serve_forever())."""
+    from clipfuse.runtime.serve import start_server
+
+    return start_server(engine, **kwargs)
+
+
+def connect(url: str, model: str | None = None, batch_size: int = 8, workers: int | None = None,
+            timeout_s: float = 60.0):
+    """A Predictor (predict, predict_batches, predict_arrays) whose engine runs on a Triton server."""
+    from clipfuse.runtime.client import connect as _connect
+
+    return _connect(url, model=model, batch_size=batch_size, workers=workers, timeout_s=timeout_s)
+
+
+def remote_predict_args(engine, images, model):
+    """`clipfuse predict --url`: ENGINE is optional. An engine folder names the model (unless --model);
+    anything else is the first image source. -> (engine or None, images, model)."""
+    engine_dir = Path(engine)
+    if (engine_dir / "manifest.json").is_file():
+        if model is None:
+            from clipfuse.runtime.manifest import read_manifest
+            from clipfuse.runtime.triton import default_model_name
+
+            model = default_model_name(read_manifest(engine_dir, verify=False))
+        return engine, tuple(images), model
+    return None, (engine, *images), model

@@ -11,9 +11,6 @@ import click
 
 from clipfuse.errors import ClipfuseError
 
-DEMO_BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
-DEMO_CLASSES = "astronaut,cat,cup of coffee,rocket,dog,car,bird,airplane,flower,building"
-
 
 class _Group(click.Group):
     def invoke(self, ctx):
@@ -72,17 +69,31 @@ def _int_list(ctx, param, value):
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="With ENGINE: fp16 adds model.fp16.onnx, converted from the validated model.onnx (no re-export) "
+                   "with LayerNorm, softmax, feature norm, heads, controller and combination kept fp32, and "
+                   "validated against it.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(engine, backbone_list, classes, templates, out, force, opset, quiet):
+def export(engine, backbone_list, classes, templates, out, force, opset, precision, quiet):
     """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
 
     \b
     New engine:      clipfuse export -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME
     Existing engine: clipfuse export engines/NAME   (rebuilds its graph, e.g. after `clipfuse fit`,
                      keeping its heads, fitted controller and reports)
+    fp16 graph:      clipfuse export engines/NAME --precision fp16   (adds model.fp16.onnx)
     """
     from clipfuse import api
 
+    if engine is not None and precision == "fp16":
+        if backbone_list or classes or templates or out or opset:
+            raise ClipfuseError(f"`clipfuse export {engine} --precision fp16` converts the engine's model.onnx; "
+                                "drop --backbone/--classes/--templates/--out/--opset")
+        click.echo(api.format_fp16(api.export_fp16(engine, quiet=quiet)))
+        return
+    if engine is None and precision == "fp16":
+        raise ClipfuseError("--precision fp16 applies to an existing engine: export it first, then run "
+                            "`clipfuse export engines/NAME --precision fp16`")
     if engine is not None:
         if backbone_list or classes or templates or out:
             raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
@@ -173,7 +184,11 @@ def inspect(engine, as_json, no_verify):
 
 @cli.command()
 @click.argument("engine", type=click.Path())
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
+@click.option("--url", default=None, metavar="URL",
+              help="Classify through a Triton server (http://HOST:PORT or grpc://HOST:PORT, e.g. from `clipfuse serve`) "
+                   "instead of a local backend; ENGINE is then optional (an engine folder names the model).")
+@click.option("--model", "model_name", default=None, help="With --url: the model's name on the server.")
 @click.option("--top-k", "-k", default=5, show_default=True, type=click.IntRange(min=1), help="Labels shown per image.")
 @click.option("--format", "fmt", default="table", show_default=True, type=click.Choice(["table", "jsonl", "csv"]),
               help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
@@ -184,7 +199,7 @@ def inspect(engine, as_json, no_verify):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files (faster on large engines).")
-def predict(engine, images, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify):
+def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -193,12 +208,18 @@ def predict(engine, images, top_k, fmt, batch, backend, workers, threads, allow_
     """
     from clipfuse import api
 
+    if url is not None:     # ENGINE is optional with --url: unless it is an engine folder, it is an image source
+        engine, images, model_name = api.remote_predict_args(engine, images, model_name)
+    if not images:
+        raise click.UsageError("Missing argument 'IMAGES...'.")
     paths = api.collect_images(images, stdin=click.get_text_stream("stdin"))
     if not paths:
         raise ClipfuseError("no images to classify: the list on stdin was empty")
     total = failed = 0
-    with api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                  verify=not no_verify) as predictor:
+    opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
+              api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
+                       verify=not no_verify))
+    with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
             shown = preds if fmt != "table" else [p for p in preds if p.ok]   # the table leaves failures to stderr
@@ -217,20 +238,165 @@ def predict(engine, images, top_k, fmt, batch, backend, workers, threads, allow_
 
 @cli.command()
 @click.option("--out", "-o", default="engines/demo", show_default=True, type=click.Path(file_okay=False))
-def demo(out):
-    """Export and validate the default two-backbone ensemble (RN50 + ViT-B-32), offline.
+@click.option("--per-class", default=30, show_default=True, type=click.IntRange(min=4),
+              help="Training digits per class (10 classes); 10 more per class are held out for accuracy.")
+@click.option("--batch", "batches", default="1,8", show_default=True, callback=_int_list, help="Bench batch sizes.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1), help="Timed bench rounds.")
+def demo(out, per_class, batches, runs):
+    """The whole flow, offline: fit -> export -> predict -> bench, on the default RN50 + ViT-B-32.
 
-    Weights are seeded random (no download is possible here): latency and memory
-    do not depend on weight values; predictions are meaningless until real weights
-    (RN50:openai, ViT-B-32:openai) are used.
+    Fits linear-probe heads and the NLC on a subset of scikit-learn's digits (real images shipped
+    inside the package), exports and validates the fused graph, classifies four held-out digits,
+    then benches it against each backbone alone, the naive ensemble and PyTorch eager; ends with
+    the table and the plot's path. Weights are seeded random (no download is possible here):
+    latency and memory do not depend on weight values; with network access use
+    RN50:openai and ViT-B-32:openai through `clipfuse fit` and `clipfuse bench`.
     """
     from clipfuse import api
-    from clipfuse.export.heads import simple_templates
 
-    click.echo(f"clipfuse demo: {' + '.join(DEMO_BACKBONES)} (seeded random weights: offline), "
-               f"{len(DEMO_CLASSES.split(','))} classes, open_clip's {len(simple_templates())} simple templates", err=True)
-    result = api.export_engine(list(DEMO_BACKBONES), DEMO_CLASSES, out, templates=simple_templates(), force=True)
-    click.echo(api.format_inspect(api.inspect_engine(result.folder, verify=False)))
+    api.run_demo(out, train_per_class=per_class, batches=batches, runs=runs, echo=click.echo)
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--data", "-d", type=click.Path(), default=None,
+              help="Labelled images (DATA/<class folder>/<images>): accuracy per backbone, static ensembles, NLC.")
+@click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False), help="Folder -> class name map file.")
+@click.option("--batch", "batches", default="1,8,32", show_default=True, callback=_int_list, help="Batch sizes.")
+@click.option("--backend", default="onnxruntime", show_default=True, help="The fused graph's backend (ONNX Runtime CPU).")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed rounds; each runs every configuration once per batch size, interleaved.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads (default: measured best).")
+@click.option("--no-torch", is_flag=True, help="Leave PyTorch eager out (it rebuilds every backbone).")
+@click.option("--no-memory", is_flag=True, help="Skip the per-configuration peak-memory processes.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Results folder (default ENGINE/bench).")
+@click.option("--name", default="bench", show_default=True, help="File stem of the results: NAME.md/.json/.png.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, no_memory, out, name, quiet):
+    """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
+    cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
+
+    Writes NAME.md, NAME.json and, with --data, NAME.png (accuracy vs latency, Pareto front).
+    """
+    from clipfuse import api
+
+    # the exact command, rebuilt from the parsed values (every results file states how it was made)
+    command = " ".join(["clipfuse bench", engine, *(["--data", data] if data else []),
+                        "--batch", ",".join(map(str, batches)), "--runs", str(runs), "--warmup", str(warmup),
+                        *(["--threads", str(threads)] if threads else []), *(["--no-torch"] if no_torch else []),
+                        *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
+                        *(["--name", name] if name != "bench" else [])])
+    result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
+                              warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
+                              stem=name, quiet=quiet, command=command)
+    click.echo(api.format_bench(result))
+    if result.get("plot"):
+        click.echo(f"plot: {result['plot']}")
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Model repository folder to write into.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
+              help="onnxruntime: the fused ONNX graph; tensorrt: the plan of `clipfuse build`.")
+@click.option("--precision", default=None, help="tensorrt: which model.<precision>.plan (when there are several).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Triton's max_batch_size.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (instance_group count).")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None, help="Instance kind (default: cpu for onnxruntime, gpu for tensorrt).")
+@click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="Dynamic batching: how long a request may wait for others.")
+@click.option("--model", "model_name", default=None, help="Model name in the repository (default: the engine folder's name).")
+@click.option("--force", is_flag=True, help="Replace the model's folder in the repository if it exists.")
+def triton(engine, out, backend, precision, max_batch, instances, kind, queue_delay_us, model_name, force):
+    """Write a Triton Inference Server model repository for ENGINE: OUT/<model>/config.pbtxt + 1/model.onnx|plan.
+
+    The config (uint8 image inputs, the five outputs, dynamic batching, instance group) is checked
+    against Triton's ModelConfig schema before it is written. Clients preprocess on their side
+    (`clipfuse predict --url`); see docs/triton.md for running it on a fleet.
+    """
+    from clipfuse import api
+
+    model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
+                                        kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
+                                        precision=precision, force=force)
+    click.echo(f"wrote {model} (config.pbtxt checked against Triton's ModelConfig schema)")
+    click.echo(f"run:  tritonserver --model-repository {model.parent}")
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535), help="Prometheus /metrics port.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Largest batch the dynamic batcher forms.")
+@click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0),
+              help="How long a request may wait for others to join its batch.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (one ONNX Runtime session each).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Each session's intra-op threads.")
+@click.option("--model", "model_name", default=None, help="Model name (default: the engine folder's name).")
+@click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
+def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name, no_verify):
+    """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
+
+    Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
+    """
+    from clipfuse import api
+
+    server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                       max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
+                       model_name=model_name, verify=not no_verify)
+    click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
+    click.echo(f"statistics and repository endpoints need the header {api.TRITON_ACCESS_HEADER}: {server.access_token}", err=True)
+    server.serve_forever()
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 builds a strongly typed network from model.fp16.onnx (make it with "
+                   "`clipfuse export ENGINE --precision fp16`).")
+@click.option("--batch", default="1,8,32", show_default=True, callback=_int_list, metavar="MIN,OPT,MAX",
+              help="The optimisation profile's batch sizes, for every image input.")
+@click.option("--aux-streams", type=click.IntRange(min=0), default=None,
+              help="Builder max_aux_streams: branches (backbones) may run concurrently (default: TensorRT's heuristic).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
+              help="Timing cache file, read before and written after the build (rebuilds skip kernel timing).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, help="Workspace memory limit, MiB.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def build(engine, precision, batch, aux_streams, timing_cache, opt_level, workspace, quiet):
+    """Build a TensorRT plan (model.<precision>.plan + layer info JSON) from ENGINE's ONNX graph."""
+    from clipfuse import api
+
+    if len(batch) != 3:
+        raise ClipfuseError(f"--batch must be MIN,OPT,MAX (three integers), got {','.join(map(str, batch))}")
+    entry = api.build_engine(engine, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
+                             opt_level=opt_level, workspace=workspace * 2**20 if workspace else None, quiet=quiet)
+    click.echo(json.dumps(entry, indent=2))
+
+
+@cli.command()
+@click.argument("engine", type=click.Path(file_okay=False))
+@click.option("--backends", default="onnxruntime,torch", show_default=True,
+              help="Comma-separated; the first is the reference. A -fp16 suffix (onnxruntime-fp16, tensorrt-fp16) "
+                   "runs that backend's fp16 form.")
+@click.option("--images", multiple=True, help="Image files, folders or globs (default: the shipped photographs, "
+                                              "whole and centre-cropped).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="fp16: every backend with an fp16 form runs it (torch stays the fp32 reference); fp16 tolerances.")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compare(engine, backends, images, precision, batch, as_json):
+    """Run identical inputs through each backend: max abs/rel error per output and top-1 agreement
+    against the first backend. Exit 1 when any is out of tolerance."""
+    from clipfuse import api
+
+    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch)
+    click.echo(json.dumps(report, indent=2) if as_json else api.format_compare(report))
+    if not report["ok"]:
+        raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")
 
 
 def main(argv=None):

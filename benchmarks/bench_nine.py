@@ -1,0 +1,47 @@
+"""The committed bench of all nine OpenAI CLIP backbones in one fused graph (random weights).
+
+    python benchmarks/bench_nine.py --engine /tmp/engines/nine      # ~20 min on 2 cores (+ ~4 min of singles' exports once)
+
+The engine is made once (11 min, 16.9 GB peak RSS, 6.2 GB of weights) with
+
+    clipfuse export -b RN50:random:0 -b RN101:random:1 -b RN50x4:random:2 -b RN50x16:random:3 \\
+        -b RN50x64:random:4 -b ViT-B-32:random:5 -b ViT-B-16:random:6 -b ViT-L-14:random:7 \\
+        -b ViT-L-14-336:random:8 -c "astronaut,cat,cup of coffee,rocket,dog,car,bird,airplane,flower,building" \\
+        --templates FILE --out /tmp/engines/nine        # FILE: "a photo of a {}." and "a bad photo of the {}."
+
+The graph runs at seconds per image on 2 cores, so rounds are few (2 after 1 warm-up; memory processes at batch 1, one inference) and PyTorch
+eager is left out by default: with the fused and the nine single sessions resident (~12.5 GB), a third
+copy of 1.3 G parameters would not fit this 24 GB machine beside them. No accuracy: random weights.
+Writes benchmarks/results/bench_nine.{md,json}.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", default="/tmp/engines/nine")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--memory-batch", type=int, default=1, help="batch of the memory processes (one inference each)")
+    ap.add_argument("--torch", action="store_true", help="also PyTorch eager (needs ~20 GB free)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args(argv)
+    command = " ".join(["python benchmarks/bench_nine.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+    from clipfuse.runtime.bench import format_table, run_bench
+
+    result = run_bench(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
+                       out=args.out, stem="bench_nine", torch=args.torch, command=command,
+                       memory_batch=args.memory_batch, memory_infers=1)
+    print(format_table(result))
+
+
+if __name__ == "__main__":
+    main()

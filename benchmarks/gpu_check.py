@@ -1,0 +1,415 @@
+"""GPU check: the fused module and each single backbone on CUDA, fp32 and fp16, plus TensorRT where installed.
+
+    python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check] [--batches 1,8,32]
+    python benchmarks/gpu_check.py --dry-run       # CPU, tiny towers, 2 iterations: checks the script runs
+
+A benchmark, not a test. On a machine with CUDA and PyTorch (no TensorRT, no
+onnxruntime-gpu needed) it builds the default ensemble (RN50:random:0 +
+ViT-B-32:random:1, zero-shot heads for 10 classes, the constant controller;
+seeded random weights: latency and memory do not depend on weight values) and:
+
+1. times, side by side in one run, the fused module and each backbone alone (a
+   one-backbone FusedEnsemble: its tower, normalisation and head), in fp32
+   (TF32 off, as the torch backend runs it) and fp16, at batch 1, 8 and 32.
+   fp16 is torch.autocast(float16): convolutions and matmuls in fp16, while
+   layer_norm, softmax and the norms stay fp32 (autocast's fp32 list), the
+   same islands as model.fp16.onnx. Each configuration is captured in a CUDA
+   graph (the fused module is ~200 small kernels at batch 1: launch overhead
+   dominates eager), and eager is timed beside it for the fused module.
+   Timing: warm-up, then CUDA events around each call; configurations
+   interleaved round by round; medians with min-max.
+2. device memory: NVML's used memory of the GPU after loading, and
+   torch.cuda.max_memory_allocated per configuration (the allocator's peak).
+   Known flaw of the committed run: cudnn.benchmark tries algorithms with
+   large scratch buffers at each new shape, inside the first configuration
+   measured at that shape, so the fused fp32 rows at batch 1 and 8 (~4.6 GB)
+   show those trials, not what the configuration needs.
+3. fp16 accuracy with real fp16 arithmetic (which ONNX Runtime CPU cannot
+   show, see benchmarks/results/fp16_validation.md): per-backbone embedding
+   cosine and logit error of autocast fp16 against fp32 on 32 images made
+   from the shipped photographs.
+4. where `tensorrt` imports: exports the fused graph, builds plans with 0 and
+   4 auxiliary streams (export/trt.py) and times them through the native
+   backend; otherwise says why it skipped.
+
+Writes OUT.json and OUT.md with the command at the top.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
+TINY = ("clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1")
+CLASSES = "astronaut,cat,cup of coffee,rocket,dog,car,bird,airplane,flower,building".split(",")
+TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
+
+
+def say(msg: str) -> None:
+    print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def environment(torch, device) -> dict:
+    import importlib.metadata as md
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "device": str(device), "cpus": os.cpu_count()}
+    for dist in ("open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "nvidia-ml-py"):
+        try:
+            env[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            env[dist] = None
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                   multiprocessors=p.multi_processor_count)
+    return env
+
+
+class Nvml:
+    """Device memory through NVML (nvidia-ml-py); None figures where NVML is absent."""
+
+    def __init__(self):
+        self.handle = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self.pynvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+            self.driver = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as e:        # no NVML library, no GPU, or a container without it
+            self.error = f"{type(e).__name__}: {e}"
+
+    def used_mib(self):
+        if self.handle is None:
+            return None
+        return round(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20, 1)
+
+
+def build_models(specs, torch, device):
+    """(fused, {name: single}, backbones) on `device`, eval mode."""
+    from clipfuse.export.backbones import load_backbone
+    from clipfuse.export.fused import ConstantController, FusedEnsemble
+    from clipfuse.export.heads import zero_shot_head
+
+    built, heads = [], []
+    for s in specs:
+        t = time.perf_counter()
+        b = load_backbone(s)
+        heads.append(zero_shot_head(b.model, b.spec.arch, CLASSES, TEMPLATES))
+        b.model = b.model.visual
+        built.append(b)
+        say(f"built {s} in {time.perf_counter() - t:.1f} s")
+
+    def fused_of(idx):
+        return FusedEnsemble([built[i].model for i in idx], [heads[i] for i in idx], [built[i].image_size for i in idx],
+                             [built[i].preprocess["mean"] for i in idx], [built[i].preprocess["std"] for i in idx],
+                             ConstantController(len(idx))).eval().to(device)
+
+    fused = fused_of(range(len(built)))
+    singles = {str(built[i].spec): fused_of([i]) for i in range(len(built))}   # towers shared, not copied
+    return fused, singles, built, heads
+
+
+def make_inputs(module, batch, torch, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (batch, 3, r, r), dtype=torch.uint8, generator=g).to(device) for r in module.resolutions]
+
+
+class Runner:
+    """One configuration: module x precision x batch, eager or CUDA graph; call() runs it once."""
+
+    def __init__(self, module, inputs, precision, torch, device, graph: bool):
+        self.module, self.inputs, self.precision, self.torch, self.device = module, inputs, precision, torch, device
+        self.graph = None
+        if graph and device.type == "cuda":
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):                # warm-up on a side stream before capture (PyTorch's advice)
+                    self._eager()
+            torch.cuda.current_stream().wait_stream(s)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._eager()
+
+    def _eager(self):
+        torch = self.torch
+        # cache_enabled=False: autocast's cache of fp16 weight copies must not outlive a CUDA graph
+        # capture (PyTorch's CUDA graphs notes); the casts are captured into the graph instead.
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
+                                                     enabled=self.precision == "fp16", cache_enabled=False):
+            return self.module(*self.inputs)
+
+    def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        return self._eager()
+
+
+def time_configs(runners: dict, torch, device, rounds: int, iters: int, warmup: int) -> dict:
+    """{key: [ms per call]}: configurations interleaved round by round, CUDA events around each call."""
+    times = {k: [] for k in runners}
+    for r in runners.values():
+        for _ in range(warmup):
+            r()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    for _ in range(rounds):
+        for k, r in runners.items():
+            for _ in range(iters):
+                if device.type == "cuda":
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    r()
+                    b.record()
+                    b.synchronize()
+                    times[k].append(a.elapsed_time(b))
+                else:
+                    t = time.perf_counter()
+                    r()
+                    times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def fp16_accuracy(fused, built, torch, device) -> dict:
+    """Autocast fp16 against fp32 on the same 32 images: real fp16 arithmetic on this device."""
+    import numpy as np
+
+    from clipfuse import iospec
+    from clipfuse.export.fp16 import validation_images
+    from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_image
+
+    images = validation_images()
+    specs = {}
+    for b in built:
+        specs[b.image_size] = PreprocessSpec(b.image_size, b.preprocess.get("interpolation", "bicubic"),
+                                             b.preprocess.get("resize_mode", "shortest"))
+    inputs = [torch.from_numpy(np.stack([preprocess_image(im, specs[r]) for im in images])).to(device)
+              for r in fused.resolutions]
+    outs = {}
+    for prec in ("fp32", "fp16"):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=prec == "fp16"):
+            o = fused(*inputs)
+        outs[prec] = {n: t.float().cpu().numpy().astype(np.float64) for n, t in zip(iospec.OUTPUT_NAMES, o)}
+    a, g = outs["fp32"], outs["fp16"]
+    rows, lo = [], 0
+    for k, b in enumerate(built):
+        hi = lo + b.embed_dim
+        fa, fg = a[iospec.FEATURES][:, lo:hi], g[iospec.FEATURES][:, lo:hi]
+        cos = (fa * fg).sum(1) / (np.linalg.norm(fa, axis=1) * np.linalg.norm(fg, axis=1))
+        za, zg = a[iospec.BACKBONE_LOGITS][:, k], g[iospec.BACKBONE_LOGITS][:, k]
+        rows.append({"backbone": str(b.spec), "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                     "logits_max_abs": float(np.abs(za - zg).max()),
+                     "top1_agreement": float((za.argmax(-1) == zg.argmax(-1)).mean())})
+        lo = hi
+    la, lg = a[iospec.LOGITS], g[iospec.LOGITS]
+    return {"images": len(images), "backbones": rows,
+            "fused": {"logits_max_abs": float(np.abs(la - lg).max()),
+                      "top1_agreement": float((la.argmax(-1) == lg.argmax(-1)).mean())}}
+
+
+def tensorrt_part(built, heads, torch, device, batches, rounds, iters, warmup) -> dict:
+    """Export the fused graph, build plans with 0 and 4 aux streams, time them; skip with the reason."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"tensorrt does not import here ({e}); the TensorRT part needs pip install "
+                           "'clipfuse[tensorrt]' on this GPU machine"}
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device"}
+    from clipfuse.export.engine import export_engine
+    from clipfuse.export.trt import build_engine
+    from clipfuse.runtime.backends import open_backend
+
+    out = {"tensorrt": tensorrt.__version__, "plans": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "gpu-check"
+        for b in built:           # the exporter traces on the CPU; the timings above are done with these towers
+            b.model.cpu()
+        # the towers are already image-only (text towers dropped): pass the zero-shot heads made above
+        export_engine([b for b in built], CLASSES, folder, templates=TEMPLATES, heads=heads, quiet=True)
+        cache = Path(tmp) / "timing.cache"
+        rng = __import__("numpy").random.default_rng(0)
+        for aux in (0, 4):
+            t = time.perf_counter()
+            info = build_engine(folder, "fp32", batch=(1, 8, max(batches)), aux_streams=aux, timing_cache=cache)
+            build_s = time.perf_counter() - t
+            backend = open_backend(folder, "tensorrt", quiet=True)
+            for bs in batches:
+                feed = {i["name"]: rng.integers(0, 256, (bs, 3, i["shape"][2], i["shape"][3]), dtype="uint8")
+                        for i in backend.manifest.inputs}
+                for _ in range(warmup):
+                    backend.infer(feed)
+                ts = []
+                for _ in range(rounds * iters):
+                    s = time.perf_counter()
+                    backend.infer(feed)            # host-to-device + run + device-to-host
+                    ts.append((time.perf_counter() - s) * 1e3)
+                out["plans"].append({"aux_streams": aux, "batch": bs, "build_s": round(build_s, 1),
+                                     "latency_ms_with_copies": summary(ts), "plan": info})
+            backend.close()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check"))
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10, help="timed calls per configuration per round")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny towers, 1 round: checks that the script runs")
+    args = ap.parse_args(argv)
+    command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    batches = [int(b) for b in args.batches.split(",")]
+
+    import torch
+
+    t_start = time.perf_counter()
+    if args.dry_run:
+        from clipfuse.export.tiny import register_test_towers
+
+        register_test_towers()
+        specs, device = TINY, torch.device("cpu")
+        args.rounds, args.iters, args.warmup, batches = 1, 2, 1, [1, 2]
+    else:
+        if not torch.cuda.is_available():
+            say("no CUDA device: torch.cuda.is_available() is False (use --dry-run to check the script on CPU)")
+            return 2
+        specs, device = BACKBONES, torch.device("cuda")
+        # fp32 means fp32: TF32 convolutions/matmuls (~1e-3 relative) would blur the fp16 comparison.
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    nvml = Nvml()
+    result = {"command": command, "environment": environment(torch, device),
+              "nvml": {"driver": getattr(nvml, "driver", None), "error": getattr(nvml, "error", None),
+                       "used_mib_before": nvml.used_mib()}}
+    say(f"environment: {json.dumps(result['environment'])}")
+    fused, singles, built, heads = build_models(specs, torch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result["nvml"]["used_mib_after_load"] = nvml.used_mib()
+    result["weights_mib"] = round(sum(p.numel() * p.element_size() for p in fused.parameters()) / 2**20
+                                  + sum(b.numel() * b.element_size() for b in fused.buffers()) / 2**20, 1)
+
+    say("fp16 accuracy (autocast) against fp32 on 32 images")
+    result["fp16_accuracy"] = fp16_accuracy(fused, built, torch, device)
+
+    models = {"fused": fused, **singles}
+    rows = []
+    for bs in batches:
+        runners, peaks = {}, {}
+        for prec in ("fp32", "fp16"):
+            for name, module in models.items():
+                inputs = make_inputs(module, bs, torch, device)
+                modes = ("graph", "eager") if name == "fused" else ("graph",)
+                for mode in modes:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    runners[(name, prec, mode)] = Runner(module, inputs, prec, torch, device, graph=mode == "graph")
+                    runners[(name, prec, mode)]()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                        peaks[(name, prec, mode)] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+        say(f"batch {bs}: timing {len(runners)} configurations, {args.rounds} rounds x {args.iters} calls")
+        times = time_configs(runners, torch, device, args.rounds, args.iters, args.warmup)
+        for (name, prec, mode), ts in times.items():
+            rows.append({"model": name, "precision": prec, "mode": mode, "batch": bs, "latency_ms": summary(ts),
+                         "images_per_s": bs / statistics.median(ts) * 1e3,
+                         "activation_peak_mib": peaks.get((name, prec, mode))})
+        del runners
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["timings"] = rows
+    result["nvml"]["used_mib_end"] = nvml.used_mib()
+    if device.type == "cuda":
+        result["torch_max_memory_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    say("TensorRT part")
+    try:
+        result["tensorrt"] = tensorrt_part(built, heads, torch, device, batches, args.rounds, args.iters, args.warmup)
+    except Exception as e:     # the PyTorch figures above stand on their own; record why TensorRT failed
+        result["tensorrt"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+
+    md = format_md(result, models)
+    print(md)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Path(str(out) + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    Path(str(out) + ".md").write_text(md)
+    say(f"wrote {out}.json and {out}.md in {result['wall_s']} s")
+    return 0
+
+
+def format_md(r: dict, models: dict) -> str:
+    e = r["environment"]
+    lines = ["# GPU check: PyTorch fp32 / fp16 on CUDA, TensorRT where installed", "",
+             f"Command: `{r['command']}`", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in e.items()) + f"; NVML driver {r['nvml']['driver']}", "",
+             f"Ensemble: {' + '.join(k for k in models if k != 'fused')} (seeded random weights), 10 classes, "
+             f"constant controller; weights {r['weights_mib']} MiB fp32. Wall time {r['wall_s']} s.", "",
+             "fp32 = TF32 off; fp16 = torch.autocast(float16) (LayerNorm, softmax, norms stay fp32). graph = CUDA graph "
+             "replay, eager = plain module call. Latency from CUDA events around each call, inputs already on the "
+             "device; median (min-max) over rounds x calls, configurations interleaved. activation peak = "
+             "torch.cuda.max_memory_allocated above the weights while capturing/running that configuration.", "",
+             "| model | precision | mode | batch | latency ms | images/s | activation peak MiB |",
+             "|---|---|---|---|---|---|---|"]
+    for row in sorted(r["timings"], key=lambda x: (x["batch"], x["model"] != "fused", x["model"], x["precision"], x["mode"])):
+        s = row["latency_ms"]
+        lines.append(f"| {row['model']} | {row['precision']} | {row['mode']} | {row['batch']} | {s['median']:.3f} "
+                     f"({s['min']:.3f}-{s['max']:.3f}) | {row['images_per_s']:.0f} | {row['activation_peak_mib']} |")
+    # ratios first-class: fused vs the sum of the singles, per precision and batch (graph mode)
+    lines += ["", "| batch | precision | fused ms | sum of singles ms | fused / sum | fp16 speed-up (fused) |", "|---|---|---|---|---|---|"]
+    by = {(x["model"], x["precision"], x["mode"], x["batch"]): x["latency_ms"]["median"] for x in r["timings"]}
+    for bs in sorted({x["batch"] for x in r["timings"]}):
+        for prec in ("fp32", "fp16"):
+            f = by.get(("fused", prec, "graph", bs))
+            singles = [by.get((m, prec, "graph", bs)) for m in models if m != "fused"]
+            if f is None or None in singles:
+                continue
+            sp = by[("fused", "fp32", "graph", bs)] / by[("fused", "fp16", "graph", bs)]
+            lines.append(f"| {bs} | {prec} | {f:.3f} | {sum(singles):.3f} | {f / sum(singles):.2f} | "
+                         f"{sp:.2f}x |" if prec == "fp16" else f"| {bs} | {prec} | {f:.3f} | {sum(singles):.3f} | "
+                         f"{f / sum(singles):.2f} | |")
+    n = r["nvml"]
+    lines += ["", f"Device memory (NVML, whole GPU): before {n['used_mib_before']} MiB, after loading "
+              f"{n['used_mib_after_load']} MiB, at the end {n['used_mib_end']} MiB"
+              + (f"; torch reserved at most {r.get('torch_max_memory_reserved_mib')} MiB" if "torch_max_memory_reserved_mib" in r else "")
+              + (f" (NVML: {n['error']})" if n.get("error") else "") + ".", ""]
+    a = r["fp16_accuracy"]
+    lines += [f"fp16 (autocast) against fp32 on this device, {a['images']} images from the shipped photographs:", "",
+              "| backbone | cosine mean | cosine min | max abs logit err | top-1 agreement |", "|---|---|---|---|---|"]
+    for b in a["backbones"]:
+        lines.append(f"| {b['backbone']} | {b['cosine_mean']:.7f} | {b['cosine_min']:.7f} | {b['logits_max_abs']:.3g} | "
+                     f"{b['top1_agreement'] * 100:.1f}% |")
+    lines.append(f"| fused | | | {a['fused']['logits_max_abs']:.3g} | {a['fused']['top1_agreement'] * 100:.1f}% |")
+    t = r["tensorrt"]
+    lines += ["", "TensorRT: " + (t.get("skipped") or t.get("error") or f"{t['tensorrt']}"), ""]
+    for p in t.get("plans", []):
+        s = p["latency_ms_with_copies"]
+        lines.append(f"- aux streams {p['aux_streams']}, batch {p['batch']}: {s['median']:.3f} ms "
+                     f"({s['min']:.3f}-{s['max']:.3f}) with host copies; build {p['build_s']} s")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

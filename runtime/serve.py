@@ -1,0 +1,245 @@
+"""Serve an engine folder with a real Triton Inference Server, through nvidia-pytriton.
+
+    with start_server("engines/pets", http_port=8000) as server:     # returns once the model is ready
+        print(server.http_url, server.grpc_url, server.metrics_url)
+        ...                                                          # clients: runtime/client.py
+    # `clipfuse serve engines/pets` does the same and blocks until Ctrl-C
+
+pytriton bundles Triton 2.51 (CPU-capable, with its Python backend) and binds a
+Python callable as a Triton model: here one OnnxRuntimeBackend per instance runs
+the fused graph on what Triton's dynamic batcher gathered. So this is Triton's
+own HTTP/gRPC front end, health and readiness (/v2/health/live, /ready), the
+per-model statistics (/v2/models/<m>/stats, batch sizes included) and the
+Prometheus metrics endpoint (/metrics), with clipfuse's runtime behind it.
+For a fleet, write a model repository instead (`clipfuse triton`, runtime/triton.py)
+and run stock Triton images on it; both carry the same `clipfuse` model-config
+parameter, so runtime/client.py talks to either.
+
+Triton checks each request's dtype and shape against the model config before it
+reaches Python, so a malformed request gets an error response and never touches
+the engine. The server binds to 127.0.0.1 unless told otherwise.
+
+pytriton's statistics, model-repository, shared-memory, trace and logging endpoints
+need an access token (pytriton's default, kept): `server.access_token`, sent as the
+`triton-access-token` header.
+
+Environment facts (measured here, pytriton 0.7.0): the bundled Python-backend stub
+embeds libpython, so its folder must be on LD_LIBRARY_PATH (set below for the
+server's process); and the stub is built against numpy 1.x: under numpy 2 every
+output reaches the client EMPTY (no error, zero bytes), which is why the `serve`
+extra pins numpy<2 and why start_server refuses numpy 2 instead of serving nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipfuse.errors import ClipfuseError
+from clipfuse.runtime.manifest import Manifest, read_manifest
+from clipfuse.runtime.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, INSTALL_SERVE, METADATA_KEY,
+                                     default_model_name, model_spec, serving_metadata)
+
+LOOPBACK = "127.0.0.1"
+ACCESS_HEADER = "triton-access-token"
+
+
+def log(msg: str) -> None:
+    print(f"[clipfuse serve] {msg}", file=sys.stderr, flush=True)
+
+
+def check_serving_environment() -> None:
+    """Refuse, with what to do, an environment where pytriton would not serve correctly."""
+    try:
+        import pytriton  # noqa: F401
+    except ImportError as e:
+        raise ClipfuseError(f"`clipfuse serve` needs nvidia-pytriton ({e}): {INSTALL_SERVE} "
+                            "(Linux x86-64 with glibc >= 2.35)") from None
+    major = int(np.__version__.split(".", 1)[0])
+    if major >= 2:
+        raise ClipfuseError(f"pytriton 0.7.0's Python-backend stub is built against numpy 1.x; with numpy "
+                            f"{np.__version__} it returns every output empty. Install numpy<2 in this environment "
+                            f"({INSTALL_SERVE} pins it), or serve the repository of `clipfuse triton` with a Triton image")
+
+
+def _libpython_on_path() -> None:
+    """The stub Triton runs for Python models links libpython dynamically; with pyenv/venv Pythons its
+    folder is not on the loader's path. The server process inherits our environment, so set it here."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+        if libdir not in paths:
+            os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free right now on `host` (for tests and benchmarks: ask the OS, never guess)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _make_infer(manifest: Manifest, threads: int | None, opened: list):
+    """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs."""
+    from pytriton.decorators import batch
+
+    from clipfuse.runtime.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(manifest, threads=threads).open()
+    opened.append(backend)
+    names = [i["name"] for i in manifest.inputs]
+
+    @batch
+    def infer(**inputs):
+        return backend.infer({n: inputs[n] for n in names})
+
+    return infer
+
+
+@dataclass
+class Server:
+    """A running Triton server for one engine; stop() (or leaving the `with` block) shuts it down."""
+
+    model_name: str
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    access_token: str | None
+    _triton: object = field(repr=False, default=None)
+    _backends: list = field(repr=False, default_factory=list)
+    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def headers(self) -> dict:
+        """Headers for the token-protected endpoints (statistics, ...)."""
+        return {ACCESS_HEADER: self.access_token} if self.access_token else {}
+
+    def serve_forever(self) -> None:
+        """Block until the server dies or Ctrl-C; then stop."""
+        try:
+            self._triton.serve()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            triton, self._triton = self._triton, None
+        if triton is not None:
+            triton.stop()
+            for b in self._backends:
+                b.close()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, max_batch: int = DEFAULT_MAX_BATCH,
+                 queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
+                 threads: int | None = None, model_name: str | None = None, verify: bool = True,
+                 quiet: bool = False, exit_timeout_s: int = 10) -> Server:
+    """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
+
+    max_batch / queue_delay_us / preferred: Triton's dynamic batcher. instances: model instances, each
+    with its own ONNX Runtime session (on a small CPU, 1: instances share the cores). threads: each
+    session's intra-op threads (default ONNX Runtime's, one per physical core)."""
+    check_serving_environment()
+    manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
+    # the same checks (and the same names) as the repository writer
+    spec = model_spec(manifest, "onnxruntime", max_batch=max_batch, instances=instances, preferred=preferred,
+                      queue_delay_us=queue_delay_us, name=model_name or default_model_name(manifest))
+    for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ClipfuseError(f"{label} must be a TCP port (1-65535), got {port!r}")
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        raise ClipfuseError(f"--port, --grpc-port and --metrics-port must differ, got {http_port}, {grpc_port}, "
+                            f"{metrics_port}")
+    for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ClipfuseError(f"cannot listen on {host}:{port} ({label}): {e.strerror}; choose another port "
+                                    "or stop what holds it") from None
+    _libpython_on_path()
+    if quiet:       # pytriton narrates every step at INFO and echoes Triton's log
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
+                          exit_timeout_secs=exit_timeout_s, log_verbose=0)
+    backends: list = []
+    try:
+        infer_fns = [_make_infer(manifest, threads, backends) for _ in range(spec.instances)]
+    except BaseException:
+        for b in backends:
+            b.close()
+        raise
+    triton = Triton(config=config)
+    server = Server(spec.name, host, http_port, grpc_port, metrics_port,
+                    getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends)
+    try:
+        triton.bind(
+            model_name=spec.name,
+            infer_func=infer_fns,
+            inputs=[Tensor(name=n, dtype=np.dtype(d), shape=tuple(dims)) for n, d, dims in spec.inputs],
+            outputs=[Tensor(name=n, dtype=np.dtype(d), shape=tuple(dims)) for n, d, dims in spec.outputs],
+            config=ModelConfig(max_batch_size=spec.max_batch,
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=spec.queue_delay_us,
+                                                      preferred_batch_size=spec.preferred or None)),
+            strict=True,
+        )
+        _add_metadata_parameter(triton, spec.name, serving_metadata(manifest))
+        triton.run()
+    except BaseException as e:
+        server.stop()
+        if isinstance(e, ClipfuseError):
+            raise
+        raise ClipfuseError(f"Triton did not start serving {spec.name!r} on {host}: {type(e).__name__}: "
+                            f"{str(e)[:500]}") from None
+    if not quiet:
+        log(f"serving {spec.name!r} ({', '.join(manifest.backbone_names)}): HTTP {server.http_url}, "
+            f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
+            f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)")
+    return server
+
+
+def _add_metadata_parameter(triton, model_name: str, metadata: dict) -> None:
+    """Put the clipfuse JSON in the model config's parameters, as `clipfuse triton` does, so one client
+    reads both. pytriton 0.7.0 has no public hook for config parameters; its generated config is built
+    from the model's TritonModelConfig.backend_parameters (which pytriton itself uses for its workspace
+    path), so the entry is added there before the server loads the model."""
+    import json
+
+    try:
+        model = next(m for m in triton._model_manager.models if m.model_name == model_name)
+        model._get_triton_model_config().backend_parameters[METADATA_KEY] = json.dumps(metadata, separators=(",", ":"))
+    except (AttributeError, StopIteration) as e:
+        raise ClipfuseError(f"this pytriton ({type(e).__name__}: {e}) has no place for the model's clipfuse "
+                            f"parameter; install the pinned version: {INSTALL_SERVE}") from None
