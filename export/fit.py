@@ -60,11 +60,16 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
         raise ClipfuseError(f"linear probe: classes {missing} have no training image")
     mu, sd = X.mean(0), X.std(0) + 1e-6
     Xs = (X - mu) / sd
+    import warnings
+
     from threadpoolctl import threadpool_limits
 
     # One BLAS thread: beside torch's own pool, OpenBLAS threads spun against it and a 150-image
     # probe fit took minutes (half of it system time); single-threaded it takes seconds.
-    with threadpool_limits(1, user_api="blas"):
+    # scikit-learn 1.9 warns about defaults changing in 1.10/1.11 (l1_ratios, scoring, attributes);
+    # the values used here are explicit in intent (L2, accuracy) and the warnings only clutter fit's output.
+    with threadpool_limits(1, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         if np.bincount(y).min() >= 3:
             clf = LogisticRegressionCV(Cs=[0.01, 0.1, 1.0, 10.0], cv=3, max_iter=2000, random_state=seed).fit(Xs, y)
         else:
