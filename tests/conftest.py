@@ -40,3 +40,16 @@ def tiny_engine(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     return export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
+
+
+@pytest.fixture(scope="session")
+def fp16_engine(tiny_engine, tmp_path_factory):
+    """A copy of the tiny engine with model.fp16.onnx added (the shared engine stays untouched)."""
+    import shutil
+
+    from clipfuse.export.fp16 import export_fp16
+
+    folder = tmp_path_factory.mktemp("fp16") / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    export_fp16(folder, quiet=True)
+    return folder

@@ -12,16 +12,6 @@ from click.testing import CliRunner
 from clipfuse.errors import ClipfuseError
 
 
-@pytest.fixture(scope="module")
-def fp16_engine(tiny_engine, tmp_path_factory):
-    from clipfuse.export.fp16 import export_fp16
-
-    folder = tmp_path_factory.mktemp("cmp") / "tiny"
-    shutil.copytree(tiny_engine, folder)
-    export_fp16(folder, quiet=True)
-    return folder
-
-
 def _cli(*args):
     from clipfuse.cli import cli
 

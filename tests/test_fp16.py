@@ -13,17 +13,6 @@ from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 
 
-@pytest.fixture(scope="module")
-def fp16_engine(tiny_engine, tmp_path_factory):
-    """A copy of the tiny engine with model.fp16.onnx added (the shared engine stays untouched)."""
-    from clipfuse.export.fp16 import export_fp16
-
-    folder = tmp_path_factory.mktemp("fp16") / "tiny"
-    shutil.copytree(tiny_engine, folder)
-    export_fp16(folder, quiet=True)
-    return folder
-
-
 def _types(model):
     """{tensor name: elem type} for every tensor, by onnx shape inference."""
     import onnx
