@@ -34,7 +34,9 @@ HEADS = "heads.safetensors"
 CONTROLLER = "controller.safetensors"
 
 
-def log(msg: str) -> None:
+def log(msg: str, quiet: bool = False) -> None:
+    if quiet:
+        return
     print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
 
 
@@ -65,15 +67,45 @@ def check_output_folder(out: Path, force: bool) -> Path:
     return out
 
 
+def fsync_file(path: Path) -> None:
+    """Flush one file to disk (before it is renamed into place)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes | str) -> None:
+    """Write `path` via a temp file in the same folder, fsync, os.replace: readers see old or new, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest_atomic(folder: Path, data: dict) -> None:
+    """manifest.json of an existing engine folder, replaced atomically."""
+    write_file_atomic(Path(folder) / MANIFEST, json.dumps(data, indent=2) + "\n")
+
+
 @contextmanager
 def atomic_folder(out: Path):
     """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
-        from clipfuse.export.onnx_export import fsync_tree
-
-        fsync_tree(tmp)
+        for p in tmp.iterdir():
+            if p.is_file():
+                fsync_file(p)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes it private; an engine folder is not

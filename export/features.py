@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfuse.errors import ClipfuseError
+from clipfuse.runtime.manifest import sha256_file
 
 
 def default_cache_dir() -> Path:
@@ -39,14 +40,6 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser() / "features"
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipfuse" / "features"
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def backbone_key(backbone) -> str:
@@ -164,7 +157,7 @@ def compute_features(backbones, paths, cache: FeatureCache | None = None, batch_
     digests = {}
     for p in paths:
         try:
-            digests[p] = file_sha256(p)
+            digests[p] = sha256_file(p)
         except OSError:
             digests[p] = None   # unreadable: the loader reports it as a failure below
     per_backbone: list[dict[Path, np.ndarray]] = []

@@ -28,15 +28,12 @@ import torch
 
 from clipfuse.errors import ClipfuseError
 
+from clipfuse.export.engine import log
+
 SPLIT_SEED = 0
 STATIC = "static.safetensors"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
-
-
-def log(msg: str, quiet: bool = False) -> None:
-    if not quiet:
-        print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
 
 
 def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0):
@@ -260,14 +257,15 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     from clipfuse.export import nlc
     from clipfuse.export.data import scan_labelled_folder
     from clipfuse.export.fused import load_controller
-    from clipfuse.export.onnx_export import ort_session
+    from clipfuse.runtime.backends import open_backend
     from clipfuse.runtime.images import iter_batches
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
     paths, labels, names = scan_labelled_folder(data, classes)
     _check_same_classes(names, m.classes, f"--data {data}", f"engine {engine}")
-    session = ort_session(m.onnx_path)
+    # The runtime's own ONNX Runtime backend (its measured session options): eval scores what predict serves.
+    backend = open_backend(m, "onnxruntime", quiet=True)
     outs = {"backbone_logits": [], "logits": [], "temperatures": []}
     kept, failures = [], []
     from tqdm import tqdm
@@ -277,12 +275,13 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     for batch in iter_batches(paths, m.preprocess_specs(), batch_size=batch_size):
         failures += batch.failures
         if batch.paths:
-            res = session.run(list(outs), batch.inputs)
-            for k, v in zip(outs, res):
-                outs[k].append(v)
+            res = backend.infer(batch.inputs)
+            for k in outs:
+                outs[k].append(res[k])
             kept += batch.paths
         bar.update(len(batch.paths) + len(batch.failures))
     bar.close()
+    backend.close()
     if not kept:
         raise ClipfuseError(f"no readable image in {data}")
     y = np.array([label_of[p] for p in kept])

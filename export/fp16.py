@@ -397,31 +397,6 @@ def validate_fp16(manifest, fp16_path: Path, images=None, batch: int = 8) -> dic
 
 # ----------------------------------------------------------------------------- the engine folder
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_manifest_atomic(folder: Path, data: dict) -> None:
-    """manifest.json via a temp file in the same folder, fsync, os.replace: readers see old or new."""
-    from clipfuse.runtime.manifest import MANIFEST
-
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
     """Add model.fp16.onnx to an engine folder: convert, validate against fp32 on ORT CPU, write atomically.
 
@@ -430,7 +405,7 @@ def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
     """
     import datetime as _dt
 
-    from clipfuse.export.engine import step
+    from clipfuse.export.engine import fsync_file, step, write_manifest_atomic
     from clipfuse.runtime.manifest import read_manifest, sha256_file
 
     m = read_manifest(engine_dir)
@@ -452,7 +427,7 @@ def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
         names = [MODEL_FP16] + ([info["external_data"]] if info["external_data"] else [])
         artefacts = {}
         for name in names:
-            _fsync(tmpdir / name)
+            fsync_file(tmpdir / name)
             artefacts[name] = {"sha256": sha256_file(tmpdir / name), "bytes": (tmpdir / name).stat().st_size}
         # The data file first, the graph second, the manifest last: until the manifest names them,
         # read_manifest ignores the new files, and a stale manifest still verifies the old ones.

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,14 +184,3 @@ def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict]) -
     if failures:
         raise ClipfuseError(f"exported graph {str(path)!r} disagrees with PyTorch: " + "; ".join(failures))
     return report
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder to disk before it is renamed into place."""
-    for p in Path(folder).iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,20 +66,6 @@ def check_batch(batch) -> tuple[int, int, int]:
     return lo, opt, hi
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams: int | None = None,
                  timing_cache=None, opt_level: int = 3, workspace: int | None = None, fp16_flag: bool = False,
                  quiet: bool = False) -> dict:
@@ -93,7 +77,8 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     opt_level: builder optimisation level 0-5 (TensorRT's default 3). workspace: bytes, or None.
     """
     from clipfuse.export.engine import step
-    from clipfuse.export.fp16 import precision_onnx_path, write_manifest_atomic
+    from clipfuse.export.engine import write_file_atomic, write_manifest_atomic
+    from clipfuse.export.fp16 import precision_onnx_path
     from clipfuse.runtime.manifest import read_manifest, sha256_file
 
     if precision not in PRECISIONS:
@@ -164,7 +149,7 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     build_s = time.perf_counter() - t0
     plan = bytes(serialized)
     if cache_path is not None:
-        _write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+        write_file_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(plan)
@@ -174,8 +159,8 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     del inspector, engine, runtime
 
     folder = m.folder
-    _write_atomic(folder / layers_name(precision), layers.encode() if isinstance(layers, str) else bytes(layers))
-    _write_atomic(folder / plan_name(precision), plan)
+    write_file_atomic(folder / layers_name(precision), layers.encode() if isinstance(layers, str) else bytes(layers))
+    write_file_atomic(folder / plan_name(precision), plan)
     entry = {
         "file": plan_name(precision), "layers": layers_name(precision), "onnx": onnx_path.name,
         "onnx_sha256": m.data["artefacts"][onnx_path.name]["sha256"],
