@@ -269,11 +269,14 @@ def demo(out, per_class, batches, runs):
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads (default: measured best).")
 @click.option("--no-torch", is_flag=True, help="Leave PyTorch eager out (it rebuilds every backbone).")
+@click.option("--settle-ms", default=50, show_default=True, type=click.IntRange(0, 10000),
+              help="Rest before each timed call, so the last runtime's spinning threads go idle.")
 @click.option("--no-memory", is_flag=True, help="Skip the per-configuration peak-memory processes.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Results folder (default ENGINE/bench).")
 @click.option("--name", default="bench", show_default=True, help="File stem of the results: NAME.md/.json/.png.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, no_memory, out, name, quiet):
+def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
+          quiet):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -285,10 +288,12 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
     command = " ".join(["clipfuse bench", engine, *(["--data", data] if data else []),
                         "--batch", ",".join(map(str, batches)), "--runs", str(runs), "--warmup", str(warmup),
                         *(["--threads", str(threads)] if threads else []), *(["--no-torch"] if no_torch else []),
+                        *(["--settle-ms", str(settle_ms)] if settle_ms != 50 else []),
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
                         *(["--name", name] if name != "bench" else [])])
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
+                              settle=settle_ms / 1e3,
                               stem=name, quiet=quiet, command=command)
     click.echo(api.format_bench(result))
     if result.get("plot"):

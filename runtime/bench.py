@@ -3,9 +3,8 @@
     from clipfuse.runtime.bench import run_bench
     result = run_bench("engines/NAME", batches=(1, 8), runs=5, out="engines/NAME/bench")
 
-Configurations, all timed in ONE process and interleaved (every round runs each
-configuration once per batch size, A B C A B C ...) so that drift and a busy
-neighbour hit all alike:
+Configurations, interleaved (every round runs each configuration once per batch size,
+A B C A B C ...) so that drift and a busy neighbour hit all alike:
 
     fused        the engine's model.onnx on ONNX Runtime CPU (OnnxRuntimeBackend, measured defaults)
     single k     backbone k alone, exported the same way (same classes, its head from the engine's
@@ -21,6 +20,15 @@ share of the fused time spent in the controller + combination (ONNX Runtime prof
 per method when labelled data is given, and the CPU time other processes took meanwhile.
 Writes bench.json, bench.md and (with data) bench.png: accuracy against latency, Pareto front marked.
 No timing is asserted anywhere: the numbers are reported, never tested.
+
+Each configuration group (fused; the singles and the naive ensemble; PyTorch eager) lives in its own
+worker process, and the parent waits `settle` seconds (default 50 ms) before each timed call. Both
+because an idle runtime does not leave the cores alone: ONNX Runtime's intra-op threads and
+PyTorch's OpenMP threads spin after a run. Timed back to back in one process, on 2 cores, the
+configuration that ran next paid for it: single RN50 took 95.6 ms instead of 57.6 ms, PyTorch eager
+208 ms instead of 166 ms, which made fusing look 1.6x cheaper than running the singles and eager
+look 1.8x slower than fused. With worker processes and the pause, each configuration measures what
+it measures alone (fused 108.9 vs 108.5 ms, singles 58.2/51.9 vs 57.6/51.0 ms, eager 170 vs 166 ms).
 """
 from __future__ import annotations
 
@@ -56,20 +64,27 @@ class LoadProbe:
     """CPU time other processes took while we measured (psutil): a figure taken beside a busy
     neighbour must say so. Our own children (the memory probes) count as ours (os.times)."""
 
-    def __init__(self):
+    def __init__(self, pids=()):
         import psutil
 
         self._psutil = psutil
+        self._procs = [psutil.Process(p) for p in pids]   # live workers: theirs is our time too
         self.t, self.busy, self.own = time.perf_counter(), self._busy(), self._own()
 
     def _busy(self) -> float:
         c = self._psutil.cpu_times()
         return sum(c) - c.idle - getattr(c, "iowait", 0.0)
 
-    @staticmethod
-    def _own() -> float:
+    def _own(self) -> float:
         t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
+        workers = 0.0
+        for p in self._procs:
+            try:
+                c = p.cpu_times()
+                workers += c.user + c.system
+            except self._psutil.Error:
+                pass
+        return t.user + t.system + t.children_user + t.children_system + workers
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.t
@@ -345,6 +360,106 @@ def _open_config(m: Manifest, config: str, threads: int | None = None):
     raise ClipfuseError(f"unknown bench configuration {config!r}")
 
 
+# ----------------------------------------------------------------------------- timing, in worker processes
+
+def worker_groups(K: int, torch: bool) -> list[list[str]]:
+    """Configurations that share a worker process. The singles and the naive ensemble share one
+    (naive is built from the same K sessions: one copy of the weights, not two)."""
+    return [["fused"], [*(f"single:{k}" for k in range(K)), "naive"]] + ([["torch"]] if torch else [])
+
+
+class TimingWorker:
+    """A child process holding some configurations open; the parent asks it to time one call at a time.
+
+    Protocol: one JSON object per line on the child's stdin/stdout. Requests {"op": "time"|"logits",
+    "config": c, "batch": b} are answered {"s": seconds} or {"logits": [[...]]}; {"op": "exit"} ends it.
+    The child's stderr goes to a file, quoted when the child fails."""
+
+    def __init__(self, engine: Path, configs: list[str], batches: list[int], threads: int | None = None):
+        self.configs = list(configs)
+        self._err = tempfile.TemporaryFile(mode="w+")
+        spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from clipfuse.runtime.bench import _timing_worker_child; _timing_worker_child()",
+             json.dumps(spec)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
+        self.pid = self.proc.pid
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self._err.seek(0)
+            tail = self._err.read().strip()[-800:]
+            raise ClipfuseError(f"bench worker for {', '.join(self.configs)} died (exit {self.proc.returncode}): {tail}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise ClipfuseError(f"bench worker for {', '.join(self.configs)}: {msg['error']}")
+        return msg
+
+    def ask(self, op: str, config: str | None = None, batch: int | None = None) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, "config": config, "batch": batch}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass                                   # _read reports why the child went away
+        return self._read()
+
+    def time(self, config: str, batch: int) -> float:
+        return self.ask("time", config, batch)["s"]
+
+    def logits(self, config: str, batch: int) -> np.ndarray:
+        return np.asarray(self.ask("logits", config, batch)["logits"], dtype=np.float32)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "exit"}) + "\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._err.close()
+
+
+def _timing_worker_child() -> None:
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)                  # anything a library prints goes to stderr, not into the protocol
+    spec = json.loads(sys.argv[1])
+    try:
+        m = read_manifest(spec["engine"], verify=False)
+        opened = {}
+        singles = None
+        for c in spec["configs"]:
+            if c == "naive":
+                singles = singles or [_open_config(m, f"single:{k}", spec["threads"]) for k in range(len(m.backbones))]
+                opened[c] = NaiveEnsemble(singles, NumpyController(controller_path(m)))
+            elif c.startswith("single:") and "naive" in spec["configs"]:
+                singles = singles or [_open_config(m, f"single:{k}", spec["threads"]) for k in range(len(m.backbones))]
+                opened[c] = singles[int(c.split(":")[1])]
+            else:
+                opened[c] = _open_config(m, c, spec["threads"])
+        feeds = {bs: make_feed(m, bs) for bs in spec["batches"]}
+        cfeeds = {(c, bs): _subset(b, feeds[bs]) for c, b in opened.items() for bs in spec["batches"]}
+        describe = {c: b.describe() for c, b in opened.items() if hasattr(b, "describe")}
+    except ClipfuseError as e:
+        out.write(json.dumps({"error": str(e)}) + "\n")
+        return
+    out.write(json.dumps({"ready": True, "pid": os.getpid(), "describe": describe}) + "\n")
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["op"] == "exit":
+            break
+        b, feed = opened[req["config"]], cfeeds[(req["config"], req["batch"])]
+        if req["op"] == "logits":
+            out.write(json.dumps({"logits": b.infer(feed)[iospec.LOGITS].tolist()}) + "\n")
+            continue
+        t0 = time.perf_counter()
+        b.infer(feed)
+        out.write(json.dumps({"s": time.perf_counter() - t0}) + "\n")
+
+
 # ----------------------------------------------------------------------------- the fusion overhead
 
 def downstream_nodes(onnx_path: Path) -> tuple[set[str], set[str]]:
@@ -424,7 +539,7 @@ def profile_overhead(manifest: Manifest, batch: int, runs: int, threads: int | N
 def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1, out=None, backend: str = "onnxruntime",
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
-              memory_batch: int | None = None, memory_infers: int = 2) -> dict:
+              memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -433,7 +548,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     backend: "onnxruntime" (CPU; the only one whose singles and naive ensemble are built here);
     torch / memory / profile: include PyTorch eager, the per-configuration memory processes, the
     controller-overhead profile; memory_batch / memory_infers: batch size (default the largest <= 8) and
-    inferences of each memory process. Returns the result dict (also written as JSON)."""
+    inferences of each memory process; settle: seconds of rest before each timed call (see the module
+    docstring). Returns the result dict (also written as JSON)."""
     if backend != "onnxruntime":
         raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
                             "(backend onnxruntime); GPU backends are measured by their own issue's tools")
@@ -442,6 +558,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         raise ClipfuseError(f"--batch needs positive batch sizes, got {batches}")
     if runs < 1:
         raise ClipfuseError(f"--runs must be at least 1, got {runs}")
+    if not 0 <= settle <= 10:
+        raise ClipfuseError(f"settle must be between 0 and 10 seconds, got {settle}")
     t_start = time.perf_counter()
     m = read_manifest(engine)
     out = Path(out) if out else m.folder / "bench"
@@ -451,60 +569,50 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
     import onnxruntime
 
-    from clipfuse.runtime.backends import OnnxRuntimeBackend
-
     log("measuring this machine's fp32 matmul peak", quiet)
     peak_info = matmul_peak_gflops()
     peak = peak_info["gflops_per_s"]
-    configs: dict[str, object] = {"fused": OnnxRuntimeBackend(m, threads=threads).open()}
-    single_backends = [OnnxRuntimeBackend(s, threads=threads).open() for s in singles]
-    for k, sb in enumerate(single_backends):
-        configs[f"single:{k}"] = sb
-    configs["naive"] = NaiveEnsemble(single_backends, NumpyController(controller_path(m)))
-    if torch:
-        log("opening PyTorch eager (rebuilding the backbones)", quiet)
-        configs["torch"] = _open_config(m, "torch", threads)
-    feeds = {bs: make_feed(m, bs) for bs in batches}
+    del singles
+    _malloc_trim()                       # exporting the singles may have left GBs in this process's heap
     gpu_before = gpu_memory()
+    workers: dict[str, TimingWorker] = {}
+    try:
+        for group in worker_groups(K, torch):
+            log(f"opening {', '.join(group)} in a worker process"
+                + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), quiet)
+            w = TimingWorker(m.folder, group, batches, threads)
+            workers.update({c: w for c in group})
+        order_run = [c for g in worker_groups(K, torch) for c in g]
 
-    # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
-    check = {c: configs[c].infer(feeds[batches[0]])[iospec.LOGITS] for c in ("fused", "naive", "torch") if c in configs}
-    ref = check["fused"]
-    agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
-    if agreement["naive"] > 1e-3:
-        raise ClipfuseError(f"the naive ensemble's logits differ from the fused graph's by {agreement['naive']:.1e} "
-                            f"(relative): the singles in {str(m.folder / SINGLES)!r} do not match; delete that folder")
+        # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
+        check = {c: workers[c].logits(c, batches[0]) for c in ("fused", "naive", "torch") if c in workers}
+        ref = check["fused"]
+        agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
+        if agreement["naive"] > 1e-3:
+            raise ClipfuseError(f"the naive ensemble's logits differ from the fused graph's by {agreement['naive']:.1e} "
+                                f"(relative): the singles in {str(m.folder / SINGLES)!r} do not match; delete that folder")
 
-    # each configuration gets exactly its inputs, sliced before timing (a single takes one resolution)
-    cfeeds = {(c, bs): _subset(b, feeds[bs]) for c, b in configs.items() for bs in batches}
-    times = {(c, bs): [] for c in configs for bs in batches}
-    load = LoadProbe()
-    for r in range(warmup + runs):
-        t_round = time.perf_counter()
-        for bs in batches:
-            for c, b in configs.items():
-                feed = cfeeds[(c, bs)]
-                t0 = time.perf_counter()
-                b.infer(feed)
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[(c, bs)].append(dt)
-        what = "warm-up" if r < warmup else f"round {r - warmup + 1}/{runs}"
-        log(f"{what} done in {time.perf_counter() - t_round:.1f} s", quiet)
-    timing_load = load.stop()
+        times = {(c, bs): [] for c in order_run for bs in batches}
+        load = LoadProbe(pids={w.pid for w in workers.values()})
+        for r in range(warmup + runs):
+            t_round = time.perf_counter()
+            for bs in batches:
+                for c in order_run:
+                    if settle:
+                        time.sleep(settle)       # let the last runtime's spinning threads go idle
+                    dt = workers[c].time(c, bs)
+                    if r >= warmup:
+                        times[(c, bs)].append(dt)
+            what = "warm-up" if r < warmup else f"round {r - warmup + 1}/{runs}"
+            log(f"{what} done in {time.perf_counter() - t_round:.1f} s", quiet)
+        timing_load = load.stop()
+        gpu_after = gpu_memory()
+    finally:
+        for w in {id(w): w for w in workers.values()}.values():   # free the sessions before the memory processes
+            w.close()
     for bs in batches:
         n = len(times[("fused", bs)])
         times[("sum", bs)] = [sum(times[(f"single:{k}", bs)][i] for k in range(K)) for i in range(n)]
-    gpu_after = gpu_memory()
-    for c, b in configs.items():
-        if c == "naive":
-            continue
-        b.close()
-    del configs, single_backends, b      # free the sessions before the memory processes load theirs
-    import gc
-
-    gc.collect()
-    _malloc_trim()
 
     labels = {"fused": "fused (ONNX Runtime)", "sum": "sum of singles", "naive": "naive (K sessions + numpy)",
               "torch": "PyTorch eager"}
@@ -525,6 +633,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                "naive_over_fused": {str(bs): ratio_stats(times[("naive", bs)], times[("fused", bs)]) for bs in batches}}
     if torch:
         targets["torch_over_fused"] = {str(bs): ratio_stats(times[("torch", bs)], times[("fused", bs)]) for bs in batches}
+        # The most any graph could gain on eager here: the same FLOPs at 100% of the measured matmul peak.
+        targets["torch_over_fused_ceiling"] = {str(bs): latency["torch"][str(bs)]["latency_ms"]["p50"] / 1e3
+                                               / (gflops["torch"] * bs / peak) for bs in batches}
 
     overhead = None
     if profile:
@@ -560,6 +671,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                     "numpy": np.__version__, "matmul_peak_gflops": peak, "matmul_peak": peak_info},
         "settings": {"batches": batches, "runs": runs, "warmup": warmup, "ort_threads": threads or "default",
                      "ort_execution_mode": "sequential", "torch_threads": threads or os.cpu_count(),
+                     "processes": [g for g in worker_groups(K, torch)], "settle_s": settle,
                      "note": "ORT CPU defaults as measured in benchmarks/results/runtime_thin.md"},
         "singles_cache_reused": reused, "agreement_with_fused_rel": agreement,
         "order": order, "labels": labels, "latency": latency, "targets": targets, "overhead": overhead,
@@ -657,7 +769,9 @@ def format_table(result: dict) -> str:
           f"measured fp32 matmul peak {mc['matmul_peak_gflops']:.1f} GFLOP/s (best of numpy/torch 2048^3 sgemm, "
           f"best of 5: " + ", ".join(f"{k} {v:.1f}" for k, v in mc["matmul_peak"]["by_library"].items()) + ")", "",
           f"Runs: {st['runs']} timed rounds after {st['warmup']} warm-up, interleaved (each configuration once per "
-          f"batch per round); ORT CPU {st['ort_execution_mode']}, intra-op threads {st['ort_threads']} "
+          f"batch per round)" + (f"; one worker process per group ({'; '.join(', '.join(g) for g in st['processes'])}), "
+                                 f"{1e3 * st['settle_s']:.0f} ms rest before each timed call" if "processes" in st else "")
+          + f"; ORT CPU {st['ort_execution_mode']}, intra-op threads {st['ort_threads']} "
           f"(benchmarks/results/runtime_thin.md); torch threads {st['torch_threads']}."]
     for what, ld in result["load"].items():
         L.append(f"Load during {what}: other processes took {ld['other_processes_cores']:.2f} cores on average "
@@ -677,7 +791,9 @@ def format_table(result: dict) -> str:
         L.append(f"| fused / sum of singles <= 1.00 | {bs} | {_r(s)} | {'yes' if s['median'] <= 1.0 else 'NO'} |")
     if "torch_over_fused" in t:
         for bs, s in t["torch_over_fused"].items():
-            L.append(f"| PyTorch eager / fused >= 2 | {bs} | {_r(s, '{:.2f}')} | "
+            ceiling = t.get("torch_over_fused_ceiling", {}).get(bs)
+            L.append(f"| PyTorch eager / fused >= 2 | {bs} | {_r(s, '{:.2f}')}"
+                     + (f"; ceiling {ceiling:.2f} (fused at 100% of the matmul peak)" if ceiling else "") + " | "
                      f"{'yes' if s['median'] >= 2.0 else 'NO'}{'' if bs == '1' else ' (target at batch 1)'} |")
     ov = result.get("overhead")
     if ov:

@@ -77,6 +77,14 @@ def test_json_has_every_configuration_and_figure(full_run, engine):
     assert ov["downstream_nodes"] and math.isfinite(ov["pct_of_fused_p50"]) and ov["pct_of_fused_p50"] >= 0
     assert 0 <= ov["controller_combination_pct_of_nodes"] <= 100
     assert saved["machine"]["matmul_peak_gflops"] > 0
+    # each configuration group timed in its own worker process, with a rest before each call
+    assert saved["settings"]["processes"] == [["fused"], ["single:0", "single:1", "single:2", "naive"], ["torch"]]
+    assert saved["settings"]["settle_s"] == 0.05
+    # the ceiling: eager's p50 over the time the same FLOPs take at the measured matmul peak
+    for bs in ("1", "2"):
+        lat = saved["latency"]["torch"][bs]
+        assert t["torch_over_fused_ceiling"][bs] == pytest.approx(
+            lat["latency_ms"]["p50"] / 1e3 / (lat["gflops"] / saved["machine"]["matmul_peak_gflops"]))
     assert {"timing", "memory"} <= set(saved["load"])
     assert saved["device_memory"] is None or isinstance(saved["device_memory"], dict)
     # the naive ensemble and PyTorch compute what the fused graph computes
@@ -92,6 +100,7 @@ def test_markdown_and_png(full_run):
     result, out = full_run
     md = (out / "bench.md").read_text()
     for needle in ("Command: `test`", "## Latency", "## Targets", "fused / sum of singles", "PyTorch eager / fused",
+                   "ceiling", "one worker process per group", "50 ms rest",
                    "controller + combination", "## Peak host memory", "## Accuracy", "other processes took"):
         assert needle in md
     png = out / "bench.png"
@@ -185,3 +194,46 @@ def test_cli_bench_refuses_other_backends_and_bad_batches(engine):
     assert r.exit_code == 1 and "error:" in r.output and "onnxruntime" in r.output
     r = CliRunner().invoke(cli, ["bench", str(engine), "--batch", "0"])
     assert r.exit_code == 1 and "--batch" in r.output
+
+
+def test_worker_failure_names_the_configuration(tmp_path):
+    with pytest.raises(bench.ClipfuseError, match=r"bench worker for fused: .*nope"):
+        bench.TimingWorker(tmp_path / "nope", ["fused"], [1])
+
+
+def test_worker_times_and_returns_logits(engine):
+    w = bench.TimingWorker(engine, ["fused"], [1, 2])
+    try:
+        assert w.ready["pid"] == w.pid != __import__("os").getpid()
+        assert w.time("fused", 2) > 0
+        logits = w.logits("fused", 2)
+        assert logits.shape == (2, len(read_manifest(engine, verify=False).classes)) and np.isfinite(logits).all()
+    finally:
+        w.close()
+    assert w.proc.returncode == 0
+
+
+def test_load_probe_counts_live_workers_as_ours():
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass\ninput()"], stdin=subprocess.PIPE, text=True)
+    try:
+        probe = bench.LoadProbe(pids=[child.pid])
+        proc = psutil.Process(child.pid)
+        deadline = time.monotonic() + 60
+        while sum(proc.cpu_times()[:2]) < 0.6 and time.monotonic() < deadline:
+            time.sleep(0.05)                   # the child burns 0.6 s of CPU, then waits (still alive)
+        got = probe.stop()
+    finally:
+        child.communicate("\n", timeout=30)
+    assert got["own_cpu_s"] >= 0.4
+
+
+def test_settle_is_checked(engine):
+    with pytest.raises(bench.ClipfuseError, match="settle"):
+        bench.run_bench(engine, batches=(1,), settle=-1)
