@@ -1,6 +1,7 @@
 """GPU check: the fused module and each single backbone on CUDA, fp32 and fp16, plus TensorRT where installed.
 
     python benchmarks/gpu_check.py [--out benchmarks/results/gpu_check] [--batches 1,8,32]
+    python benchmarks/gpu_check.py --backbones nine --rounds 3 --iters 5 --out benchmarks/results/gpu_check_nine
     python benchmarks/gpu_check.py --dry-run       # CPU, tiny towers, 2 iterations: checks the script runs
 
 A benchmark, not a test. On a machine with CUDA and PyTorch (no TensorRT, no
@@ -20,10 +21,10 @@ seeded random weights: latency and memory do not depend on weight values) and:
    interleaved round by round; medians with min-max.
 2. device memory: NVML's used memory of the GPU after loading, and
    torch.cuda.max_memory_allocated per configuration (the allocator's peak).
-   Known flaw of the committed run: cudnn.benchmark tries algorithms with
-   large scratch buffers at each new shape, inside the first configuration
-   measured at that shape, so the fused fp32 rows at batch 1 and 8 (~4.6 GB)
-   show those trials, not what the configuration needs.
+   cudnn.benchmark tries algorithms with large scratch buffers the first
+   time it meets a shape; every configuration runs once before the peaks are
+   taken, so they show what a configuration needs, not those trials (the
+   first committed run had ~4.6 GB fp32 "peaks" at batch 1 and 8 from them).
 3. fp16 accuracy with real fp16 arithmetic (which ONNX Runtime CPU cannot
    show, see benchmarks/results/fp16_validation.md): per-backbone embedding
    cosine and logit error of autocast fp16 against fp32 on 32 images made
@@ -50,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
+NINE = ("RN50:random:0", "RN101:random:1", "RN50x4:random:2", "RN50x16:random:3", "RN50x64:random:4",
+        "ViT-B-32:random:5", "ViT-B-16:random:6", "ViT-L-14:random:7", "ViT-L-14-336:random:8")
 TINY = ("clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1")
 CLASSES = "astronaut,cat,cup of coffee,rocket,dog,car,bird,airplane,flower,building".split(",")
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
@@ -275,6 +278,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10, help="timed calls per configuration per round")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--backbones", default=",".join(BACKBONES),
+                    help="comma-separated ARCH:WEIGHTS[:SEED] specs, or 'nine' for all nine OpenAI architectures")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny towers, 1 round: checks that the script runs")
     args = ap.parse_args(argv)
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -293,7 +298,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             say("no CUDA device: torch.cuda.is_available() is False (use --dry-run to check the script on CPU)")
             return 2
-        specs, device = BACKBONES, torch.device("cuda")
+        specs = NINE if args.backbones == "nine" else tuple(b.strip() for b in args.backbones.split(",") if b.strip())
+        device = torch.device("cuda")
         # fp32 means fp32: TF32 convolutions/matmuls (~1e-3 relative) would blur the fp16 comparison.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
@@ -316,6 +322,14 @@ def main(argv=None) -> int:
     rows = []
     for bs in batches:
         runners, peaks = {}, {}
+        if device.type == "cuda":
+            # cudnn.benchmark tries algorithms, with large scratch buffers, the first time it meets a
+            # shape: do that for every configuration first, so the peaks below are what each one needs.
+            for prec in ("fp32", "fp16"):
+                for module in models.values():
+                    Runner(module, make_inputs(module, bs, torch, device), prec, torch, device, graph=False)()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
         for prec in ("fp32", "fp16"):
             for name, module in models.items():
                 inputs = make_inputs(module, bs, torch, device)
