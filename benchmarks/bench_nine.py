@@ -1,8 +1,8 @@
 """The committed bench of all nine OpenAI CLIP backbones in one fused graph (random weights).
 
-    python benchmarks/bench_nine.py --engine /tmp/engines/nine      # ~20 min on 2 cores (+ ~4 min of singles' exports once)
+    python benchmarks/bench_nine.py --engine /tmp/engines/nine      # ~25 min on 2 cores (+ the singles' exports once)
 
-The engine is made once (11 min, 16.9 GB peak RSS, 6.2 GB of weights) with
+The engine is made once (6 min on a quiet machine, 16.6 GB peak RSS, 6.2 GB of weights) with
 
     clipfuse export -b RN50:random:0 -b RN101:random:1 -b RN50x4:random:2 -b RN50x16:random:3 \\
         -b RN50x64:random:4 -b ViT-B-32:random:5 -b ViT-B-16:random:6 -b ViT-L-14:random:7 \\
@@ -10,9 +10,11 @@ The engine is made once (11 min, 16.9 GB peak RSS, 6.2 GB of weights) with
         --templates FILE --out /tmp/engines/nine        # FILE: "a photo of a {}." and "a bad photo of the {}."
 
 The graph runs at seconds per image on 2 cores, so rounds are few (2 after 1 warm-up; memory processes at batch 1, one inference) and PyTorch
-eager is left out by default: with the fused and the nine single sessions resident (~12.5 GB), a third
-copy of 1.3 G parameters would not fit this 24 GB machine beside them. No accuracy: random weights.
-Writes benchmarks/results/bench_nine.{md,json}.
+eager is left out by default: with the fused and the nine single sessions resident (~12.5 GB, in their
+worker processes), a third copy of 1.3 G parameters would leave this 24 GB machine no room. No accuracy:
+random weights.
+Writes benchmarks/results/NAME.{md,json} (--name, default bench_nine). The committed batch-1 rerun with
+more rounds: python benchmarks/bench_nine.py --batch 1 --runs 9 --name bench_nine_batch1
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-batch", type=int, default=1, help="batch of the memory processes (one inference each)")
     ap.add_argument("--torch", action="store_true", help="also PyTorch eager (needs ~20 GB free)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default="bench_nine", help="file stem of the results")
     args = ap.parse_args(argv)
     command = " ".join(["python benchmarks/bench_nine.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
     from clipfuse.runtime.bench import format_table, run_bench
 
     result = run_bench(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
-                       out=args.out, stem="bench_nine", torch=args.torch, command=command,
+                       out=args.out, stem=args.name, torch=args.torch, command=command,
                        memory_batch=args.memory_batch, memory_infers=1)
     print(format_table(result))
 
