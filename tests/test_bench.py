@@ -237,3 +237,12 @@ def test_load_probe_counts_live_workers_as_ours():
 def test_settle_is_checked(engine):
     with pytest.raises(bench.ClipfuseError, match="settle"):
         bench.run_bench(engine, batches=(1,), settle=-1)
+
+
+def test_verdict_says_how_a_target_was_met():
+    assert bench.verdict({"median": 0.95, "min": 0.9, "max": 0.99}, 1.0) == "yes"
+    assert bench.verdict({"median": 0.998, "min": 0.97, "max": 1.086}, 1.0) == "yes at the median (worst round 1.09)"
+    assert bench.verdict({"median": 1.019, "min": 0.959, "max": 1.057}, 1.0).startswith("NO at the median, within")
+    assert bench.verdict({"median": 1.2, "min": 1.1, "max": 1.3}, 1.0) == "NO"
+    assert bench.verdict({"median": 1.59, "min": 1.45, "max": 1.64}, 2.0, at_least=True) == "NO"
+    assert bench.verdict({"median": 2.1, "min": 1.9, "max": 2.2}, 2.0, at_least=True) == "yes at the median (worst round 1.9)"
