@@ -14,7 +14,8 @@ eager is left out by default: with the fused and the nine single sessions reside
 worker processes), a third copy of 1.3 G parameters would leave this 24 GB machine no room. No accuracy:
 random weights.
 Writes benchmarks/results/NAME.{md,json} (--name, default bench_nine). The committed batch-1 rerun with
-more rounds: python benchmarks/bench_nine.py --batch 1 --runs 9 --name bench_nine_batch1
+more rounds: python benchmarks/bench_nine.py --batch 1 --runs 9 --name bench_nine_batch1 (~5 min) and
+python benchmarks/bench_nine.py --batch 8 --runs 5 --name bench_nine_batch8 (~30 min).
 """
 from __future__ import annotations
 
