@@ -39,11 +39,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     command = " ".join(["python benchmarks/bench_nine.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
+    from clipfuse.errors import ClipfuseError
     from clipfuse.runtime.bench import format_table, run_bench
 
-    result = run_bench(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
-                       out=args.out, stem=args.name, torch=args.torch, command=command,
-                       memory_batch=args.memory_batch, memory_infers=1)
+    try:
+        result = run_bench(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
+                           out=args.out, stem=args.name, torch=args.torch, command=command,
+                           memory_batch=args.memory_batch, memory_infers=1)
+    except ClipfuseError as e:
+        sys.exit(f"error: {e}\n(the engine is made once by the export command in this script's docstring)")
     print(format_table(result))
 
 

@@ -32,12 +32,12 @@ SETTLE = 0.05
 
 
 def _time(fn, runs: int) -> list[float]:
+    from clipfuse.runtime.bench import _timed
+
     out = []
     for _ in range(runs):
         time.sleep(SETTLE)
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
+        out.append(_timed(fn) * 1e3)
     return out
 
 
@@ -66,20 +66,20 @@ def phase_torch(engine: str, runs: int) -> dict:
             "ops": [{"op": k, "ms": v, "pct": 100 * v / total} for k, v in ops.most_common(12)]}
 
 
-def _ort_session(path: str, parallel: bool = False, threads: int = 0, profile_prefix: str | None = None):
+def _ort_session(manifest, path: str | None = None, parallel: bool = False, threads: int | None = None,
+                 profile_prefix: str | None = None):
+    """A session with the runtime's own options (OnnxRuntimeBackend), on `path` (default the engine's graph)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    from clipfuse.runtime.backends import OnnxRuntimeBackend
+
+    so = OnnxRuntimeBackend(manifest, threads=threads, parallel=parallel).session_options()
     if parallel:
-        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-        so.inter_op_num_threads = 2
-    so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 2         # one tower per core
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path or str(manifest.onnx_path), so, providers=["CPUExecutionProvider"])
 
 
 def phase_ort(engine: str, runs: int) -> dict:
@@ -96,7 +96,7 @@ def phase_ort(engine: str, runs: int) -> dict:
     ms = _time(lambda: b.infer(feed), runs)
     b.close()
     with tempfile.TemporaryDirectory() as tmp:
-        s = _ort_session(str(m.onnx_path), profile_prefix=str(Path(tmp) / "p"))
+        s = _ort_session(m, profile_prefix=str(Path(tmp) / "p"))
         for _ in range(2):
             s.run(None, feed)
         n = 5
@@ -135,9 +135,8 @@ def phase_variants(engine: str, runs: int) -> dict:
     feed = make_feed(m, 1)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"baseline (runtime defaults)": _ort_session(str(m.onnx_path)),
-                    "parallel executor, 1 intra-op thread per tower": _ort_session(str(m.onnx_path), parallel=True,
-                                                                                   threads=1)}
+        variants = {"baseline (runtime defaults)": _ort_session(m),
+                    "parallel executor, 1 intra-op thread per tower": _ort_session(m, parallel=True, threads=1)}
         try:
             from onnxruntime.transformers import optimizer
 
@@ -146,7 +145,7 @@ def phase_variants(engine: str, runs: int) -> dict:
             fused_ops = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
             opt.save_model_to_file(str(Path(tmp) / "opt.onnx"))
             name = "ORT transformer optimizer (" + ", ".join(f"{k} x{v}" for k, v in fused_ops.items()) + ")"
-            variants[name] = _ort_session(str(Path(tmp) / "opt.onnx"))
+            variants[name] = _ort_session(m, str(Path(tmp) / "opt.onnx"))
         except Exception as e:              # noqa: BLE001  (report what failed, keep the rest)
             out["transformer_optimizer_error"] = f"{type(e).__name__}: {e}"[:300]
         ref = None
@@ -182,10 +181,14 @@ def main(argv=None) -> None:
         print(json.dumps(fn(args.engine, args.runs)))
         return
 
+    from clipfuse.errors import ClipfuseError
     from clipfuse.runtime.bench import LoadProbe, matmul_peak_gflops
     from clipfuse.runtime.manifest import read_manifest
 
-    m = read_manifest(args.engine)
+    try:
+        m = read_manifest(args.engine)
+    except ClipfuseError as e:
+        sys.exit(f"error: {e}\n(the default engine is made by: python benchmarks/bench_default.py)")
     probe = LoadProbe()
     res = {"command": "python benchmarks/eager_gap.py" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
            "engine": args.engine, "backbones": m.backbone_names}

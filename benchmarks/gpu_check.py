@@ -308,7 +308,13 @@ def main(argv=None) -> int:
               "nvml": {"driver": getattr(nvml, "driver", None), "error": getattr(nvml, "error", None),
                        "used_mib_before": nvml.used_mib()}}
     say(f"environment: {json.dumps(result['environment'])}")
-    fused, singles, built, heads = build_models(specs, torch, device)
+    from clipfuse.errors import ClipfuseError
+
+    try:
+        fused, singles, built, heads = build_models(specs, torch, device)
+    except ClipfuseError as e:
+        say(f"error: {e}")
+        return 2
     if device.type == "cuda":
         torch.cuda.synchronize()
     result["nvml"]["used_mib_after_load"] = nvml.used_mib()

@@ -429,24 +429,23 @@ def _timing_worker_child() -> None:
     spec = json.loads(sys.argv[1])
     try:
         m = read_manifest(spec["engine"], verify=False)
-        opened = {}
-        singles = None
-        for c in spec["configs"]:
+        # the singles of this group are the naive ensemble's own sessions: one copy of the weights
+        naive = _open_config(m, "naive", spec["threads"]) if "naive" in spec["configs"] else None
+
+        def opened_config(c: str):
             if c == "naive":
-                singles = singles or [_open_config(m, f"single:{k}", spec["threads"]) for k in range(len(m.backbones))]
-                opened[c] = NaiveEnsemble(singles, NumpyController(controller_path(m)))
-            elif c.startswith("single:") and "naive" in spec["configs"]:
-                singles = singles or [_open_config(m, f"single:{k}", spec["threads"]) for k in range(len(m.backbones))]
-                opened[c] = singles[int(c.split(":")[1])]
-            else:
-                opened[c] = _open_config(m, c, spec["threads"])
+                return naive
+            if naive is not None and c.startswith("single:"):
+                return naive.singles[int(c.split(":")[1])]
+            return _open_config(m, c, spec["threads"])
+
+        opened = {c: opened_config(c) for c in spec["configs"]}
         feeds = {bs: make_feed(m, bs) for bs in spec["batches"]}
         cfeeds = {(c, bs): _subset(b, feeds[bs]) for c, b in opened.items() for bs in spec["batches"]}
-        describe = {c: b.describe() for c, b in opened.items() if hasattr(b, "describe")}
     except ClipfuseError as e:
         out.write(json.dumps({"error": str(e)}) + "\n")
         return
-    out.write(json.dumps({"ready": True, "pid": os.getpid(), "describe": describe}) + "\n")
+    out.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "exit":
@@ -455,9 +454,7 @@ def _timing_worker_child() -> None:
         if req["op"] == "logits":
             out.write(json.dumps({"logits": b.infer(feed)[iospec.LOGITS].tolist()}) + "\n")
             continue
-        t0 = time.perf_counter()
-        b.infer(feed)
-        out.write(json.dumps({"s": time.perf_counter() - t0}) + "\n")
+        out.write(json.dumps({"s": _timed(lambda: b.infer(feed))}) + "\n")
 
 
 # ----------------------------------------------------------------------------- the fusion overhead
@@ -565,24 +562,25 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     out = Path(out) if out else m.folder / "bench"
     K = len(m.backbones)
     names = m.backbone_names
-    singles, reused = ensure_singles(m, quiet)
+    _, reused = ensure_singles(m, quiet)
 
     import onnxruntime
 
     log("measuring this machine's fp32 matmul peak", quiet)
     peak_info = matmul_peak_gflops()
     peak = peak_info["gflops_per_s"]
-    del singles
     _malloc_trim()                       # exporting the singles may have left GBs in this process's heap
     gpu_before = gpu_memory()
+    groups = worker_groups(K, torch)
+    order_run = [c for g in groups for c in g]
+    pool: list[TimingWorker] = []
     workers: dict[str, TimingWorker] = {}
     try:
-        for group in worker_groups(K, torch):
+        for group in groups:
             log(f"opening {', '.join(group)} in a worker process"
                 + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), quiet)
-            w = TimingWorker(m.folder, group, batches, threads)
-            workers.update({c: w for c in group})
-        order_run = [c for g in worker_groups(K, torch) for c in g]
+            pool.append(TimingWorker(m.folder, group, batches, threads))
+            workers.update({c: pool[-1] for c in group})
 
         # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
         check = {c: workers[c].logits(c, batches[0]) for c in ("fused", "naive", "torch") if c in workers}
@@ -593,7 +591,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                                 f"(relative): the singles in {str(m.folder / SINGLES)!r} do not match; delete that folder")
 
         times = {(c, bs): [] for c in order_run for bs in batches}
-        load = LoadProbe(pids={w.pid for w in workers.values()})
+        load = LoadProbe(pids=[w.pid for w in pool])
         for r in range(warmup + runs):
             t_round = time.perf_counter()
             for bs in batches:
@@ -608,7 +606,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         timing_load = load.stop()
         gpu_after = gpu_memory()
     finally:
-        for w in {id(w): w for w in workers.values()}.values():   # free the sessions before the memory processes
+        for w in pool:                   # free the sessions before the memory processes load theirs
             w.close()
     for bs in batches:
         n = len(times[("fused", bs)])
@@ -634,8 +632,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     if torch:
         targets["torch_over_fused"] = {str(bs): ratio_stats(times[("torch", bs)], times[("fused", bs)]) for bs in batches}
         # The most any graph could gain on eager here: the same FLOPs at 100% of the measured matmul peak.
-        targets["torch_over_fused_ceiling"] = {str(bs): latency["torch"][str(bs)]["latency_ms"]["p50"] / 1e3
-                                               / (gflops["torch"] * bs / peak) for bs in batches}
+        targets["torch_over_fused_ceiling"] = {bs: 100.0 / x["pct_of_matmul_peak"] for bs, x in latency["torch"].items()}
 
     overhead = None
     if profile:
@@ -671,7 +668,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                     "numpy": np.__version__, "matmul_peak_gflops": peak, "matmul_peak": peak_info},
         "settings": {"batches": batches, "runs": runs, "warmup": warmup, "ort_threads": threads or "default",
                      "ort_execution_mode": "sequential", "torch_threads": threads or os.cpu_count(),
-                     "processes": [g for g in worker_groups(K, torch)], "settle_s": settle,
+                     "processes": groups, "settle_s": settle,
                      "note": "ORT CPU defaults as measured in benchmarks/results/runtime_thin.md"},
         "singles_cache_reused": reused, "agreement_with_fused_rel": agreement,
         "order": order, "labels": labels, "latency": latency, "targets": targets, "overhead": overhead,
