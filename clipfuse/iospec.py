@@ -56,3 +56,30 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
         TensorSpec(FEATURES, "float32", (N, feature_dim)),
     ]
     return inputs, outputs
+
+
+# ----------------------------------------------------------------------------- tolerances
+# The one tolerance table per precision, used by every check that compares two runs of the
+# same ensemble (export validation, fp16 validation, `clipfuse compare`). A check passes when
+# max |got - ref| <= atol + rtol * max |ref| per output (plus, for logits only, the error the
+# heads propagate from the features), every backbone's embedding cosine >= min_cosine, and the
+# share of changed top-1 answers <= max_top1_changed (flips within twice the logit error of a
+# tie excepted).
+#   fp32: measured ~2e-6 relative between ORT CPU and PyTorch on RN50 + ViT-B-32
+#         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a
+#         head 1% off still fails.
+#   fp16: fp16 keeps 11 bits (eps 9.8e-4) and errors grow over ~12-24 layers; measured
+#         1.3e-3 to 2.3e-3 relative on the logits of RN50 + ViT-B-32
+#         (benchmarks/results/fp16_validation.md), so 1e-2 leaves ~4x headroom.
+TOLERANCES = {
+    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999},
+    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999},
+}
+PRECISIONS = tuple(TOLERANCES)
+
+
+def tolerance(precision: str) -> dict:
+    """A copy of the tolerance row for `precision` ('fp32', 'fp16')."""
+    if precision not in TOLERANCES:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(TOLERANCES)}")
+    return dict(TOLERANCES[precision])

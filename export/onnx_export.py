@@ -35,8 +35,8 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 # 1e-5 of the output's scale (see the manifest's validation block). 1e-4
 # relative leaves 10x headroom yet is 100x below the error an actual bug
 # (a wrong constant, a dropped normalisation, swapped inputs) produces.
-RTOL = 1e-4
-ATOL = 1e-6
+RTOL = iospec.TOLERANCES["fp32"]["rtol"]
+ATOL = iospec.TOLERANCES["fp32"]["atol"]
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

@@ -41,14 +41,9 @@ from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 
 MODEL_FP16 = "model.fp16.onnx"
-# The export validation's fp32 tolerance (export/onnx_export.py RTOL, ATOL), restated because the
-# runtime never imports export/ (which imports torch); tests/test_compare.py keeps them equal.
-FP32_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999}
-FP16_TOLERANCE = {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999}
-
-
+# The one tolerance table lives in the core (clipfuse.iospec.TOLERANCES).
 def tolerance(precision: str) -> dict:
-    return dict(FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE)
+    return iospec.tolerance(precision)
 
 
 def precision_onnx_path(manifest, precision: str) -> Path:
