@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 from clipfuse.cli import cli
 from clipfuse.bench import configs, probes, report, run, worker
+from clipfuse.bench.profile import describe_nodes
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.manifest import read_manifest
 
@@ -119,6 +120,13 @@ def test_markdown_and_png(full_run):
     kinds = {p["kind"] for p in result["plot_points"]}
     assert kinds == {"single", "static ensemble", "engine"}
     assert any(p["pareto"] for p in result["plot_points"])
+    # the overhead line says what the controller + combination nodes are, not ORT's node names
+    ov = result["overhead"]
+    assert len(ov["downstream_ops"]) == len(ov["downstream_nodes"]) > 0
+    assert all(op.isalnum() and op[0].isupper() for op in ov["downstream_ops"])
+    line = next(x for x in md.splitlines() if x.startswith("Overhead profile"))
+    assert f"controller + combination: {describe_nodes(ov['downstream_ops'])}" in line
+    assert not any(f" {n}," in line or f" {n} " in line for n in ov["downstream_nodes"] if n not in ov["downstream_ops"])
 
 
 def test_singles_cache_is_reused_then_rebuilt_when_stale(full_run, engine, tmp_path):
