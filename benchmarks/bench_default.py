@@ -25,10 +25,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     command = " ".join(["python benchmarks/bench_default.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
-    from clipfuse.runtime.bench import run_demo
+    from clipfuse.demo import run_demo
+    from clipfuse.present import format_demo
 
-    run_demo(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs, results=args.out,
-             stem="bench_default", command=command)
+    print(format_demo(run_demo(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
+                               results=args.out, stem="bench_default", command=command)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                               # (python benchmarks/bench_default.py builds it)
 
 Each phase runs in its own process (an idle runtime's spinning threads slow the next one; see
-clipfuse/runtime/bench.py), in this order:
+clipfuse/bench/), in this order:
   torch     PyTorch eager (TorchBackend) timed, then torch.profiler: self CPU time per aten op;
   ort       the fused graph on ORT CPU timed, then ORT's profiler: kernel time per op type;
   variants  what was tried to make the fused graph faster, each timed interleaved with the baseline
@@ -32,7 +32,7 @@ SETTLE = 0.05
 
 
 def _time(fn, runs: int) -> list[float]:
-    from clipfuse.runtime.bench import _timed
+    from clipfuse.bench.probes import timed as _timed
 
     out = []
     for _ in range(runs):
@@ -46,7 +46,7 @@ def phase_torch(engine: str, runs: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from clipfuse.runtime.backends import TorchBackend
-    from clipfuse.runtime.bench import make_feed
+    from clipfuse.bench.configs import make_feed
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
@@ -86,7 +86,7 @@ def phase_ort(engine: str, runs: int) -> dict:
     import onnxruntime as ort
 
     from clipfuse.runtime.backends import OnnxRuntimeBackend
-    from clipfuse.runtime.bench import make_feed
+    from clipfuse.bench.configs import make_feed
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
@@ -111,7 +111,7 @@ def phase_ort(engine: str, runs: int) -> dict:
     total = sum(by_type.values())
     # Each tower's best efficiency on this machine: its single engine at batch 32, where the kernels
     # have the most work per call. A batch-1 graph cannot be expected to beat that.
-    from clipfuse.runtime.bench import ensure_singles
+    from clipfuse.bench.configs import ensure_singles
 
     best = []
     for k, single in enumerate(ensure_singles(m, quiet=True)[0]):
@@ -128,7 +128,7 @@ def phase_ort(engine: str, runs: int) -> dict:
 
 
 def phase_variants(engine: str, runs: int) -> dict:
-    from clipfuse.runtime.bench import make_feed
+    from clipfuse.bench.configs import make_feed
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         return
 
     from clipfuse.errors import ClipfuseError
-    from clipfuse.runtime.bench import LoadProbe, matmul_peak_gflops
+    from clipfuse.bench.probes import LoadProbe, matmul_peak_gflops
     from clipfuse.runtime.manifest import read_manifest
 
     try:

@@ -68,9 +68,12 @@ def ensure_engine(folder: Path):
     with tempfile.TemporaryDirectory() as tmp:
         templates = Path(tmp) / "templates.txt"
         templates.write_text("\n".join(TEMPLATES) + "\n")
-        cmd = [sys.executable, "-m", "clipfuse.cli", "export", *[a for b in BACKBONES for a in ("-b", b)],
-               "-c", CLASSES, "--templates", str(templates), "--out", str(folder), "--force", "-q"]
-        say("exporting " + " ".join(cmd[3:]))
+        from clipfuse.bench.worker import child_command    # the installed clipfuse, whatever the folder
+
+        args = ["export", *[a for b in BACKBONES for a in ("-b", b)],
+                "-c", CLASSES, "--templates", str(templates), "--out", str(folder), "--force", "-q"]
+        cmd = child_command("clipfuse.cli", *args)
+        say("exporting clipfuse " + " ".join(args))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return read_manifest(folder, verify=True)
 

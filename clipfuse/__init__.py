@@ -6,7 +6,7 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.reexport_engine(folder)                       rebuild an engine's graph (e.g. after fit)
     clipfuse.fit_engine(backbones, data, out, ...)         few-shot NLC + baselines -> engine + report
     clipfuse.eval_engine(folder, data) -> dict             accuracy of the exported graph + baselines
-    clipfuse.inspect_engine(folder) -> dict                what an engine folder holds
+    clipfuse.inspect_engine(folder) -> dict                what an engine folder holds (print() it: the table)
     clipfuse.list_backbones() -> list[dict]                the nine OpenAI CLIP backbones
     clipfuse.load(engine_dir, backend="auto") -> Predictor  classify images with an engine folder:
         .predict(images, top_k=5) -> [Prediction]          paths and/or PIL images, one result each
@@ -14,7 +14,7 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
         .predict_arrays(feed) -> {output: array}             ready-made uint8 tensors
     clipfuse.available_backends() -> list[str]             backends that run here, fastest first
     clipfuse.bench_engine(folder, data=None, batches=(1, 8)) -> dict   fused vs singles vs naive vs torch
-    clipfuse.run_demo("engines/demo")                      fit -> export -> predict -> bench, offline
+    clipfuse.run_demo("engines/demo") -> dict              fit -> export -> predict -> bench, offline
     clipfuse.export_fp16(folder) -> dict                   add model.fp16.onnx (fp32 islands), validated on CPU
     clipfuse.build_engine(folder, "fp16", batch=(1, 8, 32)) build a TensorRT plan (needs TensorRT + GPU)
     clipfuse.compare_backends(folder, "onnxruntime,torch") -> dict   do the backends agree? (report["ok"])

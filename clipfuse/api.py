@@ -1,9 +1,9 @@
-"""The Python API behind the CLI: every command is one call here (the CLI only parses)."""
+"""The Python API behind the CLI: every command is one call here, returning data (the CLI parses the
+arguments and shows the result through clipfuse.present)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from clipfuse.errors import ClipfuseError
 
 
 def export_engine(backbones, classes, out, templates=None, force=False, opset=None, quiet=False):
@@ -49,8 +49,19 @@ def list_backbones(measure: bool = False) -> list[dict]:
     return rows
 
 
-def inspect_engine(folder, verify: bool = True) -> dict:
-    """What an engine folder holds: backbones, classes, IO, files, parameters, GFLOPs, validation."""
+class EngineInfo(dict):
+    """What inspect_engine returns: a plain dict of data (keys, JSON, ==) whose str() is the table
+    `clipfuse inspect` prints, so `print(clipfuse.inspect_engine(folder))` reads as text."""
+
+    def __str__(self) -> str:
+        from clipfuse.present import format_inspect
+
+        return format_inspect(self)
+
+
+def inspect_engine(folder, verify: bool = True) -> EngineInfo:
+    """What an engine folder holds: backbones, classes, IO, files, parameters, GFLOPs, validation.
+    A dict (EngineInfo); print() it for the table `clipfuse inspect` shows."""
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(folder, verify=verify)
@@ -64,7 +75,7 @@ def inspect_engine(folder, verify: bool = True) -> dict:
     for batch in val.get("batches", {}).values():
         for name, o in batch["outputs"].items():
             worst[name] = max(worst.get(name, 0.0), o["max_rel"])
-    return {
+    return EngineInfo({
         "folder": str(m.folder),
         "name": d.get("name"),
         "created": d.get("created"),
@@ -80,7 +91,7 @@ def inspect_engine(folder, verify: bool = True) -> dict:
         "validation_max_rel": worst,
         "onnx": d["onnx"],
         "versions": d.get("versions", {}),
-    }
+    })
 
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
@@ -132,27 +143,6 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
     return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify)
 
 
-def format_compare(report: dict) -> str:
-    from clipfuse.runtime.compare import format_report
-
-    return format_report(report)
-
-
-def format_fp16(info: dict) -> str:
-    """The fp16 validation figures as a short table."""
-    v = info["validation"]
-    lines = [f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
-             f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
-    for b in v["backbones"]:
-        lines.append(f"  {b['backbone']}: embedding cosine mean {b['cosine_mean']:.7f} min {b['cosine_min']:.7f} "
-                     f"(>= {v['bounds']['min_cosine']}), max logit err {b['logits_max_abs']:.3g} "
-                     f"(bound {b['logits_bound']:.3g}), top-1 agreement {b['top1_agreement'] * 100:.1f}%")
-    f = v["fused"]
-    lines.append(f"  fused: max logit err {f['logits_max_abs']:.3g} (bound {f['logits_bound']:.3g}), "
-                 f"top-1 agreement {f['top1_agreement'] * 100:.1f}%")
-    return "\n".join(lines)
-
-
 def collect_images(sources, stdin=None) -> list[Path]:
     """Image paths from files, folders (recursive), globs and "-" (a list on stdin)."""
     from clipfuse.runtime.images import collect_images as _collect
@@ -160,62 +150,18 @@ def collect_images(sources, stdin=None) -> list[Path]:
     return _collect(sources, stdin=stdin)
 
 
-def format_predictions(preds, fmt: str, top_k: int, backbone_names, header: bool = False) -> str:
-    """Predictions as text: "table", "jsonl" (one JSON object per image) or "csv"."""
-    from clipfuse.runtime.predict import format_predictions as _format
-
-    return _format(preds, fmt, top_k, backbone_names, header=header)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise ClipfuseError("unreachable")
-
-
-def format_inspect(info: dict) -> str:
-    lines = [f"engine {info['name']}  ({info['folder']}, created {info['created']})"]
-    lines.append(f"head: {info['head_kind']}   controller: {info['controller']}   "
-                 f"opset {info['onnx']['opset']}   classes: {len(info['classes'])}")
-    lines.append("")
-    lines.append(f"{'#':>2}  {'backbone':<34} {'input':<10} {'D':>5} {'params':>9} {'GFLOPs':>8}")
-    for i, b in enumerate(info["backbones"]):
-        name = f"{b['arch']}:{b['weights']}"
-        lines.append(f"{i:>2}  {name[:34]:<34} {b['input']:<10} {b['embed_dim']:>5} "
-                     f"{b['visual_params'] / 1e6:>8.1f}M {b['gflops']:>8.2f}")
-    lines.append(f"    {'total':<34} {'':<10} {'':>5} {info['total_visual_params'] / 1e6:>8.1f}M {info['total_gflops']:>8.2f}")
-    lines.append("")
-    shown = ", ".join(info["classes"][:10]) + (f", ... (+{len(info['classes']) - 10})" if len(info["classes"]) > 10 else "")
-    lines.append(f"classes: {shown}")
-    lines.append("inputs:  " + "; ".join(f"{i['name']} {i['dtype']} {tuple(i['shape'])}" for i in info["inputs"]))
-    lines.append("outputs: " + "; ".join(f"{o['name']} {o['dtype']} {tuple(o['shape'])}" for o in info["outputs"]))
-    lines.append("files:   " + "; ".join(f"{k} {human_bytes(v)}" for k, v in info["files"].items()))
-    if info["validation_max_rel"]:
-        lines.append("ONNX Runtime vs PyTorch, max relative error: " +
-                     ", ".join(f"{k} {v:.1e}" for k, v in info["validation_max_rel"].items()))
-    return "\n".join(lines)
-
-
 def bench_engine(engine, **kwargs) -> dict:
     """The fused graph vs each backbone alone, their sum, the naive ensemble and PyTorch eager, side by
-    side; writes bench.md/.json/.png (see clipfuse.runtime.bench.run_bench for the options)."""
-    from clipfuse.runtime.bench import run_bench
+    side; writes bench.md/.json/.png (see clipfuse.bench.run.run_bench for the options)."""
+    from clipfuse.bench.run import run_bench
 
     return run_bench(engine, **kwargs)
 
 
-def format_bench(result: dict) -> str:
-    """A bench result as Markdown tables."""
-    from clipfuse.runtime.bench import format_table
-
-    return format_table(result)
-
-
 def run_demo(out="engines/demo", **kwargs) -> dict:
-    """The whole offline flow: fit on a digits subset -> export -> predict -> bench (see runtime.bench.run_demo)."""
-    from clipfuse.runtime.bench import run_demo as _demo
+    """The whole offline flow: fit on a digits subset -> export -> predict -> bench (see clipfuse.demo.run_demo)
+    -> {"fit", "predictions", "backbone_names", "bench", "seconds"}."""
+    from clipfuse.demo import run_demo as _demo
 
     return _demo(out, **kwargs)
 

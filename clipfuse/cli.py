@@ -1,4 +1,4 @@
-"""The `clipfuse` command line: parses arguments and calls clipfuse.api, nothing more.
+"""The `clipfuse` command line: parses arguments, calls clipfuse.api, shows the result (clipfuse.present).
 
 Errors a user can cause (ClipfuseError) print one line, `error: ...`, and exit 1.
 """
@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from clipfuse import present
 from clipfuse.errors import ClipfuseError
 
 
@@ -89,7 +90,7 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
         if backbone_list or classes or templates or out or opset:
             raise ClipfuseError(f"`clipfuse export {engine} --precision fp16` converts the engine's model.onnx; "
                                 "drop --backbone/--classes/--templates/--out/--opset")
-        click.echo(api.format_fp16(api.export_fp16(engine, quiet=quiet)))
+        click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
         return
     if engine is None and precision == "fp16":
         raise ClipfuseError("--precision fp16 applies to an existing engine: export it first, then run "
@@ -105,7 +106,7 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
             raise ClipfuseError(f"a new engine needs {', '.join(missing)} "
                                 "(e.g. -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME)")
         result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
-    click.echo(api.format_inspect(api.inspect_engine(result.folder, verify=False)))
+    click.echo(present.format_inspect(api.inspect_engine(result.folder, verify=False)))
 
 
 @cli.command()
@@ -179,7 +180,7 @@ def inspect(engine, as_json, no_verify):
     from clipfuse import api
 
     info = api.inspect_engine(engine, verify=not no_verify)
-    click.echo(json.dumps(info, indent=2) if as_json else api.format_inspect(info))
+    click.echo(json.dumps(info, indent=2) if as_json else present.format_inspect(info))
 
 
 @cli.command()
@@ -223,7 +224,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
             shown = preds if fmt != "table" else [p for p in preds if p.ok]   # the table leaves failures to stderr
-            click.echo(api.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
+            click.echo(present.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
             for p in preds:
                 if not p.ok:
                     click.echo(f"failed: {p.name}: {p.error}", err=True)
@@ -254,7 +255,7 @@ def demo(out, per_class, batches, runs):
     """
     from clipfuse import api
 
-    api.run_demo(out, train_per_class=per_class, batches=batches, runs=runs, echo=click.echo)
+    click.echo(present.format_demo(api.run_demo(out, train_per_class=per_class, batches=batches, runs=runs)))
 
 
 @cli.command()
@@ -295,7 +296,7 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                               settle=settle_ms / 1e3,
                               stem=name, quiet=quiet, command=command)
-    click.echo(api.format_bench(result))
+    click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
 
@@ -399,7 +400,7 @@ def compare(engine, backends, images, precision, batch, as_json):
     from clipfuse import api
 
     report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch)
-    click.echo(json.dumps(report, indent=2) if as_json else api.format_compare(report))
+    click.echo(json.dumps(report, indent=2) if as_json else present.format_compare(report))
     if not report["ok"]:
         raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")
 

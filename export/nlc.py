@@ -1,4 +1,4 @@
-"""Fit the Neural Logit Controller and its baselines on precomputed arrays, and compare them.
+"""Fit the Neural Logit Controller (NLC) and the static one (C-LOG-AVG) on precomputed arrays.
 
 Everything here works on arrays another step computed with the fused model:
 
@@ -13,11 +13,13 @@ and fits the two controllers of clipfuse.export.fused:
     fused      z(x) = sum_k t_k(x) * z_k(x)                               # (N, C)
 
 by cross-entropy of the fused logits. fit_nlc trains the NLCController module
-itself, so the exported graph computes exactly what was fitted.
+itself, so the exported graph computes exactly what was fitted. The other methods
+(singles, LOG-AVG, PROB-AVG, VOTE, ORACLE) and evaluate() are in export/baselines.py; the
+k-shot x seeds study of fit's report in export/study.py.
 
 Choices the paper (Appendix A: width 128, Adam, lr 2e-4, weight decay 0.01)
-leaves open. `study_fit_choices` (`python -m clipfuse.export.nlc`, ~5 min on
-2 cores) gives the numbers below: accuracy %, mean over 3 seeds, 10 classes,
+leaves open. The study in benchmarks/nlc_choices.py (`python
+benchmarks/nlc_choices.py`, ~5 min on 2 cores) gives the numbers below: accuracy %, mean over 3 seeds, 10 classes,
 K = 3, at 1/4/16 shots, in two synthetic worlds: "complementary" (each
 backbone reliable in its own region; best single 47.9, LOG-AVG 58.1, ORACLE
 93.8) and "one-good" (backbone 0 right everywhere: 89.1; LOG-AVG 58.1).
@@ -67,8 +69,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
-from typing import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -77,15 +78,12 @@ from torch import nn
 
 from clipfuse.errors import ClipfuseError
 
-from .data import sample_k_shot
 from .fused import NLCController, StaticController
-
-METHODS_AFTER_SINGLES = ("LOG-AVG", "PROB-AVG", "VOTE", "C-LOG-AVG", "NLC", "ORACLE")
 
 
 @dataclass
 class FitConfig:
-    """How fit_nlc and fit_static train. Defaults: paper where it speaks, study_fit_choices where not."""
+    """How fit_nlc and fit_static train. Defaults: paper where it speaks, benchmarks/nlc_choices.py where not."""
 
     hidden: int = 128              # MLP width (paper, Appendix A)
     lr: float = 2e-4               # Adam learning rate for NLC (paper)
@@ -330,56 +328,7 @@ def fit_static(backbone_logits, labels, config: FitConfig | None = None) -> Stat
         return StaticController((F.softplus(p) + cfg.eps).detach().clone()).eval()
 
 
-# ---------------------------------------------------------------- baselines and evaluation
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _logits_np(backbone_logits) -> np.ndarray:
-    Z = np.asarray(backbone_logits, dtype=np.float64)
-    if Z.ndim != 3:
-        raise ClipfuseError(f"backbone_logits must have shape (N, K, C), got {Z.shape}")
-    return Z
-
-
-def predict_single(backbone_logits, k: int) -> np.ndarray:
-    """Backbone k's predictions: argmax_c z_k (N,)."""
-    Z = _logits_np(backbone_logits)
-    if not 0 <= k < Z.shape[1]:
-        raise ClipfuseError(f"backbone index {k} is out of range: there are {Z.shape[1]} backbones")
-    return Z[:, k].argmax(axis=-1)
-
-
-def predict_log_avg(backbone_logits) -> np.ndarray:
-    """LOG-AVG: argmax of the mean logits (N,)."""
-    return _logits_np(backbone_logits).mean(axis=1).argmax(axis=-1)
-
-
-def predict_prob_avg(backbone_logits) -> np.ndarray:
-    """PROB-AVG: argmax of the mean softmax (N,)."""
-    return _softmax(_logits_np(backbone_logits)).mean(axis=1).argmax(axis=-1)
-
-
-def predict_vote(backbone_logits) -> np.ndarray:
-    """VOTE: the class most backbones predict; ties go to the tied class with the largest summed
-    probability, then to the lowest class index (N,)."""
-    Z = _logits_np(backbone_logits)
-    N, K, C = Z.shape
-    votes = np.zeros((N, C))
-    np.add.at(votes, (np.repeat(np.arange(N), K), Z.argmax(axis=-1).reshape(-1)), 1.0)   # (N, C)
-    prob_sum = _softmax(Z).sum(axis=1)                           # (N, C), each in [0, K]
-    # Lexicographic (votes, prob_sum): one vote outweighs any difference in prob_sum (< K + 1).
-    return (votes * (K + 1) + prob_sum).argmax(axis=-1)
-
-
-def oracle_correct(backbone_logits, labels) -> np.ndarray:
-    """ORACLE: True where at least one backbone's argmax is the label (N,)."""
-    Z = _logits_np(backbone_logits)
-    return (Z.argmax(axis=-1) == np.asarray(labels)[:, None]).any(axis=1)
-
+# ---------------------------------------------------------------- applying a fitted controller
 
 @torch.no_grad()
 def controller_temperatures(controller: nn.Module, features, chunk: int = 8192) -> np.ndarray:
@@ -395,236 +344,15 @@ def predict_controller(controller: nn.Module, features, backbone_logits) -> np.n
     return fuse(t, Z).argmax(dim=-1).numpy()
 
 
-def method_names(backbone_names: Sequence[str]) -> list[str]:
-    return list(backbone_names) + list(METHODS_AFTER_SINGLES)
+# export/fit.py (being edited by another change at the same time) still calls nlc.evaluate and
+# nlc.run_study: they live in baselines.py and study.py now. Remove once its call sites say so.
+_MOVED = {"evaluate": "baselines", "method_names": "baselines", "METHODS_AFTER_SINGLES": "baselines",
+          "run_study": "study", "study_to_markdown": "study"}
 
 
-def _check_names(backbone_names, K: int) -> list[str]:
-    names = [str(n) for n in backbone_names]
-    if len(names) != K:
-        raise ClipfuseError(f"backbone_names has {len(names)} names for K = {K} backbones in backbone_logits")
-    clash = [n for n in names if n in METHODS_AFTER_SINGLES]
-    if clash or len(set(names)) != K:
-        raise ClipfuseError(f"backbone_names must be distinct and not a method name {METHODS_AFTER_SINGLES}: got {names}")
-    return names
+def __getattr__(name):
+    if name in _MOVED:
+        import importlib
 
-
-def evaluate(features, backbone_logits, labels, backbone_names, static: nn.Module | None = None,
-             nlc: nn.Module | None = None) -> dict[str, float]:
-    """Accuracy in percent of every method, by name, in the order of method_names().
-
-    C-LOG-AVG and NLC appear only when their controller is given.
-    """
-    _, Zt, yt = _check_arrays(None, backbone_logits, labels, need_features=False)
-    Z, y = Zt.double().numpy(), yt.numpy()
-    names = _check_names(backbone_names, Z.shape[1])
-    acc = lambda pred: float(100.0 * np.mean(pred == y))
-    out = {name: acc(predict_single(Z, k)) for k, name in enumerate(names)}
-    out["LOG-AVG"] = acc(predict_log_avg(Z))
-    out["PROB-AVG"] = acc(predict_prob_avg(Z))
-    out["VOTE"] = acc(predict_vote(Z))
-    if static is not None:
-        out["C-LOG-AVG"] = acc(predict_controller(static, np.zeros((len(y), 1), np.float32), backbone_logits))
-    if nlc is not None:
-        if features is None:
-            raise ClipfuseError("evaluate needs features to score an NLC controller")
-        out["NLC"] = acc(predict_controller(nlc, features, backbone_logits))
-    out["ORACLE"] = float(100.0 * np.mean(oracle_correct(Z, y)))
-    return out
-
-
-# ---------------------------------------------------------------- few-shot study
-
-def run_study(train_features, train_logits, train_labels, eval_features, eval_logits, eval_labels,
-              backbone_names, shots=(1, 2, 4, 8, 16), seeds=(0, 1, 2), config: FitConfig | None = None,
-              class_names: Sequence[str] | None = None) -> dict:
-    """For each k and seed: draw k examples per class from the training pool (sample_k_shot, seeded,
-    nested over k), fit C-LOG-AVG and NLC on them (config with seed = that seed), score every method
-    on the eval split. Returns a JSON-serialisable dict:
-
-        methods, shots, seeds, config, num_eval,
-        mean[method][str(k)], std[method][str(k)]   (percent; std over seeds, ddof=0)
-        runs: [{shots, seed, accuracy: {method: %}, static_temperatures: [K]}]
-    """
-    cfg = (config or FitConfig()).check()
-    Xtr, Ztr, ytr = _check_arrays(train_features, train_logits, train_labels)
-    Xev, Zev, yev = _check_arrays(eval_features, eval_logits, eval_labels)
-    if Ztr.shape[1:] != Zev.shape[1:] or Xtr.shape[1] != Xev.shape[1]:
-        raise ClipfuseError(
-            f"train and eval arrays disagree: logits {tuple(Ztr.shape[1:])} vs {tuple(Zev.shape[1:])}, "
-            f"features width {Xtr.shape[1]} vs {Xev.shape[1]}"
-        )
-    names = _check_names(backbone_names, Ztr.shape[1])
-    C = Ztr.shape[2]
-    shots, seeds = [int(k) for k in shots], [int(s) for s in seeds]
-    if not shots or not seeds:
-        raise ClipfuseError("run_study needs at least one value in shots and in seeds")
-    methods = method_names(names)
-    runs = []
-    for k in shots:
-        for seed in seeds:
-            idx = torch.as_tensor(sample_k_shot(ytr.numpy(), k, seed, num_classes=C, class_names=class_names))
-            run_cfg = replace(cfg, seed=seed)
-            static = fit_static(Ztr[idx], ytr[idx], run_cfg)
-            nlc = fit_nlc(Xtr[idx], Ztr[idx], ytr[idx], run_cfg)
-            acc = evaluate(Xev, Zev, yev, names, static=static, nlc=nlc)
-            runs.append({"shots": k, "seed": seed, "accuracy": acc,
-                         "static_temperatures": [float(v) for v in static.value.reshape(-1)]})
-    mean = {m: {} for m in methods}
-    std = {m: {} for m in methods}
-    for k in shots:
-        for m in methods:
-            vals = np.array([r["accuracy"][m] for r in runs if r["shots"] == k])
-            mean[m][str(k)], std[m][str(k)] = float(vals.mean()), float(vals.std())
-    return {"methods": methods, "shots": shots, "seeds": seeds, "config": asdict(cfg),
-            "num_eval": int(len(yev)), "mean": mean, "std": std, "runs": runs}
-
-
-def study_to_markdown(result: dict, digits: int = 1) -> str:
-    """Rows = methods, columns = shots per class, cells 'mean ± std' (accuracy, percent)."""
-    shots = [str(k) for k in result["shots"]]
-    lines = ["| method | " + " | ".join(f"{k}-shot" for k in shots) + " |",
-             "|---|" + "---:|" * len(shots)]
-    for m in result["methods"]:
-        cells = [f"{result['mean'][m][k]:.{digits}f} ± {result['std'][m][k]:.{digits}f}" for k in shots]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- synthetic data and the choice study
-
-def synthetic_ensemble(n_per_class: int, num_classes: int = 10, num_backbones: int = 3, dim: int = 16,
-                       scenario: str = "complementary", seed: int = 0, margin: float = 3.0,
-                       wrong_rate: float = 0.7, region_strength: float = 3.0, noise: float = 1.0):
-    """Arrays (features (N, K*dim), backbone_logits (N, K, C), labels (N,), regions (N,)) built so the
-    ensemble's behaviour is known by construction.
-
-    Every image lies in one of K regions; each backbone's feature block is
-    normalize(region_strength * centre_k[region] + gaussian noise), so the region
-    is readable from the features (less so as region_strength drops).
-
-    "complementary": in region r, backbone r puts `margin` on the true class;
-    every other backbone puts `margin` on a random wrong class with probability
-    wrong_rate (else on the true class). A per-image choice of backbone is right
-    almost always; a single backbone or any static mix is not.
-    "one-good": backbone 0 puts `margin` on the true class everywhere, the others
-    put it on a random wrong class with probability wrong_rate.
-    Logits also get N(0, noise^2) per class.
-    """
-    if scenario not in ("complementary", "one-good"):
-        raise ClipfuseError(f"scenario must be 'complementary' or 'one-good', got {scenario!r}")
-    rng = np.random.default_rng(seed)
-    K, C = num_backbones, num_classes
-    N = n_per_class * C
-    labels = rng.permutation(np.repeat(np.arange(C), n_per_class))          # (N,)
-    regions = rng.integers(K, size=N)                                        # (N,)
-    centres = rng.normal(size=(K, K, dim)) / math.sqrt(dim)                  # (backbone, region, dim), unit-ish
-    blocks = []
-    for k in range(K):
-        f = region_strength * centres[k][regions] + rng.normal(size=(N, dim)) / math.sqrt(dim)
-        blocks.append(f / np.linalg.norm(f, axis=1, keepdims=True))
-    features = np.concatenate(blocks, axis=1).astype(np.float32)           # (N, K*dim)
-
-    logits = noise * rng.normal(size=(N, K, C))                              # (N, K, C)
-    wrong = (labels[:, None] + rng.integers(1, C, size=(N, K))) % C          # (N, K), never the label
-    is_wrong = rng.random((N, K)) < wrong_rate                               # (N, K)
-    reliable = regions if scenario == "complementary" else np.zeros(N, dtype=np.int64)
-    is_wrong[np.arange(N), reliable] = False
-    target = np.where(is_wrong, wrong, labels[:, None])                      # (N, K)
-    np.put_along_axis(logits, target[..., None], np.take_along_axis(logits, target[..., None], -1) + margin, -1)
-    return features, logits.astype(np.float32), labels.astype(np.int64), regions
-
-
-def study_fit_choices(shots=(1, 4, 16), seeds=(0, 1, 2), budgets=(100, 300, 1000, 3000),
-                      pool_per_class: int = 64, n_eval_per_class: int = 100, num_classes: int = 10, region_strength: float = 1.5,
-                      variants: Sequence[str] | None = None) -> dict:
-    """The numbers behind FitConfig's defaults, on two synthetic worlds (see synthetic_ensemble):
-
-    - "complementary": NLC should climb well above LOG-AVG and the best backbone;
-    - "one-good": NLC should not fall below the one good backbone (overfitting).
-
-    For each world, k and seed one NLC run per variant is read at every step
-    budget (constant lr, so a 300-step fit is the first 300 steps of the
-    3000-step run). Variants change one choice from the default each. Returns
-    {"rows": [{world, variant, steps, shots, mean, std}], "reference": {world: {shots: {method: mean}}}}.
-    """
-    base = FitConfig()
-    all_variants = {
-        "default": base,
-        "adamw": replace(base, optimizer="adamw"),
-        "exp": replace(base, positivity="exp"),
-        "log-avg-init": replace(base, init="log-avg"),
-        "random-init": replace(base, init="random"),
-        "per-dim-std": replace(base, standardize="per-dim"),
-        "batch-32": replace(base, batch_size=32),
-    }
-    chosen = list(all_variants) if variants is None else list(variants)
-    unknown = [v for v in chosen if v not in all_variants]
-    if unknown:
-        raise ClipfuseError(f"unknown study variant(s) {unknown}; choose from {list(all_variants)}")
-    variants = {v: all_variants[v] for v in chosen}
-    budgets = sorted(int(b) for b in budgets)
-    rows, reference = [], {}
-    for world in ("complementary", "one-good"):
-        X, Z, y, _ = synthetic_ensemble(pool_per_class + n_eval_per_class, num_classes=num_classes, scenario=world,
-                                        seed=1234, region_strength=region_strength)
-        # Eval: the last n_eval_per_class of each class; train pool: the rest.
-        order = np.argsort(y, kind="stable")
-        per_class = order.reshape(num_classes, -1)
-        ev = per_class[:, -n_eval_per_class:].reshape(-1)
-        pool = per_class[:, :-n_eval_per_class].reshape(-1)
-        names = [f"backbone-{k}" for k in range(Z.shape[1])]
-        reference[world] = {}
-        for k in shots:
-            acc_runs = {}
-            for seed in seeds:
-                idx = pool[sample_k_shot(y[pool], k, seed, num_classes=num_classes)]
-                static = fit_static(Z[idx], y[idx], replace(base, seed=seed))
-                ref = evaluate(X[ev], Z[ev], y[ev], names, static=static)
-                slow = fit_static(Z[idx], y[idx], replace(base, seed=seed, static_lr=base.lr))
-                ref["C-LOG-AVG @ lr 2e-4"] = evaluate(X[ev], Z[ev], y[ev], names, static=slow)["C-LOG-AVG"]
-                for m, v in ref.items():
-                    acc_runs.setdefault(m, []).append(v)
-                for vname, vcfg in variants.items():
-                    cfg = replace(vcfg, seed=seed, steps=max(budgets))
-                    at_budget = {}
-
-                    def record(step, module, at_budget=at_budget):
-                        if step in budgets:
-                            pred = predict_controller(module, X[ev], Z[ev])
-                            at_budget[step] = float(100.0 * np.mean(pred == y[ev]))
-
-                    fit_nlc(X[idx], Z[idx], y[idx], cfg, on_step=record)
-                    for b in budgets:
-                        acc_runs.setdefault((vname, b), []).append(at_budget[b])
-            reference[world][str(k)] = {m: float(np.mean(v)) for m, v in acc_runs.items() if isinstance(m, str)}
-            for (vname, b), vals in ((key, v) for key, v in acc_runs.items() if isinstance(key, tuple)):
-                rows.append({"world": world, "variant": vname, "steps": b, "shots": k,
-                             "mean": float(np.mean(vals)), "std": float(np.std(vals))})
-    return {"rows": rows, "reference": reference, "shots": list(shots), "seeds": list(seeds),
-            "budgets": budgets, "variants": list(variants), "region_strength": region_strength}
-
-
-def choices_to_markdown(result: dict) -> str:
-    """One table per world: rows = variant @ steps, columns = shots; reference methods first."""
-    out = []
-    shots = [str(k) for k in result["shots"]]
-    for world, ref in result["reference"].items():
-        out.append(f"\n### {world} (region_strength {result['region_strength']}, seeds {result['seeds']})\n")
-        out.append("| method | " + " | ".join(f"{k}-shot" for k in shots) + " |")
-        out.append("|---|" + "---:|" * len(shots))
-        for m in ref[shots[0]]:
-            out.append(f"| {m} | " + " | ".join(f"{ref[k][m]:.1f}" for k in shots) + " |")
-        for v in result["variants"]:
-            for b in result["budgets"]:
-                cells = []
-                for k in shots:
-                    r = next(r for r in result["rows"] if r["world"] == world and r["variant"] == v
-                             and r["steps"] == b and str(r["shots"]) == k)
-                    cells.append(f"{r['mean']:.1f} ± {r['std']:.1f}")
-                out.append(f"| NLC {v} @ {b} steps | " + " | ".join(cells) + " |")
-    return "\n".join(out) + "\n"
-
-
-if __name__ == "__main__":   # python -m clipfuse.export.nlc  -> the choice study as Markdown
-    print(choices_to_markdown(study_fit_choices()))
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

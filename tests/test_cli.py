@@ -44,6 +44,24 @@ def test_export_then_inspect(tmp_path, tiny_engine):
     assert "clipfuse-test-vit48:random:2" in text and "GFLOPs" in text and "model.onnx" in text
 
 
+def test_inspect_engine_prints_as_the_table_and_stays_data(tiny_engine, capsys):
+    """Issue 13: the README prints clipfuse.inspect_engine(...); it showed a raw dict."""
+    import clipfuse
+    from clipfuse import present
+
+    info = clipfuse.inspect_engine(tiny_engine, verify=False)
+    print(info)
+    shown = capsys.readouterr().out
+    assert shown.startswith("engine ") and "GFLOPs" in shown and "clipfuse-test-vit48:random:2" in shown
+    assert "{" not in shown.splitlines()[0] and "'backbones'" not in shown      # not a dict's repr
+    assert shown.rstrip("\n") == str(info) == present.format_inspect(info)
+    # still the data: keys, JSON, equality with a plain dict
+    assert isinstance(info, dict) and info["classes"] == json.loads(json.dumps(info))["classes"]
+    assert dict(info) == json.loads(json.dumps(info)) and info == dict(info)
+    assert json.loads(run("inspect", str(tiny_engine), "--json", "--no-verify").output) == dict(info)
+    assert run("inspect", str(tiny_engine), "--no-verify").output.rstrip("\n") == str(info)
+
+
 @pytest.mark.parametrize("args, expect", [
     (["export", "-b", "NoSuchNet", "-c", "a,b", "-o", "{tmp}/x"], "unknown backbone architecture 'NoSuchNet'"),
     (["export", "-b", "RN50:nope", "-c", "a,b", "-o", "{tmp}/x"], "valid tags: openai"),

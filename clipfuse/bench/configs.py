@@ -1,0 +1,178 @@
+"""What the bench runs: each backbone alone (exported the same way as the engine, cached), the
+engine's controller in numpy, the naive ensemble (K sessions + numpy), and each configuration opened.
+
+Configurations, by name:
+
+    fused        the engine's model.onnx on ONNX Runtime CPU (the onnxruntime backend, measured defaults)
+    single:k     backbone k alone, in <engine>/singles/<k>-<arch>/ (same classes, its head from the
+                 engine's heads.safetensors, constant controller)
+    naive        the K single sessions run one after another + the controller and combination in numpy
+    torch        PyTorch eager on the same ensemble (the torch backend, threads = cores)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clipfuse import iospec
+from clipfuse.errors import ClipfuseError
+from clipfuse.log import log
+from clipfuse.runtime.manifest import Manifest, read_manifest
+
+SINGLES = "singles"
+
+
+# ----------------------------------------------------------------------------- single-backbone engines
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def single_folder(manifest: Manifest, k: int) -> Path:
+    return manifest.folder / SINGLES / f"{k}-{_safe(manifest.backbones[k]['arch'])}"
+
+
+def _single_matches(single: Manifest, manifest: Manifest, k: int) -> bool:
+    b, s = manifest.backbones[k], single.backbones
+    return (len(s) == 1 and s[0]["weights_sha256"] == b["weights_sha256"] and s[0]["arch"] == b["arch"]
+            and single.classes == manifest.classes and single.data.get("head_kind") == manifest.data.get("head_kind"))
+
+
+def ensure_singles(manifest: Manifest, quiet: bool = False) -> tuple[list[Manifest], list[bool]]:
+    """Each backbone alone, exported the same way as the engine, cached in <engine>/singles/.
+
+    A cached single is reused when its manifest names the same weights (sha256), classes and head
+    kind; otherwise it is rebuilt from the engine's `ARCH:WEIGHTS` (which must hash to the recorded
+    weights, as in reexport_engine) with its head taken from the engine's heads.safetensors.
+    Returns the single manifests and, per backbone, whether the cache was reused."""
+    singles, reused = [], []
+    for k, b in enumerate(manifest.backbones):
+        folder = single_folder(manifest, k)
+        try:
+            m = read_manifest(folder, verify=False)
+            if _single_matches(m, manifest, k):
+                singles.append(m)
+                reused.append(True)
+                log(f"single {k} {b['arch']}: reusing {folder}", quiet, tag="bench")
+                continue
+        except ClipfuseError:
+            pass
+        singles.append(_export_single(manifest, k, folder, quiet))
+        reused.append(False)
+    return singles, reused
+
+
+def _export_single(manifest: Manifest, k: int, folder: Path, quiet: bool) -> Manifest:
+    # export/ (torch, open_clip) is imported here, not at the top: the worker processes import this
+    # module, and the memory probes' baseline must not hold torch for configurations that never use it.
+    from clipfuse.export.backbones import load_backbone
+    from clipfuse.export.engine import export_engine
+    from clipfuse.export.heads import load_heads
+
+    b = manifest.backbones[k]
+    spec = f"{b['arch']}:{b['weights']}"
+    t0 = time.perf_counter()
+    log(f"single {k} {spec}: exporting alone into {folder} (once; cached)", quiet, tag="bench")
+    built = load_backbone(spec)
+    if built.weights_sha256 != b["weights_sha256"]:
+        raise ClipfuseError(f"backbone {spec} rebuilt here does not have the weights engine {str(manifest.folder)!r} "
+                            "was exported with (weights sha256 differs): the single-backbone comparison would not "
+                            "measure the same network; re-export the engine with this open_clip")
+    heads = load_heads(manifest.folder / manifest.data.get("heads_file", "heads.safetensors"),
+                       num_backbones=len(manifest.backbones))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    export_engine([built], manifest.classes, folder, templates=manifest.data.get("templates"), force=True,
+                  heads=[heads[k]], quiet=True, opset=manifest.data["onnx"].get("opset"))
+    del built
+    log(f"single {k} {spec}: exported in {time.perf_counter() - t0:.0f} s", quiet, tag="bench")
+    return read_manifest(folder, verify=False)
+
+
+# ----------------------------------------------------------------------------- the controller in numpy
+
+class NumpyController:
+    """The engine's controller + combination in numpy, for the naive ensemble (no torch)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+            self.w = {k: f.get_tensor(k).astype(np.float32) for k in f.keys()}
+        self.kind = meta.get("kind", "constant")
+        self.eps = float(json.loads(meta.get("config", "{}")).get("eps", 1e-3))
+
+    def temperatures(self, features: np.ndarray) -> np.ndarray:          # (N, sum D) -> (N, K)
+        if self.kind != "nlc":
+            return np.broadcast_to(self.w["value"], (features.shape[0], self.w["value"].shape[1]))
+        w = self.w
+        h = np.maximum(((features - w["in_mean"]) / w["in_std"]) @ w["fc1.weight"].T + w["fc1.bias"], 0.0)
+        return np.logaddexp(0.0, h @ w["fc2.weight"].T + w["fc2.bias"]) + self.eps   # softplus
+
+    def combine(self, feats: list[np.ndarray], zs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        features = np.concatenate(feats, axis=1)                               # (N, sum D)
+        Z = np.stack(zs, axis=1)                                               # (N, K, C)
+        t = self.temperatures(features)                                        # (N, K)
+        logits = (t[:, :, None] * Z).sum(axis=1)                               # (N, C)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return {iospec.LOGITS: logits, iospec.PROBS: e / e.sum(axis=1, keepdims=True),
+                iospec.TEMPERATURES: t, iospec.BACKBONE_LOGITS: Z, iospec.FEATURES: features}
+
+
+class NaiveEnsemble:
+    """K separate single-backbone sessions run one after another, then the combination in numpy."""
+
+    def __init__(self, singles: list, controller: NumpyController):
+        self.singles, self.controller = singles, controller
+
+    def infer(self, feed: dict) -> dict:
+        feats, zs = [], []
+        for s in self.singles:
+            out = s.infer({i["name"]: feed[i["name"]] for i in s.manifest.inputs})
+            feats.append(out[iospec.FEATURES])
+            zs.append(out[iospec.BACKBONE_LOGITS][:, 0])
+        return self.controller.combine(feats, zs)
+
+
+def controller_path(manifest: Manifest) -> Path:
+    return manifest.folder / manifest.data.get("controller", {}).get("file", "controller.safetensors")
+
+
+# ----------------------------------------------------------------------------- feeds and opening
+
+def make_feed(manifest: Manifest, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random uint8 images at every input resolution (latency does not depend on pixel values)."""
+    rng = np.random.default_rng(seed)
+    return {i["name"]: rng.integers(0, 256, (batch, 3, i["shape"][2], i["shape"][3]), dtype=np.uint8)
+            for i in manifest.inputs}
+
+
+def feed_for(backend, feed: dict) -> dict:
+    """The inputs a configuration takes (a single needs only its own resolution)."""
+    if isinstance(backend, NaiveEnsemble):
+        return feed
+    return {i["name"]: feed[i["name"]] for i in backend.manifest.inputs}
+
+
+def open_config(m: Manifest, config: str, threads: int | None = None):
+    """config: "fused", "single:K", "naive" or "torch" of engine m, opened."""
+    from clipfuse.runtime.backends import make_backend   # the registry finds torch: no import of export/ here
+
+    def ort(manifest):
+        return make_backend(manifest, "onnxruntime", threads=threads).open()
+
+    if config == "fused":
+        return ort(m)
+    if config.startswith("single:"):
+        return ort(read_manifest(single_folder(m, int(config.split(":")[1])), verify=False))
+    if config == "naive":
+        singles = [ort(read_manifest(single_folder(m, k), verify=False)) for k in range(len(m.backbones))]
+        return NaiveEnsemble(singles, NumpyController(controller_path(m)))
+    if config == "torch":
+        return make_backend(m, "torch", threads=threads or os.cpu_count()).open()
+    raise ClipfuseError(f"unknown bench configuration {config!r}")

@@ -1,0 +1,86 @@
+"""Text for people: how the CLI (the only presentation layer) shows what clipfuse.api returns.
+
+api returns data (dicts, Predictions, reports); these functions turn it into the tables and lines
+`clipfuse ...` prints. Formatting that belongs to one subsystem's own report stays with it and is
+only called from here (predict's table/jsonl/csv, compare's report, the bench's Markdown).
+"""
+from __future__ import annotations
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"      # not reached: the loop returns at GB
+
+
+def format_inspect(info: dict) -> str:
+    """inspect_engine's dict as the table `clipfuse inspect` prints."""
+    lines = [f"engine {info['name']}  ({info['folder']}, created {info['created']})"]
+    lines.append(f"head: {info['head_kind']}   controller: {info['controller']}   "
+                 f"opset {info['onnx']['opset']}   classes: {len(info['classes'])}")
+    lines.append("")
+    lines.append(f"{'#':>2}  {'backbone':<34} {'input':<10} {'D':>5} {'params':>9} {'GFLOPs':>8}")
+    for i, b in enumerate(info["backbones"]):
+        name = f"{b['arch']}:{b['weights']}"
+        lines.append(f"{i:>2}  {name[:34]:<34} {b['input']:<10} {b['embed_dim']:>5} "
+                     f"{b['visual_params'] / 1e6:>8.1f}M {b['gflops']:>8.2f}")
+    lines.append(f"    {'total':<34} {'':<10} {'':>5} {info['total_visual_params'] / 1e6:>8.1f}M {info['total_gflops']:>8.2f}")
+    lines.append("")
+    shown = ", ".join(info["classes"][:10]) + (f", ... (+{len(info['classes']) - 10})" if len(info["classes"]) > 10 else "")
+    lines.append(f"classes: {shown}")
+    lines.append("inputs:  " + "; ".join(f"{i['name']} {i['dtype']} {tuple(i['shape'])}" for i in info["inputs"]))
+    lines.append("outputs: " + "; ".join(f"{o['name']} {o['dtype']} {tuple(o['shape'])}" for o in info["outputs"]))
+    lines.append("files:   " + "; ".join(f"{k} {human_bytes(v)}" for k, v in info["files"].items()))
+    if info["validation_max_rel"]:
+        lines.append("ONNX Runtime vs PyTorch, max relative error: " +
+                     ", ".join(f"{k} {v:.1e}" for k, v in info["validation_max_rel"].items()))
+    return "\n".join(lines)
+
+
+def format_fp16(info: dict) -> str:
+    """The fp16 validation figures as a short table."""
+    v = info["validation"]
+    lines = [f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
+             f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
+    for b in v["backbones"]:
+        lines.append(f"  {b['backbone']}: embedding cosine mean {b['cosine_mean']:.7f} min {b['cosine_min']:.7f} "
+                     f"(>= {v['bounds']['min_cosine']}), max logit err {b['logits_max_abs']:.3g} "
+                     f"(bound {b['logits_bound']:.3g}), top-1 agreement {b['top1_agreement'] * 100:.1f}%")
+    f = v["fused"]
+    lines.append(f"  fused: max logit err {f['logits_max_abs']:.3g} (bound {f['logits_bound']:.3g}), "
+                 f"top-1 agreement {f['top1_agreement'] * 100:.1f}%")
+    return "\n".join(lines)
+
+
+def format_compare(report: dict) -> str:
+    from clipfuse.runtime.compare import format_report
+
+    return format_report(report)
+
+
+def format_predictions(preds, fmt: str, top_k: int, backbone_names, header: bool = False) -> str:
+    """Predictions as text: "table", "jsonl" (one JSON object per image) or "csv"."""
+    from clipfuse.runtime.predict import format_predictions as _format
+
+    return _format(preds, fmt, top_k, backbone_names, header=header)
+
+
+def format_bench(result: dict) -> str:
+    """A bench result as Markdown tables."""
+    from clipfuse.bench.report import format_table
+
+    return format_table(result)
+
+
+def format_demo(demo: dict) -> str:
+    """run_demo's result as the sections `clipfuse demo` prints: fit, predict, bench."""
+    shipped = demo["fit"]["shipped"]
+    parts = ["## Fit (held-out digits, shipped controller k = 8)\n\n"
+             + "\n".join(f"- {m}: {a:.1f}%" for m, a in shipped["accuracy"].items()) + "\n",
+             "## Predict\n\n" + format_predictions(demo["predictions"], "table", 3, demo["backbone_names"], header=True),
+             "## Bench\n\n" + format_bench(demo["bench"]),
+             f"plot: {demo['bench'].get('plot')}",
+             f"demo done in {demo['seconds']:.0f} s"]
+    return "\n".join(parts)
