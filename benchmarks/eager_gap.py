@@ -45,7 +45,7 @@ def phase_torch(engine: str, runs: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from clipfuse.runtime.backends import TorchBackend
+    from clipfuse.export.torch_backend import TorchBackend
     from clipfuse.runtime.bench import make_feed
     from clipfuse.runtime.manifest import read_manifest
 

@@ -344,7 +344,7 @@ def measure_memory(engine: Path, config: str, batch: int, threads: int | None = 
 
 def _open_config(m: Manifest, config: str, threads: int | None = None):
     """config: "fused", "single:K", "naive" or "torch" of engine m, opened."""
-    from clipfuse.runtime.backends import OnnxRuntimeBackend, TorchBackend
+    from clipfuse.runtime.backends import OnnxRuntimeBackend, make_backend
 
     if config == "fused":
         return OnnxRuntimeBackend(m, threads=threads).open()
@@ -356,7 +356,7 @@ def _open_config(m: Manifest, config: str, threads: int | None = None):
                    for k in range(len(m.backbones))]
         return NaiveEnsemble(singles, NumpyController(controller_path(m)))
     if config == "torch":
-        return TorchBackend(m, threads=threads or os.cpu_count()).open()
+        return make_backend(m, "torch", threads=threads or os.cpu_count()).open()   # registered, not imported
     raise ClipfuseError(f"unknown bench configuration {config!r}")
 
 
