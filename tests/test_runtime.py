@@ -445,3 +445,15 @@ def test_public_api(tiny_engine, photo_paths):
         preds = p.predict(photo_paths[:3], top_k=1)
     assert [len(x.labels) for x in preds] == [1, 1, 1]
     assert "onnxruntime" in clipfuse.available_backends()
+
+
+def test_one_preprocess_spec_builder_for_export_and_runtime(tiny_engine):
+    """The manifest's specs (runtime) equal what export builds from open_clip's preprocess_cfg."""
+    from clipfuse.export.backbones import load_backbone
+    from clipfuse.export.engine import input_specs
+    from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_spec
+
+    assert input_specs([load_backbone(b) for b in TINY]) == read_manifest(tiny_engine).preprocess_specs()
+    assert preprocess_spec({"size": (48, 48), "interpolation": "bilinear"}) == PreprocessSpec(48, "bilinear", "shortest")
+    with pytest.raises(ValueError, match=r"non-square input size \(48, 64\)"):
+        preprocess_spec({"size": (48, 64)})
