@@ -457,3 +457,16 @@ def test_one_preprocess_spec_builder_for_export_and_runtime(tiny_engine):
     assert preprocess_spec({"size": (48, 48), "interpolation": "bilinear"}) == PreprocessSpec(48, "bilinear", "shortest")
     with pytest.raises(ValueError, match=r"non-square input size \(48, 64\)"):
         preprocess_spec({"size": (48, 64)})
+
+
+def test_onnxruntime_backend_opens_through_the_one_session_loader(engine_copy, monkeypatch):
+    calls = []
+    real = bk.open_session
+    monkeypatch.setattr(bk, "open_session", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    with OnnxRuntimeBackend(read_manifest(engine_copy), threads=1) as b:
+        assert b.session.get_session_options().intra_op_num_threads == 1
+    assert calls == [engine_copy / "model.onnx"]
+    (engine_copy / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ClipfuseError) as e:
+        OnnxRuntimeBackend(read_manifest(engine_copy, verify=False)).open()
+    assert "cannot load" in str(e.value) and "upgrade onnxruntime, or rebuild the engine: `clipfuse export" in str(e.value)
