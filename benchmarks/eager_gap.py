@@ -45,8 +45,8 @@ def phase_torch(engine: str, runs: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from clipfuse.runtime.backends import TorchBackend
     from clipfuse.bench.configs import make_feed
+    from clipfuse.export.torch_backend import TorchBackend
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)

@@ -289,9 +289,10 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     if args.dry_run:
-        from clipfuse.export.tiny import register_test_towers
-
-        register_test_towers()
+        # the tests' tiny towers, added the documented way (CLIPFUSE_MODEL_CONFIGS)
+        towers = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "towers")
+        os.environ["CLIPFUSE_MODEL_CONFIGS"] = os.pathsep.join(
+            filter(None, [os.environ.get("CLIPFUSE_MODEL_CONFIGS"), os.path.normpath(towers)]))
         specs, device = TINY, torch.device("cpu")
         args.rounds, args.iters, args.warmup, batches = 1, 2, 1, [1, 2]
     else:

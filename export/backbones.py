@@ -10,6 +10,12 @@ A backbone is written `ARCH[:WEIGHTS]`:
 `random:SEED` means exactly `torch.manual_seed(SEED)` immediately followed by
 `open_clip.create_model(ARCH, pretrained=None)`. Other tools rely on this
 convention to rebuild the same tower, so it must not change.
+
+Architectures open_clip does not ship are added by the user, never by this
+code: CLIPFUSE_MODEL_CONFIGS lists folders or .json files of open_clip model
+configs (os.pathsep-separated), registered with open_clip before a name is
+looked up, in this process and in every child process that inherits the
+variable. The test suite adds its tiny towers this way (tests/towers/).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import torch
 from clipfuse.errors import ClipfuseError
 
 DEFAULT_WEIGHTS = "openai"
+MODEL_CONFIGS_ENV = "CLIPFUSE_MODEL_CONFIGS"
 
 # The nine OpenAI CLIP backbones (open_clip names). Figures are for the image
 # tower only, measured with torch.utils.flop_counter at batch 1 on the model
@@ -85,16 +92,31 @@ class Backbone:
         return int(self.info["embed_dim"])
 
 
+_added_configs: set[str] = set()   # CLIPFUSE_MODEL_CONFIGS entries already given to open_clip
+
+
 def _open_clip():
     import open_clip  # heavy; only the export side needs it
 
+    _add_user_model_configs(open_clip)
     return open_clip
 
 
-def known_architectures() -> list[str]:
-    from clipfuse.export import tiny
+def _add_user_model_configs(open_clip) -> None:
+    """Register the model configs CLIPFUSE_MODEL_CONFIGS names (each entry once per process)."""
+    for entry in os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep):
+        if not entry or entry in _added_configs:
+            continue
+        path = Path(entry).expanduser()
+        if not (path.is_dir() or path.suffix == ".json" and path.is_file()):
+            raise ClipfuseError(f"{MODEL_CONFIGS_ENV} names {entry!r}, which is neither a folder nor a .json file; "
+                                "list folders of open_clip model configs (or .json files), or unset it")
+        open_clip.add_model_config(path)
+        _added_configs.add(entry)
 
-    tiny.register_test_towers()
+
+def known_architectures() -> list[str]:
+    """open_clip's model names, with those added through CLIPFUSE_MODEL_CONFIGS."""
     return list(_open_clip().list_models())
 
 

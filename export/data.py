@@ -1,8 +1,9 @@
 """Labelled image folders and seeded sampling: which files, which labels, which few shots.
 
 A labelled folder is `root/<class folder>/<any depth>/<image>`. This module only
-lists files and draws index sets; reading images (and skipping unreadable ones)
-happens in the runtime's image loader. Everything here is deterministic: the
+lists files and draws index sets; which files are images and how a folder is
+scanned is the runtime's (runtime/images.py: one scan for predict and export),
+and so is reading images (and skipping unreadable ones). Everything here is deterministic: the
 same folder and seed give the same lists on every machine (paths are sorted,
 never taken in file-system order).
 
@@ -20,14 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from clipfuse.errors import ClipfuseError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-
-
-def is_image_file(name: str) -> bool:
-    """True for a visible file whose extension is an image one (case-insensitive)."""
-    # Names starting with '.' are skipped: macOS writes '._photo.jpg' resource forks next to images.
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+from clipfuse.runtime.images import IMAGE_EXTENSIONS, image_files, is_image_file
 
 
 def read_class_map(path) -> dict[str, str]:
@@ -71,14 +65,6 @@ def read_class_map(path) -> dict[str, str]:
     if not mapping:
         raise ClipfuseError(f"class map file {str(path)!r} maps no folders")
     return mapping
-
-
-def _list_images(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))   # skip .git, .ipynb_checkpoints, ...
-        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
-    return sorted(found)
 
 
 def scan_labelled_folder(root, classes: Mapping[str, str] | str | os.PathLike | None = None):
@@ -131,7 +117,7 @@ def scan_labelled_folder(root, classes: Mapping[str, str] | str | os.PathLike | 
     paths: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(mapping):
-        images = _list_images(root / folder)
+        images = image_files(root / folder)
         if not images:
             raise ClipfuseError(
                 f"class folder {str(root / folder)!r} has no image files "

@@ -151,11 +151,11 @@ def validation_images() -> list:
 
 def input_specs(backbones) -> dict:
     """{input_name: PreprocessSpec} for the distinct resolutions, ascending."""
-    from clipfuse.runtime.preprocess import PreprocessSpec
+    from clipfuse.runtime.preprocess import preprocess_spec
 
     specs: dict = {}
     for b in backbones:
-        spec = PreprocessSpec(b.image_size, b.preprocess.get("interpolation", "bicubic"), b.preprocess.get("resize_mode", "shortest"))
+        spec = preprocess_spec(b.preprocess)
         name = iospec.input_name(b.image_size)
         if name in specs and specs[name] != spec:
             raise ClipfuseError(f"backbones at {b.image_size} px disagree on host preprocessing ({specs[name]} vs {spec}); "

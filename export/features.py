@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from clipfuse.errors import ClipfuseError
+from clipfuse.log import log
 from clipfuse.runtime.manifest import sha256_file
 
 
@@ -92,7 +93,7 @@ class FeatureCache:
                 if not np.isfinite(feats).all():
                     raise ValueError("non-finite values")
             except Exception as e:
-                print(f"[clipfuse] cache shard {shard} is unreadable ({type(e).__name__}: {e}); discarding it", file=sys.stderr)
+                log(f"cache shard {shard} is unreadable ({type(e).__name__}: {e}); discarding it")
                 shard.unlink(missing_ok=True)
                 self.stats.rebuilt_shards += 1
                 continue
@@ -148,7 +149,7 @@ def compute_features(backbones, paths, cache: FeatureCache | None = None, batch_
 
     from clipfuse import iospec
     from clipfuse.runtime.images import iter_batches
-    from clipfuse.runtime.preprocess import PreprocessSpec
+    from clipfuse.runtime.preprocess import preprocess_spec
 
     cache = cache or FeatureCache()
     paths = [Path(p) for p in paths]
@@ -171,7 +172,7 @@ def compute_features(backbones, paths, cache: FeatureCache | None = None, batch_
         missing = [p for p in paths if p not in feats and p not in failures]
         if missing:
             tower = _Tower(b).eval()
-            spec = {iospec.input_name(b.image_size): PreprocessSpec(b.image_size, b.preprocess.get("interpolation", "bicubic"))}
+            spec = {iospec.input_name(b.image_size): preprocess_spec(b.preprocess)}
             bar = tqdm(total=len(missing), desc=f"features {k + 1}/{len(backbones)} {b.spec}", unit="img",
                        disable=not progress, file=sys.stderr, leave=True)
             new_keys, new_rows = [], []

@@ -27,8 +27,9 @@ import without it. Everything a user can get wrong (folder, precision, missing
 ONNX file, batch profile) is checked before TensorRT is imported, so the messages
 are the same on a machine without it.
 
-Status: written against the TensorRT 10/11 Python API documentation; executed
-only where TensorRT is installed (tests/test_trt.py, benchmarks/gpu_check.py).
+Status: never executed. Written against the TensorRT 10/11 Python API
+documentation; no run of it is recorded anywhere (tests/test_trt.py and
+benchmarks/gpu_check.py would run it where TensorRT is installed; none has been).
 """
 from __future__ import annotations
 

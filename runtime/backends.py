@@ -6,14 +6,31 @@ The idea is Polygraphy's runner: a backend is opened, fed, and closed,
         outputs = backend.infer({"image_224": uint8 (N, 3, 224, 224)})   # {name: array}, all 5 outputs
 
 and every backend has the same three calls, so predict, benchmarks and the
-comparison tests never care which one runs. Backends here:
+comparison tests never care which one runs. Backends:
 
-    onnxruntime            ONNX Runtime, CPU execution provider (the default on a machine without a GPU)
-    onnxruntime-cuda       ONNX Runtime, CUDA execution provider        (pip install onnxruntime-gpu)
-    onnxruntime-tensorrt   ONNX Runtime, TensorRT execution provider    (pip install 'clipfuse[tensorrt]')
-    torch / torch-cuda     the PyTorch reference, rebuilt from the manifest (needs torch + open_clip)
-    tensorrt               native TensorRT, provided by clipfuse.runtime.trt when that module exists
-                           (its contract: a Backend subclass TensorRTBackend(manifest, **options))
+    onnxruntime            ONNX Runtime, CPU execution provider (built in; the default)
+    onnxruntime-cuda       ONNX Runtime, CUDA execution provider        (built in; pip install onnxruntime-gpu)
+                           never executed: no run of it on a GPU is recorded anywhere
+    onnxruntime-tensorrt   ONNX Runtime, TensorRT execution provider    (built in; pip install 'clipfuse[tensorrt]')
+                           never executed, as onnxruntime-cuda
+    torch / torch-cuda     the PyTorch reference, rebuilt from the manifest (registered: clipfuse.export.torch_backend)
+    tensorrt               native TensorRT on a plan from `clipfuse build` (registered: clipfuse.runtime.trt);
+                           never executed
+
+The registry. The ONNX Runtime backends are defined here and built in: they
+are what a serving machine runs, so they must not depend on the package's
+installed metadata. Every other backend is found through Python entry points,
+group `clipfuse.backends` (pyproject.toml), never through an import: the
+runtime does not import clipfuse.export (an import contract in the tests keeps
+it so), and another package can add a backend the same way. An entry point
+names a Backend subclass, constructed as Class(manifest, **options); its
+classmethod `unavailable_reason()` says cheaply (importing nothing heavy) why
+it cannot run here, or None.
+
+backend="auto" picks only what has run somewhere: the never-executed GPU
+backends are named explicitly or not at all, except native TensorRT on an
+engine whose manifest records a plan built by `clipfuse build` (the user ran
+TensorRT on this engine, so it is theirs to trust).
 
 Heavy libraries are imported lazily: this module imports neither torch nor
 open_clip, and the ONNX Runtime path never does (a test checks it), so a
@@ -26,31 +43,33 @@ and raises ClipfuseError if it is not the one asked for.
 """
 from __future__ import annotations
 
-import importlib
+import functools
+import importlib.metadata
 import importlib.util
 import os
-import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
+from clipfuse.log import log
 from clipfuse.runtime.manifest import Manifest, check_onnxruntime_can_run, read_manifest, rebuild_hint
+from clipfuse.runtime.sessions import import_onnxruntime, open_session, session_options
 
-# Preference order of "auto": fastest first. GPU backends are only tried where an
-# NVIDIA GPU is visible; the CPU ONNX Runtime session beats PyTorch eager on the
-# same graph and needs neither torch nor open_clip, so it comes before torch.
-AUTO_ORDER = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
-BACKEND_NAMES = AUTO_ORDER
+ENTRY_POINT_GROUP = "clipfuse.backends"
+# Every documented backend, fastest first (the order error messages and available_backends() use).
+BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
+# Written against documentation, never run on any machine (see the module docstring).
+NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
+# What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
+# (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
+# PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
+AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
 
 INSTALL_ORT_GPU = "pip install onnxruntime-gpu (in place of onnxruntime; it needs the CUDA and cuDNN versions its release notes name)"
 INSTALL_TENSORRT = "pip install 'clipfuse[tensorrt]' (TensorRT, onnxruntime-gpu) on a machine with an NVIDIA GPU"
-
-
-def log(msg: str) -> None:
-    print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
 
 
 def nvidia_gpu_visible() -> bool:
@@ -138,25 +157,12 @@ def check_feed(manifest: Manifest, feed: dict) -> dict:
 _ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ClipfuseError("onnxruntime is not installed: pip install onnxruntime "
-                            "(or onnxruntime-gpu for the CUDA and TensorRT execution providers)") from None
-    return onnxruntime
-
-
 class OnnxRuntimeBackend(Backend):
     """ONNX Runtime on the CPU, CUDA or TensorRT execution provider.
 
-    CPU defaults come from measurement (benchmarks/runtime_thin.py, results in
-    benchmarks/results/runtime_thin.md; RN50 + ViT-B-32 on 2 cores, batch 8):
-    sequential execution with ORT's own intra-op thread count (one per physical
-    core, here 2): 816 ms; 1 thread: 1619 ms; ORT_PARALLEL: 1651-1767 ms, its
-    inter-op pool competes with the intra-op one for the same cores. Graph
-    optimisation level ALL. `spinning=False` stops idle intra-op threads from
-    spinning; measured no gain for predict here, so it is left to ORT.
+    The session comes from runtime/sessions.py, the one loader, with its measured
+    CPU defaults. The CPU provider is what has run; the CUDA and TensorRT
+    providers were never executed (no GPU run of them is recorded anywhere).
     """
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
@@ -192,16 +198,7 @@ class OnnxRuntimeBackend(Backend):
         return f"{self.name} ({self.providers[0]}; {self.device})"
 
     def session_options(self):
-        ort = _onnxruntime()
-        so = ort.SessionOptions()
-        so.log_severity_level = 3           # ORT's warnings are about its internals; ours name the cause
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if self.parallel else ort.ExecutionMode.ORT_SEQUENTIAL
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-        if self.spinning is not None:       # idle intra-op threads spin by default, taking cores from decoders
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        return so
+        return session_options(threads=self.threads, parallel=self.parallel, spinning=self.spinning)
 
     def _provider_list(self) -> list:
         ep = _ORT_PROVIDERS[self.provider]
@@ -231,21 +228,15 @@ class OnnxRuntimeBackend(Backend):
         return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
 
     def open(self) -> "OnnxRuntimeBackend":
-        ort = _onnxruntime()
+        ort = import_onnxruntime()
         ep = _ORT_PROVIDERS[self.provider]
         if ep not in ort.get_available_providers():
             raise ClipfuseError(_missing_provider_message(self.name, ort))
         check_onnxruntime_can_run(self.manifest)
-        try:
-            with warnings.catch_warnings():   # ORT warns of a missing provider and falls back; we refuse below
-                warnings.simplefilter("ignore")
-                self.session = ort.InferenceSession(str(self.manifest.onnx_path), self.session_options(),
-                                                    providers=self._provider_list())
-        except Exception as e:      # ORT raises its own pybind exception types for a bad graph
-            raise ClipfuseError(
-                f"onnxruntime {ort.__version__} cannot load {str(self.manifest.onnx_path)!r} "
-                f"(opset {self.manifest.data['onnx'].get('opset')}): {type(e).__name__}: {str(e)[:300]}. "
-                f"Upgrade onnxruntime, or rebuild the engine: {rebuild_hint(self.manifest)}") from None
+        opset = self.manifest.data["onnx"].get("opset")
+        self.session = open_session(self.manifest.onnx_path, self.session_options(), providers=self._provider_list(),
+                                    hint=f"The graph is opset {opset}: upgrade onnxruntime, or rebuild the engine: "
+                                         f"{rebuild_hint(self.manifest)}")
         active = self.session.get_providers()
         if active[0] != ep:
             self.session = None
@@ -312,145 +303,77 @@ def _shape_hint(manifest: Manifest, name: str, axis: int) -> str:
     return ""
 
 
-# ----------------------------------------------------------------------------- PyTorch
+# ----------------------------------------------------------------------------- the registry
 
-class TorchBackend(Backend):
-    """The PyTorch reference: the FusedEnsemble rebuilt from the manifest, heads and controller.
-
-    Backbones are rebuilt with export.backbones.load_backbone, which is exact for
-    random:SEED and checkpoint-file weights (a pretrained tag needs open_clip's
-    download or cache). The rebuilt image tower must hash to the manifest's
-    weights_sha256, otherwise this is not the network the graph was made from.
-    """
-
-    def __init__(self, manifest: Manifest, device: str = "cpu", threads: int | None = None):
-        super().__init__(manifest)
-        if device not in ("cpu", "cuda"):
-            raise ClipfuseError(f"unknown torch device {device!r}; valid: cpu, cuda")
-        self._device, self.threads = device, threads
-        self.name = "torch" if device == "cpu" else "torch-cuda"
-        self.model = None
-
-    @property
-    def providers(self) -> list[str]:
-        return [f"torch {self._device}"]
-
-    @property
-    def device(self) -> str:
-        return self._device
-
-    def open(self) -> "TorchBackend":
-        for module in ("torch", "open_clip"):
-            if importlib.util.find_spec(module) is None:
-                raise ClipfuseError(f"backend {self.name} needs {module}: pip install torch open_clip_torch "
-                                    "(or use --backend onnxruntime, which needs neither)")
-        import torch
-
-        from clipfuse.export.backbones import load_backbone
-        from clipfuse.export.fused import FusedEnsemble, load_controller
-        from clipfuse.export.heads import load_heads
-
-        if self._device == "cuda" and not torch.cuda.is_available():
-            raise ClipfuseError("backend torch-cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
-                                "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --backend torch")
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        m = self.manifest
-        visuals = []
-        for i, b in enumerate(m.backbones):
-            spec = f"{b['arch']}:{b['weights']}"
-            built = load_backbone(spec)
-            if built.weights_sha256 != b["weights_sha256"]:
-                raise ClipfuseError(
-                    f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilt here has image-tower weights "
-                    f"{built.weights_sha256[:12]}..., the manifest records {b['weights_sha256'][:12]}...: these are not the "
-                    "weights the graph was exported from (another open_clip version, or a changed checkpoint file), "
-                    f"so the torch backend cannot reproduce it. Use --backend onnxruntime, or rebuild: {rebuild_hint(m)}")
-            if built.image_size != b["image_size"] or built.embed_dim != b["embed_dim"]:
-                raise ClipfuseError(f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilds at {built.image_size} px, "
-                                    f"D={built.embed_dim}; the manifest says {b['image_size']} px, D={b['embed_dim']}")
-            visuals.append(built.model.visual)
-            del built
-        heads = load_heads(m.folder / m.data.get("heads_file", "heads.safetensors"), num_backbones=len(visuals))
-        for i, (h, b) in enumerate(zip(heads, m.backbones)):
-            if tuple(h.weight.shape) != (len(m.classes), b["embed_dim"]):
-                raise ClipfuseError(
-                    f"engine {str(m.folder)!r}: head {i} in {m.data.get('heads_file', 'heads.safetensors')} has shape "
-                    f"{tuple(h.weight.shape)}, the manifest needs ({len(m.classes)} classes, D={b['embed_dim']}): the "
-                    f"heads file comes from another engine; {rebuild_hint(m)}")
-        controller = load_controller(m.folder / m.data.get("controller", {}).get("file", "controller.safetensors"))
-        self.model = FusedEnsemble(visuals, heads, [b["image_size"] for b in m.backbones],
-                                   [b["mean"] for b in m.backbones], [b["std"] for b in m.backbones],
-                                   controller).eval().to(self._device)
-        if self._device == "cuda":
-            # A reference computes in fp32: cuDNN convolutions default to TF32 on Ampere and later
-            # (10-bit mantissa, ~1e-3 relative error), which the comparison with ORT would see.
-            # Process-wide flags, so they are put back on close().
-            self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-        self._torch = torch
-        self.output_names = [o["name"] for o in m.outputs]
-        self.is_open = True
-        return self
-
-    def _infer(self, feed):
-        torch = self._torch
-        images = [torch.from_numpy(feed[iospec.input_name(r)]).to(self._device) for r in self.model.resolutions]
-        with torch.inference_mode():
-            outs = self.model(*images)
-        return {name: o.float().cpu().numpy() for name, o in zip(self.output_names, outs)}
-
-    def close(self) -> None:
-        if self.model is not None and self._device == "cuda":
-            self._torch.backends.cudnn.allow_tf32, self._torch.backends.cuda.matmul.allow_tf32 = self._tf32
-        self.model = None
-        super().close()
+@functools.lru_cache(maxsize=None)
+def registered_backends() -> dict:
+    """{name: entry point} of group `clipfuse.backends` (read once per process)."""
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
-# ----------------------------------------------------------------------------- choosing one
+def backend_names() -> list[str]:
+    """Every backend name this installation knows: the documented ones, then any other registered."""
+    return list(BACKEND_NAMES) + sorted(set(registered_backends()) - set(BACKEND_NAMES))
 
-def _native_tensorrt():
-    """clipfuse.runtime.trt (added by the TensorRT issue) and tensorrt itself, or the reason they are absent."""
+
+def backend_class(name: str) -> type:
+    """The Backend subclass registered under `name`, or ClipfuseError saying why it cannot be had."""
+    ep = registered_backends().get(name)
+    if ep is None:
+        raise ClipfuseError(f"backend {name} is not registered (no entry point {name!r} in group {ENTRY_POINT_GROUP!r}): "
+                            "reinstall clipfuse (pip install -e . in a checkout) so its entry points are written")
     try:
-        trt_module = importlib.import_module("clipfuse.runtime.trt")
-        importlib.import_module("tensorrt")
+        cls = ep.load()
     except ImportError as e:
-        return None, ("the native TensorRT backend needs the tensorrt package and an NVIDIA GPU "
-                      f"(and a clipfuse with clipfuse.runtime.trt; here: {e}): {INSTALL_TENSORRT}")
-    return trt_module, None
+        raise ClipfuseError(f"backend {name} is registered as {ep.value} but cannot be imported "
+                            f"({type(e).__name__}: {e}); reinstall the package that provides it") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ClipfuseError(f"backend {name} is registered as {ep.value}, which is not a clipfuse Backend subclass")
+    return cls
 
 
 def unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run here (what to install), or None when it can be tried.
 
-    Cheap: imports onnxruntime at most, never torch (torch-cuda is judged from the
-    driver's view of the GPU and whether torch is installed)."""
-    if name not in BACKEND_NAMES:
-        raise ClipfuseError(f"unknown backend {name!r}; valid: auto, {', '.join(BACKEND_NAMES)}")
-    if name == "tensorrt":
-        return _native_tensorrt()[1]
-    if name.startswith("onnxruntime"):
+    Cheap: imports onnxruntime at most, never torch (registered backends judge themselves
+    without importing their heavy libraries)."""
+    if name not in backend_names():
+        raise ClipfuseError(f"unknown backend {name!r}; valid: auto, {', '.join(backend_names())}")
+    if name in BUILTIN:
         if importlib.util.find_spec("onnxruntime") is None:
             return "onnxruntime is not installed: pip install onnxruntime"
         if name != "onnxruntime":
-            ort = _onnxruntime()
+            ort = import_onnxruntime()
             ep = _ORT_PROVIDERS[name.split("-", 1)[1]]
             if ep not in ort.get_available_providers():
                 return _missing_provider_message(name, ort)
             if not nvidia_gpu_visible():
                 return f"backend {name} needs an NVIDIA GPU and none is visible (no /proc/driver/nvidia/gpus)"
         return None
-    missing = [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"backend {name} needs {' and '.join(missing)}: pip install torch open_clip_torch"
-    if name == "torch-cuda" and not nvidia_gpu_visible():
-        return "backend torch-cuda needs an NVIDIA GPU and none is visible (no /proc/driver/nvidia/gpus)"
-    return None
+    try:
+        cls = backend_class(name)
+    except ClipfuseError as e:
+        return str(e)
+    check = getattr(cls, "unavailable_reason", None)
+    return check() if check is not None else None
 
 
 def available_backends() -> list[str]:
-    """Backends that can be tried here, fastest first (the order "auto" tries them)."""
-    return [name for name in AUTO_ORDER if unavailable_reason(name) is None]
+    """Backends that can be tried here, fastest first. backend="auto" tries only some of them
+    (see auto_candidates)."""
+    return [name for name in backend_names() if unavailable_reason(name) is None]
+
+
+def built_plans(manifest: Manifest) -> dict:
+    """{precision: plan entry} for the TensorRT plans `clipfuse build` recorded and that are on disk."""
+    plans = manifest.data.get("plans") or {}
+    return {p: e for p, e in plans.items() if isinstance(e, dict) and (manifest.folder / e.get("file", "")).is_file()}
+
+
+def auto_candidates(manifest: Manifest) -> list[str]:
+    """What backend="auto" tries, in order: native TensorRT first only when the engine holds a plan
+    built by `clipfuse build`; never the never-executed ONNX Runtime GPU providers."""
+    return (["tensorrt"] if built_plans(manifest) else []) + list(AUTO_ORDER)
 
 
 def make_backend(manifest: Manifest, name: str, **options) -> Backend:
@@ -458,36 +381,35 @@ def make_backend(manifest: Manifest, name: str, **options) -> Backend:
     reason = unavailable_reason(name)
     if reason is not None:
         raise ClipfuseError(reason)
-    if name == "tensorrt":
-        trt_module, _ = _native_tensorrt()
-        return trt_module.TensorRTBackend(manifest, **options)
-    if name.startswith("onnxruntime"):
+    if name in BUILTIN:
         provider = name.split("-", 1)[1] if "-" in name else "cpu"
         return OnnxRuntimeBackend(manifest, provider=provider, **options)
-    return TorchBackend(manifest, device="cuda" if name == "torch-cuda" else "cpu", **options)
+    return backend_class(name)(manifest, **options)
 
 
 def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", quiet: bool = False,
                  **options) -> Backend:
-    """An opened backend for the engine. name="auto" tries AUTO_ORDER and logs its pick on stderr;
-    a named backend that cannot run raises ClipfuseError saying what to install."""
+    """An opened backend for the engine. name="auto" tries auto_candidates() and logs its pick on
+    stderr; a named backend that cannot run raises ClipfuseError saying what to install."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     if name != "auto":
         return make_backend(manifest, name, **options).open()
     skipped = []
-    for candidate in AUTO_ORDER:
+    plans = built_plans(manifest)
+    for candidate in auto_candidates(manifest):
         reason = unavailable_reason(candidate)
         if reason is None:
+            kw = dict(options)
+            if candidate == "tensorrt":     # the plan that was built: fp32 if there is one
+                kw.setdefault("precision", "fp32" if "fp32" in plans else next(iter(plans)))
             try:
-                backend = make_backend(manifest, candidate, **options).open()
-            except ClipfuseError as e:      # e.g. a GPU provider that cannot start: say so, try the next
+                backend = make_backend(manifest, candidate, **kw).open()
+            except ClipfuseError as e:      # e.g. a plan built on another GPU: say so, try the next
                 reason = str(e)
-                if not quiet:
-                    log(f"backend auto: {candidate} cannot run: {reason}")
+                log(f"backend auto: {candidate} cannot run: {reason}", quiet)
             else:
-                if not quiet:
-                    log(f"backend auto -> {backend.describe()}")
+                log(f"backend auto -> {backend.describe()}", quiet)
                 return backend
         if candidate in ("onnxruntime", "torch") or nvidia_gpu_visible():
             skipped.append(f"{candidate}: {reason}")   # GPU backends on a machine without one: not news

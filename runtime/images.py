@@ -37,7 +37,8 @@ from PIL import Image, UnidentifiedImageError
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_for_inputs
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+# The one list of image extensions (matched in any case); export/data.py scans labelled folders with it too.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 _BATCHES_IN_FLIGHT = 2        # decoded ahead of the consumer; bounds memory to ~3 batches
 
 
@@ -69,13 +70,21 @@ def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _images_in_folder(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted; hidden files and folders (".*") are skipped,
-    so macOS "._IMG_0001.jpg" companions and ".thumbnails/" are not fed to the model."""
+def is_image_file(name: str | os.PathLike) -> bool:
+    """True for a visible file whose extension is an image one, in any case. Names starting with "."
+    are hidden: macOS writes "._IMG_0001.jpg" resource forks next to images."""
+    name = Path(name).name
+    return not name.startswith(".") and _is_image_name(Path(name))
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Image files under `folder`, recursively, sorted (never file-system order); hidden files and
+    folders (".*": "._IMG_0001.jpg", ".thumbnails/", ".git/") are skipped. The one folder scan:
+    predict's folders and export's labelled class folders both list images here."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root, f) for f in files if not f.startswith(".") and _is_image_name(Path(f))]
+        found += [Path(root, f) for f in files if is_image_file(f)]
     return sorted(found)
 
 
@@ -87,7 +96,7 @@ def _expand(source: str, where: str = "", globbing: bool = True) -> list[Path]:
     """One source -> its image paths; raises ClipfuseError naming it when it yields nothing."""
     path = Path(source)
     if path.is_dir():
-        images = _images_in_folder(path)
+        images = image_files(path)
         if not images:
             raise ClipfuseError(f"folder {source}{where} contains no images "
                                 f"({' '.join(sorted(IMAGE_EXTENSIONS))}); check the path")
@@ -98,7 +107,7 @@ def _expand(source: str, where: str = "", globbing: bool = True) -> list[Path]:
         images = []
         for match in sorted(glob.glob(source, recursive=True)):
             m = Path(match)
-            images += _images_in_folder(m) if m.is_dir() else [m] if _is_image_name(m) else []
+            images += image_files(m) if m.is_dir() else [m] if _is_image_name(m) else []
         if not images:
             raise ClipfuseError(f"pattern {source!r}{where} matches no image files; check the pattern")
         return images

@@ -33,7 +33,19 @@ class PreprocessSpec:
 
     @classmethod
     def from_json(cls, d: dict) -> "PreprocessSpec":
-        return cls(int(d["size"]), d.get("interpolation", "bicubic"), d.get("resize_mode", "shortest"))
+        return preprocess_spec(d)
+
+
+def preprocess_spec(cfg: dict) -> PreprocessSpec:
+    """The one PreprocessSpec builder, for export (open_clip's preprocess_cfg, size R or (R, R)) and
+    the runtime (a manifest input's "preprocess" entry, size R) alike; interpolation and resize_mode
+    default to open_clip's, bicubic and shortest."""
+    size = cfg["size"]
+    if not isinstance(size, int):
+        if len(size) != 2 or size[0] != size[1]:
+            raise ValueError(f"non-square input size {tuple(size)} is not supported")
+        size = size[0]
+    return PreprocessSpec(int(size), cfg.get("interpolation", "bicubic"), cfg.get("resize_mode", "shortest"))
 
 
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -17,15 +17,24 @@ one more): device buffers and pinned host buffers are allocated once, at the
 profile's max batch, and reused; a call copies the inputs host -> pinned ->
 device on the stream, runs, copies the outputs back and synchronises once.
 
-Status: written against the TensorRT 10/11 Python API documentation; executed
-only where TensorRT and a GPU exist (tests/test_trt.py skips elsewhere).
+Status: never executed. Written against the TensorRT 10/11 Python API
+documentation; no machine that ran it is recorded anywhere (tests/test_trt.py
+skips where TensorRT is absent, which so far is everywhere it ran). For that
+reason backend="auto" tries it only on an engine whose manifest records a plan
+that `clipfuse build` made.
+
+Registered as backend `tensorrt` through the entry points of group
+`clipfuse.backends` (pyproject.toml), like every optional backend.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 
 from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.backends import Backend
+from clipfuse.runtime import backends  # module, not names: nvidia_gpu_visible is looked up per call (tests fake it)
+from clipfuse.runtime.backends import INSTALL_TENSORRT, Backend
 from clipfuse.runtime.manifest import Manifest
 
 
@@ -81,6 +90,15 @@ class TensorRTBackend(Backend):
         self.precision, self.use_aux_streams, self.device_id = precision, aux_streams, device_id
         self.engine = self.context = None
         # threads: accepted for the common backend options (predict passes it); TensorRT has no intra-op threads
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why TensorRT cannot run here, or None; cheap: imports nothing (the registry's check)."""
+        if importlib.util.find_spec("tensorrt") is None or not backends.nvidia_gpu_visible():
+            missing = "no tensorrt package" if importlib.util.find_spec("tensorrt") is None else "no GPU visible"
+            return (f"the native TensorRT backend needs the tensorrt package and an NVIDIA GPU (here: {missing}): "
+                    f"{INSTALL_TENSORRT}")
+        return None
 
     @property
     def providers(self) -> list[str]:

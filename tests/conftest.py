@@ -1,6 +1,7 @@
 """Shared fixtures: tiny seeded towers, one tiny engine per session, the shipped photographs.
 
-Nothing here downloads anything: every backbone is `ARCH:random:SEED`.
+Nothing here downloads anything: every backbone is `ARCH:random:SEED`. The tiny towers
+(tests/tiny_towers.py) are registered here, through CLIPFUSE_MODEL_CONFIGS, before any test runs.
 """
 from __future__ import annotations
 
@@ -9,19 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tiny_towers import use_tiny_towers
+
 # Never let a test reach a model hub, even by mistake.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Set at import, before any test starts a child process: children inherit it.
+use_tiny_towers()
 
 TINY = ["clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1", "clipfuse-test-vit48:random:2"]
 TINY_CLASSES = ["astronaut", "cat", "cup of coffee", "rocket"]
 TWO_TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _tiny_towers():
-    from clipfuse.export.tiny import register_test_towers
-
-    register_test_towers()
 
 
 @pytest.fixture(scope="session")

@@ -128,12 +128,50 @@ def test_pretrained_download_failure_says_what_to_do(monkeypatch):
         load_backbone("RN50:openai")
 
 
-def test_flop_counter_on_tiny_vit_matches_hand_count():
-    """Sanity of the GFLOPs column: the patch embedding alone is 2 * (3*8*8) * 64 * 16 FLOPs."""
+def test_flop_counter_and_params_on_tiny_vit_match_hand_count():
+    """The GFLOPs and parameter columns, exactly, for clipfuse-test-vit (tests/towers/): 32 px, patch 8
+    -> N = 16 patches + 1 class token, width W = 64, L = 2 layers, MLP 4W, projection to E = 32.
+
+    torch's flop counter sees the convolution and every matrix product with a weight (qkv, out,
+    MLP, projection); it does not see the attention core (q k^T and attn v, 2 * 2 * N^2 * W per
+    layer: its CPU SDPA kernel has no FLOP formula), so neither does the GFLOPs column."""
     b = load_backbone("clipfuse-test-vit:random:0")
-    total = count_image_gflops(b.model.visual, 32) * 1e9
-    patch = 2 * (3 * 8 * 8) * 64 * 16
-    assert total > patch
-    # and it counts attention: with the MHA fast path it would be invisible
-    per_layer_qkv = 2 * 17 * 64 * 3 * 64
-    assert total > patch + 2 * per_layer_qkv
+    N, W, L, E, P = 17, 64, 2, 32, 8
+    patch = 2 * (3 * P * P) * W * 16                                       # conv1, stride P, no bias
+    per_layer = 2 * N * W * 3 * W + 2 * N * W * W + 2 * (2 * N * W * 4 * W)   # qkv, out, MLP up + down
+    proj = 2 * W * E                                                       # class token only
+    assert count_image_gflops(b.model.visual, 32) * 1e9 == patch + L * per_layer + proj
+    # without the fast path (count_image_gflops turns it off) the qkv products would be invisible
+    assert per_layer > 2 * N * W * 3 * W > 0
+    params = (3 * P * P * W + W + N * W + 2 * W                              # conv1, class emb, pos emb, ln_pre
+              + L * (2 * W + (3 * W * W + 3 * W) + (W * W + W) + 2 * W + (W * 4 * W + 4 * W) + (4 * W * W + W))
+              + 2 * W + W * E)                                             # ln_post, proj
+    assert b.info["visual_params"] == params == sum(v.numel() for v in b.model.visual.state_dict().values())
+
+
+def test_tiny_towers_are_not_production_architectures():
+    """Production code registers no test tower: with CLIPFUSE_MODEL_CONFIGS unset, `clipfuse
+    backbones --all` does not list them and a backbone string naming one is refused."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from click.testing import CliRunner; from clipfuse.cli import cli; "
+            "from clipfuse.errors import ClipfuseError; from clipfuse.export.backbones import parse_backbone\n"
+            "r = CliRunner().invoke(cli, ['backbones', '--all']); print(r.exit_code); print(r.output)\n"
+            "try:\n    parse_backbone('clipfuse-test-vit:random:0')\nexcept ClipfuseError as e:\n    print(e)")
+    env = {k: v for k, v in os.environ.items() if k != "CLIPFUSE_MODEL_CONFIGS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("0\n") and "all open_clip architectures:" in r.stdout and " ViT-B-32 " in r.stdout
+    assert "clipfuse-test" not in r.stdout.split("all open_clip architectures:")[1].split("\n\n")[0]
+    assert "unknown backbone architecture 'clipfuse-test-vit'" in r.stdout
+
+
+def test_model_configs_variable_adds_architectures_and_names_a_bad_entry(tmp_path, monkeypatch):
+    from clipfuse.export import backbones
+
+    assert "clipfuse-test-rn" in backbones.known_architectures()     # conftest set it for this process
+    monkeypatch.setenv(backbones.MODEL_CONFIGS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(ClipfuseError, match=r"CLIPFUSE_MODEL_CONFIGS names '.*nowhere', which is neither a folder"):
+        parse_backbone("RN50")

@@ -6,12 +6,12 @@ import pytest
 
 from clipfuse.errors import ClipfuseError
 from clipfuse.export.data import (
-    IMAGE_EXTENSIONS,
     read_class_map,
     sample_k_shot,
     scan_labelled_folder,
     seeded_split,
 )
+from clipfuse.runtime.images import IMAGE_EXTENSIONS
 
 
 def touch(path, data=b"x"):
@@ -40,6 +40,15 @@ def test_scan_lists_images_recursively_with_sorted_class_folders(tree):
     rel = [p.relative_to(tree).as_posix() for p in paths]
     assert rel == ["cat/y.Tiff", "cat/z.webp", "dog/b.JPG", "dog/deeper/more/a.png"]
     assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 1, 1]
+
+
+def test_labelled_scan_and_predict_folder_scan_list_the_same_files(tree):
+    """One image scan: a class folder lists exactly what `clipfuse predict FOLDER` would classify."""
+    from clipfuse.runtime.images import collect_images
+
+    paths, labels, names = scan_labelled_folder(tree)
+    for label, name in enumerate(names):
+        assert collect_images([tree / name]) == [p for p, y in zip(paths, labels) if y == label]
 
 
 @pytest.mark.parametrize("ext", IMAGE_EXTENSIONS)

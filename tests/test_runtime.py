@@ -15,7 +15,8 @@ from PIL import Image
 from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime import backends as bk
-from clipfuse.runtime.backends import OnnxRuntimeBackend, TorchBackend, open_backend
+from clipfuse.export.torch_backend import TorchBackend
+from clipfuse.runtime.backends import OnnxRuntimeBackend, open_backend
 from clipfuse.runtime.manifest import (check_onnxruntime_can_run, onnxruntime_max_opset, read_manifest,
                                        sha256_file)
 from clipfuse.runtime.predict import Predictor, load_predictor
@@ -195,6 +196,80 @@ def test_silent_cpu_fallback_is_refused(tiny_engine, monkeypatch):
     assert "could not start CUDAExecutionProvider" in str(e.value) and "no silent fallback" in str(e.value)
 
 
+@pytest.fixture
+def every_gpu_backend(monkeypatch):
+    """This machine as a GPU box where every never-executed backend would start (faked availability)
+    and torch sees no CUDA (so torch-cuda, which did run on a GPU, is out of the way)."""
+    from clipfuse.export.torch_backend import TorchCudaBackend
+    from clipfuse.runtime.trt import TensorRTBackend
+
+    monkeypatch.setattr(bk, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(TensorRTBackend, "unavailable_reason", classmethod(lambda cls: None))
+    monkeypatch.setattr(TorchCudaBackend, "unavailable_reason", classmethod(lambda cls: "no CUDA here"))
+    tried = []
+    real = bk.make_backend
+
+    def spy(manifest, name, **options):
+        tried.append((name, options))
+        return real(manifest, name, **options)
+
+    monkeypatch.setattr(bk, "make_backend", spy)
+    return tried
+
+
+def test_auto_never_picks_a_never_executed_backend(engine_copy, every_gpu_backend, capsys):
+    m = read_manifest(engine_copy)
+    assert {"tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda"} <= set(bk.available_backends())
+    assert bk.auto_candidates(m) == ["torch-cuda", "onnxruntime", "torch"]
+    with open_backend(m, "auto") as b:
+        assert isinstance(b, OnnxRuntimeBackend) and b.provider == "cpu"
+    assert [name for name, _ in every_gpu_backend] == ["onnxruntime"]
+    assert "backend auto -> onnxruntime (CPUExecutionProvider" in capsys.readouterr().err
+
+
+def test_auto_tries_tensorrt_only_when_clipfuse_build_recorded_a_plan(engine_copy, every_gpu_backend, capsys):
+    # recorded but not on disk: not a plan the user has
+    edit_manifest(engine_copy, lambda d: d.update(plans={"fp16": {"file": "model.fp16.plan", "tensorrt": "10.13.0"}}))
+    assert bk.auto_candidates(read_manifest(engine_copy, verify=False))[0] == "torch-cuda"
+    (engine_copy / "model.fp16.plan").write_bytes(b"not a real plan")
+    m = read_manifest(engine_copy, verify=False)
+    assert bk.auto_candidates(m) == ["tensorrt", "torch-cuda", "onnxruntime", "torch"]
+    with open_backend(m, "auto") as b:      # TensorRT itself is absent here: auto says so and goes on
+        assert isinstance(b, OnnxRuntimeBackend) and b.provider == "cpu"
+    assert every_gpu_backend[0] == ("tensorrt", {"precision": "fp16"})      # the precision that was built
+    assert [name for name, _ in every_gpu_backend] == ["tensorrt", "onnxruntime"]
+    assert "backend auto: tensorrt cannot run: TensorRT is not installed" in capsys.readouterr().err
+
+
+def test_torch_backend_comes_from_the_registry(tiny_engine):
+    m = read_manifest(tiny_engine)
+    assert type(bk.make_backend(m, "torch")) is TorchBackend
+    assert bk.backend_class("torch-cuda")(m).device == "cuda"
+    assert bk.registered_backends()["torch"].value == "clipfuse.export.torch_backend:TorchBackend"
+
+
+@pytest.mark.parametrize("value, expect", [
+    ("clipfuse_no_such_module:Backend", "is registered as clipfuse_no_such_module:Backend but cannot be imported"),
+    ("json:dumps", "is registered as json:dumps, which is not a clipfuse Backend subclass"),
+])
+def test_a_broken_registration_is_named(tiny_engine, monkeypatch, value, expect):
+    from importlib.metadata import EntryPoint
+
+    eps = dict(bk.registered_backends(), extra=EntryPoint("extra", value, bk.ENTRY_POINT_GROUP))
+    monkeypatch.setattr(bk, "registered_backends", lambda: eps)
+    assert expect in bk.unavailable_reason("extra")
+    with pytest.raises(ClipfuseError, match=expect):
+        open_backend(tiny_engine, "extra")
+
+
+def test_an_unregistered_documented_backend_says_to_reinstall(tiny_engine, monkeypatch):
+    monkeypatch.setattr(bk, "registered_backends", lambda: {})
+    with pytest.raises(ClipfuseError, match="backend torch is not registered .*reinstall clipfuse"):
+        open_backend(tiny_engine, "torch")
+
+
 def test_trt_cache_lives_in_the_engine_folder(engine_copy):
     b = OnnxRuntimeBackend(read_manifest(engine_copy), provider="tensorrt", max_batch=16)
     trt, cuda, cpu = b._provider_list()
@@ -370,3 +445,28 @@ def test_public_api(tiny_engine, photo_paths):
         preds = p.predict(photo_paths[:3], top_k=1)
     assert [len(x.labels) for x in preds] == [1, 1, 1]
     assert "onnxruntime" in clipfuse.available_backends()
+
+
+def test_one_preprocess_spec_builder_for_export_and_runtime(tiny_engine):
+    """The manifest's specs (runtime) equal what export builds from open_clip's preprocess_cfg."""
+    from clipfuse.export.backbones import load_backbone
+    from clipfuse.export.engine import input_specs
+    from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_spec
+
+    assert input_specs([load_backbone(b) for b in TINY]) == read_manifest(tiny_engine).preprocess_specs()
+    assert preprocess_spec({"size": (48, 48), "interpolation": "bilinear"}) == PreprocessSpec(48, "bilinear", "shortest")
+    with pytest.raises(ValueError, match=r"non-square input size \(48, 64\)"):
+        preprocess_spec({"size": (48, 64)})
+
+
+def test_onnxruntime_backend_opens_through_the_one_session_loader(engine_copy, monkeypatch):
+    calls = []
+    real = bk.open_session
+    monkeypatch.setattr(bk, "open_session", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    with OnnxRuntimeBackend(read_manifest(engine_copy), threads=1) as b:
+        assert b.session.get_session_options().intra_op_num_threads == 1
+    assert calls == [engine_copy / "model.onnx"]
+    (engine_copy / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(ClipfuseError) as e:
+        OnnxRuntimeBackend(read_manifest(engine_copy, verify=False)).open()
+    assert "cannot load" in str(e.value) and "upgrade onnxruntime, or rebuild the engine: `clipfuse export" in str(e.value)
