@@ -25,8 +25,9 @@ def data(tmp_path_factory, photo_paths):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data):
     base = tmp_path_factory.mktemp("fit")
+    # NLC forced: these tests check the fitted NLC inside the graph (auto may ship another method).
     result, report = fit_engine(TINY[:2], data, base / "engine", shots=2, seed=1, eval_fraction=0.34,
-                                templates=["a photo of a {}."], cache_dir=base / "cache", **STUDY)
+                                templates=["a photo of a {}."], cache_dir=base / "cache", controller="nlc", **STUDY)
     return result.folder, report, base
 
 
@@ -131,7 +132,9 @@ def test_paper_zero_shot_script_end_to_end(tmp_path, data):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["study"]["shots"] == [1, 2] and saved["study"]["seeds"] == [0, 1]
     assert saved["head"] == "zero-shot" and report["backbones"] == [TINY[0], TINY[2]]
-    assert read_manifest(tmp_path / "eng").data["controller"]["kind"] == "nlc"
+    shipped = read_manifest(tmp_path / "eng").data["fit"]["shipped"]
+    kind = read_manifest(tmp_path / "eng").data["controller"]["kind"]
+    assert kind == {"nlc": "nlc", "static": "static", "single": "static", "mean": "constant"}[shipped["method"]]
 
 
 def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
