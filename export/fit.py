@@ -424,4 +424,5 @@ def _write_eval_report(res: dict, folder: Path) -> dict:
     md, js = folder / "eval.md", folder / "eval.json"
     write_file_atomic(md, format_eval(res, _heat_line(heat)) + "\n")
     write_file_atomic(js, json.dumps({k: v for k, v in res.items() if k != "report"}, indent=2) + "\n")
-    return {"markdown": str(md), "json": str(js), "heatmap": str(folder / HEATMAP) if why is None else why}
+    return {"markdown": str(md), "json": str(js), "heatmap": str(folder / HEATMAP) if why is None else None,
+            "heatmap_line": f"heat map: {folder / HEATMAP}" if why is None else why}
