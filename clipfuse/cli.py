@@ -163,7 +163,7 @@ def eval_(engine, data, classes, batch, as_json, report_dir, quiet):
     """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder, the row the
     engine ships marked, and the backbones' diversity with the controller's failure signatures."""
     from clipfuse import api
-    from clipfuse.export.fit import format_eval
+    from clipfuse.export.fit_report import format_eval
 
     res = api.eval_engine(engine, data, classes=classes, batch_size=batch, quiet=quiet, report_dir=report_dir)
     if as_json:

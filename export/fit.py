@@ -8,7 +8,8 @@ fit:  labelled folder -> features (cached) -> heads (zero-shot, or linear probes
       backbone; see export/select.py), with report.md/json and the diversity
       figures (export/diversity.py) on the eval split.
 eval: the exported graph (ONNX Runtime, not the PyTorch module) on a labelled
-      folder -> the same table, from the graph's own outputs.
+      folder -> the same table, from the graph's own outputs, the shipped row
+      marked, and the diversity figures. The reports' text: export/fit_report.py.
 
 Splits:
 - eval images: a separate folder (--eval) or a stratified seeded split of
@@ -33,10 +34,11 @@ from clipfuse.errors import ClipfuseError
 
 from clipfuse.log import log
 
+from clipfuse.export.fit_report import HEATMAP, render_report  # noqa: F401  (render_report: its callers import it from here)
+
 SPLIT_SEED = 0
 STATIC = "static.safetensors"
 NLC_FILE = "nlc.safetensors"        # the fitted NLC, kept even when another method ships (eval scores it)
-HEATMAP = "diversity.png"
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 
@@ -224,12 +226,13 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     log(f"shipping {choice['row']}: {choice['reason']}", quiet)
 
     from clipfuse.export import diversity as dv
+    from clipfuse.export.fit_report import heatmap_bytes
 
     div = dv.diversity_report(Z_ev, ev_labels, names, class_names,
                               temperatures=nlc.controller_temperatures(controller_nlc, X_ev), accuracy=shipped, losses=losses)
     for line in div["signatures"]:
         log(f"warning: {line}", quiet)
-    heat = _heatmap_bytes(div)
+    heat = heatmap_bytes(div)
     same_draws = identical_draws(y_pool, C, ok_shots, study_seeds)
 
     report = {
@@ -278,73 +281,13 @@ def identical_draws(y_pool, num_classes: int, shots, seeds) -> list[int]:
     return same
 
 
-def _heatmap_bytes(div: dict):
-    """The diversity heat map as PNG bytes, or the line saying why it was skipped."""
-    import tempfile
-
-    from clipfuse.export.diversity import save_heatmap
-
-    with tempfile.TemporaryDirectory() as d:
-        why = save_heatmap(div, Path(d) / HEATMAP)
-        return why if why is not None else (Path(d) / HEATMAP).read_bytes()
-
-
-def _heat_line(heatmap: str | None) -> str:
-    return f"![pairwise diversity]({heatmap})" if heatmap == HEATMAP else (heatmap or "")
-
-
-def render_report(report: dict) -> str:
-    from clipfuse.export.diversity import to_markdown
-    from clipfuse.export.nlc import study_to_markdown
-
-    s = report["shipped"]
-    same = report.get("identical_draws", [])
-    table = study_to_markdown(report["study"])
-    if same:                                    # mark the columns whose seeds all drew the same shots
-        head, rest = table.split("\n", 1)
-        for k in same:
-            head = head.replace(f" {k}-shot |", f" {k}-shot † |")
-        table = head + "\n" + rest
-    lines = [
-        f"# clipfuse fit: {', '.join(report['backbones'])}",
-        "",
-        f"- data: {report['data']}; eval: {report['eval']} ({report['num_eval']} images)",
-        f"- head: {report['head']}; controller pool: {report['num_train_pool']} images"
-        + (f"; probes fitted on {report['probe_images']} other images" if report["probe_images"] else ""),
-        f"- unreadable images skipped: {len(report['unreadable_images'])}",
-        "",
-        f"## What ships: {s.get('row', 'NLC')}",
-        "",
-        s.get("reason", ""),
-        "",
-        "## Accuracy (%) on the eval split, mean ± std over seeds "
-        f"{report['study']['seeds']}, by shots per class",
-        "",
-        table,
-        "Singles, LOG-AVG, PROB-AVG, VOTE and ORACLE use no shots: their ± 0.0 holds by construction.",
-    ]
-    if same:
-        lines.append(f"† every seed drew the same shots at k = {', '.join(map(str, same))} (each class has exactly k images "
-                     "in the controller's pool), so C-LOG-AVG is identical across seeds and NLC differs only by its "
-                     "seeded initialisation: a ± 0.0 there is no measure of spread.")
-    lines.append("")
-    if report["shots_skipped"]:
-        lines += [f"Shots {report['shots_skipped']} skipped: a class has fewer images in the controller's pool.", ""]
-    lines += [f"## The fitted controllers on the eval split (k = {s['shots']}, seed {s['seed']})", "",
-              "| method | accuracy % |", "| --- | ---: |"]
-    lines += [f"| {m}{' (shipped)' if m == s.get('row') else ''} | {a:.1f} |" for m, a in s["accuracy"].items()]
-    if "diversity" in report:
-        lines += ["", "## Diversity of the backbones on the eval split", "",
-                  to_markdown(report["diversity"], _heat_line(report.get("heatmap")))]
-    return "\n".join(lines) + "\n"
-
-
 def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = False, report_dir=None) -> dict:
     """Accuracy of every method from the exported graph's own outputs on a labelled folder, the row the
     engine ships marked, and the diversity figures; report_dir: also write eval.md, eval.json, diversity.png."""
     from clipfuse.export import diversity as dv
     from clipfuse.export import nlc
     from clipfuse.export.data import scan_labelled_folder
+    from clipfuse.export.fit_report import write_eval_report
     from clipfuse.export.fused import load_controller
     from clipfuse.runtime.backends import open_backend
     from clipfuse.runtime.images import iter_batches
@@ -395,34 +338,5 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
               "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in failures],
               "predictions": fused.argmax(-1).tolist(), "paths": [str(p) for p in kept], "temperatures": T.tolist()}
     if report_dir is not None:
-        result["report"] = _write_eval_report(result, Path(report_dir))
+        result["report"] = write_eval_report(result, Path(report_dir))
     return result
-
-
-def format_eval(res: dict, heatmap: str | None = None) -> str:
-    """eval's text: the accuracy table with the shipped row marked, then the diversity figures."""
-    from clipfuse.export.diversity import to_markdown
-
-    lines = [f"{res['engine']} on {res['data']}: {res['num_images']} images"
-             + (f", {len(res['unreadable_images'])} unreadable (skipped)" if res["unreadable_images"] else ""),
-             "", "| method | accuracy % |", "| --- | ---: |"]
-    lines += [f"| {m}{' (shipped)' if m == res.get('shipped') else ''} | {a:.1f} |" for m, a in res["accuracy"].items()]
-    lines += ["", "## Diversity of the backbones on these images", "", to_markdown(res["diversity"], heatmap)]
-    return "\n".join(lines)
-
-
-def _write_eval_report(res: dict, folder: Path) -> dict:
-    from clipfuse.export.diversity import save_heatmap
-    from clipfuse.export.engine import write_file_atomic
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipfuseError(f"cannot create the report folder {str(folder)!r}: {e.strerror}") from None
-    why = save_heatmap(res["diversity"], folder / HEATMAP)
-    heat = HEATMAP if why is None else why
-    md, js = folder / "eval.md", folder / "eval.json"
-    write_file_atomic(md, format_eval(res, _heat_line(heat)) + "\n")
-    write_file_atomic(js, json.dumps({k: v for k, v in res.items() if k != "report"}, indent=2) + "\n")
-    return {"markdown": str(md), "json": str(js), "heatmap": str(folder / HEATMAP) if why is None else None,
-            "heatmap_line": f"heat map: {folder / HEATMAP}" if why is None else why}
