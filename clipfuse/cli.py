@@ -131,19 +131,23 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Engine folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--controller", type=click.Choice(["auto", "nlc", "static", "mean", "single"]), default="auto",
+              show_default=True, help="What the graph ships: auto = the best on held-out pool images; nlc; "
+              "static (C-LOG-AVG); mean (LOG-AVG); single (the best single backbone).")
 @click.option("--quiet", "-q", is_flag=True)
 def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
-        study_shots, study_seeds, cache, batch, out, force, quiet):
+        study_shots, study_seeds, cache, batch, out, force, controller, quiet):
     """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
 
-    Writes the engine folder with the fitted controller inside the graph, report.md and report.json.
+    Writes the engine folder with the controller that ships inside the graph (--controller; auto: the best
+    on held-out labelled images, said in report.md's "What ships"), report.md and report.json.
     """
     from clipfuse import api
 
     result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
                                     seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
                                     probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
-                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet)
+                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller)
     click.echo((result.folder / "report.md").read_text())
 
 
@@ -153,20 +157,20 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 @click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False), help="Folder -> class name map file.")
 @click.option("--batch", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image predictions).")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write eval.md, eval.json and the diversity heat map diversity.png into this folder.")
 @click.option("--quiet", "-q", is_flag=True)
-def eval_(engine, data, classes, batch, as_json, quiet):
-    """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder."""
+def eval_(engine, data, classes, batch, as_json, report_dir, quiet):
+    """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder, the row the
+    engine ships marked, and the backbones' diversity with the controller's failure signatures."""
     from clipfuse import api
+    from clipfuse.export.fit_report import format_eval
 
-    res = api.eval_engine(engine, data, classes=classes, batch_size=batch, quiet=quiet)
+    res = api.eval_engine(engine, data, classes=classes, batch_size=batch, quiet=quiet, report_dir=report_dir)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    click.echo(f"{res['engine']} on {res['data']}: {res['num_images']} images"
-               + (f", {len(res['unreadable_images'])} unreadable (skipped)" if res["unreadable_images"] else ""))
-    click.echo("\n| method | accuracy % |\n| --- | ---: |")
-    for m, a in res["accuracy"].items():
-        click.echo(f"| {m} | {a:.1f} |")
+    click.echo(format_eval(res, res.get("report", {}).get("heatmap_line")))
     for f in res["unreadable_images"]:
         click.echo(f"skipped: {f['path']}: {f['reason']}", err=True)
 

@@ -3,9 +3,13 @@
 fit:  labelled folder -> features (cached) -> heads (zero-shot, or linear probes
       fitted on a train split) -> NLC and C-LOG-AVG on k shots per class ->
       the study table (every method, k in {1,2,4,8,16}, several seeds) ->
-      an engine folder whose graph holds the fitted NLC, with report.md/json.
+      an engine folder whose graph holds the controller that scored best on labelled
+      images it was not fitted on (NLC, C-LOG-AVG, LOG-AVG or the best single
+      backbone; see export/select.py), with report.md/json and the diversity
+      figures (export/diversity.py) on the eval split.
 eval: the exported graph (ONNX Runtime, not the PyTorch module) on a labelled
-      folder -> the same table, from the graph's own outputs.
+      folder -> the same table, from the graph's own outputs, the shipped row
+      marked, and the diversity figures. The reports' text: export/fit_report.py.
 
 Splits:
 - eval images: a separate folder (--eval) or a stratified seeded split of
@@ -28,10 +32,13 @@ import torch
 
 from clipfuse.errors import ClipfuseError
 
-from clipfuse.export.engine import log
+from clipfuse.log import log
+
+from clipfuse.export.fit_report import HEATMAP, render_report  # noqa: F401  (render_report: its callers import it from here)
 
 SPLIT_SEED = 0
 STATIC = "static.safetensors"
+NLC_FILE = "nlc.safetensors"        # the fitted NLC, kept even when another method ships (eval scores it)
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 
@@ -106,17 +113,22 @@ def feasible_shots(labels: np.ndarray, num_classes: int, shots) -> tuple[list[in
 def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction: float = 0.3, shots: int = 1,
                seed: int = 0, head: str = "zero-shot", templates=None, probe_fraction: float = 0.9,
                study_shots=(1, 2, 4, 8, 16), study_seeds=(0, 1, 2), cache_dir=None, batch_size: int = 32,
-               force: bool = False, quiet: bool = False, config=None):
-    """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the fitted graph."""
+               force: bool = False, quiet: bool = False, config=None, controller: str = "auto"):
+    """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the graph of the method
+    that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single."""
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
     from clipfuse.export import nlc
     from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
-    from clipfuse.export.engine import check_output_folder, export_engine, step
+    from clipfuse.export.engine import check_output_folder, export_engine
+    from clipfuse.log import step
     from clipfuse.export.features import FeatureCache, compute_features, head_logits
     from clipfuse.export.fused import save_controller
 
+    from clipfuse.export import select
+
     t0 = time.perf_counter()
+    select.check_choice(controller)
     if head not in hd.HEAD_KINDS:
         raise ClipfuseError(f"--head {head!r} is not one of {', '.join(hd.HEAD_KINDS)}")
     if not backbones:
@@ -192,14 +204,36 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
         study = nlc.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
                               seeds=study_seeds, config=config, class_names=class_names)
-    # The controller that ships: k = shots, seed = seed.
+    # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
     idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
     from dataclasses import replace
 
     run_cfg = replace(config, seed=seed)
     static = nlc.fit_static(Z_pool[idx], y_pool[idx], run_cfg)
-    controller = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg)
-    shipped = nlc.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller)
+    losses = []
+    Xs, Zs, ys = (torch.as_tensor(a) for a in (np.asarray(X_pool[idx], np.float32), np.asarray(Z_pool[idx], np.float32),
+                                               np.asarray(y_pool[idx], np.int64)))
+
+    def record(_step, module):                       # full-shot loss after each step (cheap: k*C rows)
+        with torch.no_grad():
+            losses.append(float(torch.nn.functional.cross_entropy(nlc.fuse(module(Xs), Zs), ys)))
+
+    controller_nlc = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg, on_step=record)
+    with step(f"choosing the controller to ship (--controller {controller})", quiet):
+        choice = select.choose(X_pool, Z_pool, y_pool, names, shots, seed, run_cfg, forced=controller)
+    shipped_module = select.shipped_controller(choice, names, static, controller_nlc)
+    shipped = nlc.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller_nlc)
+    log(f"shipping {choice['row']}: {choice['reason']}", quiet)
+
+    from clipfuse.export import diversity as dv
+    from clipfuse.export.fit_report import heatmap_bytes
+
+    div = dv.diversity_report(Z_ev, ev_labels, names, class_names,
+                              temperatures=nlc.controller_temperatures(controller_nlc, X_ev), accuracy=shipped, losses=losses)
+    for line in div["signatures"]:
+        log(f"warning: {line}", quiet)
+    heat = heatmap_bytes(div)
+    same_draws = identical_draws(y_pool, C, ok_shots, study_seeds)
 
     report = {
         "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
@@ -208,54 +242,52 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         "probe_images": int(len(paths) - len(pool)) if head != hd.ZERO_SHOT else 0,
         "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in fs.failures],
         "shots_skipped": skipped,
+        "identical_draws": same_draws,
         "shipped": {"shots": shots, "seed": seed, "accuracy": shipped,
+                    "method": choice["method"], "row": choice["row"], "backbone": choice["backbone"],
+                    "reason": choice["reason"], "selection": choice,
                     "static_temperatures": [float(v) for v in static.value.reshape(-1)]},
+        "loss_curve": losses,
+        "diversity": div,
+        "heatmap": HEATMAP if isinstance(heat, bytes) else heat,
         "config": asdict(run_cfg),
         "study": study,
         "cache": asdict(cache.stats),
     }
     md = render_report(report)
     extra = {REPORT_MD: md, REPORT_JSON: json.dumps(report, indent=2) + "\n",
-             STATIC: lambda p: save_controller(static, p)}
+             STATIC: lambda p: save_controller(static, p), NLC_FILE: lambda p: save_controller(controller_nlc, p)}
+    if isinstance(heat, bytes):
+        extra[HEATMAP] = heat
     fit_info = {"fit": {"data": str(data), "shots": shots, "seed": seed, "head": head,
-                        "accuracy": shipped, "static_file": STATIC, "report": REPORT_MD}}
+                        "accuracy": shipped, "static_file": STATIC, "nlc_file": NLC_FILE, "report": REPORT_MD,
+                        "shipped": {k: choice[k] for k in ("method", "row", "backbone", "reason")}}}
     result = export_engine(built, class_names, out, templates=templates if head == hd.ZERO_SHOT else None,
-                           force=force, heads=heads, controller=controller, quiet=quiet,
+                           force=force, heads=heads, controller=shipped_module, quiet=quiet,
                            extra_files=extra, extra_manifest=fit_info)
-    log(f"fit + export in {time.perf_counter() - t0:.0f} s", quiet)
+    log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {choice['row']} (report.md says why)", quiet)
     return result, report
 
 
-def render_report(report: dict) -> str:
-    from clipfuse.export.nlc import study_to_markdown
+def identical_draws(y_pool, num_classes: int, shots, seeds) -> list[int]:
+    """The k for which every seed draws the same shots (each class has exactly k images in the pool)."""
+    from clipfuse.export.data import sample_k_shot
 
-    s = report["shipped"]
-    lines = [
-        f"# clipfuse fit: {', '.join(report['backbones'])}",
-        "",
-        f"- data: {report['data']}; eval: {report['eval']} ({report['num_eval']} images)",
-        f"- head: {report['head']}; controller pool: {report['num_train_pool']} images"
-        + (f"; probes fitted on {report['probe_images']} other images" if report["probe_images"] else ""),
-        f"- unreadable images skipped: {len(report['unreadable_images'])}",
-        "",
-        "## Accuracy (%) on the eval split, mean ± std over seeds "
-        f"{report['study']['seeds']}, by shots per class",
-        "",
-        study_to_markdown(report["study"]),
-        "",
-    ]
-    if report["shots_skipped"]:
-        lines += [f"Shots {report['shots_skipped']} skipped: a class has fewer images in the controller's pool.", ""]
-    lines += [f"## The shipped controller (k = {s['shots']}, seed {s['seed']})", "",
-              "| method | accuracy % |", "| --- | ---: |"]
-    lines += [f"| {m} | {a:.1f} |" for m, a in s["accuracy"].items()]
-    return "\n".join(lines) + "\n"
+    same = []
+    for k in shots:
+        draws = {tuple(np.sort(sample_k_shot(y_pool, k, s, num_classes=num_classes))) for s in seeds}
+        if len(seeds) > 1 and len(draws) == 1:
+            same.append(int(k))
+    return same
 
 
-def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = False) -> dict:
-    """Accuracy of every method from the exported graph's own outputs on a labelled folder."""
+def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = False, report_dir=None) -> dict:
+    """Accuracy of every method from the exported graph's own outputs on a labelled folder, the row the
+    engine ships marked, and the diversity figures; report_dir: also write eval.md, eval.json, diversity.png."""
+    from clipfuse.export import diversity as dv
     from clipfuse.export import nlc
     from clipfuse.export.data import scan_labelled_folder
+    from clipfuse.export.fit_report import write_eval_report
     from clipfuse.export.fused import load_controller
     from clipfuse.runtime.backends import open_backend
     from clipfuse.runtime.images import iter_batches
@@ -266,7 +298,7 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     _check_same_classes(names, m.classes, f"--data {data}", f"engine {engine}")
     # The runtime's own ONNX Runtime backend (its measured session options): eval scores what predict serves.
     backend = open_backend(m, "onnxruntime", quiet=True)
-    outs = {"backbone_logits": [], "logits": [], "temperatures": []}
+    outs = {"backbone_logits": [], "logits": [], "temperatures": [], "features": []}
     kept, failures = [], []
     from tqdm import tqdm
 
@@ -285,21 +317,26 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     if not kept:
         raise ClipfuseError(f"no readable image in {data}")
     y = np.array([label_of[p] for p in kept])
-    Z = np.concatenate(outs["backbone_logits"])
+    Z, X = np.concatenate(outs["backbone_logits"]), np.concatenate(outs["features"])
     fused = np.concatenate(outs["logits"])
-    static = None
-    static_file = m.folder / STATIC
-    if static_file.is_file():
-        static = load_controller(static_file)
-    acc = nlc.evaluate(None, Z, y, m.backbone_names, static=static)
+    T = np.concatenate(outs["temperatures"])
+    side = {f: load_controller(m.folder / f) if (m.folder / f).is_file() else None for f in (STATIC, NLC_FILE)}
+    acc = nlc.evaluate(X, Z, y, m.backbone_names, static=side[STATIC], nlc=side[NLC_FILE])
     kind = m.data.get("controller", {}).get("kind", "constant")
-    engine_label = "NLC" if kind == "nlc" else f"ENGINE ({kind})"
+    shipped = m.data.get("fit", {}).get("shipped", {}).get("row") or ("NLC" if kind == "nlc" else f"ENGINE ({kind})")
+    engine_acc = float(100.0 * np.mean(fused.argmax(-1) == y))
     ordered = {}
     for name, v in acc.items():
-        if name == "ORACLE":
-            ordered[engine_label] = float(100.0 * np.mean(fused.argmax(-1) == y))
-        ordered[name] = v
-    return {"engine": str(m.folder), "data": str(data), "num_images": int(len(y)), "accuracy": ordered,
-            "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in failures],
-            "predictions": fused.argmax(-1).tolist(), "paths": [str(p) for p in kept],
-            "temperatures": np.concatenate(outs["temperatures"]).tolist()}
+        if name == "ORACLE" and shipped not in acc:
+            ordered[shipped] = engine_acc
+        ordered[name] = engine_acc if name == shipped else v     # the shipped row: the graph's own number
+    # Collapse is a property of an NLC: the graph's temperatures if it ships one, else the saved one's.
+    temps = T if kind == "nlc" else (nlc.controller_temperatures(side[NLC_FILE], X) if side[NLC_FILE] is not None else None)
+    div = dv.diversity_report(Z, y, m.backbone_names, m.classes, temperatures=temps, accuracy=ordered)
+    result = {"engine": str(m.folder), "data": str(data), "num_images": int(len(y)), "accuracy": ordered,
+              "shipped": shipped, "engine_accuracy": engine_acc, "diversity": div,
+              "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in failures],
+              "predictions": fused.argmax(-1).tolist(), "paths": [str(p) for p in kept], "temperatures": T.tolist()}
+    if report_dir is not None:
+        result["report"] = write_eval_report(result, Path(report_dir))
+    return result

@@ -25,8 +25,9 @@ def data(tmp_path_factory, photo_paths):
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, data):
     base = tmp_path_factory.mktemp("fit")
+    # NLC forced: these tests check the fitted NLC inside the graph (auto may ship another method).
     result, report = fit_engine(TINY[:2], data, base / "engine", shots=2, seed=1, eval_fraction=0.34,
-                                templates=["a photo of a {}."], cache_dir=base / "cache", **STUDY)
+                                templates=["a photo of a {}."], cache_dir=base / "cache", controller="nlc", **STUDY)
     return result.folder, report, base
 
 
@@ -131,7 +132,9 @@ def test_paper_zero_shot_script_end_to_end(tmp_path, data):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["study"]["shots"] == [1, 2] and saved["study"]["seeds"] == [0, 1]
     assert saved["head"] == "zero-shot" and report["backbones"] == [TINY[0], TINY[2]]
-    assert read_manifest(tmp_path / "eng").data["controller"]["kind"] == "nlc"
+    shipped = read_manifest(tmp_path / "eng").data["fit"]["shipped"]
+    kind = read_manifest(tmp_path / "eng").data["controller"]["kind"]
+    assert kind == {"nlc": "nlc", "static": "static", "single": "static", "mean": "constant"}[shipped["method"]]
 
 
 def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
@@ -172,13 +175,22 @@ def test_cli_fit_eval_and_reexport(tmp_path, data):
     out = tmp_path / "engine"
     r = CliRunner().invoke(cli, ["fit", "-b", TINY[0], "-d", str(data), "-k", "2", "--templates", str(templates),
                                  "--eval-fraction", "0.34", "--study-shots", "1,2", "--study-seeds", "0",
-                                 "--cache", str(tmp_path / "cache"), "-o", str(out), "-q"])
+                                 "--cache", str(tmp_path / "cache"), "-o", str(out), "-q", "--controller", "nlc"])
     assert r.exit_code == 0, r.output
     assert "| NLC |" in r.stdout and read_manifest(out).data["fit"]["shots"] == 2
+    assert "## What ships: NLC" in r.stdout and "forced by --controller nlc" in r.stdout
+    assert read_manifest(out).data["controller"]["kind"] == "nlc"
     r = CliRunner().invoke(cli, ["eval", str(out), "-d", str(data), "-q", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["num_images"] == 24 and "NLC" in res["accuracy"]
+    assert res["num_images"] == 24 and "NLC" in res["accuracy"] and res["shipped"] == "NLC"
+    r = CliRunner().invoke(cli, ["eval", str(out), "-d", str(data), "-q", "--report", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert "| NLC (shipped) |" in r.stdout and "Cohen's kappa" in r.stdout and "Failure signatures" in r.stdout
+    assert f"heat map: {tmp_path / 'rep' / 'diversity.png'}" in r.stdout
+    assert {p.name for p in (tmp_path / "rep").iterdir()} == {"eval.md", "eval.json", "diversity.png"}
+    r = CliRunner().invoke(cli, ["fit", "-b", TINY[0], "-d", str(data), "-o", str(tmp_path / "y"), "--controller", "best"])
+    assert r.exit_code == 2 and "Invalid value for '--controller'" in r.stderr and "Traceback" not in r.output
     r = CliRunner().invoke(cli, ["export", str(out), "-q"])
     assert r.exit_code == 0, r.output and read_manifest(out).data["controller"]["kind"] == "nlc"
     r = CliRunner().invoke(cli, ["export", str(out), "-b", TINY[0]])
@@ -187,3 +199,77 @@ def test_cli_fit_eval_and_reexport(tmp_path, data):
     assert r.exit_code == 1 and "needs --classes, --out" in r.stderr
     r = CliRunner().invoke(cli, ["fit", "-b", TINY[0], "-d", str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")])
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_auto_ships_the_selected_method_and_eval_marks_it(fitted, data):
+    """auto: the manifest, report and eval agree on what ships, and it is the best of the selection scores."""
+    from clipfuse.export import select
+
+    _, _, base = fitted
+    result, report = fit_engine(TINY[:2], data, base / "auto", shots=1, seed=0, eval_fraction=0.34,
+                                templates=["a photo of a {}."], cache_dir=base / "cache", **STUDY)
+    sel = report["shipped"]["selection"]
+    assert sel["mode"] == "held-out pool" and not sel["forced"] and report["shipped"]["method"] == sel["auto_choice"]
+    cand = {"mean": sel["scores"]["LOG-AVG"], "single": sel["scores"][sel["best_single"]],
+            "static": sel["scores"]["C-LOG-AVG"], "nlc": sel["scores"]["NLC"]}
+    best = max(cand.values())
+    assert report["shipped"]["method"] == next(m for m in select.TIE_ORDER if cand[m] == best)
+    m = read_manifest(result.folder)
+    assert m.data["fit"]["shipped"]["row"] == report["shipped"]["row"]
+    assert m.data["controller"]["kind"] == {"nlc": "nlc", "static": "static", "single": "static",
+                                            "mean": "constant"}[report["shipped"]["method"]]
+    md = (result.folder / "report.md").read_text()
+    assert f"## What ships: {report['shipped']['row']}" in md and f"| {report['shipped']['row']} (shipped) |" in md
+    res = eval_engine(result.folder, data, quiet=True)
+    assert res["shipped"] == report["shipped"]["row"] and res["accuracy"][res["shipped"]] == res["engine_accuracy"]
+
+
+def test_forced_single_ships_that_backbones_logits_through_the_graph(fitted, data):
+    from clipfuse.runtime.backends import open_backend
+    from clipfuse.runtime.images import iter_batches
+
+    _, _, base = fitted
+    result, report = fit_engine(TINY[:2], data, base / "single", shots=2, seed=0, eval_fraction=0.34,
+                                templates=["a photo of a {}."], cache_dir=base / "cache", controller="single", **STUDY)
+    name = report["shipped"]["backbone"]
+    k = report["backbones"].index(name)
+    m = read_manifest(result.folder)
+    assert m.data["controller"]["kind"] == "static" and m.data["fit"]["shipped"]["method"] == "single"
+    assert "forced by --controller single" in (result.folder / "report.md").read_text()
+    backend = open_backend(m, "onnxruntime", quiet=True)
+    paths = sorted(p for p in data.rglob("*") if p.is_file())
+    for batch in iter_batches(paths, m.preprocess_specs(), batch_size=8):
+        out = backend.infer(batch.inputs)
+        np.testing.assert_array_equal(out["logits"], out["backbone_logits"][:, k])       # exactly, not approximately
+        assert set(np.unique(out["temperatures"])) == {0.0, 1.0}
+    backend.close()
+    res = eval_engine(result.folder, data, quiet=True)
+    assert res["shipped"] == name and res["accuracy"][name] == res["engine_accuracy"]
+
+
+def test_fit_report_holds_diversity_loss_curve_and_heat_map(fitted):
+    folder, report, _ = fitted
+    div = report["diversity"]
+    assert len(div["pairwise"]["kappa"]) == 2 and div["num_images"] == report["num_eval"]
+    assert len(report["loss_curve"]) == report["config"]["steps"] and div["loss"]["steps"] == report["config"]["steps"]
+    assert div["temperature_spread"]["threshold_cv"] == 0.05
+    assert (folder / "diversity.png").read_bytes()[:4] == b"\x89PNG"
+    md = (folder / "report.md").read_text()
+    for text in ("## Diversity of the backbones on the eval split", "![pairwise diversity](diversity.png)",
+                 "collapse threshold: std/mean < 5%", "Failure signatures:", "use no shots"):
+        assert text in md, text
+
+
+def test_identical_draws_are_detected_and_footnoted():
+    from clipfuse.export.fit import identical_draws, render_report
+
+    y = np.repeat(np.arange(4), 2)                          # exactly 2 images per class: k = 2 takes them all
+    assert identical_draws(y, 4, [1, 2], [0, 1, 2]) == [2]
+    assert identical_draws(y, 4, [2], [0]) == []            # one seed: nothing to compare
+    study = {"methods": ["NLC"], "shots": [1, 2], "seeds": [0, 1, 2], "mean": {"NLC": {"1": 50.0, "2": 60.0}},
+             "std": {"NLC": {"1": 3.0, "2": 0.0}}}
+    md = render_report({"backbones": ["a"], "data": "d", "eval": "e", "num_eval": 4, "head": "zero-shot",
+                        "num_train_pool": 8, "probe_images": 0, "unreadable_images": [], "shots_skipped": [],
+                        "identical_draws": [2], "study": study,
+                        "shipped": {"shots": 1, "seed": 0, "accuracy": {"NLC": 50.0}, "row": "NLC", "reason": "r"}})
+    assert "| 1-shot | 2-shot † |" in md and "† every seed drew the same shots at k = 2" in md
