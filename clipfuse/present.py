@@ -77,8 +77,10 @@ def format_bench(result: dict) -> str:
 def format_demo(demo: dict) -> str:
     """run_demo's result as the sections `clipfuse demo` prints: fit, predict, bench."""
     shipped = demo["fit"]["shipped"]
-    parts = ["## Fit (held-out digits, shipped controller k = 8)\n\n"
-             + "\n".join(f"- {m}: {a:.1f}%" for m, a in shipped["accuracy"].items()) + "\n",
+    parts = [f"## Fit (held-out digits, k = {shipped['shots']})\n\n"
+             + "\n".join(f"- {m}{' (shipped)' if m == shipped.get('row') else ''}: {a:.1f}%"
+                         for m, a in shipped["accuracy"].items())
+             + f"\n\nThe engine ships {shipped.get('row')}: {shipped.get('reason')}\n",
              "## Predict\n\n" + format_predictions(demo["predictions"], "table", 3, demo["backbone_names"], header=True),
              "## Bench\n\n" + format_bench(demo["bench"]),
              f"plot: {demo['bench'].get('plot')}",

@@ -118,7 +118,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single."""
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
-    from clipfuse.export import nlc
+    from clipfuse.export import baselines, nlc, study
     from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
     from clipfuse.export.engine import check_output_folder, export_engine
     from clipfuse.log import step
@@ -202,7 +202,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         raise ClipfuseError(f"--shots {shots} is more than class {fewest!r} has in the controller's pool "
                             f"({int(np.bincount(y_pool, minlength=C).min())} images)")
     with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
-        study = nlc.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
+        study = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
                               seeds=study_seeds, config=config, class_names=class_names)
     # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
     idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
@@ -222,7 +222,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     with step(f"choosing the controller to ship (--controller {controller})", quiet):
         choice = select.choose(X_pool, Z_pool, y_pool, names, shots, seed, run_cfg, forced=controller)
     shipped_module = select.shipped_controller(choice, names, static, controller_nlc)
-    shipped = nlc.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller_nlc)
+    shipped = baselines.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller_nlc)
     log(f"shipping {choice['row']}: {choice['reason']}", quiet)
 
     from clipfuse.export import diversity as dv
@@ -285,7 +285,7 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     """Accuracy of every method from the exported graph's own outputs on a labelled folder, the row the
     engine ships marked, and the diversity figures; report_dir: also write eval.md, eval.json, diversity.png."""
     from clipfuse.export import diversity as dv
-    from clipfuse.export import nlc
+    from clipfuse.export import baselines, nlc, study
     from clipfuse.export.data import scan_labelled_folder
     from clipfuse.export.fit_report import write_eval_report
     from clipfuse.export.fused import load_controller
@@ -321,7 +321,7 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     fused = np.concatenate(outs["logits"])
     T = np.concatenate(outs["temperatures"])
     side = {f: load_controller(m.folder / f) if (m.folder / f).is_file() else None for f in (STATIC, NLC_FILE)}
-    acc = nlc.evaluate(X, Z, y, m.backbone_names, static=side[STATIC], nlc=side[NLC_FILE])
+    acc = baselines.evaluate(X, Z, y, m.backbone_names, static=side[STATIC], nlc=side[NLC_FILE])
     kind = m.data.get("controller", {}).get("kind", "constant")
     shipped = m.data.get("fit", {}).get("shipped", {}).get("row") or ("NLC" if kind == "nlc" else f"ENGINE ({kind})")
     engine_acc = float(100.0 * np.mean(fused.argmax(-1) == y))

@@ -27,7 +27,7 @@ def _heat_line(heatmap: str | None) -> str:
 
 def render_report(report: dict) -> str:
     from clipfuse.export.diversity import to_markdown
-    from clipfuse.export.nlc import study_to_markdown
+    from clipfuse.export.study import study_to_markdown
 
     s = report["shipped"]
     same = report.get("identical_draws", [])

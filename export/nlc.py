@@ -342,17 +342,3 @@ def predict_controller(controller: nn.Module, features, backbone_logits) -> np.n
     t = torch.as_tensor(controller_temperatures(controller, features))           # (N, K)
     Z = torch.as_tensor(np.asarray(backbone_logits, dtype=np.float32))           # (N, K, C)
     return fuse(t, Z).argmax(dim=-1).numpy()
-
-
-# export/fit.py (being edited by another change at the same time) still calls nlc.evaluate and
-# nlc.run_study: they live in baselines.py and study.py now. Remove once its call sites say so.
-_MOVED = {"evaluate": "baselines", "method_names": "baselines", "METHODS_AFTER_SINGLES": "baselines",
-          "run_study": "study", "study_to_markdown": "study"}
-
-
-def __getattr__(name):
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

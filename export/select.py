@@ -70,14 +70,14 @@ def selection_folds(y_pool: np.ndarray, shots: int, seed: int, num_classes: int,
 
 def score_candidates(X, Z, y, folds, names, config) -> tuple[dict, int]:
     """Mean accuracy (%) over folds of every backbone, LOG-AVG, C-LOG-AVG and NLC; images held out per fold."""
-    from clipfuse.export import nlc
+    from clipfuse.export import baselines, nlc
 
     totals: dict[str, list[float]] = {}
     for i, (fit, held) in enumerate(folds):
         cfg = replace(config, seed=config.seed + i)
         static = nlc.fit_static(Z[fit], y[fit], cfg)
         controller = nlc.fit_nlc(X[fit], Z[fit], y[fit], cfg)
-        acc = nlc.evaluate(X[held], Z[held], y[held], names, static=static, nlc=controller)
+        acc = baselines.evaluate(X[held], Z[held], y[held], names, static=static, nlc=controller)
         for m in (*names, "LOG-AVG", "C-LOG-AVG", "NLC"):
             totals.setdefault(m, []).append(acc[m])
     return {m: float(np.mean(v)) for m, v in totals.items()}, int(np.mean([len(h) for _, h in folds]))
@@ -89,7 +89,7 @@ def best_single(scores: dict, names) -> str:
 
 def choose(X_pool, Z_pool, y_pool, names, shots: int, seed: int, config, forced: str = "auto") -> dict:
     """The method to ship and why: {method, row, backbone, mode, scores, held_out, reason, auto_choice}."""
-    from clipfuse.export import nlc
+    from clipfuse.export import baselines, nlc
 
     check_choice(forced)
     C = Z_pool.shape[2]
@@ -114,7 +114,7 @@ def choose(X_pool, Z_pool, y_pool, names, shots: int, seed: int, config, forced:
             why += (f"; tied with {', '.join(_label(m, single) for m in tied)}, and ties go to fewer fitted parameters "
                     "(LOG-AVG, best single, C-LOG-AVG, NLC)")
     else:
-        acc = nlc.evaluate(None, Z_pool, y_pool, names)
+        acc = baselines.evaluate(None, Z_pool, y_pool, names)
         scores, held, single, auto = None, 0, best_single(acc, names), FALLBACK
         why = (f"no labelled image is left to choose on (k = {shots} and a class has only {shots} image(s) in the "
                f"controller's pool), so the default {ROW[FALLBACK]} ships: its {len(names)} fitted numbers cannot overfit "

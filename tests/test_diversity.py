@@ -8,6 +8,7 @@ import pytest
 
 from clipfuse.errors import ClipfuseError
 from clipfuse.export import diversity as dv
+from synthetic import synthetic_ensemble
 
 C = 4
 N = 20
@@ -77,7 +78,7 @@ def test_collapse_warning_when_the_controller_is_constant_and_not_when_it_varies
     backbone depends on the image."""
     from clipfuse.export import nlc
 
-    X, Z, y, _ = nlc.synthetic_ensemble(12, num_classes=4, scenario="complementary", seed=3, region_strength=3.0)
+    X, Z, y, _ = synthetic_ensemble(12, num_classes=4, scenario="complementary", seed=3, region_strength=3.0)
     names = ["b0", "b1", "b2"]
     constant = nlc.new_nlc(X, 3)
     rep = dv.diversity_report(Z, y, names, ["a", "b", "c", "d"], temperatures=nlc.controller_temperatures(constant, X))

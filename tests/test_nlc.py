@@ -282,12 +282,3 @@ def test_run_study_names_a_class_short_of_shots(complementary):
     with pytest.raises(ClipfuseError, match=r"class 'class3' \(label 3\) has 2 example\(s\), fewer than k=4"):
         run_study(pool["X"][keep], pool["Z"][keep], pool["y"][keep], ev["X"], ev["Z"], ev["y"], NAMES,
                   shots=(4,), seeds=(0,), config=CFG, class_names=names)
-
-
-def test_moved_names_still_reach_export_fit_through_nlc():
-    """export/fit.py calls nlc.evaluate / nlc.run_study until its call sites name baselines and study."""
-    from clipfuse.export import baselines, nlc, study
-
-    assert nlc.evaluate is baselines.evaluate and nlc.run_study is study.run_study
-    with pytest.raises(AttributeError):
-        nlc.no_such_name

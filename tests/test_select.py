@@ -7,6 +7,7 @@ import torch
 
 from clipfuse.errors import ClipfuseError
 from clipfuse.export import nlc, select
+from synthetic import synthetic_ensemble
 
 NAMES = ["b0", "b1", "b2"]
 
@@ -28,7 +29,7 @@ def test_folds_hold_out_what_the_candidates_are_fitted_on():
 
 def test_nlc_loses_on_held_out_images_so_the_best_single_ships():
     """One backbone right almost everywhere; at 1 shot NLC and C-LOG-AVG both end below it on held-out images."""
-    X, Z, y, _ = nlc.synthetic_ensemble(8, num_classes=5, scenario="one-good", seed=1, region_strength=0.5)
+    X, Z, y, _ = synthetic_ensemble(8, num_classes=5, scenario="one-good", seed=1, region_strength=0.5)
     choice = select.choose(X, Z, y, NAMES, shots=1, seed=0, config=nlc.FitConfig())
     s = choice["scores"]
     assert s["NLC"] < s["b0"] and s["C-LOG-AVG"] < s["b0"]              # the case this test is about
@@ -42,7 +43,7 @@ def test_nlc_loses_on_held_out_images_so_the_best_single_ships():
 
 
 def test_ties_go_to_fewer_fitted_parameters(monkeypatch):
-    X, Z, y, _ = nlc.synthetic_ensemble(4, num_classes=3, seed=0)
+    X, Z, y, _ = synthetic_ensemble(4, num_classes=3, seed=0)
     tie = {"b0": 50.0, "b1": 40.0, "b2": 30.0, "LOG-AVG": 40.0, "C-LOG-AVG": 50.0, "NLC": 50.0}
     monkeypatch.setattr(select, "score_candidates", lambda *a, **k: (tie, 6))
     choice = select.choose(X, Z, y, NAMES, shots=1, seed=0, config=nlc.FitConfig())
@@ -52,7 +53,7 @@ def test_ties_go_to_fewer_fitted_parameters(monkeypatch):
 
 
 def test_fallback_when_nothing_is_left_to_choose_on():
-    X, Z, y, _ = nlc.synthetic_ensemble(1, num_classes=4, scenario="one-good", seed=0)     # one image per class
+    X, Z, y, _ = synthetic_ensemble(1, num_classes=4, scenario="one-good", seed=0)     # one image per class
     choice = select.choose(X, Z, y, NAMES, shots=1, seed=0, config=nlc.FitConfig())
     assert choice["mode"] == "default" and choice["method"] == select.FALLBACK == "static" and choice["scores"] is None
     assert "no labelled image is left to choose on" in choice["reason"] and "default C-LOG-AVG" in choice["reason"]
