@@ -63,8 +63,7 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 # same ensemble (export validation, fp16 validation, `clipfuse compare`). A check passes when
 # max |got - ref| <= atol + rtol * max |ref| per output (plus, for logits only, the error the
 # heads propagate from the features; probs never get that term), every backbone's embedding
-# cosine >= min_cosine, the share of changed top-1 answers <= max_top1_changed, and no changed
-# answer where the reference's top-2 margin exceeds twice the logit error
+# cosine >= min_cosine, and the share of changed top-1 answers <= max_top1_changed
 # (clipfuse.runtime.comparator applies them).
 #   fp32: measured ~2e-6 relative between ORT CPU and PyTorch on RN50 + ViT-B-32
 #         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a

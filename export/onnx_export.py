@@ -114,8 +114,8 @@ def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict], n
     norms = head_norms(module)
     bad = [names[k] for k, x in enumerate(norms) if not np.isfinite(x)]
     if bad:
-        raise ClipfuseError(f"non-finite head weights in backbone {bad[0]} of {where!r}: the head (or the "
-                            "features it was fitted on) holds NaN or inf; rebuild it")
+        raise ClipfuseError(f"non-finite outputs/weights in backbone {bad[0]} of {where!r}: its head holds NaN "
+                            "or inf (check the features it was fitted on); nothing written")
     # PyTorch first, then the session: the two copies of the weights need not coexist with activations.
     refs = {bs: torch_outputs(module, feed, module.resolutions) for bs, feed in feeds.items()}
     tol = iospec.tolerance("fp32")
@@ -129,7 +129,7 @@ def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict], n
         non_finite = _non_finite_backbones(ref, names) or _non_finite_backbones(got, names)
         if non_finite:
             raise ClipfuseError(f"non-finite outputs/weights in backbone {non_finite[0]} of {where!r}: its tower "
-                                "or head produces NaN or inf; check the weights (nothing written)")
+                                "or head produces NaN or inf; check its weights (nothing written)")
         c = compare_outputs(ref, got, list(zip(names, dims)), tol, norms)
         report["batches"][str(bs)] = {
             "outputs": {o["output"]: {k: o[k] for k in ("max_abs", "max_rel", "tolerance", "ok")} for o in c["outputs"]},

@@ -18,8 +18,11 @@ Bounds (every one printed with the figure it bounds, every one able to fail):
                                        check already allows; an fp16 engine with a linear probe once
                                        printed 74.4 here, for values in [0, 1])
     per backbone    embedding cosine >= min_cosine, and the share of changed top-1 <= max_top1_changed
-    fused top-1     share of changed top-1 <= max_top1_changed, and no change where the reference's
-                    top-2 margin exceeds twice the logit error (a near tie cannot be called either way)
+    fused top-1     share of changed top-1 <= max_top1_changed
+
+The earlier rule "no changed answer where the reference's top-2 margin exceeds twice the logit
+error" is gone: it could not fail (swapping two logits takes an error of at least half their
+margin), so fp16 validation once passed with 6.2% of answers changed. The share bound replaced it.
 
 ||W_k|| is max_c ||W_k[c]||, the largest head row norm: z_k = f_k @ W_k.T + b_k, so a logit moves at
 most that times the feature error (Cauchy-Schwarz). A zero-shot head has unit rows times the logit
@@ -37,8 +40,17 @@ def _arr(outputs: dict, name: str) -> np.ndarray:
     return np.asarray(outputs[name], np.float64)
 
 
-def _finite(outputs: dict) -> list[str]:
-    return [n for n in iospec.OUTPUT_NAMES if n in outputs and not np.isfinite(_arr(outputs, n)).all()]
+def _non_finite_line(outputs: dict, backbones, which: str) -> str | None:
+    """One line naming the first backbone (or else output) whose values are NaN or inf, or None."""
+    bad = [n for n in iospec.OUTPUT_NAMES if n in outputs and not np.isfinite(_arr(outputs, n)).all()]
+    if not bad:
+        return None
+    z, f, lo = _arr(outputs, iospec.BACKBONE_LOGITS), _arr(outputs, iospec.FEATURES), 0
+    for k, (name, dim) in enumerate(backbones):
+        if not (np.isfinite(z[:, k]).all() and np.isfinite(f[:, lo:lo + dim]).all()):
+            return f"non-finite outputs/weights in backbone {name} ({which})"
+        lo += dim
+    return f"non-finite outputs (NaN or inf) in {', '.join(bad)} ({which})"
 
 
 def _top1_margin(logits: np.ndarray) -> np.ndarray:
@@ -65,12 +77,11 @@ def compare_outputs(ref: dict, got: dict, backbones, tol: dict, head_norms, head
     """
     backbones = [(str(n), int(d)) for n, d in backbones]
     fails: list[tuple[float, str]] = []      # (how far past its bound, line): the worst comes first
-    bad_ref, bad_got = _finite(ref), _finite(got)
-    if bad_ref or bad_got:
-        where = [f"reference {', '.join(bad_ref)}"] * bool(bad_ref) + [f"compared {', '.join(bad_got)}"] * bool(bad_got)
-        line = "non-finite outputs (NaN or inf) in " + "; ".join(where)
-        return {"outputs": [], "backbones": [], "fused": {}, "bounds": dict(tol), "non_finite": bad_ref + bad_got,
-                "worst": line, "ok": False, "failures": [line]}
+    lines = [_non_finite_line(out, backbones, which) for out, which in ((ref, "reference run"), (got, "compared run"))]
+    lines = [x for x in lines if x]
+    if lines:
+        return {"images": len(np.asarray(ref[iospec.LOGITS])), "outputs": [], "backbones": [], "fused": {},
+                "bounds": dict(tol), "worst": lines[0], "ok": False, "failures": lines}
 
     f_ref, f_got = _arr(ref, iospec.FEATURES), _arr(got, iospec.FEATURES)
     z_ref, z_got = _arr(ref, iospec.BACKBONE_LOGITS), _arr(got, iospec.BACKBONE_LOGITS)
@@ -139,12 +150,10 @@ def compare_outputs(ref: dict, got: dict, backbones, tol: dict, head_norms, head
             fails.append(((err - bound) / bound if bound else float("inf"),
                           f"{name}: max |err| {err:.3g} > tolerance {bound:.3g}"))
 
-    fused = {"logits_max_abs": logit_err, "top1_agreement": 1.0, "top1_changed": 0, "top1_flips_unexplained": 0,
-             "top1_changed_bound": max_changed}
+    fused = {"logits_max_abs": logit_err, "top1_agreement": 1.0, "top1_changed": 0, "top1_changed_bound": max_changed}
     if l_ref.shape == l_got.shape and n:
         same = l_ref.argmax(-1) == l_got.argmax(-1)
         margin = _top1_margin(l_ref)
-        unexplained = int((~same & (margin > 2 * logit_err)).sum())
         scale = float(np.abs(l_ref).max())
         if heads_exact:
             fused_bound = float((t_ref.max(0) * np.array([r["logits_bound"] for r in rows_b])).sum()) + EXACT_MARGIN_ABS
@@ -155,18 +164,15 @@ def compare_outputs(ref: dict, got: dict, backbones, tol: dict, head_norms, head
             fused_bound = tol["atol"] + tol["rtol"] * scale + d_logits
         fused.update(logits_max_rel=logit_err / scale if scale else logit_err, logits_bound=fused_bound,
                      top1_agreement=float(same.mean()), top1_changed=int((~same).sum()),
-                     top1_flips_unexplained=unexplained, ref_top2_margin_median=float(np.median(margin)),
+                     ref_top2_margin_median=float(np.median(margin)),
                      probs_max_abs=float(np.abs(_arr(ref, iospec.PROBS) - _arr(got, iospec.PROBS)).max()))
         if 1 - same.mean() > max_changed:
             fails.append((1 - float(same.mean()) - max_changed,
                           f"fused top-1 changed on {fused['top1_changed']}/{n} images "
                           f"({(1 - same.mean()) * 100:.1f}%) > bound {max_changed * 100:g}%"))
-        if unexplained:
-            fails.append((float(unexplained), f"fused top-1 differs on {unexplained} image(s) whose reference "
-                                              "margin exceeds twice the logit error"))
     fails.sort(key=lambda f: -f[0])
     return {"images": int(n), "outputs": rows_o, "backbones": rows_b, "fused": fused,
-            "top1_agreement": fused["top1_agreement"], "top1_flips_unexplained": fused["top1_flips_unexplained"],
+            "top1_agreement": fused["top1_agreement"],
             "bounds": {**tol, "heads_exact": heads_exact,
                        "logits": (f"max_c ||W_k[c]|| * max ||df_k|| * (1 + {EXACT_MARGIN_REL}) + {EXACT_MARGIN_ABS}"
                                   if heads_exact else "atol + rtol x max|ref| + head-propagated term"),
@@ -180,7 +186,7 @@ def describe_bounds(tol: dict) -> str:
     return (f"per output max |err| <= atol {tol['atol']:g} + rtol {tol['rtol']:g} x max|ref| (+ head-propagated "
             f"term on logits and backbone_logits; probs: + half the measured logit error); embedding cosine >= "
             f"{tol['min_cosine']:g} per backbone; top-1 changed <= {tol.get('max_top1_changed', 0.0) * 100:g}% "
-            "(fused and per backbone), none where the reference's top-2 margin exceeds twice the logit error")
+            "(fused and per backbone)")
 
 
 def format_lines(report: dict) -> list[str]:
@@ -196,7 +202,6 @@ def format_lines(report: dict) -> list[str]:
     f = report["fused"]
     if f:
         lines.append(f"  fused top-1 agreement {f['top1_agreement'] * 100:.1f}% ({f['top1_changed']} changed, "
-                     f"bound <= {f['top1_changed_bound'] * 100:g}%; {f['top1_flips_unexplained']} beyond the "
-                     "margin rule, bound 0)")
+                     f"bound <= {f['top1_changed_bound'] * 100:g}%)")
     lines += [f"  FAIL: {x}" for x in report["failures"]]
     return lines

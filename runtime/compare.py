@@ -18,7 +18,7 @@ is printed next to its figure.
 Polygraphy's comparator was considered: its per-element atol/rtol check
 (CompareFunc.simple) is the easy part; what this needs on top (output-scale
 tolerances, head-propagated logit bounds, per-backbone cosine on slices of the
-features output, margin-aware top-1) would be custom code around it anyway, and
+features output, top-1 agreement bounds) would be custom code around it anyway, and
 it would add a dependency (and its TensorRT-oriented runners) to every install
 for ~40 lines of comparison. Not added.
 """
