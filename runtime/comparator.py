@@ -197,8 +197,8 @@ def format_lines(report: dict) -> list[str]:
                      f"{'yes' if o['ok'] else 'NO'}")
     for b in report["backbones"]:
         lines.append(f"  {b['backbone']}: embedding cosine min {b['cosine_min']:.7f} (bound >= {b['cosine_bound']:g}), "
-                     f"top-1 agreement {b['top1_agreement'] * 100:.1f}% "
-                     f"(bound: changed <= {b['top1_changed_bound'] * 100:g}%)")
+                     f"max logit err {b['logits_max_abs']:.3g} (bound {b['logits_bound']:.3g}), "
+                     f"top-1 agreement {b['top1_agreement'] * 100:.1f}% (bound: changed <= {b['top1_changed_bound'] * 100:g}%)")
     f = report["fused"]
     if f:
         lines.append(f"  fused top-1 agreement {f['top1_agreement'] * 100:.1f}% ({f['top1_changed']} changed, "
