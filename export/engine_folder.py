@@ -53,13 +53,20 @@ def old_prefix(folder: Path) -> str:
 
 
 @contextmanager
-def folder_lock(folder: Path):
-    """Hold the exclusive writer lock of `folder` (flock on `.NAME.lock` beside it), or refuse at once."""
+def folder_lock(folder: Path, inside_ok: bool = False):
+    """Hold the exclusive writer lock of `folder` (flock on `.NAME.lock` beside it), or refuse at once.
+
+    inside_ok: when the parent cannot take the lock file, lock `folder/.clipfuse.lock` instead. Safe
+    for writers that only add files: a writer that replaces the folder needs a writable parent anyway
+    (its temporary sibling goes there), so none can run while the parent refuses the lock file."""
     path = lock_path(folder)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
+            if inside_ok and e.errno in WRITE_ERRNOS and path.parent == Path(folder).parent:
+                path = Path(folder) / ".clipfuse.lock"
+                continue
             raise ClipfuseError(f"cannot create the lock file {str(path)!r} for {str(folder)!r}: "
                                 f"{e.strerror}") from None
         try:
@@ -153,8 +160,12 @@ def check_output_folder(out: Path, force: bool) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise ClipfuseError(f"output {str(out)!r} exists and is not a folder")
-    resolved, cwd = out.resolve(), Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:           # the current folder was deleted: nothing to protect
+        cwd = None
+    resolved = out.resolve()
+    if cwd is not None and (resolved == cwd or resolved in cwd.parents):
         raise ClipfuseError(f"output folder {str(out)!r} is the current folder or holds it: clipfuse replaces its "
                             "output folder whole, so it will not replace the folder you are in; pick another --out")
     if out.exists() and any(out.iterdir()):
@@ -323,7 +334,7 @@ def update_engine_folder(folder: Path, what: str = "files", quiet: bool = False)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ClipfuseError(f"engine folder {str(folder)!r} is read-only: cannot add {what}; make it writable "
                             "or copy the engine somewhere writable")
-    with folder_lock(folder):
+    with folder_lock(folder, inside_ok=True):
         clean_leftovers(folder, quiet)
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))

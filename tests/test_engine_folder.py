@@ -218,3 +218,26 @@ def test_shape_inference_failure_is_recorded_not_swallowed(monkeypatch):
     monkeypatch.setattr(onnx.shape_inference, "infer_shapes", broken)
     ops, notes = precision_validate._fp32_compute_nodes(model)
     assert ops == ["Relu"] and "shape inference failed (InferenceError: unknown op)" in notes[0]
+
+
+def test_lock_falls_back_inside_the_folder_when_the_parent_refuses(tmp_path, monkeypatch):
+    """Adding files (fp16, TensorRT) to an engine whose parent is read-only still takes a lock."""
+    folder = tmp_path / "e"
+    folder.mkdir()
+    real = os.open
+
+    def no_parent(path, *a, **k):
+        if str(path) == str(engine_folder.lock_path(folder)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", no_parent)
+    with engine_folder.folder_lock(folder, inside_ok=True) as path:
+        assert path == folder / ".clipfuse.lock"
+        with pytest.raises(ClipfuseError, match="another clipfuse process"):
+            with engine_folder.folder_lock(folder, inside_ok=True):
+                pass
+    assert not path.exists()
+    with pytest.raises(ClipfuseError, match="cannot create the lock file"):
+        with engine_folder.folder_lock(folder):
+            pass
