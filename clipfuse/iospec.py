@@ -62,18 +62,22 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 # The one tolerance table per precision, used by every check that compares two runs of the
 # same ensemble (export validation, fp16 validation, `clipfuse compare`). A check passes when
 # max |got - ref| <= atol + rtol * max |ref| per output (plus, for logits only, the error the
-# heads propagate from the features), every backbone's embedding cosine >= min_cosine, and the
-# share of changed top-1 answers <= max_top1_changed (flips within twice the logit error of a
-# tie excepted).
+# heads propagate from the features; probs never get that term), every backbone's embedding
+# cosine >= min_cosine, and the share of changed top-1 answers <= max_top1_changed
+# (clipfuse.runtime.comparator applies them).
 #   fp32: measured ~2e-6 relative between ORT CPU and PyTorch on RN50 + ViT-B-32
 #         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a
 #         head 1% off still fails.
 #   fp16: fp16 keeps 11 bits (eps 9.8e-4) and errors grow over ~12-24 layers; measured
 #         1.3e-3 to 2.3e-3 relative on the logits of RN50 + ViT-B-32
 #         (benchmarks/results/fp16_validation.md), so 1e-2 leaves ~4x headroom.
+#   max_top1_changed (share of images, fused and per backbone): fp32 runs differ by ~1e-6
+#         relative, so a changed answer means a bug: 0. fp16 changed 0 of 32 answers on
+#         RN50 + ViT-B-32 (fp16_validation.md) and 0 of 32 on the tiny test towers; 5% lets one
+#         near tie in 32 images flip and fails two (6.2%, which once passed unannounced).
 TOLERANCES = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999},
-    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999},
+    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0},
+    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05},
 }
 PRECISIONS = tuple(TOLERANCES)
 

@@ -40,18 +40,10 @@ def format_inspect(info: dict) -> str:
 
 
 def format_fp16(info: dict) -> str:
-    """The fp16 validation figures as a short table."""
-    v = info["validation"]
-    lines = [f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
-             f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
-    for b in v["backbones"]:
-        lines.append(f"  {b['backbone']}: embedding cosine mean {b['cosine_mean']:.7f} min {b['cosine_min']:.7f} "
-                     f"(>= {v['bounds']['min_cosine']}), max logit err {b['logits_max_abs']:.3g} "
-                     f"(bound {b['logits_bound']:.3g}), top-1 agreement {b['top1_agreement'] * 100:.1f}%")
-    f = v["fused"]
-    lines.append(f"  fused: max logit err {f['logits_max_abs']:.3g} (bound {f['logits_bound']:.3g}), "
-                 f"top-1 agreement {f['top1_agreement'] * 100:.1f}%")
-    return "\n".join(lines)
+    """The fp16 validation figures, each next to its bound (export/fp16_report.py writes them once)."""
+    from clipfuse.export.fp16_report import format_summary
+
+    return format_summary(info)
 
 
 def format_compare(report: dict) -> str:

@@ -8,119 +8,30 @@ engines/<name>/ holds everything the runtime needs and nothing else:
     controller.safetensors  the controller inside the graph
 
 The folder is assembled under a hidden temporary name beside the target and
-renamed into place only once everything is written, validated and flushed:
-a crash never leaves a folder that looks complete.
+renamed into place only once everything is written, validated and flushed, by
+the one engine-folder writer (export/engine_folder.py: lock, leftovers, --force
+rules): a crash never leaves a folder that looks complete, and two exports to
+the same folder never both win.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import shutil
-import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
+from clipfuse.log import log, step  # noqa: F401  (export.fit takes them from here)
 
-from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, sha256_file
+from clipfuse.export.engine_folder import (  # noqa: F401  (the one writer; older callers import from here)
+    check_output_folder, fsync_file, hash_artefacts, new_engine_folder, write_file_atomic, write_manifest_atomic)
+from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION
 
 MODEL_ONNX = "model.onnx"
 HEADS = "heads.safetensors"
 CONTROLLER = "controller.safetensors"
-
-
-def log(msg: str, quiet: bool = False) -> None:
-    if quiet:
-        return
-    print(f"[clipfuse] {msg}", file=sys.stderr, flush=True)
-
-
-@contextmanager
-def step(msg: str, quiet: bool = False):
-    """Progress for a long step: announce it, then say how long it took."""
-    t0 = time.perf_counter()
-    if not quiet:
-        log(f"{msg} ...")
-    yield
-    if not quiet:
-        log(f"{msg}: done in {time.perf_counter() - t0:.1f} s")
-
-
-def check_output_folder(out: Path, force: bool) -> Path:
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ClipfuseError(f"output {str(out)!r} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ClipfuseError(f"output folder {str(out)!r} already exists; pass --force to replace it")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ClipfuseError(f"cannot create the output's parent folder {str(parent)!r}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ClipfuseError(f"output folder {str(out)!r} cannot be written: no write permission on {str(parent)!r}")
-    return out
-
-
-def fsync_file(path: Path) -> None:
-    """Flush one file to disk (before it is renamed into place)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes | str) -> None:
-    """Write `path` via a temp file in the same folder, fsync, os.replace: readers see old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_manifest_atomic(folder: Path, data: dict) -> None:
-    """manifest.json of an existing engine folder, replaced atomically."""
-    write_file_atomic(Path(folder) / MANIFEST, json.dumps(data, indent=2) + "\n")
-
-
-@contextmanager
-def atomic_folder(out: Path):
-    """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        for p in tmp.iterdir():
-            if p.is_file():
-                fsync_file(p)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes it private; an engine folder is not
-        for p in tmp.iterdir():
-            os.chmod(p, 0o666 & ~umask)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def package_versions() -> dict:
@@ -197,8 +108,7 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     """
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
-    from clipfuse.export.fused import ConstantController, FusedEnsemble, save_controller
-    from clipfuse.export.onnx_export import DEFAULT_OPSET, export_onnx, validate_onnx
+    from clipfuse.export.onnx_export import DEFAULT_OPSET
 
     t_start = time.perf_counter()
     # Everything a user can get wrong is checked before the long work starts.
@@ -218,16 +128,40 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
         raise ClipfuseError(f"{len(heads)} heads given for {len(specs)} backbones")
     opset = opset or DEFAULT_OPSET
 
+    # The writer's lock is held from here to the swap: a second export to `out` is refused at once.
+    with new_engine_folder(out, force, quiet) as tmp:
+        manifest = _build_into(tmp, out, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
+                               extra_files, extra_manifest, t_start)
+    if not quiet:
+        log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s", quiet)
+    return ExportResult(out, manifest)
+
+
+def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
+                extra_files, extra_manifest, t_start) -> dict:
+    """Build, export, validate and write everything into the temporary folder `tmp`; returns the manifest."""
+    from clipfuse.export import backbones as bb
+    from clipfuse.export import heads as hd
+    from clipfuse.export.fused import ConstantController, FusedEnsemble, save_controller
+    from clipfuse.export.onnx_export import export_onnx, validate_onnx
+
+    # steps, counted so a user sees how far the 1-2 minutes have got: K backbones (+ K heads), then
+    # export, validation, writing
+    K = len(specs)
+    total = K * (1 + (heads is None)) + 3
+    done = iter(range(1, total + 1))
     built, head_list = [], []
     for i, spec in enumerate(specs):
         if i in prebuilt:
             b = prebuilt[i]
+            next(done)
         else:
-            with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
+            with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: building", quiet):
                 b = bb.load_backbone(spec)
         if heads is None:
-            with step(f"backbone {i + 1}/{len(specs)} {spec}: zero-shot head, {len(classes)} classes x {len(templates)} templates", quiet):
-                head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates))
+            with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: zero-shot head, {len(classes)} classes x "
+                      f"{len(templates)} templates", quiet):
+                head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates, progress=not quiet))
         else:
             head_list.append(heads[i])
         if head_list[-1].weight.shape != (len(classes), b.embed_dim):
@@ -246,65 +180,63 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     feature_dim = sum(b.embed_dim for b in built)
     inputs, outputs = iospec.io_spec([b.image_size for b in built], len(built), len(classes), feature_dim)
 
-    with atomic_folder(out) as tmp:
-        with step(f"exporting the fused graph ({len(built)} backbones, opset {opset})", quiet):
-            onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
-        with step("validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on real photographs", quiet):
-            validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs))
-        hd.save_heads(head_list, tmp / HEADS)
-        save_controller(fused.controller, tmp / CONTROLLER)
-        for name, content in (extra_files or {}).items():
-            if callable(content):
-                content(tmp / name)
-            elif isinstance(content, bytes):
-                (tmp / name).write_bytes(content)
-            else:
-                (tmp / name).write_text(content)
-        with step("hashing artefacts", quiet):
-            artefacts = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                         for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = {
-            "format": "clipfuse-engine",
-            "schema_version": SCHEMA_VERSION,
-            "name": out.name,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "backbones": [
-                {
-                    "arch": b.spec.arch,
-                    "weights": b.spec.weights,
-                    "weights_kind": b.spec.kind,
-                    "weights_sha256": b.weights_sha256,
-                    "input": iospec.input_name(b.image_size),
-                    "image_size": b.image_size,
-                    "mean": list(b.preprocess["mean"]),
-                    "std": list(b.preprocess["std"]),
-                    "embed_dim": b.embed_dim,
-                    "visual_params": b.info["visual_params"],
-                    "gflops": b.info["gflops"],
-                    "logit_scale": b.info["logit_scale"],
-                }
-                for b in built
-            ],
-            "classes": classes,
-            "templates": templates if head_list[0].kind == hd.ZERO_SHOT else None,
-            "head_kind": head_list[0].kind,
-            "controller": {"kind": fused.controller.kind, "file": CONTROLLER,
-                           "note": "constant 1/K until fitted: fused logits = mean of backbone logits (LOG-AVG)"
-                           if fused.controller.kind == "constant" else None},
-            "heads_file": HEADS,
-            "inputs": [dict(t.to_json(), preprocess=in_specs[t.name].to_json()) for t in inputs],
-            "outputs": [t.to_json() for t in outputs],
-            "onnx": onnx_info,
-            "validation": validation,
-            "versions": package_versions(),
-            "artefacts": artefacts,
-            "export_seconds": round(time.perf_counter() - t_start, 1),
-            **(extra_manifest or {}),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if not quiet:
-        log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
-    return ExportResult(out, manifest)
+    with step(f"[{next(done)}/{total}] exporting the fused graph ({len(built)} backbones, opset {opset})", quiet):
+        onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
+    with step(f"[{next(done)}/{total}] validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on "
+              "real photographs", quiet):
+        validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs),
+                                   names=[str(b.spec) for b in built], where=out)
+    hd.save_heads(head_list, tmp / HEADS)
+    save_controller(fused.controller, tmp / CONTROLLER)
+    for name, content in (extra_files or {}).items():
+        if callable(content):
+            content(tmp / name)
+        elif isinstance(content, bytes):
+            (tmp / name).write_bytes(content)
+        else:
+            (tmp / name).write_text(content)
+    with step(f"[{next(done)}/{total}] writing and hashing artefacts", quiet):
+        artefacts = hash_artefacts(tmp)
+    manifest = {
+        "format": "clipfuse-engine",
+        "schema_version": SCHEMA_VERSION,
+        "name": out.name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "backbones": [
+            {
+                "arch": b.spec.arch,
+                "weights": b.spec.weights,
+                "weights_kind": b.spec.kind,
+                "weights_sha256": b.weights_sha256,
+                "input": iospec.input_name(b.image_size),
+                "image_size": b.image_size,
+                "mean": list(b.preprocess["mean"]),
+                "std": list(b.preprocess["std"]),
+                "embed_dim": b.embed_dim,
+                "visual_params": b.info["visual_params"],
+                "gflops": b.info["gflops"],
+                "logit_scale": b.info["logit_scale"],
+            }
+            for b in built
+        ],
+        "classes": classes,
+        "templates": templates if head_list[0].kind == hd.ZERO_SHOT else None,
+        "head_kind": head_list[0].kind,
+        "controller": {"kind": fused.controller.kind, "file": CONTROLLER,
+                       "note": "constant 1/K until fitted: fused logits = mean of backbone logits (LOG-AVG)"
+                       if fused.controller.kind == "constant" else None},
+        "heads_file": HEADS,
+        "inputs": [dict(t.to_json(), preprocess=in_specs[t.name].to_json()) for t in inputs],
+        "outputs": [t.to_json() for t in outputs],
+        "onnx": onnx_info,
+        "validation": validation,
+        "versions": package_versions(),
+        "artefacts": artefacts,
+        "export_seconds": round(time.perf_counter() - t_start, 1),
+        **(extra_manifest or {}),
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def reexport_engine(folder, opset: int | None = None, quiet: bool = False) -> ExportResult:

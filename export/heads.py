@@ -14,6 +14,7 @@ same tensors to the fused graph and load through the same file
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,17 +113,30 @@ def parse_templates(path: str | None) -> list[str]:
     return lines
 
 
-def zero_shot_head(model: torch.nn.Module, arch: str, classes: list[str], templates: list[str]) -> Head:
-    """Build a zero-shot head with the backbone's own tokenizer and text tower."""
+def zero_shot_head(model: torch.nn.Module, arch: str, classes: list[str], templates: list[str],
+                   progress: bool = False) -> Head:
+    """Build a zero-shot head with the backbone's own tokenizer and text tower.
+
+    progress: a tqdm bar over classes on stderr (a real text tower takes about a minute for 1000
+    classes x 80 templates). Classes go through open_clip's build_zero_shot_classifier in chunks;
+    each class's column depends on that class alone, so chunking changes nothing but the bar.
+    """
     import open_clip
+    from tqdm import tqdm
 
     tokenizer = open_clip.get_tokenizer(arch)
-    with torch.no_grad():
-        # (D, C): per class, templates normalised, averaged, normalised again
-        classifier = open_clip.build_zero_shot_classifier(
-            model, tokenizer, classes, templates, num_classes_per_batch=max(1, 256 // len(templates)), device="cpu"
-        )
+    per_batch = max(1, 256 // len(templates))
+    columns = []
+    with torch.no_grad(), tqdm(total=len(classes), unit="class", desc=f"zero-shot head {arch}", leave=False,
+                               disable=not progress, file=sys.stderr) as bar:
+        for i in range(0, len(classes), per_batch):
+            chunk = classes[i:i + per_batch]
+            # (D, c): per class, templates normalised, averaged, normalised again
+            columns.append(open_clip.build_zero_shot_classifier(
+                model, tokenizer, chunk, templates, num_classes_per_batch=per_batch, device="cpu"))
+            bar.update(len(chunk))
         scale = model.logit_scale.exp().float()
+    classifier = torch.cat(columns, dim=1)
     weight = (scale * classifier.T).float().contiguous()            # (C, D)
     return Head(weight=weight, bias=torch.zeros(weight.shape[0]), kind=ZERO_SHOT)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 # fp32 tolerance, per output: |onnx - torch| <= ATOL + RTOL * max|torch| (+ for logits, the
-# part the head's conditioning propagates from the features' own error: propagated_error).
+# part the head's conditioning propagates from the features' own error: clipfuse.runtime.comparator).
 # Both runtimes compute in fp32 but order reductions differently (conv
 # algorithms, GEMM blocking, fused attention); measured errors are 1e-6 to
 # 1e-5 of the output's scale (see the manifest's validation block). 1e-4
@@ -81,54 +80,9 @@ def export_onnx(module: torch.nn.Module, path: Path, opset: int = DEFAULT_OPSET,
     }
 
 
-@dataclass
-class OutputCheck:
-    name: str
-    max_abs: float
-    max_rel: float          # max_abs / max|torch|
-    tolerance: float        # ATOL + RTOL * max|torch|
-    ok: bool
-
-
-def compare_outputs(ref: dict, got: dict, rtol: float = RTOL, atol: float = ATOL, extra: dict | None = None) -> list[OutputCheck]:
-    """Per output: max |got - ref| against atol + rtol * max|ref| + extra[name]."""
-    extra = extra or {}
-    checks = []
-    for name in iospec.OUTPUT_NAMES:
-        a, b = np.asarray(ref[name], np.float64), np.asarray(got[name], np.float64)
-        if a.shape != b.shape:
-            checks.append(OutputCheck(name, float("inf"), float("inf"), 0.0, False))
-            continue
-        scale = float(np.abs(a).max()) if a.size else 0.0
-        err = float(np.abs(a - b).max()) if a.size else 0.0
-        tol = atol + rtol * scale + extra.get(name, 0.0)
-        checks.append(OutputCheck(name, err, err / scale if scale else err, tol, bool(err <= tol)))
-    return checks
-
-
-def propagated_error(module: torch.nn.Module, ref: dict, got: dict) -> dict:
-    """How far the logits may move because the features did: the head's conditioning times the feature error.
-
-    z_k = f_k @ W_k.T + b_k, so |dz_k| <= max_c ||W_k[c]|| * ||df_k|| (Cauchy-Schwarz). A zero-shot head
-    has unit rows times the logit scale (~100), so this adds ~1e-4 at most. A linear probe fitted on
-    standardised features has rows of norm 1/std: on random towers, whose features barely vary, that
-    is 1e3-1e4, and fp32 differences of 1e-7 in the features legitimately move its logits by 1e-4
-    relative. The features themselves are held to the plain relative tolerance.
-    """
-    f_ref, f_got = np.asarray(ref[iospec.FEATURES], np.float64), np.asarray(got[iospec.FEATURES], np.float64)
-    t_ref = np.asarray(ref[iospec.TEMPERATURES], np.float64)
-    dt = np.abs(t_ref - np.asarray(got[iospec.TEMPERATURES], np.float64)).max(0)          # (K,)
-    z_max = np.abs(np.asarray(ref[iospec.BACKBONE_LOGITS], np.float64)).max(axis=(0, 2))   # (K,)
-    dz, lo = [], 0
-    for k in range(module.num_backbones):
-        w = getattr(module, f"head_weight_{k}").double()
-        hi = lo + w.shape[1]
-        df = float(np.linalg.norm(f_ref[:, lo:hi] - f_got[:, lo:hi], axis=1).max()) if len(f_ref) else 0.0
-        dz.append(float(w.norm(dim=1).max()) * df)
-        lo = hi
-    dz = np.array(dz)
-    d_logits = float((t_ref.max(0) * dz + dt * z_max).sum())
-    return {iospec.BACKBONE_LOGITS: float(dz.max()), iospec.LOGITS: d_logits, iospec.PROBS: d_logits}
+def head_norms(module: torch.nn.Module) -> list[float]:
+    """max_c ||W_k[c]|| per head of a FusedEnsemble: how far a logit moves per unit of feature error."""
+    return [float(getattr(module, f"head_weight_{k}").double().norm(dim=1).max()) for k in range(module.num_backbones)]
 
 
 def torch_outputs(module: torch.nn.Module, feed: dict, resolutions) -> dict:
@@ -137,50 +91,60 @@ def torch_outputs(module: torch.nn.Module, feed: dict, resolutions) -> dict:
     return {n: o.numpy() for n, o in zip(iospec.OUTPUT_NAMES, outs)}
 
 
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
+def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict], names=None, where=None) -> dict:
+    """Full checker + ORT CPU vs PyTorch on the given feeds ({batch_size: {input: uint8}}), compared by
+    the one comparator (clipfuse.runtime.comparator) with the fp32 tolerance row.
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def validate_onnx(module: torch.nn.Module, path: Path, feeds: dict[int, dict]) -> dict:
-    """Full checker + ORT CPU vs PyTorch on the given feeds ({batch_size: {input: uint8}}).
-
-    Raises ClipfuseError when any output is out of tolerance or any top-1 differs.
-    Returns the figures for the manifest.
+    names: backbone names in graph order (for the messages); where: the folder to name in messages
+    (the final output folder, not the temporary one the graph is written to).
+    Raises ClipfuseError when any bound fails. Returns the figures for the manifest.
     """
     import onnx
 
+    from clipfuse.runtime.comparator import compare_outputs
+    from clipfuse.runtime.sessions import open_session
+
+    where = str(where) if where is not None else str(path)
     try:
         onnx.checker.check_model(str(path), full_check=True)   # path form: works past 2 GB
     except Exception as e:
-        raise ClipfuseError(f"exported graph {str(path)!r} fails onnx.checker: {e}") from None
+        raise ClipfuseError(f"exported graph {where!r} fails onnx.checker: {e}") from None
+    names = list(names) if names is not None else [f"backbone {k}" for k in range(module.num_backbones)]
+    dims = [getattr(module, f"head_weight_{k}").shape[1] for k in range(module.num_backbones)]
+    norms = head_norms(module)
+    bad = [names[k] for k, x in enumerate(norms) if not np.isfinite(x)]
+    if bad:
+        raise ClipfuseError(f"non-finite outputs/weights in backbone {bad[0]} of {where!r}: its head holds NaN "
+                            "or inf (check the features it was fitted on); nothing written")
     # PyTorch first, then the session: the two copies of the weights need not coexist with activations.
     refs = {bs: torch_outputs(module, feed, module.resolutions) for bs, feed in feeds.items()}
-    session = ort_session(path)
-    report = {"checker": "ok (full_check)", "rtol": RTOL, "atol": ATOL, "batches": {}}
+    tol = iospec.tolerance("fp32")
+    session = open_session(path)
+    report = {"checker": "ok (full_check)", "rtol": tol["rtol"], "atol": tol["atol"],
+              "min_cosine": tol["min_cosine"], "max_top1_changed": tol["max_top1_changed"], "batches": {}}
     failures = []
     for bs, feed in feeds.items():
         ref = refs[bs]
         got = dict(zip(iospec.OUTPUT_NAMES, session.run(list(iospec.OUTPUT_NAMES), feed)))
-        extra = propagated_error(module, ref, got)
-        checks = compare_outputs(ref, got, extra=extra)
-        top1_same = bool((ref[iospec.LOGITS].argmax(-1) == got[iospec.LOGITS].argmax(-1)).all())
-        bb_same = bool((ref[iospec.BACKBONE_LOGITS].argmax(-1) == got[iospec.BACKBONE_LOGITS].argmax(-1)).all())
+        non_finite = _non_finite_backbones(ref, names) or _non_finite_backbones(got, names)
+        if non_finite:
+            raise ClipfuseError(f"non-finite outputs/weights in backbone {non_finite[0]} of {where!r}: its tower "
+                                "or head produces NaN or inf; check its weights (nothing written)")
+        c = compare_outputs(ref, got, list(zip(names, dims)), tol, norms)
         report["batches"][str(bs)] = {
-            "outputs": {c.name: {"max_abs": c.max_abs, "max_rel": c.max_rel, "tolerance": c.tolerance, "ok": c.ok}
-                        for c in checks},
-            "top1_identical": top1_same,
-            "backbone_top1_identical": bb_same,
+            "outputs": {o["output"]: {k: o[k] for k in ("max_abs", "max_rel", "tolerance", "ok")} for o in c["outputs"]},
+            "top1_identical": c["fused"]["top1_changed"] == 0,
+            "backbone_top1_identical": all(b["top1_changed"] == 0 for b in c["backbones"]),
+            "backbones": c["backbones"],
         }
-        failures += [f"batch {bs}: {c.name} max |err| {c.max_abs:.3g} > tolerance {c.tolerance:.3g}" for c in checks if not c.ok]
-        if not top1_same or not bb_same:
-            failures.append(f"batch {bs}: top-1 differs between ONNX Runtime and PyTorch")
+        failures += [f"batch {bs}: {f}" for f in c["failures"]]
     del session
     if failures:
-        raise ClipfuseError(f"exported graph {str(path)!r} disagrees with PyTorch: " + "; ".join(failures))
+        raise ClipfuseError(f"exported graph {where!r} disagrees with PyTorch: " + "; ".join(failures))
     return report
+
+
+def _non_finite_backbones(outputs: dict, names) -> list[str]:
+    """Backbones whose logits or features hold NaN/inf (the controller and fusion spread it to all)."""
+    z = np.asarray(outputs[iospec.BACKBONE_LOGITS])
+    return [n for k, n in enumerate(names) if not np.isfinite(z[:, k]).all()]

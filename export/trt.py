@@ -27,14 +27,15 @@ import without it. Everything a user can get wrong (folder, precision, missing
 ONNX file, batch profile) is checked before TensorRT is imported, so the messages
 are the same on a machine without it.
 
-Status: never executed. Written against the TensorRT 10/11 Python API
-documentation; no run of it is recorded anywhere (tests/test_trt.py and
-benchmarks/gpu_check.py would run it where TensorRT is installed; none has been).
+Status: never executed. Written against the TensorRT 10/11 Python API documentation;
+no machine this project ran on had TensorRT, so no plan has ever been built by this
+code (tests/test_trt.py and benchmarks/gpu_check.py skip it where TensorRT is absent).
+The plan and its layer file go into the folder through the one engine-folder writer
+(export/engine_folder.py), like every other artefact.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import time
 from pathlib import Path
 
@@ -77,10 +78,10 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     timing_cache: a file read before and written after the build, so rebuilds skip kernel timing.
     opt_level: builder optimisation level 0-5 (TensorRT's default 3). workspace: bytes, or None.
     """
-    from clipfuse.export.engine import step
-    from clipfuse.export.engine import write_file_atomic, write_manifest_atomic
-    from clipfuse.export.fp16 import precision_onnx_path
-    from clipfuse.runtime.manifest import read_manifest, sha256_file
+    from clipfuse.export.engine_folder import update_engine_folder, write_file_atomic
+    from clipfuse.log import step
+    from clipfuse.runtime.compare import precision_onnx_path
+    from clipfuse.runtime.manifest import read_manifest
 
     if precision not in PRECISIONS:
         raise ClipfuseError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
@@ -159,9 +160,6 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     num_aux = int(getattr(engine, "num_aux_streams", 0))
     del inspector, engine, runtime
 
-    folder = m.folder
-    write_file_atomic(folder / layers_name(precision), layers.encode() if isinstance(layers, str) else bytes(layers))
-    write_file_atomic(folder / plan_name(precision), plan)
     entry = {
         "file": plan_name(precision), "layers": layers_name(precision), "onnx": onnx_path.name,
         "onnx_sha256": m.data["artefacts"][onnx_path.name]["sha256"],
@@ -173,11 +171,10 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
         "build_seconds": round(build_s, 1),
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    data = json.loads((folder / "manifest.json").read_text())
-    for name in (plan_name(precision), layers_name(precision)):
-        data["artefacts"][name] = {"sha256": sha256_file(folder / name), "bytes": (folder / name).stat().st_size}
-    data.setdefault("plans", {})[precision] = entry
-    write_manifest_atomic(folder, data)
+    with update_engine_folder(m.folder, what=plan_name(precision), quiet=quiet) as update:
+        update.path(layers_name(precision)).write_bytes(layers.encode() if isinstance(layers, str) else bytes(layers))
+        update.path(plan_name(precision)).write_bytes(plan)
+        update.edit_manifest(lambda data: data.setdefault("plans", {}).__setitem__(precision, entry))
     return entry
 
 

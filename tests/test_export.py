@@ -85,13 +85,13 @@ def test_batch_rows_are_independent(tiny_engine, photo_paths):
 
 def test_existing_output_needs_force(tiny_engine, tmp_path):
     out = tmp_path / "e"
-    out.mkdir()
-    (out / "keep.txt").write_text("x")
+    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
+    (out / "keep.txt").write_text("x")        # an engine folder with a stray file is still an engine folder
     with pytest.raises(ClipfuseError, match="already exists; pass --force"):
         export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
     export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, force=True, quiet=True)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["e"]        # no temporary or old folders left
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]        # no temporary, old or lock files left
 
 
 def test_unwritable_output(tmp_path):

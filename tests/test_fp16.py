@@ -73,7 +73,7 @@ def test_fp16_graph_precisions(fp16_engine):
 
 def test_fp16_validation_figures(fp16_engine, tiny_engine):
     """The recorded figures meet the bounds, and the graph itself reproduces them."""
-    from clipfuse.export.fp16 import make_feeds, run_batches, _session, validation_images
+    from clipfuse.export.precision_validate import _session, make_feeds, run_batches, validation_images
     from clipfuse.runtime.manifest import read_manifest
 
     v = read_manifest(fp16_engine).data["precisions"]["fp16"]["validation"]
@@ -106,7 +106,7 @@ def _synthetic(rng, n=16, dims=(8, 6), classes=5):
 
 
 def test_compare_precisions_catches_what_it_must():
-    from clipfuse.export.fp16 import compare_precisions
+    from clipfuse.export.precision_validate import compare_precisions
 
     rng = np.random.default_rng(0)
     ref, data, norms, w = _synthetic(rng)

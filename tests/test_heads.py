@@ -85,6 +85,24 @@ def test_zero_shot_head_is_the_papers_recipe():
     assert torch.count_nonzero(head.bias) == 0
 
 
+def test_zero_shot_head_progress_and_chunking(capsys):
+    """A bar over classes on stderr when asked, nothing otherwise; chunking the classes (the bar's steps)
+    gives the same head as one pass."""
+    b = load_backbone("clipfuse-test-vit:random:0")
+    classes = [f"class {i}" for i in range(300)]          # more than one chunk of 256 // 2 classes
+    templates = ["a photo of a {}.", "{}"]
+    quiet = zero_shot_head(b.model, "clipfuse-test-vit", classes, templates)
+    assert capsys.readouterr().err == ""
+    loud = zero_shot_head(b.model, "clipfuse-test-vit", classes, templates, progress=True)
+    err = capsys.readouterr().err
+    assert "zero-shot head clipfuse-test-vit" in err and "/300 [" in err and "class/s" in err
+    torch.testing.assert_close(loud.weight, quiet.weight)
+    tok = open_clip.get_tokenizer("clipfuse-test-vit")
+    with torch.no_grad():
+        whole = open_clip.build_zero_shot_classifier(b.model, tok, classes, templates, num_classes_per_batch=None)
+    torch.testing.assert_close(quiet.weight, (b.model.logit_scale.exp() * whole.T).float(), rtol=1e-5, atol=1e-5)
+
+
 def test_heads_file_round_trip_including_linear_probe(tmp_path):
     heads = [Head(torch.randn(4, 32), torch.zeros(4)), Head(torch.randn(4, 24), torch.randn(4), kind=LINEAR_PROBE)]
     save_heads(heads, tmp_path / "h.safetensors")
