@@ -70,7 +70,7 @@ def test_inspect_engine_prints_as_the_table_and_stays_data(tiny_engine, capsys):
     (["export", "-b", TINY[0], "-c", "a,,b", "-o", "{tmp}/x"], "empty class name"),
     (["export", "-b", TINY[0], "-c", "a,b,a", "-o", "{tmp}/x"], "duplicate class names"),
     (["export", "-b", TINY[0], "-c", "a,b", "--templates", "{tmp}/bad_templates.txt", "-o", "{tmp}/x"], "has no '{}'"),
-    (["export", "-b", TINY[0], "-c", "a,b", "-o", "{tmp}/existing"], "already exists; pass --force"),
+    (["export", "-b", TINY[0], "-c", "a,b", "-o", "{tmp}/existing"], "is not a clipfuse engine (it holds 'f')"),
     (["export", "-b", TINY[0], "-c", "a,b", "-o", "{tmp}/afile/x"], "cannot create the output's parent folder"),
     (["inspect", "{tmp}/nowhere"], "does not exist"),
 ])
