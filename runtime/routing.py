@@ -49,11 +49,12 @@ def confidence(logits, score: str = MAX_PROB) -> np.ndarray:
 
 
 def _check_thresholds(thresholds, num_stages: int) -> np.ndarray:
-    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    # None (how a manifest's JSON writes +inf) means "never leave at this stage".
+    t = np.array([np.inf if v is None else v for v in np.asarray(thresholds, dtype=object).reshape(-1)], dtype=np.float64)
     if t.shape != (num_stages - 1,):
         raise ClipfuseError(f"a {num_stages}-stage cascade needs {num_stages - 1} thresholds, got {t.size}")
     if np.isnan(t).any():
-        raise ClipfuseError(f"cascade thresholds must be numbers (inf = never leave there), got {t.tolist()}")
+        raise ClipfuseError(f"cascade thresholds must be numbers (inf or null = never leave there), got {t.tolist()}")
     return t
 
 
