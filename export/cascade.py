@@ -48,7 +48,7 @@ import numpy as np
 
 from clipfuse.errors import ClipfuseError
 from clipfuse.export.paired import accuracy_interval, clopper_pearson_upper, paired_difference
-from clipfuse.runtime.routing import MARGIN, MAX_PROB, SCORES, confidence, route
+from clipfuse.runtime.routing import MAX_PROB, SCORES, confidence, route
 
 GUARDED = "agreement-bound"   # agreement with the full ensemble, Clopper-Pearson upper bound (default)
 AGREEMENT = "agreement"       # agreement, point estimate (study only)
