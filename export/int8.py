@@ -33,7 +33,9 @@ engine sees at inference). Validation against fp32 is in export/int8_validate.py
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -118,6 +120,18 @@ def _reader(feeds: list[dict[str, np.ndarray]]):
 
 # ----------------------------------------------------------------------------- quantization
 
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static warns on the root logger to run quant_pre_process (not used: see the docstring)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def _weighted(node, constants: set) -> bool:
     """Conv/Gemm always carry a weight; a MatMul only when its second input is a constant."""
     if node.op_type in ("Conv", "Gemm"):
@@ -164,7 +178,7 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     tmpdir = Path(tempfile.mkdtemp(prefix=".int8.tmp-", dir=dst_onnx.parent))
     try:
         out = tmpdir / dst_onnx.name
-        with step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower Conv/MatMul/Gemm, "
+        with _quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower Conv/MatMul/Gemm, "
                   f"{method} calibration on {sum(len(next(iter(f.values()))) for f in calibration_feeds)} images)",
                   quiet):
             quantize_static(
@@ -177,7 +191,10 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
                                   "percentile": CalibrationMethod.Percentile}[method],
                 extra_options=extra)
         del model
-        q = onnx.load(str(out), load_external_data=False)
+        q = onnx.load(str(out))
+        rewired = float_island_inputs(q.graph, island)
+        if rewired:
+            _save(q, out, large)
         quantized, missing = qdq_wrapped(q, to_quantize)
         if missing:          # a silent skip would ship a graph slower than promised
             raise RuntimeError(f"quantize_static left {len(missing)} tower nodes unquantized, e.g. {missing[:3]}")
@@ -203,10 +220,62 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         "float": {"islands": islands, "weighted_ops_left_float": dict(sorted(left_float.items())),
                   "note": "every op other than Conv, Gemm and constant-weight MatMul runs in float "
                           "(LayerNorm, Softmax, GELU/Erf, residual Adds, ...)"},
+        "island_inputs_kept_float": rewired,
         "quantize_linear": counts.get("QuantizeLinear", 0),
         "dequantize_linear": counts.get("DequantizeLinear", 0),
         "nodes": sum(counts.values()),
     }
+
+
+def _save(model, path: Path, large: bool) -> None:
+    import onnx
+
+    for p in path.parent.iterdir():                  # the quantizer's data file, rewritten below
+        if p != path:
+            p.unlink()
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def float_island_inputs(graph, island: set) -> int:
+    """Feed island nodes the float tensor, not its Q/DQ copy; returns how many inputs were rewired.
+
+    In QDQ form ORT also quantizes the *outputs* of Conv and MatMul (so that ORT CPU can fuse
+    QLinearConv / QLinearMatMul), and hands the DequantizeLinear copy to every consumer, the
+    islands included: the towers' last projection's output, the raw embedding, reached the
+    feature L2 norm rounded to int8 (seen on the tiny towers: ReduceL2 and Div fed by a DQ). The
+    islands take X instead of DQ(Q(X)); Q/DQ nodes left without consumers are dropped."""
+    producer = {o: n for n in graph.node for o in n.output}
+    rewired = 0
+    for n in graph.node:
+        if n.name not in island:
+            continue
+        for j, t in enumerate(n.input):
+            dq = producer.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue                               # a quantized weight: islands have none (excluded)
+            n.input[j] = q.input[0]
+            rewired += 1
+    outputs = {o.name for o in graph.output}
+    while True:                                        # drop DQ, then its Q, once nothing reads them
+        used = {t for n in graph.node for t in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {t for n in graph.node for t in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return rewired
 
 
 def qdq_wrapped(model, names) -> tuple[collections.Counter, list]:
