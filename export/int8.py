@@ -172,6 +172,10 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": activation_symmetric}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
+    # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears the
+    # collected outputs every N batches WITHOUT merging their ranges first, so the ranges come from the
+    # last partial group only ("No data is collected." when the batch count is a multiple of N; seen
+    # here). MinMax needs no such cap anyway: it calibrates on ReduceMin/ReduceMax outputs (scalars).
     settings = {"quant_format": "QDQ", "activation_type": "QInt8", "weight_type": "QInt8",
                 "per_channel": per_channel, "reduce_range": False, "calibrate_method": method,
                 "op_types_to_quantize": list(QUANT_OPS), "extra_options": extra}
