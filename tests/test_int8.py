@@ -235,3 +235,25 @@ def test_quantize_refuses_bad_arguments(tiny_engine, tmp_path):
     _one_line_error(lambda: quantize_int8(m.onnx_path, tmp_path / "x.onnx", [{}], method="mse"),
                     "unknown calibration method 'mse'")
     assert not list(tmp_path.iterdir())
+
+
+def test_u8_asymmetric_activations_for_onnxruntime_cpu(int8, calib_dir, tmp_path):
+    """activations="u8" (ORT CPU's fully fused kernels): the activation Q/DQ carry uint8 zero points, weights
+    stay int8, the record says so, and the graph still passes validation."""
+    import onnx
+
+    from clipfuse.export.int8 import calibration_feeds, quantize_int8
+    from clipfuse.export.int8_validate import validate_int8
+
+    m, _, _ = int8
+    feeds = calibration_feeds(m, calib_dir, count=32)
+    record = quantize_int8(m.onnx_path, tmp_path / "u8.onnx", feeds, activations="u8", activation_symmetric=False)
+    assert record["settings"]["activation_type"] == "QUInt8"
+    assert record["settings"]["extra_options"]["ActivationSymmetric"] is False
+    g = onnx.load(str(tmp_path / "u8.onnx")).graph
+    inits = {t.name: t for t in g.initializer}
+    act_zp = {inits[n.input[2]].data_type for n in g.node if n.op_type == "QuantizeLinear"}
+    w_zp = {inits[n.input[0]].data_type for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+            and inits[n.input[0]].data_type != onnx.TensorProto.INT32}               # int32: the biases
+    assert act_zp == {onnx.TensorProto.UINT8} and w_zp == {onnx.TensorProto.INT8}
+    assert validate_int8(m, tmp_path / "u8.onnx")["ok"]
