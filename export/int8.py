@@ -29,7 +29,10 @@ quantized ViT/CLIP:
                   (not in op_types_to_quantize), and, by node, the islands that
                   export/fp16.py's `fp32_node_names` finds: the feature L2 norm,
                   heads, controller and combination.
-    calibration   MinMax by default; Entropy and Percentile as options.
+    calibration   MinMax by default; Entropy and Percentile as options. MinMax adds
+                  ReduceMin/ReduceMax outputs and keeps scalars; the histogram methods
+                  keep every calibration batch's activations until the end (measured:
+                  Percentile on 48 images of RN50 + ViT-B-32 peaked at 9.2 GB, MinMax 4.5).
 
 No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and
 renames nodes, and the islands are named by node; quantize_static's own shape
@@ -58,6 +61,7 @@ from clipfuse.log import step
 MODEL_INT8 = "model.int8.onnx"
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = {"s8": "QInt8", "u8": "QUInt8"}      # onnxruntime.quantization.QuantType names
 DEFAULT_COUNT = 256             # calibration images used at most (evenly spaced over the folder)
 MIN_IMAGES = 32                 # fewer than this and the activation ranges are one photo's ranges
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -153,11 +157,14 @@ def _constants(graph) -> set:
 
 
 def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
-                  method: str = "minmax", per_channel: bool = True, activation_symmetric: bool = True, activations: str = "s8",
-                  percentile: float = 99.999, quiet: bool = True) -> dict:
+                  method: str = "minmax", per_channel: bool = True, activations: str = "s8",
+                  activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True) -> dict:
     """Quantize the fp32 graph at src_onnx into a QDQ graph at dst_onnx (atomically); returns the
     manifest record: quantizer, version and settings, calibration count and sha256, nodes quantized
-    per op type, and what stayed float."""
+    per op type, and what stayed float.
+
+    method: minmax | entropy | percentile (percentile: its percentile); activations: "s8" (TensorRT,
+    the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring)."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -167,6 +174,8 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
 
     if method not in METHODS:
         raise ClipfuseError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise ClipfuseError(f"unknown int8 activation type {activations!r}; valid: {', '.join(ACTIVATIONS)}")
     if not calibration_feeds:
         raise ClipfuseError("no calibration images were given; give a folder of your own images")
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
@@ -185,19 +194,19 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     # collected outputs every N batches WITHOUT merging their ranges first, so the ranges come from the
     # last partial group only ("No data is collected." when the batch count is a multiple of N; seen
     # here). MinMax needs no such cap anyway: it calibrates on ReduceMin/ReduceMax outputs (scalars).
-    settings = {"quant_format": "QDQ", "activation_type": {"s8": "QInt8", "u8": "QUInt8"}[activations], "weight_type": "QInt8",
+    settings = {"quant_format": "QDQ", "activation_type": ACTIVATIONS[activations], "weight_type": "QInt8",
                 "per_channel": per_channel, "reduce_range": False, "calibrate_method": method,
                 "op_types_to_quantize": list(QUANT_OPS), "extra_options": extra}
     tmpdir = Path(tempfile.mkdtemp(prefix=".int8.tmp-", dir=dst_onnx.parent))
     try:
         out = tmpdir / dst_onnx.name
-        with _quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower Conv/MatMul/Gemm, "
-                  f"{method} calibration on {sum(len(next(iter(f.values()))) for f in calibration_feeds)} images)",
-                  quiet):
+        n_images = sum(len(next(iter(f.values()))) for f in calibration_feeds)
+        with _quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
+                                        f"Conv/MatMul/Gemm, {method} calibration on {n_images} images)", quiet):
             quantize_static(
                 model, str(out), _reader(calibration_feeds), quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANT_OPS), per_channel=per_channel, reduce_range=False,
-                activation_type=QuantType.QInt8 if activations == "s8" else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                activation_type=getattr(QuantType, ACTIVATIONS[activations]), weight_type=QuantType.QInt8,
                 nodes_to_quantize=to_quantize, nodes_to_exclude=sorted(island),
                 use_external_data_format=large,
                 calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -220,7 +229,6 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
             os.replace(tmpdir / name, dst_onnx.parent / (dst_onnx.name if name == out.name else name))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    n_images = sum(len(next(iter(f.values()))) for f in calibration_feeds)
     return {
         "file": dst_onnx.name,
         "external_data": [n for n in names if n != out.name] or None,

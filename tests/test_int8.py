@@ -234,6 +234,8 @@ def test_quantize_refuses_bad_arguments(tiny_engine, tmp_path):
     _one_line_error(lambda: quantize_int8(m.onnx_path, tmp_path / "x.onnx", []), "no calibration images")
     _one_line_error(lambda: quantize_int8(m.onnx_path, tmp_path / "x.onnx", [{}], method="mse"),
                     "unknown calibration method 'mse'")
+    _one_line_error(lambda: quantize_int8(m.onnx_path, tmp_path / "x.onnx", [{}], activations="int4"),
+                    "unknown int8 activation type 'int4'")
     assert not list(tmp_path.iterdir())
 
 
