@@ -1,0 +1,316 @@
+"""INT8 written into the graph: model.onnx (fp32) -> a QDQ graph calibrated on the user's images.
+
+Static post-training quantization with `onnxruntime.quantization.quantize_static`
+(ships with onnxruntime: no new dependency), in QDQ form: QuantizeLinear ->
+DequantizeLinear pairs around the quantized ops' inputs, so ONNX Runtime fuses
+them into int8 kernels on CPU (VNNI) and TensorRT builds an explicitly
+quantized engine from the same file (the only INT8 path TensorRT 10.1+ keeps).
+
+Settings, from the ONNX Runtime docs for x86 and the documented pitfalls of
+quantized ViT/CLIP:
+
+    format        QDQ, weights S8 per-channel symmetric; no reduce_range (that is for
+                  pre-VNNI CPUs)
+    activations   S8 symmetric by default ("S8S8", the docs' x86 default; zero point 0
+                  is what TensorRT requires); `activations="u8"` with
+                  activation_symmetric=False for ONNX Runtime CPU, because measured
+                  here (onnxruntime 1.32, RN50 + ViT-B-32, AVX-512 VNNI): with S8
+                  activations ORT fuses only 38 of RN50's 56 Convs into QLinearConv
+                  (int8 x 1.25-1.35 faster than fp32); with U8 all 56 (x 2.0-2.1).
+                  The 18 left float read a tensor that also feeds a residual Add or a
+                  second tower: its QuantizeLinear has two DequantizeLinear
+                  consumers, and ORT's S8->U8 rewrite (its x86 kernels take U8
+                  activations) skips such a Q; splitting the Q in the file does not
+                  help (ORT's common-subexpression pass merges the copies back).
+    ops           only the towers' weighted ops: Conv, Gemm, and MatMul whose second
+                  input is a constant (MatMulConstBOnly). The attention products
+                  Q.K^T and A.V (both inputs activations) stay float.
+    float         LayerNorm, Softmax, GELU/Erf, residual Adds and every other op
+                  (not in op_types_to_quantize), and, by node, the islands that
+                  export/fp16.py's `fp32_node_names` finds: the feature L2 norm,
+                  heads, controller and combination.
+    calibration   MinMax by default; Entropy and Percentile as options. MinMax adds
+                  ReduceMin/ReduceMax outputs and keeps scalars; the histogram methods
+                  keep every calibration batch's activations until the end (measured:
+                  Percentile on 48 images of RN50 + ViT-B-32 peaked at 9.2 GB, MinMax 4.5).
+
+No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and
+renames nodes, and the islands are named by node; quantize_static's own shape
+inference runs on the exported graph as it is.
+
+`calibration_feeds(manifest, folder, count)` makes the calibration batches from
+an image folder through the runtime's host preprocessing (the same bytes the
+engine sees at inference). Validation against fp32 is in export/int8_validate.py.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from clipfuse.errors import ClipfuseError
+from clipfuse.log import step
+
+MODEL_INT8 = "model.int8.onnx"
+QUANT_OPS = ("Conv", "MatMul", "Gemm")
+METHODS = ("minmax", "entropy", "percentile")
+ACTIVATIONS = {"s8": "QInt8", "u8": "QUInt8"}      # onnxruntime.quantization.QuantType names
+DEFAULT_COUNT = 256             # calibration images used at most (evenly spaced over the folder)
+MIN_IMAGES = 32                 # fewer than this and the activation ranges are one photo's ranges
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int = 8,
+                      min_images: int = MIN_IMAGES) -> list[dict[str, np.ndarray]]:
+    """Calibration batches {input_name: uint8 (n, 3, R, R)} from the images in `folder`.
+
+    Up to `count` images, evenly spaced over the folder's sorted list (so a folder sorted by class
+    is not calibrated on its first class only), through runtime/images.py's loading and host
+    preprocessing. Refuses, one line each: a missing, unreadable or empty folder; fewer than
+    `min_images` readable images (naming a failure when some could not be read).
+    """
+    from clipfuse.runtime.images import collect_images, preprocess_paths
+
+    folder = Path(folder)
+    if count < min_images:
+        raise ClipfuseError(f"--calibration-count {count} is below the minimum of {min_images} images; "
+                            f"give at least {min_images}")
+    if not folder.is_dir():
+        raise ClipfuseError(f"calibration folder {str(folder)!r} does not exist or is not a folder; "
+                            "give a folder of your own images")
+    if not os.access(folder, os.R_OK | os.X_OK):    # os.walk would silently see an empty folder
+        raise ClipfuseError(f"calibration folder {str(folder)!r} cannot be read (permission denied); "
+                            "fix its permissions")
+    paths = collect_images([folder])                 # ClipfuseError when it holds no image files
+    if len(paths) > count:
+        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+    ok, inputs, failures = preprocess_paths(paths, manifest.preprocess_specs(), batch_size=batch)
+    if len(ok) < min_images:
+        why = (f"; {len(failures)} could not be read, e.g. {failures[0].path}: {failures[0].reason}"
+               if failures else "")
+        raise ClipfuseError(f"calibration folder {str(folder)!r} has {len(ok)} usable images, "
+                            f"need at least {min_images}{why}; add more images")
+    n = len(ok)
+    return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)]
+
+
+def feeds_sha256(feeds: list[dict[str, np.ndarray]]) -> str:
+    """sha256 over the calibration tensors (names, shapes, bytes, in order): what was calibrated on."""
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name in sorted(feed):
+            a = np.ascontiguousarray(feed[name])
+            h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _reader(feeds: list[dict[str, np.ndarray]]):
+    """A CalibrationDataReader over the feeds (the base class lives in onnxruntime.quantization)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class FeedReader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter(feeds)
+
+    return FeedReader()
+
+
+# ----------------------------------------------------------------------------- quantization
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """quantize_static warns on the root logger to run quant_pre_process (not used: see the docstring)."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _weighted(node, constants: set) -> bool:
+    """Conv/Gemm always carry a weight; a MatMul only when its second input is a constant."""
+    if node.op_type in ("Conv", "Gemm"):
+        return True
+    return node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in constants
+
+
+def _constants(graph) -> set:
+    return {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+
+
+def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
+                  method: str = "minmax", per_channel: bool = True, activations: str = "s8",
+                  activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True) -> dict:
+    """Quantize the fp32 graph at src_onnx into a QDQ graph at dst_onnx (atomically); returns the
+    manifest record: quantizer, version and settings, calibration count and sha256, nodes quantized
+    per op type, and what stayed float.
+
+    method: minmax | entropy | percentile (percentile: its percentile); activations: "s8" (TensorRT,
+    the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring)."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from clipfuse.export.engine import fsync_file
+    from clipfuse.export.fp16 import fp32_node_names
+
+    if method not in METHODS:
+        raise ClipfuseError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
+    if activations not in ACTIVATIONS:
+        raise ClipfuseError(f"unknown int8 activation type {activations!r}; valid: {', '.join(ACTIVATIONS)}")
+    if not calibration_feeds:
+        raise ClipfuseError("no calibration images were given; give a folder of your own images")
+    src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
+    model = onnx.load(str(src_onnx))
+    island, islands = fp32_node_names(model)          # also names unnamed nodes, which exclusion needs
+    consts = _constants(model.graph)
+    towers = [n for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in island]
+    to_quantize = [n.name for n in towers if _weighted(n, consts)]
+    left_float = collections.Counter(n.op_type + (" (activation x activation)" if not _weighted(n, consts) else "")
+                                     for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in to_quantize)
+    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": activation_symmetric}
+    if method == "percentile":
+        extra["CalibPercentile"] = percentile
+    # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears the
+    # collected outputs every N batches WITHOUT merging their ranges first, so the ranges come from the
+    # last partial group only ("No data is collected." when the batch count is a multiple of N; seen
+    # here). MinMax needs no such cap anyway: it calibrates on ReduceMin/ReduceMax outputs (scalars).
+    settings = {"quant_format": "QDQ", "activation_type": ACTIVATIONS[activations], "weight_type": "QInt8",
+                "per_channel": per_channel, "reduce_range": False, "calibrate_method": method,
+                "op_types_to_quantize": list(QUANT_OPS), "extra_options": extra}
+    tmpdir = Path(tempfile.mkdtemp(prefix=".int8.tmp-", dir=dst_onnx.parent))
+    try:
+        out = tmpdir / dst_onnx.name
+        n_images = sum(len(next(iter(f.values()))) for f in calibration_feeds)
+        with _quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
+                                        f"Conv/MatMul/Gemm, {method} calibration on {n_images} images)", quiet):
+            quantize_static(
+                model, str(out), _reader(calibration_feeds), quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(QUANT_OPS), per_channel=per_channel, reduce_range=False,
+                activation_type=getattr(QuantType, ACTIVATIONS[activations]), weight_type=QuantType.QInt8,
+                nodes_to_quantize=to_quantize, nodes_to_exclude=sorted(island),
+                use_external_data_format=large,
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                                  "percentile": CalibrationMethod.Percentile}[method],
+                extra_options=extra)
+        del model
+        q = onnx.load(str(out))
+        rewired = float_island_inputs(q.graph, island)
+        if rewired:
+            _save(q, out, large)
+        quantized, missing = qdq_wrapped(q, to_quantize)
+        if missing:          # a silent skip would ship a graph slower than promised
+            raise RuntimeError(f"quantize_static left {len(missing)} tower nodes unquantized, e.g. {missing[:3]}")
+        counts = collections.Counter(n.op_type for n in q.graph.node)
+        names = [out.name] + sorted(p.name for p in tmpdir.iterdir() if p.name != out.name)
+        # Data files first, the graph last: a reader never sees a graph whose data is not in place.
+        for name in reversed(names):
+            fsync_file(tmpdir / name)
+            os.chmod(tmpdir / name, 0o644)
+            os.replace(tmpdir / name, dst_onnx.parent / (dst_onnx.name if name == out.name else name))
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return {
+        "file": dst_onnx.name,
+        "external_data": [n for n in names if n != out.name] or None,
+        "quantizer": "onnxruntime.quantization.quantize_static",
+        "quantizer_version": onnxruntime.__version__,
+        "settings": settings,
+        "calibration": {"images": n_images, "batches": len(calibration_feeds),
+                        "sha256": feeds_sha256(calibration_feeds)},
+        "quantized": dict(sorted(quantized.items())),
+        "float": {"islands": islands, "weighted_ops_left_float": dict(sorted(left_float.items())),
+                  "note": "every op other than Conv, Gemm and constant-weight MatMul runs in float "
+                          "(LayerNorm, Softmax, GELU/Erf, residual Adds, ...)"},
+        "island_inputs_kept_float": rewired,
+        "quantize_linear": counts.get("QuantizeLinear", 0),
+        "dequantize_linear": counts.get("DequantizeLinear", 0),
+        "nodes": sum(counts.values()),
+    }
+
+
+def _save(model, path: Path, large: bool) -> None:
+    import onnx
+
+    for p in path.parent.iterdir():                  # the quantizer's data file, rewritten below
+        if p != path:
+            p.unlink()
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def float_island_inputs(graph, island: set) -> int:
+    """Feed island nodes the float tensor, not its Q/DQ copy; returns how many inputs were rewired.
+
+    In QDQ form ORT also quantizes the *outputs* of Conv and MatMul (so that ORT CPU can fuse
+    QLinearConv / QLinearMatMul), and hands the DequantizeLinear copy to every consumer, the
+    islands included: the towers' last projection's output, the raw embedding, reached the
+    feature L2 norm rounded to int8 (seen on the tiny towers: ReduceL2 and Div fed by a DQ). The
+    islands take X instead of DQ(Q(X)); Q/DQ nodes left without consumers are dropped."""
+    producer = {o: n for n in graph.node for o in n.output}
+    rewired = 0
+    for n in graph.node:
+        if n.name not in island:
+            continue
+        for j, t in enumerate(n.input):
+            dq = producer.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is None or q.op_type != "QuantizeLinear":
+                continue                               # a quantized weight: islands have none (excluded)
+            n.input[j] = q.input[0]
+            rewired += 1
+    outputs = {o.name for o in graph.output}
+    while True:                                        # drop DQ, then its Q, once nothing reads them
+        used = {t for n in graph.node for t in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            graph.node.remove(n)
+    used = {t for n in graph.node for t in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return rewired
+
+
+def qdq_wrapped(model, names) -> tuple[collections.Counter, list]:
+    """({op type: count} of the named nodes whose every float input comes from a DequantizeLinear,
+    [names that do not]). Bias inputs (Conv/Gemm input 2) are int32-quantized by ORT, also DQ'd."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_name = {n.name: n for n in model.graph.node}
+    ok, missing = collections.Counter(), []
+    for name in names:
+        n = by_name.get(name)
+        ins = [i for i in (n.input[:2] if n is not None else []) if i]
+        if n is not None and ins and all(producer.get(i) is not None and producer[i].op_type == "DequantizeLinear"
+                                         for i in ins):
+            ok[n.op_type] += 1
+        else:
+            missing.append(name)
+    return ok, missing
