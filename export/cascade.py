@@ -28,8 +28,9 @@ on test. Two fixes, both here (CascadeConfig.constraint):
   The price: zero disagreements on n images certify a rate of 1 - alpha^(1/n)
   at best (3/n at 95%), so a 0.5-point drop needs >= 598 calibration images;
   fewer is refused with the number needed.
-`cascade_study.study_threshold_guard` measures all three constraints on
-synthetic data (naive labelled, agreement point estimate, agreement bound).
+benchmarks/cascade_study.py measures all three constraints on synthetic data
+(naive labelled, agreement point estimate, agreement bound):
+benchmarks/results/cascade_study.md.
 
 Threshold search: greedy descent over per-stage grids (quantiles of that
 stage's calibration confidence, plus +inf = never leave there). Start with

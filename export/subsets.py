@@ -36,10 +36,7 @@ from clipfuse.errors import ClipfuseError
 from clipfuse.export.paired import Interval, accuracy_interval
 
 # export/nlc.py is being split into nlc.py (fitting) + baselines.py (predictions); take either layout.
-try:
-    from clipfuse.export.baselines import predict_log_avg
-except ImportError:
-    from clipfuse.export.nlc import predict_log_avg
+from clipfuse.export.baselines import predict_log_avg
 
 MAX_BACKBONES = 12     # 4095 fits: minutes of tiny fits; past that the exact search is refused
 

@@ -9,7 +9,7 @@ import pytest
 from clipfuse.errors import ClipfuseError
 from clipfuse.export.cascade import (ACCURACY, AGREEMENT, GUARDED, CascadeConfig, candidate_orders, choose_thresholds,
                                      fit_cascade, fit_cascade_orders, required_calibration_images)
-from clipfuse.export.cascade_study import study_threshold_guard, synthetic_stages
+from synthetic import study_threshold_guard, synthetic_stages
 from clipfuse.runtime.routing import cascade_predict, confidence, route
 
 COSTS = (1.0, 2.0, 4.0)

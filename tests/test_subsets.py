@@ -87,7 +87,9 @@ def test_singles_need_no_fit_and_every_other_subset_one():
 
 
 def test_real_fitters_run_on_cached_arrays():
-    from clipfuse.export.nlc import FitConfig, synthetic_ensemble
+    from synthetic import synthetic_ensemble
+
+    from clipfuse.export.nlc import FitConfig
 
     X, Z, y, _ = synthetic_ensemble(12, num_classes=4, num_backbones=2, dim=8, seed=0)
     feats = [X[:, :8], X[:, 8:]]
