@@ -127,14 +127,15 @@ def zero_shot_head(model: torch.nn.Module, arch: str, classes: list[str], templa
     return Head(weight=weight, bias=torch.zeros(weight.shape[0]), kind=ZERO_SHOT)
 
 
-def save_heads(heads: list[Head], path: Path) -> None:
+def save_heads(heads: list[Head], path: Path, metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
     for k, h in enumerate(heads):
         tensors[f"head.{k}.weight"] = h.weight.contiguous()
         tensors[f"head.{k}.bias"] = h.bias.contiguous()
-    save_file(tensors, str(path), metadata={"kinds": ",".join(h.kind for h in heads)})
+    # metadata: e.g. runtime.manifest.label_binding, which ties the manifest's class list to this hashed file
+    save_file(tensors, str(path), metadata={"kinds": ",".join(h.kind for h in heads), **(metadata or {})})
 
 
 def load_heads(path: Path, num_backbones: int | None = None) -> list[Head]:

@@ -16,8 +16,8 @@ from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime import backends as bk
 from clipfuse.runtime.backends import OnnxRuntimeBackend, TorchBackend, open_backend
-from clipfuse.runtime.manifest import (check_onnxruntime_can_run, onnxruntime_max_opset, read_manifest,
-                                       sha256_file)
+from clipfuse.runtime.manifest import (Manifest, check_onnxruntime_can_run, onnxruntime_max_opset,
+                                       read_manifest, sha256_file)
 from clipfuse.runtime.predict import Predictor, load_predictor
 from clipfuse.runtime.preprocess import preprocess_image
 
@@ -215,10 +215,18 @@ def test_tampered_graph_is_refused(engine_copy):
         load_predictor(engine_copy)
 
 
+def unchecked(folder):
+    """The folder's manifest as written, past read_manifest's checks: reaches the backends' own checks."""
+    return Manifest(folder, json.loads((folder / "manifest.json").read_text()))
+
+
 def test_manifest_classes_not_matching_the_graph(engine_copy):
     edit_manifest(engine_copy, lambda d: d["classes"].append("dog"))
-    with pytest.raises(ClipfuseError) as e:
+    with pytest.raises(ClipfuseError) as e:         # the heads file's class binding sees it first
         load_predictor(engine_copy, backend="onnxruntime")
+    assert "the classes in manifest.json are not those heads.safetensors was exported with" in str(e.value)
+    with pytest.raises(ClipfuseError) as e:         # and the graph's own check behind it
+        OnnxRuntimeBackend(unchecked(engine_copy)).open()
     msg = str(e.value)
     assert "model.onnx has 4 classes ('logits' is (N, 4)) but the manifest lists 5" in msg
     assert "clipfuse export" in msg and "--force" in msg
@@ -231,8 +239,10 @@ def test_heads_file_of_another_engine(engine_copy, other_engine):
     # ... and with the manifest's hash updated too, the torch backend still sees it
     edit_manifest(engine_copy, lambda d: d["artefacts"]["heads.safetensors"].update(
         sha256=sha256_file(engine_copy / "heads.safetensors"), bytes=(engine_copy / "heads.safetensors").stat().st_size))
+    with pytest.raises(ClipfuseError, match="classes in manifest.json are not those heads.safetensors"):
+        read_manifest(engine_copy)                  # its class binding is the other engine's
     with pytest.raises(ClipfuseError) as e:
-        TorchBackend(read_manifest(engine_copy)).open()
+        TorchBackend(unchecked(engine_copy)).open()
     assert "head 0 in heads.safetensors has shape (3, 32), the manifest needs (4 classes, D=32)" in str(e.value)
 
 
