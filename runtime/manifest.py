@@ -201,7 +201,7 @@ def _check_types(data: dict, where: str) -> None:
         size = pre.get("size")
         need(isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 8192,
              f"inputs[{i}].preprocess.size must be an integer side in 1..8192, got {size!r}")
-        need(pre.get("interpolation", "bicubic") in _RESAMPLE,
+        need(isinstance(pre.get("interpolation", "bicubic"), str) and pre.get("interpolation", "bicubic") in _RESAMPLE,
              f"inputs[{i}].preprocess.interpolation must be one of {sorted(_RESAMPLE)}")
         need(pre.get("resize_mode", "shortest") == "shortest", f"inputs[{i}].preprocess.resize_mode must be 'shortest'")
         need(shape[2] == shape[3] == size, f"inputs[{i}].shape {shape} disagrees with its preprocess size {size}")
@@ -246,7 +246,7 @@ def read_manifest(folder, verify: bool = True) -> Manifest:
         shown = f"{version!r} (a {_kind(version)})" if type(version) is not int else str(version)
         raise ClipfuseError(f"{where} has schema version {shown}, this clipfuse reads version {SCHEMA_VERSION} "
                             "(an integer); re-export the engine with this clipfuse (`clipfuse export`)")
-    for key in ("backbones", "classes", "inputs", "outputs", "onnx", "artefacts"):
+    for key in ("backbones", "classes", "inputs", "outputs", "onnx", "heads_file", "controller", "artefacts"):
         if key not in data:
             raise ClipfuseError(f"{where} lacks the {key!r} entry; re-run `clipfuse export`")
     _check_types(data, where)
