@@ -34,6 +34,7 @@ import glob
 import itertools
 import os
 import sys
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,6 +102,9 @@ def _pixel_limit_from_environment() -> None:
 
 
 _pixel_limit_from_environment()
+# Between the limit and twice it PIL only warns on open; load_image refuses that range itself, by name,
+# so the warning would only repeat it (and a per-call catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # ----------------------------------------------------------------------------- collecting
