@@ -211,6 +211,8 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     if dup:
         raise ClipfuseError(f"backbone {sorted(dup)[0]!r} is given twice")
     classes = hd.parse_classes(classes) if isinstance(classes, str) else hd.check_classes(list(classes))
+    if len(classes) < 2:    # softmax over one class is 1.0 whatever the image: a meaningless engine
+        raise ClipfuseError(f"only one class given ({classes[0]!r}): a classifier needs at least two classes")
     if templates is None or isinstance(templates, (str, Path)):
         templates = hd.parse_templates(templates)
     out = check_output_folder(Path(out), force)

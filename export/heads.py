@@ -94,9 +94,15 @@ def parse_templates(path: str | None) -> list[str]:
     if path is None:
         return default_templates()
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ClipfuseError(f"templates file {path!r} does not exist")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.is_dir():
+        raise ClipfuseError(f"templates file {path!r} is a folder")
+    try:        # read once: a pipe (/dev/stdin, <(...)) is not a regular file but is fine to read
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipfuseError(f"templates file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClipfuseError(f"templates file {path!r} cannot be read as UTF-8 text ({e})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ClipfuseError(f"templates file {path!r} is empty")
     bad = [(i + 1, ln) for i, ln in enumerate(lines) if "{}" not in ln]
