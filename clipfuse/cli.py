@@ -363,7 +363,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
                        model_name=model_name, verify=not no_verify)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
-    click.echo(f"statistics and repository endpoints need the header {api.TRITON_ACCESS_HEADER}: {server.access_token}", err=True)
+    # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
+    click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
+               "front; statistics, repository and shared-memory endpoints are token-protected", err=True)
     server.serve_forever()
 
 
