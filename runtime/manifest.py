@@ -281,8 +281,9 @@ def verify_artefacts(manifest: Manifest, names=None) -> None:
             continue
         p = confined_path(manifest.folder, name, "artefact")
         if not p.is_file():
-            what = "a folder, not a file" if p.is_dir() else "missing"
-            raise ClipfuseError(f"engine {str(manifest.folder)!r}: artefact {name} is {what}; re-run `clipfuse export`")
+            what = f"artefact {name} is a folder, not a file" if p.is_dir() else f"is missing {name}"
+            raise ClipfuseError(f"engine {str(manifest.folder)!r}{':' if p.is_dir() else ''} {what}; "
+                                "re-run `clipfuse export`")
         if p.stat().st_size != meta["bytes"]:
             raise ClipfuseError(f"{str(p)!r} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
                                 "the file was changed or half-copied; re-run `clipfuse export`")

@@ -380,3 +380,17 @@ def test_public_api(tiny_engine, photo_paths):
         preds = p.predict(photo_paths[:3], top_k=1)
     assert [len(x.labels) for x in preds] == [1, 1, 1]
     assert "onnxruntime" in clipfuse.available_backends()
+
+
+def test_pil_strip_is_refused_before_resizing_and_the_rest_is_classified(tiny_engine, photo_paths, monkeypatch):
+    """Issue 12.3 for in-memory images: a 1,000,000 x 8 image would be 4,000,000 x 32 after resizing (128 Mpx)."""
+    real = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        assert size[0] * size[1] <= 1_000_000, f"resize to {size} should have been refused before allocating"
+        return real(self, size, *a, **kw)
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    with load_predictor(tiny_engine, backend="onnxruntime", quiet=True) as p:
+        preds = p.predict([Image.new("L", (1_000_000, 8)), Image.open(photo_paths[0])], top_k=1)
+    assert not preds[0].ok and "makes 4000000x32 = 128,000,000 px, over the limit" in preds[0].error
+    assert "--max-image-pixels" in preds[0].error and preds[1].ok
