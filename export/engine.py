@@ -253,7 +253,7 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
             onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
         with step("validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on real photographs", quiet):
             validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs))
-        hd.save_heads(head_list, tmp / HEADS, metadata=label_binding(
+        hd.save_heads(head_list, tmp / HEADS, extra=label_binding(
             classes, templates if head_list[0].kind == hd.ZERO_SHOT else None))   # as the manifest records them
         save_controller(fused.controller, tmp / CONTROLLER)
         for name, content in (extra_files or {}).items():

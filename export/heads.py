@@ -133,15 +133,19 @@ def zero_shot_head(model: torch.nn.Module, arch: str, classes: list[str], templa
     return Head(weight=weight, bias=torch.zeros(weight.shape[0]), kind=ZERO_SHOT)
 
 
-def save_heads(heads: list[Head], path: Path, metadata: dict[str, str] | None = None) -> None:
+def save_heads(heads: list[Head], path: Path, extra: dict[str, bytes] | None = None) -> None:
+    """extra: named byte strings stored as uint8 tensors, e.g. runtime.manifest.label_binding, which ties the
+    manifest's class list to this hashed file (tensors, not metadata: safetensors writes metadata keys in a
+    random order, and the file must be byte-identical when re-exported)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for k, h in enumerate(heads):
         tensors[f"head.{k}.weight"] = h.weight.contiguous()
         tensors[f"head.{k}.bias"] = h.bias.contiguous()
-    # metadata: e.g. runtime.manifest.label_binding, which ties the manifest's class list to this hashed file
-    save_file(tensors, str(path), metadata={"kinds": ",".join(h.kind for h in heads), **(metadata or {})})
+    for name, value in (extra or {}).items():
+        tensors[name] = torch.frombuffer(bytearray(value), dtype=torch.uint8).clone()
+    save_file(tensors, str(path), metadata={"kinds": ",".join(h.kind for h in heads)})
 
 
 def load_heads(path: Path, num_backbones: int | None = None) -> list[Head]:

@@ -23,8 +23,9 @@ is refused (a link between files of the folder, or a folder reached through a
 link, e.g. engines/ on another disk, is fine).
 
 Class names are bound to the hashed heads file: the export writes the sha256 of
-the class list (and of the prompt templates) into heads.safetensors' metadata
-(`label_binding`), and `read_manifest` refuses a manifest whose classes or
+the class list (and of the prompt templates) into heads.safetensors as two small
+uint8 tensors (`label_binding`; tensors rather than metadata, whose key order
+safetensors randomises, so a re-export stays byte-identical), and `read_manifest` refuses a manifest whose classes or
 templates differ (an edited `cat` -> `tiger` would otherwise be answered with
 exit 0). Engines exported before the binding existed are refused with the
 command that rebuilds them: a class list that cannot be checked is exactly the
@@ -46,7 +47,7 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 HEADS_DEFAULT = "heads.safetensors"
 CONTROLLER_DEFAULT = "controller.safetensors"
-CLASSES_KEY, TEMPLATES_KEY = "clipfuse.classes_sha256", "clipfuse.templates_sha256"   # heads metadata
+CLASSES_KEY, TEMPLATES_KEY = "clipfuse.classes_sha256", "clipfuse.templates_sha256"   # tensors in the heads file
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_HEADER = 100 << 20      # a safetensors header over 100 MB is not a heads file
 
@@ -59,12 +60,13 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
+def _digest(value) -> bytes:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()).digest()
 
 
-def label_binding(classes: list[str], templates: list[str] | None) -> dict[str, str]:
-    """The heads file's metadata that binds the manifest's `classes` and `templates` to it."""
+def label_binding(classes: list[str], templates: list[str] | None) -> dict[str, bytes]:
+    """{tensor name: 32-byte sha256}: what the heads file stores to bind the manifest's `classes` and
+    `templates` to it."""
     return {CLASSES_KEY: _digest(list(classes)), TEMPLATES_KEY: _digest(templates)}
 
 
@@ -292,15 +294,27 @@ def verify_artefacts(manifest: Manifest, names=None) -> None:
                                 "re-run `clipfuse export`")
 
 
-def read_safetensors_metadata(path: Path) -> dict:
-    """The `__metadata__` of a safetensors file, from its JSON header (no torch, no safetensors package)."""
+def read_safetensors_bytes(path: Path, names) -> dict[str, bytes]:
+    """The raw bytes of the uint8 tensors `names` that a safetensors file holds (absent ones left out),
+    from its JSON header and offsets: no torch, no safetensors package."""
+    out = {}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= _MAX_HEADER:
             raise ValueError(f"header length {n} is not that of a safetensors file")
         header = json.loads(f.read(n))
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return meta if isinstance(meta, dict) else {}
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        for name in names:
+            entry = header.get(name)
+            if not isinstance(entry, dict) or entry.get("dtype") != "U8":
+                continue
+            start, end = entry["data_offsets"]
+            if not 0 <= start <= end <= start + 1024:
+                raise ValueError(f"tensor {name} has offsets {start}..{end}")
+            f.seek(8 + n + start)
+            out[name] = f.read(end - start)
+    return out
 
 
 def check_label_binding(manifest: Manifest) -> None:
@@ -309,10 +323,10 @@ def check_label_binding(manifest: Manifest) -> None:
     path = confined_path(manifest.folder, name, "heads_file")
     where = f"engine {str(manifest.folder)!r}"
     try:
-        meta = read_safetensors_metadata(path)
+        meta = read_safetensors_bytes(path, (CLASSES_KEY, TEMPLATES_KEY))
     except FileNotFoundError:
         raise ClipfuseError(f"{where}: heads file {name} is missing; re-run `clipfuse export`") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ClipfuseError(f"{where}: heads file {name} is not a safetensors file ({e}); re-run `clipfuse export`") from None
     if CLASSES_KEY not in meta:
         raise ClipfuseError(f"{where} was exported before class names were bound to its heads file, so an edited "
