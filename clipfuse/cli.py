@@ -204,7 +204,11 @@ def inspect(engine, as_json, no_verify):
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files (faster on large engines).")
-def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify):
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
+                   "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
+def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify,
+            max_image_pixels):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -217,7 +221,13 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
         engine, images, model_name = api.remote_predict_args(engine, images, model_name)
     if not images:
         raise click.UsageError("Missing argument 'IMAGES...'.")
-    paths = api.collect_images(images, stdin=click.get_text_stream("stdin"))
+    from clipfuse.runtime.images import collect_images, set_pixel_limit
+    from clipfuse.runtime.predict import printable
+
+    if max_image_pixels is not None:
+        set_pixel_limit(max_image_pixels)
+    # a missing path is one failed row (named, exit 1), not the end of the run
+    paths = collect_images(images, stdin=click.get_text_stream("stdin"), missing_ok=True)
     if not paths:
         raise ClipfuseError("no images to classify: the list on stdin was empty")
     total = failed = 0
@@ -231,7 +241,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
             click.echo(present.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
             for p in preds:
                 if not p.ok:
-                    click.echo(f"failed: {p.name}: {p.error}", err=True)
+                    click.echo(f"failed: {printable(p.name)}: {printable(p.error)}", err=True)
             total += len(preds)
             failed += sum(not p.ok for p in preds)
     if failed and not allow_failures:
@@ -358,7 +368,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
                        model_name=model_name, verify=not no_verify)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
-    click.echo(f"statistics and repository endpoints need the header {api.TRITON_ACCESS_HEADER}: {server.access_token}", err=True)
+    # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
+    click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
+               "front; statistics, repository and shared-memory endpoints are token-protected", err=True)
     server.serve_forever()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,6 +153,9 @@ def parse_backbone(text: str) -> BackboneSpec:
         return BackboneSpec(arch, "random", seed=seed)
     if _looks_like_path(weights):
         path = Path(weights).expanduser()
+        if path.is_dir():
+            raise ClipfuseError(f"backbone {text!r}: checkpoint {str(path)!r} is a folder; pass the checkpoint "
+                                "file in it (.safetensors, .pt or .bin)")
         if not path.is_file():
             raise ClipfuseError(f"backbone {text!r}: checkpoint file {str(path)!r} does not exist")
         return BackboneSpec(arch, "file", path=str(path))
@@ -175,7 +179,17 @@ def _read_checkpoint(path: str) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, pickled code, not a checkpoint at all
-        raise ClipfuseError(f"checkpoint {path!r} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
+        text = str(e)
+        if "Weights only load failed" in text:
+            # PyTorch's own text ends by suggesting weights_only=False, i.e. running the file's code: not ours.
+            calls = re.search(r"GLOBAL (\S+)", text)
+            what = f" (it calls {calls.group(1)})" if calls else ""
+            raise ClipfuseError(
+                f"checkpoint {path!r} contains pickled Python code{what}, which clipfuse will not run: it loads "
+                "only tensors from a checkpoint. Where you trust the file, save its state dict as .safetensors "
+                "and pass that") from None
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        raise ClipfuseError(f"checkpoint {path!r} could not be read ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

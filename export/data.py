@@ -114,6 +114,9 @@ def scan_labelled_folder(root, classes: Mapping[str, str] | str | os.PathLike | 
                 "add them to the map or move them out of the image folder"
             )
 
+    if len(mapping) < 2:        # one class: every image "right", 100% reported, nothing learned
+        raise ClipfuseError(f"image folder {str(root)!r} has {len(mapping)} class folder ({next(iter(mapping))!r}); "
+                            "a classifier needs at least two classes: add a sub-folder of images per class")
     paths: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(mapping):

@@ -27,7 +27,7 @@ from clipfuse.log import log, step  # noqa: F401  (export.fit takes them from he
 
 from clipfuse.export.engine_folder import (  # noqa: F401  (the one writer; older callers import from here)
     check_output_folder, fsync_file, hash_artefacts, new_engine_folder, write_file_atomic, write_manifest_atomic)
-from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION
+from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, label_binding
 
 MODEL_ONNX = "model.onnx"
 HEADS = "heads.safetensors"
@@ -121,6 +121,8 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     if dup:
         raise ClipfuseError(f"backbone {sorted(dup)[0]!r} is given twice")
     classes = hd.parse_classes(classes) if isinstance(classes, str) else hd.check_classes(list(classes))
+    if len(classes) < 2:    # softmax over one class is 1.0 whatever the image: a meaningless engine
+        raise ClipfuseError(f"only one class given ({classes[0]!r}): a classifier needs at least two classes")
     if templates is None or isinstance(templates, (str, Path)):
         templates = hd.parse_templates(templates)
     out = check_output_folder(Path(out), force)
@@ -186,7 +188,8 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
               "real photographs", quiet):
         validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs),
                                    names=[str(b.spec) for b in built], where=out)
-    hd.save_heads(head_list, tmp / HEADS)
+    hd.save_heads(head_list, tmp / HEADS, extra=label_binding(
+        classes, templates if head_list[0].kind == hd.ZERO_SHOT else None))   # as the manifest records them
     save_controller(fused.controller, tmp / CONTROLLER)
     for name, content in (extra_files or {}).items():
         if callable(content):

@@ -95,9 +95,15 @@ def parse_templates(path: str | None) -> list[str]:
     if path is None:
         return default_templates()
     p = Path(path).expanduser()
-    if not p.is_file():
-        raise ClipfuseError(f"templates file {path!r} does not exist")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.is_dir():
+        raise ClipfuseError(f"templates file {path!r} is a folder")
+    try:        # read once: a pipe (/dev/stdin, <(...)) is not a regular file but is fine to read
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipfuseError(f"templates file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClipfuseError(f"templates file {path!r} cannot be read as UTF-8 text ({e})") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ClipfuseError(f"templates file {path!r} is empty")
     bad = [(i + 1, ln) for i, ln in enumerate(lines) if "{}" not in ln]
@@ -141,13 +147,18 @@ def zero_shot_head(model: torch.nn.Module, arch: str, classes: list[str], templa
     return Head(weight=weight, bias=torch.zeros(weight.shape[0]), kind=ZERO_SHOT)
 
 
-def save_heads(heads: list[Head], path: Path) -> None:
+def save_heads(heads: list[Head], path: Path, extra: dict[str, bytes] | None = None) -> None:
+    """extra: named byte strings stored as uint8 tensors, e.g. runtime.manifest.label_binding, which ties the
+    manifest's class list to this hashed file (tensors, not metadata: safetensors writes metadata keys in a
+    random order, and the file must be byte-identical when re-exported)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for k, h in enumerate(heads):
         tensors[f"head.{k}.weight"] = h.weight.contiguous()
         tensors[f"head.{k}.bias"] = h.bias.contiguous()
+    for name, value in (extra or {}).items():
+        tensors[name] = torch.frombuffer(bytearray(value), dtype=torch.uint8).clone()
     save_file(tensors, str(path), metadata={"kinds": ",".join(h.kind for h in heads)})
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.backends import Backend
 from clipfuse.runtime.manifest import Manifest
-from clipfuse.runtime.triton import INSTALL_SERVE, read_metadata_parameter
+from clipfuse.runtime.triton import INSTALL_SERVE, SERVER_ID_PREFIX, read_metadata_parameter
 
 TRITON_DTYPE = {"uint8": "UINT8"}
 
@@ -132,7 +132,15 @@ def _open_client(protocol: str, address: str, timeout_s: float):
 
 
 def _find_model(client, protocol: str, address: str, ServerError) -> str:
-    """The one model the server has ready, when the caller named none."""
+    """The one model the server has ready, when the caller named none: `clipfuse serve` names it in the
+    server's id (no token needed); otherwise the repository index (a plain Triton lists its models)."""
+    try:
+        meta = client.get_server_metadata(as_json=True) if protocol == "grpc" else client.get_server_metadata()
+        name = str(meta.get("name", ""))
+        if name.startswith(SERVER_ID_PREFIX) and len(name) > len(SERVER_ID_PREFIX):
+            return name[len(SERVER_ID_PREFIX):]
+    except ServerError:
+        pass
     try:
         index = client.get_model_repository_index(as_json=True) if protocol == "grpc" else \
             client.get_model_repository_index()
@@ -166,8 +174,7 @@ def connect(url: str, model: str | None = None, batch_size: int = 8, workers: in
             timeout_s: float = 60.0):
     """A Predictor whose backend is the model `model` on the Triton server at `url` (http:// or grpc://).
 
-    model: default the one model the server lists (pytriton servers do not list theirs without a token:
-    then name it, the engine folder's name). batch_size: images per request (at most the model's
+    model: default the one `clipfuse serve` names in its server id, or the one model a plain Triton lists. batch_size: images per request (at most the model's
     max_batch_size: larger batches are split). Concurrency: one connect() per thread (tritonclient's
     HTTP client is gevent-based and belongs to the thread that made it); the server batches across them."""
     from clipfuse.runtime.predict import Predictor

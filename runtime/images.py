@@ -12,7 +12,16 @@ that runtime/preprocess.py can reproduce open_clip's eval transform bit for bit.
 It also refuses, with a reason, what would crash or stall a long run: empty,
 truncated or non-image files, tiny images and decompression bombs (checked from
 the header, before decoding). A bad image never stops a batch: it is reported
-as an ImageFailure and the rest of the batch goes on.
+as an ImageFailure and the rest of the batch goes on (a MemoryError included).
+
+Bounded work: no pixel buffer of one image may exceed the pixel limit, neither
+the decoded file (width x height) nor its copy resized to an input's size
+(a thin strip grows by R / short side: runtime/preprocess.check_resize). Both are
+checked from the header, before decoding. The limit is PIL's own process-wide
+`PIL.Image.MAX_IMAGE_PIXELS` (89,478,485 px: about 270 MB as RGB, the largest
+buffer one decoding thread holds); `clipfuse predict --max-image-pixels N` or the
+environment variable CLIPFUSE_MAX_IMAGE_PIXELS=N (any command: fit, eval, predict)
+raise or lower it (`set_pixel_limit`).
 
 Batches are decoded and resized by a small thread pool (PIL releases the GIL
 while decoding and resizing) with a bounded number of batches in flight, so
@@ -25,6 +34,7 @@ import glob
 import itertools
 import os
 import sys
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,8 +45,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_for_inputs
+from clipfuse.runtime.preprocess import PreprocessSpec, ResizeTooLarge, check_resize, preprocess_for_inputs
 
+PIXEL_LIMIT_ENV = "CLIPFUSE_MAX_IMAGE_PIXELS"
+RAISE_LIMIT = (f"if you trust the file, raise the limit: `clipfuse predict --max-image-pixels N`, "
+               f"or {PIXEL_LIMIT_ENV}=N for any command")
+LOWER_LIMIT = (f"free memory, use fewer --workers, or lower the pixel limit (`--max-image-pixels N`, "
+               f"{PIXEL_LIMIT_ENV}=N) so such images are refused up front")
 # The one list of image extensions (matched in any case); export/data.py scans labelled folders with it too.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 _BATCHES_IN_FLIGHT = 2        # decoded ahead of the consumer; bounds memory to ~3 batches
@@ -62,6 +77,35 @@ class Batch:
     paths: list[Path]                                            # images that loaded, in input order
     inputs: dict[str, np.ndarray] = field(default_factory=dict)  # input_name -> uint8 (n, 3, R, R)
     failures: list[ImageFailure] = field(default_factory=list)   # this batch's slice that failed
+
+
+# ----------------------------------------------------------------------------- the pixel limit
+
+def set_pixel_limit(max_pixels: int) -> None:
+    """Set the process-wide pixel limit (PIL.Image.MAX_IMAGE_PIXELS, which PIL's own open-time
+    refusal at twice the limit follows too)."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ClipfuseError(f"the image pixel limit must be a positive integer, got {max_pixels!r}")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _pixel_limit_from_environment() -> None:
+    value = os.environ.get(PIXEL_LIMIT_ENV)
+    if value is None or not value.strip():
+        return
+    try:
+        limit = int(value.replace("_", "").replace(",", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ClipfuseError(f"{PIXEL_LIMIT_ENV}={value!r} is not a positive integer (pixels, e.g. 200000000)")
+    set_pixel_limit(limit)
+
+
+_pixel_limit_from_environment()
+# Between the limit and twice it PIL only warns on open; load_image refuses that range itself, by name,
+# so the warning would only repeat it (and a per-call catch_warnings is not thread-safe).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 # ----------------------------------------------------------------------------- collecting
@@ -92,8 +136,9 @@ def _has_magic(source: str) -> bool:
     return any(c in source for c in "*?[")
 
 
-def _expand(source: str, where: str = "", globbing: bool = True) -> list[Path]:
-    """One source -> its image paths; raises ClipfuseError naming it when it yields nothing."""
+def _expand(source: str, where: str = "", globbing: bool = True, missing_ok: bool = False) -> list[Path]:
+    """One source -> its image paths; raises ClipfuseError naming it when it yields nothing
+    (with missing_ok, a path that does not exist is kept: loading it reports "no such file")."""
     path = Path(source)
     if path.is_dir():
         images = image_files(path)
@@ -111,13 +156,18 @@ def _expand(source: str, where: str = "", globbing: bool = True) -> list[Path]:
         if not images:
             raise ClipfuseError(f"pattern {source!r}{where} matches no image files; check the pattern")
         return images
+    if missing_ok:
+        return [path]
     raise ClipfuseError(f"no such file or folder: {source}{where}")
 
 
-def collect_images(sources: Iterable[str | os.PathLike], stdin: IO[str] | None = None) -> list[Path]:
+def collect_images(sources: Iterable[str | os.PathLike], stdin: IO[str] | None = None,
+                   missing_ok: bool = False) -> list[Path]:
     """Image paths named by `sources`: files (kept whatever their extension), folders (recursive,
     sorted, image extensions only), glob patterns (`*`, `?`, `**`) and "-" (one path per line
-    from `stdin`, default sys.stdin). Duplicates are dropped, first occurrence wins."""
+    from `stdin`, default sys.stdin). Duplicates are dropped, first occurrence wins.
+    missing_ok: a named path that does not exist is kept (its load fails per image, "no such file",
+    so `clipfuse predict` classifies the rest) instead of refusing the whole list."""
     out: dict[str, Path] = {}               # abspath -> path as the user spelled it
     for source in sources:
         source = os.fspath(source)
@@ -125,9 +175,9 @@ def collect_images(sources: Iterable[str | os.PathLike], stdin: IO[str] | None =
             lines = (stdin if stdin is not None else sys.stdin).read().splitlines()
             # Listed paths are taken literally (no glob): file names may contain "[" or "*".
             expanded = [p for n, line in enumerate(lines, 1) if line.strip()
-                        for p in _expand(line.strip(), f" (stdin line {n})", globbing=False)]
+                        for p in _expand(line.strip(), f" (stdin line {n})", globbing=False, missing_ok=missing_ok)]
         else:
-            expanded = _expand(source)
+            expanded = _expand(source, missing_ok=missing_ok)
         for p in expanded:
             out.setdefault(os.path.abspath(p), p)
     return list(out.values())
@@ -168,11 +218,13 @@ def _unidentified(head: bytes) -> str:
     return f"not an image (cannot identify image file; looks like {what})"
 
 
-def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | None = None,
+               sizes: Iterable[int] = ()) -> Image.Image:
     """Open and fully decode one image, exactly as `Image.open(path)` gives it (frame 0, own mode,
-    no EXIF transposition). width*height is checked against max_pixels (None: PIL's
-    Image.MAX_IMAGE_PIXELS, read at call time) from the header, before decoding, and each side
-    against min_side. Raises ImageError(path, reason) for any file that cannot be used."""
+    no EXIF transposition). width*height, and the image resized to each of `sizes` (shortest side),
+    are checked against max_pixels (None: PIL's Image.MAX_IMAGE_PIXELS, read at call time) from the
+    header, before decoding, and each side against min_side. Raises ImageError(path, reason) for any
+    file that cannot be used."""
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS
     try:
@@ -195,19 +247,26 @@ def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | Non
         except UnidentifiedImageError:
             raise ImageError(path, _unidentified(head)) from None
         except Image.DecompressionBombError as e:   # PIL refuses > 2 * MAX_IMAGE_PIXELS while opening
-            raise ImageError(path, f"too many pixels, possible decompression bomb ({e})") from None
+            raise ImageError(path, f"too many pixels, possible decompression bomb ({e}); {RAISE_LIMIT}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(path, f"corrupt image header ({e})") from None
         w, h = img.size
         if max_pixels and w * h > max_pixels:
             raise ImageError(path, f"image is {w}x{h} = {w * h:,} px, over the limit of {max_pixels:,} px "
-                                   "(possible decompression bomb); pass a larger max_pixels if you trust it")
+                                   f"(possible decompression bomb); {RAISE_LIMIT}")
         if min(w, h) < min_side:
             raise ImageError(path, f"image is {w}x{h} px, smaller than the minimum {min_side} px per side")
+        for size in sizes:
+            try:
+                check_resize(w, h, size, max_pixels)
+            except ResizeTooLarge as e:
+                raise ImageError(path, f"{e}; {RAISE_LIMIT}") from None
         try:
             img.load()                          # decode now, while the file is open
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise ImageError(path, f"truncated or corrupt image data ({e})") from None
+        except MemoryError:
+            raise ImageError(path, f"out of memory while decoding this {w}x{h} image; {LOWER_LIMIT}") from None
     return img
 
 
@@ -219,13 +278,24 @@ def _empty(spec: PreprocessSpec | int) -> np.ndarray:
 
 
 def _load_and_preprocess(path: Path, specs: dict, min_side: int, max_pixels: int | None):
-    """-> {input_name: (3, R, R) uint8}, or an ImageFailure. Runs in a worker thread."""
+    """-> {input_name: (3, R, R) uint8}, or an ImageFailure. Runs in a worker thread. Nothing one
+    image does (a MemoryError included) escapes: the rest of the batch goes on."""
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS
+    sizes = sorted({s if isinstance(s, int) else s.size for s in specs.values()})
     try:
-        img = load_image(path, min_side, max_pixels)
+        img = load_image(path, min_side, max_pixels, sizes)
     except ImageError as e:
         return ImageFailure(path, e.reason)
+    except MemoryError:
+        return ImageFailure(path, f"out of memory while loading this image; {LOWER_LIMIT}")
     try:
-        return preprocess_for_inputs(img, specs)
+        return preprocess_for_inputs(img, specs, max_pixels)
+    except ResizeTooLarge as e:
+        return ImageFailure(path, f"{e}; {RAISE_LIMIT}")
+    except MemoryError:
+        return ImageFailure(path, f"out of memory while resizing this {img.size[0]}x{img.size[1]} image; "
+                                  f"{LOWER_LIMIT}")
     except (OSError, ValueError) as e:          # e.g. a PIL mode that cannot be converted to RGB
         return ImageFailure(path, f"cannot preprocess this {img.mode} image ({e})")
 

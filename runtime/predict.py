@@ -34,9 +34,9 @@ from PIL import Image
 from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.backends import BACKEND_NAMES, Backend, open_backend
-from clipfuse.runtime.images import iter_batches
+from clipfuse.runtime.images import LOWER_LIMIT, RAISE_LIMIT, iter_batches
 from clipfuse.runtime.manifest import Manifest, read_manifest
-from clipfuse.runtime.preprocess import preprocess_for_inputs
+from clipfuse.runtime.preprocess import ResizeTooLarge, preprocess_for_inputs
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -192,8 +192,12 @@ class Predictor:
         w, h = img.size
         if min(w, h) < self.min_side:
             return f"image is {w}x{h} px, smaller than the minimum {self.min_side} px per side"
-        try:
-            return preprocess_for_inputs(img, self.specs)
+        try:       # the resized copy is bounded like a file's (runtime/images.py), before allocating
+            return preprocess_for_inputs(img, self.specs, self.max_pixels or Image.MAX_IMAGE_PIXELS)
+        except ResizeTooLarge as e:
+            return f"{e}; {RAISE_LIMIT}"
+        except MemoryError:
+            return f"out of memory while resizing this {w}x{h} image; {LOWER_LIMIT}"
         except (OSError, ValueError) as e:
             return f"cannot preprocess this {img.mode} image ({e})"
 
@@ -247,6 +251,14 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
 
 # ----------------------------------------------------------------------------- output formats
 
+def printable(text: str) -> str:
+    """`text` for a terminal: unchanged unless it holds a control character (a newline in a file name
+    would otherwise forge a row of the table); then repr's escapes, without the quotes."""
+    if text.isprintable():
+        return text
+    return repr(text)[1:-1]
+
+
 def csv_columns(top_k: int, backbone_names: list[str]) -> list[str]:
     return (["path", "error"] + [c for r in range(1, top_k + 1) for c in (f"label_{r}", f"prob_{r}")]
             + [f"temperature:{b}" for b in backbone_names])
@@ -275,10 +287,10 @@ def format_predictions(preds: list[Prediction], fmt: str, top_k: int, backbone_n
     lines = []
     for p in preds:
         if not p.ok:
-            lines.append(f"{p.name}\n    FAILED: {p.error}")
+            lines.append(f"{printable(p.name)}\n    FAILED: {printable(p.error)}")
             continue
         width = max(len(lab) for lab in p.labels)
-        lines.append(p.name)
+        lines.append(printable(p.name))
         lines += [f"  {r}. {lab:<{width}}  {pr:7.2%}" for r, (lab, pr) in enumerate(zip(p.labels, p.probs), 1)]
         lines.append("    temperatures: " + ", ".join(f"{b} {t:.3f}" for b, t in p.temperatures.items()))
     return "".join(line + "\n" for line in lines)

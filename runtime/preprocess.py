@@ -9,6 +9,13 @@ in the same order (the resize runs in the image's own mode, before the RGB
 conversion, as open_clip does), and returns uint8 (3, R, R). The graph does
 `/255` and Normalize itself, so each backbone sees bit-for-bit what open_clip
 would feed it. No torch or torchvision is needed here.
+
+Bounded work: resizing the shortest side to R multiplies the long side by
+R / short, so a 1,000,000 x 8 strip (a few KB of PNG) would ask for a
+28,000,000 x 224 image (~6 GB). `preprocess_image` computes the resized size
+first and refuses (ResizeTooLarge, a ValueError) an output over `max_pixels`
+before anything is allocated; runtime/images.py applies the same bound from
+the file's header, before decoding, and names the file.
 """
 from __future__ import annotations
 
@@ -55,8 +62,26 @@ def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def resize_shortest(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
+class ResizeTooLarge(ValueError):
+    """The resized copy of an image would hold more than the allowed number of pixels."""
+
+
+def check_resize(width: int, height: int, size: int, max_pixels: int | None) -> None:
+    """Raise ResizeTooLarge when resizing (width, height)'s shortest side to `size` makes more than
+    max_pixels pixels (None or 0: no bound). Called before resizing, so nothing is allocated."""
+    if not max_pixels:
+        return
+    new_w, new_h = resized_size(width, height, size)
+    if new_w * new_h > max_pixels:
+        raise ResizeTooLarge(f"image is {width}x{height} px: resizing its shortest side to {size} px makes "
+                             f"{new_w}x{new_h} = {new_w * new_h:,} px, over the limit of {max_pixels:,} px "
+                             f"(aspect ratio {max(width, height) / min(width, height):,.0f}:1)")
+
+
+def resize_shortest(img: Image.Image, size: int, interpolation: str = "bicubic",
+                    max_pixels: int | None = None) -> Image.Image:
     w, h = img.size
+    check_resize(w, h, size, max_pixels)
     new_w, new_h = resized_size(w, h, size)
     if (new_w, new_h) == (w, h):          # torchvision returns the image untouched
         return img
@@ -72,16 +97,19 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess_image(img: Image.Image, spec: PreprocessSpec | int) -> np.ndarray:
-    """One PIL image -> uint8 array (3, R, R), exactly open_clip's eval transform before ToTensor."""
+def preprocess_image(img: Image.Image, spec: PreprocessSpec | int, max_pixels: int | None = None) -> np.ndarray:
+    """One PIL image -> uint8 array (3, R, R), exactly open_clip's eval transform before ToTensor.
+    max_pixels bounds the resized copy (ResizeTooLarge before allocating); None: no bound."""
     if isinstance(spec, int):
         spec = PreprocessSpec(spec)
     if spec.resize_mode != "shortest":
         raise ValueError(f"resize_mode {spec.resize_mode!r} is not supported")
-    out = center_crop(resize_shortest(img, spec.size, spec.interpolation), spec.size).convert("RGB")
+    out = center_crop(resize_shortest(img, spec.size, spec.interpolation, max_pixels), spec.size).convert("RGB")
     return np.asarray(out, dtype=np.uint8).transpose(2, 0, 1).copy()   # HWC -> CHW
 
 
-def preprocess_for_inputs(img: Image.Image, specs: dict) -> dict:
-    """One image -> {input_name: (3, R, R) uint8} for every graph input."""
-    return {name: preprocess_image(img, spec) for name, spec in specs.items()}
+def preprocess_for_inputs(img: Image.Image, specs: dict, max_pixels: int | None = None) -> dict:
+    """One image -> {input_name: (3, R, R) uint8} for every graph input (max_pixels: see preprocess_image)."""
+    for spec in specs.values():          # every size checked before the first resize allocates
+        check_resize(*img.size, spec if isinstance(spec, int) else spec.size, max_pixels)
+    return {name: preprocess_image(img, spec, max_pixels) for name, spec in specs.items()}

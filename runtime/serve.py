@@ -21,7 +21,21 @@ the engine. The server binds to 127.0.0.1 unless told otherwise.
 
 pytriton's statistics, model-repository, shared-memory, trace and logging endpoints
 need an access token (pytriton's default, kept): `server.access_token`, sent as the
-`triton-access-token` header.
+`triton-access-token` header. clipfuse never prints or logs it. tritonserver accepts
+it only on its command line, so users of the same machine can read it (`ps`): the
+token keeps network clients out of those endpoints, not local users. On a shared
+machine, serve as a dedicated user or in a container, or mount /proc with hidepid=2.
+Inference itself is unauthenticated (as in Triton): bind to loopback (the default)
+or put an authenticating reverse proxy in front.
+
+Clients find the model without a token: the server's id (`GET /v2`, gRPC
+ServerMetadata) is `clipfuse:<model name>`, which `clipfuse.connect(url)` reads.
+
+Shutting down (stop(), leaving the `with` block, Ctrl-C, or SIGTERM to `clipfuse
+serve`): pytriton stops tritonserver, then clipfuse waits for tritonserver and its
+Python-backend stubs to exit, kills what is left after a grace period (a stub
+ignores SIGTERM), and removes the shared-memory regions named with this server's
+prefix from /dev/shm, so the ports are free and nothing is left when stop() returns.
 
 Environment facts (measured here, pytriton 0.7.0): the bundled Python-backend stub
 embeds libpython, so its folder must be on LD_LIBRARY_PATH (set below for the
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -45,10 +60,12 @@ import numpy as np
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.manifest import Manifest, read_manifest
 from clipfuse.runtime.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, INSTALL_SERVE, METADATA_KEY,
-                                     default_model_name, model_spec, serving_metadata)
+                                     SERVER_ID_PREFIX, default_model_name, model_spec, serving_metadata)
 
 LOOPBACK = "127.0.0.1"
 ACCESS_HEADER = "triton-access-token"
+STOP_GRACE_S = 5.0                  # after pytriton's stop, how long children may take before SIGKILL
+SHM_DIR = Path("/dev/shm")
 
 
 def log(msg: str) -> None:
@@ -116,6 +133,8 @@ class Server:
     _triton: object = field(repr=False, default=None)
     _backends: list = field(repr=False, default_factory=list)
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+    _shm_prefix: str | None = field(repr=False, default=None)
+    _shm_before: frozenset = field(repr=False, default=frozenset())
 
     @property
     def http_url(self) -> str:
@@ -135,25 +154,99 @@ class Server:
         return {ACCESS_HEADER: self.access_token} if self.access_token else {}
 
     def serve_forever(self) -> None:
-        """Block until the server dies or Ctrl-C; then stop."""
+        """Block until the server dies, Ctrl-C or SIGTERM; then stop (children waited for, shared memory freed)."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
         try:
             self._triton.serve()
+        except _Terminated:
+            pass
         finally:
             self.stop()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
+        """Stop Triton and return once tritonserver and its stubs are gone and our shared memory is freed."""
         with self._lock:
             triton, self._triton = self._triton, None
-        if triton is not None:
+        if triton is None:
+            return
+        children = _server_processes(triton)
+        try:
             triton.stop()
+        finally:
+            _reap(children, STOP_GRACE_S)
             for b in self._backends:
                 b.close()
+            _free_shared_memory(self._shm_prefix, self._shm_before)
 
     def __enter__(self) -> "Server":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that serve_forever's clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _server_processes(triton) -> list:
+    """tritonserver and its descendants (the Python-backend stubs), as psutil processes."""
+    try:
+        import psutil
+
+        pid = triton._triton_server._tritonserver_running_cmd.pid
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except Exception:       # not started, already gone, or no psutil: nothing of ours to wait for
+        return []
+
+
+def _reap(processes: list, grace_s: float) -> None:
+    """Wait for `processes` to exit; SIGKILL what is left after grace_s (stubs ignore SIGTERM), wait again."""
+    if not processes:
+        return
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _shm_entries() -> frozenset:
+    try:
+        return frozenset(os.listdir(SHM_DIR))
+    except OSError:
+        return frozenset()
+
+
+def _free_shared_memory(prefix: str | None, before: frozenset) -> None:
+    """Remove the /dev/shm regions this server made: the Python backend's (named with our prefix) and
+    pytriton's tensor store (psm_*) that appeared while it ran and outlived it."""
+    try:        # a region still mapped here belongs to another live server of this process: kept
+        with open("/proc/self/maps") as f:
+            mapped = {line.rsplit("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line}
+    except OSError:
+        mapped = set()
+    for name in _shm_entries() - before - mapped:
+        if (prefix and name.startswith(prefix)) or name.startswith("psm_"):
+            try:
+                st = (SHM_DIR / name).stat()
+                if st.st_uid == os.getuid():
+                    (SHM_DIR / name).unlink()
+            except OSError:
+                pass
 
 
 def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port: int = 8001,
@@ -179,8 +272,11 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                             f"{metrics_port}")
     for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         with socket.socket() as s:
+            # as Triton binds (SO_REUSEADDR): connections of a just-stopped server in TIME_WAIT do not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((host, port))
+                s.listen()
             except OSError as e:
                 raise ClipfuseError(f"cannot listen on {host}:{port} ({label}): {e.strerror}; choose another port "
                                     "or stop what holds it") from None
@@ -193,7 +289,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
 
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
-                          exit_timeout_secs=exit_timeout_s, log_verbose=0)
+                          exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
     try:
         infer_fns = [_make_infer(manifest, threads, backends) for _ in range(spec.instances)]
@@ -201,9 +297,11 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         for b in backends:
             b.close()
         raise
+    shm_before = _shm_entries()
     triton = Triton(config=config)
     server = Server(spec.name, host, http_port, grpc_port, metrics_port,
-                    getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends)
+                    getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends,
+                    _shm_prefix=_python_backend_shm_prefix(triton), _shm_before=shm_before)
     try:
         triton.bind(
             model_name=spec.name,
@@ -228,6 +326,13 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
             f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
             f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)")
     return server
+
+
+def _python_backend_shm_prefix(triton) -> str | None:
+    try:
+        return str(triton._python_backend_config["shm-region-prefix-name"])
+    except Exception:       # another pytriton: fall back to the psm_ regions only
+        return None
 
 
 def _add_metadata_parameter(triton, model_name: str, metadata: dict) -> None:

@@ -41,6 +41,7 @@ from clipfuse.runtime.manifest import Manifest, read_manifest
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TRITON_DTYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+SERVER_ID_PREFIX = "clipfuse:"     # `clipfuse serve` sets its server id to clipfuse:<model>; clients read it
 METADATA_KEY = "clipfuse"           # the model-config parameter the client reads
 METADATA_FORMAT = "clipfuse-serving"
 INSTALL_SERVE = "pip install 'clipfuse[serve]'"

@@ -51,3 +51,35 @@ def fp16_engine(tiny_engine, tmp_path_factory):
     shutil.copytree(tiny_engine, folder)
     export_fp16(folder, quiet=True)
     return folder
+
+
+# ----------------------------------------------------------------------------- no process left behind (issue 13.4)
+# multiprocessing's helpers live as long as the interpreter by design (pytriton's shared memory starts the
+# resource tracker): they are not processes a test started.
+_INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+def leftover_children(grace_s: float = 10.0) -> list:
+    """Child processes of this pytest process still alive after grace_s, interpreter helpers aside."""
+    import psutil
+
+    def ours(p):
+        try:
+            return not any(h in " ".join(p.cmdline()) for h in _INTERPRETER_HELPERS)
+        except psutil.Error:
+            return False
+    children = [p for p in psutil.Process().children(recursive=True) if ours(p)]
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    return alive
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session():
+    yield
+    alive = leftover_children()
+    for p in alive:         # fail loudly, but do not leave them running either
+        try:
+            p.kill()
+        except Exception:
+            pass
+    assert not alive, f"processes outlived the test session: {[(p.pid, p.name()) for p in alive]}"

@@ -115,8 +115,17 @@ def test_untrusted_pickle_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump({"x": _Evil()}, f, protocol=2)
-    with pytest.raises(ClipfuseError, match="could not be read"):
+    with pytest.raises(ClipfuseError) as e:
         load_backbone(f"clipfuse-test-vit:{path}")
+    msg = str(e.value)
+    assert "contains pickled Python code (it calls print), which clipfuse will not run" in msg
+    assert "weights_only" not in msg and "\n" not in msg          # PyTorch's advice to turn it off is not relayed
+
+
+def test_checkpoint_that_is_a_folder_is_named_as_such(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ClipfuseError, match="checkpoint .*ckpt' is a folder; pass the checkpoint file in it"):
+        parse_backbone(f"clipfuse-test-vit:{tmp_path / 'ckpt'}")
 
 
 def test_pretrained_download_failure_says_what_to_do(monkeypatch):

@@ -56,8 +56,18 @@ def test_every_image_extension_in_any_case_is_listed(tmp_path, ext):
     for i, variant in enumerate((ext, ext.upper(), ext[:2] + ext[2:].upper())):
         touch(tmp_path / "c" / f"img{i}{variant}")
     touch(tmp_path / "c" / f"img{ext}.txt")
+    touch(tmp_path / "d" / "other.png")                 # a second class: one class is refused
     paths, _, _ = scan_labelled_folder(tmp_path)
-    assert len(paths) == 3
+    assert len([p for p in paths if p.parent.name == "c"]) == 3
+
+
+def test_a_single_class_is_refused(tmp_path):
+    """Issue 12.8: fit on one class used to succeed and report 100%."""
+    touch(tmp_path / "cat" / "a.png")
+    with pytest.raises(ClipfuseError, match=r"has 1 class folder \('cat'\); a classifier needs at least two classes"):
+        scan_labelled_folder(tmp_path)
+    with pytest.raises(ClipfuseError, match="at least two classes"):
+        scan_labelled_folder(tmp_path, classes={"cat": "kitty"})
 
 
 def test_scan_errors_name_the_culprit(tmp_path):

@@ -139,7 +139,7 @@ def test_disk_full_during_export_is_one_line(tmp_path, monkeypatch):
     _export(out)
     before = (out / "manifest.json").read_text()
 
-    def full(heads_, path):
+    def full(heads_, path, **kw):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(heads, "save_heads", full)

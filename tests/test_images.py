@@ -331,3 +331,72 @@ def test_bad_arguments_fail_eagerly(mixed):
         iter_batches(mixed[0], SPECS, batch_size=0)
     with pytest.raises(ClipfuseError, match="workers must be at least 1, got 0"):
         iter_batches(mixed[0], SPECS, workers=0)
+
+
+# ----------------------------------------------------------------------------- bounded work (issue 12.3)
+
+@pytest.fixture
+def forbid_big_resize(monkeypatch):
+    """Fail the test if anything asks PIL for a resized image over 1 Mpx (the bomb would ask for 512 Mpx)."""
+    real = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        assert size[0] * size[1] <= 1_000_000, f"resize to {size} should have been refused before allocating"
+        return real(self, size, *a, **kw)
+    monkeypatch.setattr(Image.Image, "resize", resize)
+
+
+def test_thin_strip_is_refused_before_resizing_and_the_batch_goes_on(tmp_path, forbid_big_resize, forbid_decoding):
+    """A 1,000,000 x 8 PNG (a few KB, 8 Mpx: under PIL's limit) would be 8,000,000 x 64 = 512 Mpx after resizing
+    its shortest side to 64; it is refused from its header, named, and the good images around it go on."""
+    good = [write_photo(tmp_path / f"ok{i}.png") for i in range(2)]
+    strip = factory.bomb_png(tmp_path / "strip.png", 1_000_000, 8)
+    assert strip.stat().st_size < 20_000
+    batches = list(iter_batches([good[0], strip, good[1]], {"image_32": 32, "image_64": 64}, batch_size=4))
+    ok = [p for b in batches for p in b.paths]
+    failures = [f for b in batches for f in b.failures]
+    assert ok == good and [f.path for f in failures] == [strip]
+    reason = failures[0].reason
+    assert reason.startswith("image is 1000000x8 px: resizing its shortest side to 32 px makes 4000000x32 = "
+                             f"128,000,000 px, over the limit of {Image.MAX_IMAGE_PIXELS:,} px")
+    assert "--max-image-pixels" in reason and images.PIXEL_LIMIT_ENV in reason
+    forbid_decoding()                               # and the refusal comes from the header alone
+    _, _, failures = preprocess_paths([strip], {"image_32": 32})
+    assert failures[0].reason == reason
+
+
+def test_resized_bound_follows_the_pixel_limit(tmp_path, forbid_big_resize):
+    strip = factory.bomb_png(tmp_path / "strip.png", 4000, 8)      # 32 px: 16000 x 32 = 512,000 px after resize
+    paths, _, failures = preprocess_paths([strip], {"image_32": 32}, max_pixels=500_000)
+    assert not paths and "512,000 px, over the limit of 500,000 px" in failures[0].reason
+    paths, inputs, failures = preprocess_paths([strip], {"image_32": 32}, max_pixels=600_000)
+    assert paths == [strip] and inputs["image_32"].shape == (1, 3, 32, 32) and not failures
+
+
+def test_memory_error_on_one_image_keeps_the_batch(tmp_path, monkeypatch):
+    good, bad = write_photo(tmp_path / "good.png"), write_photo(tmp_path / "bad.png")
+    real = images.preprocess_for_inputs
+
+    def flaky(img, specs, max_pixels=None):
+        if img.size == (60, 45) and getattr(img, "filename", "").endswith("bad.png"):
+            raise MemoryError
+        return real(img, specs, max_pixels)
+    monkeypatch.setattr(images, "preprocess_for_inputs", flaky)
+    bad_img = load_image(bad)
+    monkeypatch.setattr(images, "load_image", lambda p, *a, **k: bad_img if Path(p) == bad else load_image(p, *a, **k))
+    bad_img.filename = str(bad)
+    paths, _, failures = preprocess_paths([good, bad], {"image_32": 32})
+    assert paths == [good] and failures[0].path == bad
+    assert failures[0].reason.startswith("out of memory while resizing this 60x45 image")
+
+
+def test_pixel_limit_from_the_environment(tmp_path):
+    import subprocess
+
+    code = "import clipfuse.runtime.images; from PIL import Image; print(Image.MAX_IMAGE_PIXELS)"
+    env = dict(os.environ, CLIPFUSE_MAX_IMAGE_PIXELS="1234567")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.stdout.strip() == "1234567", out.stderr
+    env["CLIPFUSE_MAX_IMAGE_PIXELS"] = "lots"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode != 0 and "CLIPFUSE_MAX_IMAGE_PIXELS='lots' is not a positive integer" in out.stderr

@@ -147,4 +147,48 @@ def test_engine_and_backend_errors(tiny_engine, tampered, tmp_path, photo_paths,
 
 def test_missing_image_path_is_named(tiny_engine, tmp_path):
     r = run("predict", tiny_engine, tmp_path / "holiday.jpg")
-    assert r.exit_code == 1 and error_lines(r) == [f"error: no such file or folder: {tmp_path / 'holiday.jpg'}"]
+    assert r.exit_code == 1 and f"failed: {tmp_path / 'holiday.jpg'}: no such file" in r.stderr
+    assert error_lines(r) == ["error: 1 of 1 images could not be classified (named above); "
+                              "fix or remove them, or pass --allow-failures to exit 0 anyway"]
+
+
+def test_missing_path_among_others_is_a_failed_row(tiny_engine, photo_paths, tmp_path):
+    """Issue 13.6: the rest is predicted, the missing one named, exit 1 (it used to abort the run)."""
+    gone = tmp_path / "gone.jpg"
+    r = run("predict", tiny_engine, photo_paths[0], gone, photo_paths[1], "--format", "jsonl")
+    assert r.exit_code == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [x["path"] for x in rows] == [str(photo_paths[0]), str(gone), str(photo_paths[1])]
+    assert rows[0]["labels"] and rows[2]["labels"] and rows[1]["error"] == "no such file"
+    assert f"failed: {gone}: no such file" in r.stderr
+    r = run("predict", tiny_engine, "-", "--format", "jsonl", input=f"{gone}\n{photo_paths[2]}\n")
+    assert r.exit_code == 1 and [json.loads(x)["error"] for x in r.stdout.splitlines()] == ["no such file", None]
+
+
+def test_control_characters_in_file_names_are_escaped_in_the_table(tiny_engine, photo_paths, tmp_path):
+    odd = tmp_path / "two\nlines.jpg"
+    shutil.copy(photo_paths[0], odd)
+    broken = tmp_path / "bad\tname\x1b[31m.jpg"
+    broken.write_text("not an image")
+    r = run("predict", tiny_engine, odd, broken, "-k", "1")
+    assert r.exit_code == 1
+    lines = r.stdout.splitlines()
+    assert lines[0] == str(odd).replace("\n", "\\n") and lines[1].startswith("  1. ")   # no forged row
+    assert f"failed: {str(broken)!r}"[:-1].replace("'", "", 1) in r.stderr and "\x1b" not in r.stderr
+    r = run("predict", tiny_engine, odd, "--format", "jsonl")                # programs get the name as it is
+    assert json.loads(r.stdout)["path"] == str(odd)
+
+
+def test_max_image_pixels_option_exists_and_is_named_by_the_refusal(tiny_engine, photo_paths, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)   # the option sets it: restore after
+    strip = factory.bomb_png(tmp_path / "strip.png", 1_000_000, 8)
+    r = run("predict", tiny_engine, photo_paths[0], strip, "--format", "jsonl")
+    assert r.exit_code == 1
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert rows[0]["labels"] and "over the limit of 89,478,485 px" in rows[1]["error"]
+    assert "--max-image-pixels N" in rows[1]["error"]
+    r = run("predict", tiny_engine, photo_paths[0], "--max-image-pixels", "200000", "--format", "jsonl")
+    assert r.exit_code == 1 and "= 262,144 px, over the limit of 200,000 px" in json.loads(r.stdout)["error"]
+    assert "DecompressionBombWarning" not in r.stderr

@@ -183,3 +183,13 @@ def test_order_matters_resize_before_rgb(files):
         ours = preprocess_image(img, 64)
         converted_first = preprocess_image(img.convert("RGB"), 64)
         assert not np.array_equal(ours, converted_first), cid
+
+
+def test_resize_bound_is_checked_before_allocating(monkeypatch):
+    """A 100000 x 2 image resized to 32 px would be 1,600,000 x 32 = 51.2 Mpx: refused before PIL.resize runs."""
+    from clipfuse.runtime.preprocess import ResizeTooLarge, preprocess_image
+
+    img = Image.new("L", (100_000, 2))
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resize ran"))
+    with pytest.raises(ResizeTooLarge, match=r"makes 1600000x32 = 51,200,000 px, over the limit of 1,000,000 px"):
+        preprocess_image(img, 32, max_pixels=1_000_000)

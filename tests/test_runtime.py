@@ -1,6 +1,8 @@
 """Backends, engine-loading checks and the Predictor, on the session's tiny 3-backbone engine."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 import shutil
 import subprocess
@@ -17,8 +19,8 @@ from clipfuse.errors import ClipfuseError
 from clipfuse.runtime import backends as bk
 from clipfuse.export.torch_backend import TorchBackend
 from clipfuse.runtime.backends import OnnxRuntimeBackend, open_backend
-from clipfuse.runtime.manifest import (check_onnxruntime_can_run, onnxruntime_max_opset, read_manifest,
-                                       sha256_file)
+from clipfuse.runtime.manifest import (Manifest, check_onnxruntime_can_run, onnxruntime_max_opset,
+                                       read_manifest, sha256_file)
 from clipfuse.runtime.predict import Predictor, load_predictor
 from clipfuse.runtime.preprocess import preprocess_image
 
@@ -231,7 +233,10 @@ def test_auto_never_picks_a_never_executed_backend(engine_copy, every_gpu_backen
 
 def test_auto_tries_tensorrt_only_when_clipfuse_build_recorded_a_plan(engine_copy, every_gpu_backend, capsys):
     # recorded but not on disk: not a plan the user has
-    edit_manifest(engine_copy, lambda d: d.update(plans={"fp16": {"file": "model.fp16.plan", "tensorrt": "10.13.0"}}))
+    def record_plan(d):     # as `clipfuse build` records one: in plans and, with its hash, in artefacts
+        d.update(plans={"fp16": {"file": "model.fp16.plan", "tensorrt": "10.13.0"}})
+        d["artefacts"]["model.fp16.plan"] = {"sha256": hashlib.sha256(b"not a real plan").hexdigest(), "bytes": 15}
+    edit_manifest(engine_copy, record_plan)
     assert bk.auto_candidates(read_manifest(engine_copy, verify=False))[0] == "torch-cuda"
     (engine_copy / "model.fp16.plan").write_bytes(b"not a real plan")
     m = read_manifest(engine_copy, verify=False)
@@ -290,10 +295,18 @@ def test_tampered_graph_is_refused(engine_copy):
         load_predictor(engine_copy)
 
 
+def unchecked(folder):
+    """The folder's manifest as written, past read_manifest's checks: reaches the backends' own checks."""
+    return Manifest(folder, json.loads((folder / "manifest.json").read_text()))
+
+
 def test_manifest_classes_not_matching_the_graph(engine_copy):
     edit_manifest(engine_copy, lambda d: d["classes"].append("dog"))
-    with pytest.raises(ClipfuseError) as e:
+    with pytest.raises(ClipfuseError) as e:         # the heads file's class binding sees it first
         load_predictor(engine_copy, backend="onnxruntime")
+    assert "the classes in manifest.json are not those heads.safetensors was exported with" in str(e.value)
+    with pytest.raises(ClipfuseError) as e:         # and the graph's own check behind it
+        OnnxRuntimeBackend(unchecked(engine_copy)).open()
     msg = str(e.value)
     assert "model.onnx has 4 classes ('logits' is (N, 4)) but the manifest lists 5" in msg
     assert "clipfuse export" in msg and "--force" in msg
@@ -306,8 +319,10 @@ def test_heads_file_of_another_engine(engine_copy, other_engine):
     # ... and with the manifest's hash updated too, the torch backend still sees it
     edit_manifest(engine_copy, lambda d: d["artefacts"]["heads.safetensors"].update(
         sha256=sha256_file(engine_copy / "heads.safetensors"), bytes=(engine_copy / "heads.safetensors").stat().st_size))
+    with pytest.raises(ClipfuseError, match="classes in manifest.json are not those heads.safetensors"):
+        read_manifest(engine_copy)                  # its class binding is the other engine's
     with pytest.raises(ClipfuseError) as e:
-        TorchBackend(read_manifest(engine_copy)).open()
+        TorchBackend(unchecked(engine_copy)).open()
     assert "head 0 in heads.safetensors has shape (3, 32), the manifest needs (4 classes, D=32)" in str(e.value)
 
 
@@ -470,3 +485,17 @@ def test_onnxruntime_backend_opens_through_the_one_session_loader(engine_copy, m
     with pytest.raises(ClipfuseError) as e:
         OnnxRuntimeBackend(read_manifest(engine_copy, verify=False)).open()
     assert "cannot load" in str(e.value) and "upgrade onnxruntime, or rebuild the engine: `clipfuse export" in str(e.value)
+
+
+def test_pil_strip_is_refused_before_resizing_and_the_rest_is_classified(tiny_engine, photo_paths, monkeypatch):
+    """Issue 12.3 for in-memory images: a 1,000,000 x 8 image would be 4,000,000 x 32 after resizing (128 Mpx)."""
+    real = Image.Image.resize
+
+    def resize(self, size, *a, **kw):
+        assert size[0] * size[1] <= 1_000_000, f"resize to {size} should have been refused before allocating"
+        return real(self, size, *a, **kw)
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    with load_predictor(tiny_engine, backend="onnxruntime", quiet=True) as p:
+        preds = p.predict([Image.new("L", (1_000_000, 8)), Image.open(photo_paths[0])], top_k=1)
+    assert not preds[0].ok and "makes 4000000x32 = 128,000,000 px, over the limit" in preds[0].error
+    assert "--max-image-pixels" in preds[0].error and preds[1].ok

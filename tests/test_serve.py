@@ -195,3 +195,101 @@ def test_bad_serve_arguments_are_named(tiny_engine):
         clipfuse.serve(tiny_engine, http_port=9000, grpc_port=9000, metrics_port=9001, quiet=True)
     with pytest.raises(ClipfuseError, match="is not http://HOST:PORT"):
         clipfuse.connect("ftp://127.0.0.1:21")
+
+
+
+# ----------------------------------------------------------------------------- finding the model, shutting down
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_connect_without_a_model_name_finds_the_served_one(protocol, server, photo_paths, local):
+    """The README's `clipfuse.connect(url)`: the server's id names its model, no token needed."""
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with clipfuse.connect(url) as remote:
+        assert remote.backend.model == server.model_name
+        assert_same(remote.predict(photo_paths[:2], top_k=2), local.predict(photo_paths[:2], top_k=2))
+
+
+def _our_shm() -> set:
+    import os
+
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("psm_", "pytrtion"))}
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as a server binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((HOST, port))
+            s.listen()
+            return True
+        except OSError:
+            return False
+
+
+def test_stop_leaves_no_process_no_port_no_shared_memory(tiny_engine):
+    import psutil
+
+    shm_before = _our_shm()
+    ports = [free_port() for _ in range(3)]
+    others = {p.pid for p in psutil.Process().children(recursive=True)}     # e.g. the module's server
+    srv = clipfuse.serve(tiny_engine, host=HOST, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                         quiet=True, exit_timeout_s=2)
+    children = [p for p in psutil.Process().children(recursive=True) if p.pid not in others]
+    assert any("tritonserver" in p.name() for p in children)
+    srv.stop()                              # returns once everything is gone: no grace period here
+    assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert all(_port_free(p) for p in ports)
+    assert not (_our_shm() - shm_before)
+
+
+def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
+    """`clipfuse serve` in its own process: after SIGTERM it exits 0 within a bound, the ports are free at
+    once, tritonserver and its stubs are gone, no shared memory of ours is left, no token was printed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    shm_before = _our_shm()
+    ports = [free_port() for _ in range(3)]
+    exe = os.path.join(os.path.dirname(sys.executable), "clipfuse")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(tiny_engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                 "--metrics-port", str(ports[2])], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if get(f"http://{HOST}:{ports[0]}/v2/models/{tiny_engine.name}/ready", timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"serve did not become ready: {log.read_text()[-2000:]}")
+        with clipfuse.connect(f"http://{HOST}:{ports[0]}") as remote:       # no model= needed
+            assert remote.backend.model == tiny_engine.name
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("tritonserver" in p.name() for p in children)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+        took = time.monotonic() - t0
+        _, alive = psutil.wait_procs(children, timeout=1)
+        assert not alive, f"left running after serve exited: {[(p.pid, p.name()) for p in alive]}"
+        assert all(_port_free(p) for p in ports), "a port is still held after serve exited"
+        assert not (_our_shm() - shm_before)
+        assert took < 30, f"shutdown took {took:.1f} s (bound 30 s)"
+        text = log.read_text()
+        assert "triton-access-token=" not in text and "triton-access-token:" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
