@@ -41,13 +41,17 @@ def score_costs(seeds=range(6), n_cal: int = 2000, n_test: int = 20000, max_drop
             row = {"classes": C, "seed": int(seed)}
             for score in ("max-prob", "margin"):
                 fit = fit_cascade(list(Z[:, :n_cal]), list(Z[:, n_cal:]), (1.0, 2.0, 4.0),
-                                  config=CascadeConfig(max_drop=max_drop, score=score))
+                                  config=CascadeConfig(max_drop=max_drop, score=score),
+                                  calib_labels=y[:n_cal], test_labels=y[n_cal:])
                 row[score] = float(fit.test["cost_fraction"])
             rows.append(row)
     return rows
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     from synthetic import study_threshold_guard
 
     t0 = time.perf_counter()
