@@ -70,12 +70,26 @@ def _int_list(ctx, param, value):
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="With ENGINE: fp16 adds model.fp16.onnx, converted from the validated model.onnx (no re-export) "
                    "with LayerNorm, softmax, feature norm, heads, controller and combination kept fp32, and "
-                   "validated against it.")
+                   "validated against it; int8 adds model.int8.onnx (ONNX Runtime CPU / OpenVINO) and "
+                   "model.int8-trt.onnx (TensorRT), calibrated on --calibration and validated against fp32.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: a folder of your own images (at least 32) to calibrate the activation ranges on.")
+@click.option("--calibration-count", type=click.IntRange(min=1), default=256, show_default=True,
+              help="int8: calibration images used at most (evenly spaced over the folder).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="int8: how activation ranges are set (entropy/percentile hold every batch's "
+                                      "activations: GBs on full-size towers).")
+@click.option("--int8-target", type=click.Choice(["both", "cpu", "tensorrt"]), default="both", show_default=True,
+              help="int8: which graphs to write (cpu: model.int8.onnx; tensorrt: model.int8-trt.onnx).")
+@click.option("--data", "-d", type=click.Path(), default=None,
+              help="int8: labelled images (DATA/<class folder>/<images>): fp32 vs int8 accuracy, paired, refused "
+                   "below the bound.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(engine, backbone_list, classes, templates, out, force, opset, precision, quiet):
+def export(engine, backbone_list, classes, templates, out, force, opset, precision, calibration, calibration_count,
+           calibration_method, int8_target, data, quiet):
     """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
 
     \b
@@ -83,18 +97,32 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
     Existing engine: clipfuse export engines/NAME   (rebuilds its graph, e.g. after `clipfuse fit`,
                      keeping its heads, fitted controller and reports)
     fp16 graph:      clipfuse export engines/NAME --precision fp16   (adds model.fp16.onnx)
+    int8 graphs:     clipfuse export engines/NAME --precision int8 --calibration my_photos/
     """
     from clipfuse import api
 
-    if engine is not None and precision == "fp16":
+    if precision != "int8" and (calibration or data or calibration_count != 256 or calibration_method != "minmax"
+                                or int8_target != "both"):
+        raise ClipfuseError("--calibration, --calibration-count, --calibration-method, --int8-target and --data "
+                            "apply to --precision int8 only")
+    if engine is not None and precision in ("fp16", "int8"):
         if backbone_list or classes or templates or out or opset:
-            raise ClipfuseError(f"`clipfuse export {engine} --precision fp16` converts the engine's model.onnx; "
+            raise ClipfuseError(f"`clipfuse export {engine} --precision {precision}` converts the engine's model.onnx; "
                                 "drop --backbone/--classes/--templates/--out/--opset")
-        click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
+        if precision == "fp16":
+            click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
+            return
+        if calibration is None:
+            raise ClipfuseError(f"--precision int8 needs --calibration DIR: a folder of your own images (at least 32) "
+                                f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
+        targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
+        info = api.export_int8(engine, calibration, count=calibration_count, method=calibration_method,
+                               targets=targets, data=data, quiet=quiet)
+        click.echo(present.format_int8(info))
         return
-    if engine is None and precision == "fp16":
-        raise ClipfuseError("--precision fp16 applies to an existing engine: export it first, then run "
-                            "`clipfuse export engines/NAME --precision fp16`")
+    if engine is None and precision in ("fp16", "int8"):
+        raise ClipfuseError(f"--precision {precision} applies to an existing engine: export it first, then run "
+                            f"`clipfuse export engines/NAME --precision {precision}`")
     if engine is not None:
         if backbone_list or classes or templates or out:
             raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
