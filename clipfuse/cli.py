@@ -227,7 +227,10 @@ def inspect(engine, as_json, no_verify):
               help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
 @click.option("--batch", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per engine call.")
 @click.option("--backend", default="auto", show_default=True,
-              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, torch, torch-cuda or tensorrt.")
+              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda or tensorrt.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Run the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`); "
+                   "default fp32.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Image-decoding threads (default min(4, CPUs)).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
@@ -235,8 +238,8 @@ def inspect(engine, as_json, no_verify):
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
-def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify,
-            max_image_pixels):
+def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precision, workers, threads, allow_failures,
+            no_verify, max_image_pixels):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -246,6 +249,9 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
     from clipfuse import api
 
     if url is not None:     # ENGINE is optional with --url: unless it is an engine folder, it is an image source
+        if precision is not None:
+            raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
+                                "with (`clipfuse serve ENGINE --precision ...`)")
         engine, images, model_name = api.remote_predict_args(engine, images, model_name)
     if not images:
         raise click.UsageError("Missing argument 'IMAGES...'.")
@@ -261,7 +267,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
     total = failed = 0
     opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify))
+                       verify=not no_verify, precision=precision))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
