@@ -354,7 +354,9 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Model repository folder to write into.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
               help="onnxruntime: the fused ONNX graph; tensorrt: the plan of `clipfuse build`.")
-@click.option("--precision", default=None, help="tensorrt: which model.<precision>.plan (when there are several).")
+@click.option("--precision", default=None,
+              help="onnxruntime: fp16 or int8 serves model.fp16.onnx / model.int8.onnx (default model.onnx); "
+                   "tensorrt: which model.<precision>.plan (when there are several).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Triton's max_batch_size.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (instance_group count).")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None, help="Instance kind (default: cpu for onnxruntime, gpu for tensorrt).")
@@ -390,8 +392,11 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (one ONNX Runtime session each).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Each session's intra-op threads.")
 @click.option("--model", "model_name", default=None, help="Model name (default: the engine folder's name).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
-def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name, no_verify):
+def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name,
+          precision, no_verify):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -400,7 +405,7 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
     server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify)
+                       model_name=model_name, verify=not no_verify, precision=precision)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
     # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
     click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
@@ -410,9 +415,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 builds a strongly typed network from model.fp16.onnx (make it with "
-                   "`clipfuse export ENGINE --precision fp16`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16 builds a strongly typed network from model.fp16.onnx, int8 from the QDQ graph "
+                   "model.int8-trt.onnx (make them with `clipfuse export ENGINE --precision fp16|int8`).")
 @click.option("--batch", default="1,8,32", show_default=True, callback=_int_list, metavar="MIN,OPT,MAX",
               help="The optimisation profile's batch sizes, for every image input.")
 @click.option("--aux-streams", type=click.IntRange(min=0), default=None,
@@ -436,12 +441,13 @@ def build(engine, precision, batch, aux_streams, timing_cache, opt_level, worksp
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
 @click.option("--backends", default="onnxruntime,torch", show_default=True,
-              help="Comma-separated; the first is the reference. A -fp16 suffix (onnxruntime-fp16, tensorrt-fp16) "
-                   "runs that backend's fp16 form.")
+              help="Comma-separated; the first is the reference. A -fp16 or -int8 suffix (onnxruntime-fp16, "
+                   "openvino-int8, tensorrt-int8) runs that backend's form of that precision.")
 @click.option("--images", multiple=True, help="Image files, folders or globs (default: the shipped photographs, "
                                               "whole and centre-cropped).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
-              help="fp16: every backend with an fp16 form runs it (torch stays the fp32 reference); fp16 tolerances.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="fp16/int8: every backend with that form runs it (torch stays the fp32 reference); that "
+                   "precision's tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compare(engine, backends, images, precision, batch, as_json):

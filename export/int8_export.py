@@ -81,6 +81,8 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
                 log(line, quiet, tag="int8")
             if strict:
                 require_valid(rec["validation"], f"{name} of {str(m.folder)!r}")
+            data_files = rec.get("external_data") or []       # one file (all_tensors_to_one_file) past 2 GB
+            rec["external_data"] = data_files[0] if len(data_files) == 1 else (data_files or None)
             rec["target"] = target
             rec["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
             rec["source"] = m.onnx_path.name

@@ -78,5 +78,6 @@ def with_precision(manifest, precision: str, target: str = "cpu"):
     path = precision_onnx_path(manifest, precision, target)
     if precision == "fp32":
         return manifest
-    data = dict(manifest.data, onnx=dict(manifest.data["onnx"], file=path.name))
+    extra = _entry(manifest, precision, target).get("external_data")     # its own data file, or None
+    data = dict(manifest.data, onnx=dict(manifest.data["onnx"], file=path.name, external_data=extra))
     return Manifest(manifest.folder, data)
