@@ -323,9 +323,13 @@ def demo(out, per_class, batches, runs):
 @click.option("--no-memory", is_flag=True, help="Skip the per-configuration peak-memory processes.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Results folder (default ENGINE/bench).")
 @click.option("--name", default="bench", show_default=True, help="File stem of the results: NAME.md/.json/.png.")
+@click.option("--precisions", default="fp32", show_default=True,
+              help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
+                   "ENGINE --precision ...`).")
+@click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          quiet):
+          precisions, openvino, quiet):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -339,11 +343,13 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--threads", str(threads)] if threads else []), *(["--no-torch"] if no_torch else []),
                         *(["--settle-ms", str(settle_ms)] if settle_ms != 50 else []),
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
-                        *(["--name", name] if name != "bench" else [])])
+                        *(["--name", name] if name != "bench" else []),
+                        *(["--precisions", precisions] if precisions != "fp32" else []),
+                        *(["--openvino"] if openvino else [])])
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
-                              settle=settle_ms / 1e3,
-                              stem=name, quiet=quiet, command=command)
+                              settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                              openvino=openvino, stem=name, quiet=quiet, command=command)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")

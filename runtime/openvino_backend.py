@@ -91,7 +91,8 @@ class OpenVINOBackend(Backend):
         self.compiled = core.compile_model(model, self.ov_device, config)
         self.request = self.compiled.create_infer_request()
         self.output_names = [o["name"] for o in self.manifest.outputs]
-        self._ports = {o.get_any_name(): o for o in self.compiled.outputs}
+        # a port may carry several tensor names (the fp16 converter's Casts alias the outputs): match by set
+        self._ports = {n: next(o for o in self.compiled.outputs if n in o.get_names()) for n in self.output_names}
         self.is_open = True
         return self
 
@@ -109,8 +110,9 @@ def check_model_matches_manifest(manifest: Manifest, model) -> None:
     """Inputs by name (uint8), outputs by name in iospec order, every fixed dimension as the manifest says."""
     where = f"engine {str(manifest.folder)!r} ({manifest.onnx_path.name})"
     for kind, specs, ports in (("input", manifest.inputs, model.inputs), ("output", manifest.outputs, model.outputs)):
-        names = [p.get_any_name() for p in ports]
         want = [s["name"] for s in specs]
+        names = [s if s in p.get_names() else p.get_any_name() for s, p in zip(want, ports)] + \
+            [p.get_any_name() for p in list(ports)[len(want):]]
         if names != want:
             raise ClipfuseError(f"{where}: manifest {kind}s {want} differ from the graph's {names}; the folder "
                                 f"mixes two exports: {rebuild_hint(manifest)}")
