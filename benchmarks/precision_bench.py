@@ -76,7 +76,8 @@ def render(result: dict) -> str:
          "|---|---:|---:|---:|---|"]
     L.append(f"| model.onnx (fp32) | 1 | 0 | {result['accuracy']['fp32']:.2f} | - |")
     for name, rec in result["graphs"].items():
-        v, a = rec["validation"], rec.get("accuracy")
+        v = rec["validation"]
+        a = rec.get("accuracy") or v.get("accuracy")         # fp16: beside its record; int8: in its validation
         cos = min(b["cosine_min"] for b in v["backbones"])
         d = a["paired"] if a else None
         L.append(f"| {name} | {cos:.5f} | {v['fused']['top1_changed']}/{v['images']} | "
