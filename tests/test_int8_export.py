@@ -198,3 +198,10 @@ def test_reexport_makes_the_int8_graph_stale(int8_engine, tmp_path):
         precision_onnx_path(stale, "int8")
     assert precision_onnx_path(m, "int8", "tensorrt").name == "model.int8-trt.onnx"
     assert np.isfinite(m.data["precisions"]["int8"]["validation"]["fused"]["logits_max_abs"])
+
+
+def test_bench_refuses_a_precision_the_engine_lacks_at_once(tiny_engine):
+    r = _cli("bench", tiny_engine, "--precisions", "fp32,int8", "-q")
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "has no model.int8.onnx" in r.output, r.output
+    r = _cli("bench", tiny_engine, "--precisions", "fp32,int4", "-q")
+    assert r.exit_code == 1 and "valid are fp32, fp16, int8" in r.output, r.output

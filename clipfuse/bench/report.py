@@ -120,6 +120,9 @@ def precision_rows(result: dict) -> list[str]:
         for bs, s in t.get(f"torch_over_{c}", {}).items():
             if c == "fused-int8" and bs == "1":
                 L.append(f"| PyTorch eager / {labels[c]} >= 3 | {bs} | {_r(s, '{:.2f}')} | {verdict(s, 3.0, True)} |")
+    if any("int8" in c for c in (result.get("precisions") or {}).get("configs", [])):
+        L.append("| (info) % of peak is against the fp32 sgemm peak; int8 rows run int8 (VNNI) kernels, so they can "
+                 "pass 100% | - | - | |")
     files = (result.get("precisions") or {}).get("file_bytes") or {}
     if len(files) > 1:
         base = files["fused"]
