@@ -8,7 +8,7 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.eval_engine(folder, data) -> dict             accuracy of the exported graph + baselines
     clipfuse.inspect_engine(folder) -> dict                what an engine folder holds (print() it: the table)
     clipfuse.list_backbones() -> list[dict]                the nine OpenAI CLIP backbones
-    clipfuse.load(engine_dir, backend="auto") -> Predictor  classify images with an engine folder:
+    clipfuse.load(engine_dir, backend="auto", precision="fp32") -> Predictor  classify images with an engine folder:
         .predict(images, top_k=5) -> [Prediction]          paths and/or PIL images, one result each
         .predict_batches(paths) -> iterator of [Prediction]  streaming, for large folders
         .predict_arrays(feed) -> {output: array}             ready-made uint8 tensors
@@ -16,6 +16,7 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.bench_engine(folder, data=None, batches=(1, 8)) -> dict   fused vs singles vs naive vs torch
     clipfuse.run_demo("engines/demo") -> dict              fit -> export -> predict -> bench, offline
     clipfuse.export_fp16(folder) -> dict                   add model.fp16.onnx (fp32 islands), validated on CPU
+    clipfuse.export_int8(folder, "photos/") -> dict        add model.int8.onnx + model.int8-trt.onnx, calibrated, validated
     clipfuse.build_engine(folder, "fp16", batch=(1, 8, 32)) build a TensorRT plan (needs TensorRT + GPU)
     clipfuse.compare_backends(folder, "onnxruntime,torch") -> dict   do the backends agree? (report["ok"])
     clipfuse.write_triton_repository(folder, "repo")       Triton model repository (config checked against the schema)
@@ -39,6 +40,7 @@ _LAZY = {
     "bench_engine": ("clipfuse.api", "bench_engine"),
     "run_demo": ("clipfuse.api", "run_demo"),
     "export_fp16": ("clipfuse.api", "export_fp16"),
+    "export_int8": ("clipfuse.api", "export_int8"),
     "build_engine": ("clipfuse.api", "build_engine"),
     "compare_backends": ("clipfuse.api", "compare_backends"),
     "parse_backbone": ("clipfuse.export.backbones", "parse_backbone"),

@@ -95,19 +95,20 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-         threads: int | None = None, verify: bool = True, quiet: bool = False):
+         threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None):
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
 
     backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
     "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
     workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
     (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
-    open_clip unless a torch backend is asked for.
+    open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
+    (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
     """
     from clipfuse.runtime.predict import load_predictor
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, quiet=quiet)
+                          threads=threads, verify=verify, quiet=quiet, precision=precision)
 
 
 def available_backends() -> list[str]:
@@ -123,6 +124,17 @@ def export_fp16(engine_dir, quiet: bool = False) -> dict:
     from clipfuse.export.fp16 import export_fp16 as _fp16
 
     return _fp16(engine_dir, quiet=quiet)
+
+
+def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
+                data=None, classes=None, quiet: bool = False) -> dict:
+    """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
+    folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
+    paired); returns the manifest's precisions["int8"] entry (see export.int8_export)."""
+    from clipfuse.export.int8_export import export_int8 as _int8
+
+    return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes,
+                 quiet=quiet)
 
 
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,

@@ -70,12 +70,26 @@ def _int_list(ctx, param, value):
 @click.option("--out", "-o", type=click.Path(file_okay=False), help="Engine folder to write, e.g. engines/NAME.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--opset", type=click.IntRange(17, 23), default=None, help="ONNX opset (default 18).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="With ENGINE: fp16 adds model.fp16.onnx, converted from the validated model.onnx (no re-export) "
                    "with LayerNorm, softmax, feature norm, heads, controller and combination kept fp32, and "
-                   "validated against it.")
+                   "validated against it; int8 adds model.int8.onnx (ONNX Runtime CPU / OpenVINO) and "
+                   "model.int8-trt.onnx (TensorRT), calibrated on --calibration and validated against fp32.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="int8: a folder of your own images (at least 32) to calibrate the activation ranges on.")
+@click.option("--calibration-count", type=click.IntRange(min=1), default=256, show_default=True,
+              help="int8: calibration images used at most (evenly spaced over the folder).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="int8: how activation ranges are set (entropy/percentile hold every batch's "
+                                      "activations: GBs on full-size towers).")
+@click.option("--int8-target", type=click.Choice(["both", "cpu", "tensorrt"]), default="both", show_default=True,
+              help="int8: which graphs to write (cpu: model.int8.onnx; tensorrt: model.int8-trt.onnx).")
+@click.option("--data", "-d", type=click.Path(), default=None,
+              help="int8: labelled images (DATA/<class folder>/<images>): fp32 vs int8 accuracy, paired, refused "
+                   "below the bound.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def export(engine, backbone_list, classes, templates, out, force, opset, precision, quiet):
+def export(engine, backbone_list, classes, templates, out, force, opset, precision, calibration, calibration_count,
+           calibration_method, int8_target, data, quiet):
     """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
 
     \b
@@ -83,18 +97,32 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
     Existing engine: clipfuse export engines/NAME   (rebuilds its graph, e.g. after `clipfuse fit`,
                      keeping its heads, fitted controller and reports)
     fp16 graph:      clipfuse export engines/NAME --precision fp16   (adds model.fp16.onnx)
+    int8 graphs:     clipfuse export engines/NAME --precision int8 --calibration my_photos/
     """
     from clipfuse import api
 
-    if engine is not None and precision == "fp16":
+    if precision != "int8" and (calibration or data or calibration_count != 256 or calibration_method != "minmax"
+                                or int8_target != "both"):
+        raise ClipfuseError("--calibration, --calibration-count, --calibration-method, --int8-target and --data "
+                            "apply to --precision int8 only")
+    if engine is not None and precision in ("fp16", "int8"):
         if backbone_list or classes or templates or out or opset:
-            raise ClipfuseError(f"`clipfuse export {engine} --precision fp16` converts the engine's model.onnx; "
+            raise ClipfuseError(f"`clipfuse export {engine} --precision {precision}` converts the engine's model.onnx; "
                                 "drop --backbone/--classes/--templates/--out/--opset")
-        click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
+        if precision == "fp16":
+            click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
+            return
+        if calibration is None:
+            raise ClipfuseError(f"--precision int8 needs --calibration DIR: a folder of your own images (at least 32) "
+                                f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
+        targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
+        info = api.export_int8(engine, calibration, count=calibration_count, method=calibration_method,
+                               targets=targets, data=data, quiet=quiet)
+        click.echo(present.format_int8(info))
         return
-    if engine is None and precision == "fp16":
-        raise ClipfuseError("--precision fp16 applies to an existing engine: export it first, then run "
-                            "`clipfuse export engines/NAME --precision fp16`")
+    if engine is None and precision in ("fp16", "int8"):
+        raise ClipfuseError(f"--precision {precision} applies to an existing engine: export it first, then run "
+                            f"`clipfuse export engines/NAME --precision {precision}`")
     if engine is not None:
         if backbone_list or classes or templates or out:
             raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
@@ -199,7 +227,10 @@ def inspect(engine, as_json, no_verify):
               help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
 @click.option("--batch", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per engine call.")
 @click.option("--backend", default="auto", show_default=True,
-              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, torch, torch-cuda or tensorrt.")
+              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda or tensorrt.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Run the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`); "
+                   "default fp32.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Image-decoding threads (default min(4, CPUs)).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
@@ -207,8 +238,8 @@ def inspect(engine, as_json, no_verify):
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
-def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify,
-            max_image_pixels):
+def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precision, workers, threads, allow_failures,
+            no_verify, max_image_pixels):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -218,6 +249,9 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
     from clipfuse import api
 
     if url is not None:     # ENGINE is optional with --url: unless it is an engine folder, it is an image source
+        if precision is not None:
+            raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
+                                "with (`clipfuse serve ENGINE --precision ...`)")
         engine, images, model_name = api.remote_predict_args(engine, images, model_name)
     if not images:
         raise click.UsageError("Missing argument 'IMAGES...'.")
@@ -233,7 +267,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
     total = failed = 0
     opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify))
+                       verify=not no_verify, precision=precision))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
@@ -289,9 +323,13 @@ def demo(out, per_class, batches, runs):
 @click.option("--no-memory", is_flag=True, help="Skip the per-configuration peak-memory processes.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None, help="Results folder (default ENGINE/bench).")
 @click.option("--name", default="bench", show_default=True, help="File stem of the results: NAME.md/.json/.png.")
+@click.option("--precisions", default="fp32", show_default=True,
+              help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
+                   "ENGINE --precision ...`).")
+@click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          quiet):
+          precisions, openvino, quiet):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -305,11 +343,13 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--threads", str(threads)] if threads else []), *(["--no-torch"] if no_torch else []),
                         *(["--settle-ms", str(settle_ms)] if settle_ms != 50 else []),
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
-                        *(["--name", name] if name != "bench" else [])])
+                        *(["--name", name] if name != "bench" else []),
+                        *(["--precisions", precisions] if precisions != "fp32" else []),
+                        *(["--openvino"] if openvino else [])])
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
-                              settle=settle_ms / 1e3,
-                              stem=name, quiet=quiet, command=command)
+                              settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                              openvino=openvino, stem=name, quiet=quiet, command=command)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
@@ -320,7 +360,9 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Model repository folder to write into.")
 @click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "tensorrt"]),
               help="onnxruntime: the fused ONNX graph; tensorrt: the plan of `clipfuse build`.")
-@click.option("--precision", default=None, help="tensorrt: which model.<precision>.plan (when there are several).")
+@click.option("--precision", default=None,
+              help="onnxruntime: fp16 or int8 serves model.fp16.onnx / model.int8.onnx (default model.onnx); "
+                   "tensorrt: which model.<precision>.plan (when there are several).")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1), help="Triton's max_batch_size.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (instance_group count).")
 @click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None, help="Instance kind (default: cpu for onnxruntime, gpu for tensorrt).")
@@ -356,8 +398,11 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (one ONNX Runtime session each).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Each session's intra-op threads.")
 @click.option("--model", "model_name", default=None, help="Model name (default: the engine folder's name).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
-def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name, no_verify):
+def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name,
+          precision, no_verify):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -366,7 +411,7 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
     server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify)
+                       model_name=model_name, verify=not no_verify, precision=precision)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
     # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
     click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
@@ -376,9 +421,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="fp16 builds a strongly typed network from model.fp16.onnx (make it with "
-                   "`clipfuse export ENGINE --precision fp16`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True,
+              help="fp16 builds a strongly typed network from model.fp16.onnx, int8 from the QDQ graph "
+                   "model.int8-trt.onnx (make them with `clipfuse export ENGINE --precision fp16|int8`).")
 @click.option("--batch", default="1,8,32", show_default=True, callback=_int_list, metavar="MIN,OPT,MAX",
               help="The optimisation profile's batch sizes, for every image input.")
 @click.option("--aux-streams", type=click.IntRange(min=0), default=None,
@@ -402,12 +447,13 @@ def build(engine, precision, batch, aux_streams, timing_cache, opt_level, worksp
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
 @click.option("--backends", default="onnxruntime,torch", show_default=True,
-              help="Comma-separated; the first is the reference. A -fp16 suffix (onnxruntime-fp16, tensorrt-fp16) "
-                   "runs that backend's fp16 form.")
+              help="Comma-separated; the first is the reference. A -fp16 or -int8 suffix (onnxruntime-fp16, "
+                   "openvino-int8, tensorrt-int8) runs that backend's form of that precision.")
 @click.option("--images", multiple=True, help="Image files, folders or globs (default: the shipped photographs, "
                                               "whole and centre-cropped).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default=None,
-              help="fp16: every backend with an fp16 form runs it (torch stays the fp32 reference); fp16 tolerances.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="fp16/int8: every backend with that form runs it (torch stays the fp32 reference); that "
+                   "precision's tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compare(engine, backends, images, precision, batch, as_json):

@@ -75,15 +75,24 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #         relative, so a changed answer means a bug: 0. fp16 changed 0 of 32 answers on
 #         RN50 + ViT-B-32 (fp16_validation.md) and 0 of 32 on the tiny test towers; 5% lets one
 #         near tie in 32 images flip and fails two (6.2%, which once passed unannounced).
+#   int8: the deciding figures are issue 16's targets: embedding cosine >= 0.99 per backbone and
+#         top-1 changed <= 1% (on the 32 validation images: none); with heads_exact the logits are
+#         held to what the float heads carry from the features. rtol/atol only bound each output
+#         element: measured on the tiny test towers 1.8-2.0% relative on the features and 1.3-1.7%
+#         on the backbone logits (U8 and S8 activations), RN50 + ViT-B-32 cosine >= 0.9996, so 5e-2
+#         leaves ~2.5x; a cosine of 0.99 allows a feature error of 0.14, more than any element bound.
+#         max_accuracy_drop (points, int8 minus fp32 on the same labelled images, with --data):
+#         issue 16's "accuracy within 0.5 points".
 TOLERANCES = {
     "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0},
     "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05},
+    "int8": {"rtol": 5e-2, "atol": 1e-2, "min_cosine": 0.99, "max_top1_changed": 0.01, "max_accuracy_drop": 0.5},
 }
 PRECISIONS = tuple(TOLERANCES)
 
 
 def tolerance(precision: str) -> dict:
-    """A copy of the tolerance row for `precision` ('fp32', 'fp16')."""
+    """A copy of the tolerance row for `precision` ('fp32', 'fp16', 'int8')."""
     if precision not in TOLERANCES:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(TOLERANCES)}")
     return dict(TOLERANCES[precision])

@@ -39,6 +39,13 @@ def format_inspect(info: dict) -> str:
     return "\n".join(lines)
 
 
+def format_int8(info: dict) -> str:
+    """The int8 graphs' settings and validation figures, each next to its bound (export/int8_export.py)."""
+    from clipfuse.export.int8_export import format_summary
+
+    return format_summary(info)
+
+
 def format_fp16(info: dict) -> str:
     """The fp16 validation figures, each next to its bound (export/fp16_report.py writes them once)."""
     from clipfuse.export.fp16_report import format_summary

@@ -58,7 +58,7 @@ import numpy as np
 from clipfuse.errors import ClipfuseError
 from clipfuse.log import step
 
-MODEL_INT8 = "model.int8.onnx"
+from clipfuse.runtime.precisions import MODEL_INT8  # noqa: E402,F401  (the file names per precision live there)
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = {"s8": "QInt8", "u8": "QUInt8"}      # onnxruntime.quantization.QuantType names

@@ -22,6 +22,15 @@ since 10.12). On TensorRT 10 `fp16_flag=True` offers the old path for comparison
 fp32 graph + BuilderFlag.FP16, with LayerNorm/softmax/reductions pinned to fp32
 by per-layer precision and OBEY_PRECISION_CONSTRAINTS.
 
+int8 is built the same way, strongly typed, from model.int8-trt.onnx (made by
+`clipfuse export ENGINE --precision int8 --calibration DIR`: QuantizeLinear /
+DequantizeLinear pairs with S8 symmetric activations and S8 per-channel weights
+around the towers' Conv/MatMul/Gemm, everything else float). This is TensorRT's
+explicit quantization, the only INT8 path TensorRT 10.1+ keeps (the implicit
+calibrator is deprecated): the Q/DQ scales come from the graph, so no INT8
+builder flag and no calibrator are set (a strongly typed network refuses them).
+Never executed, like the rest of this module.
+
 TensorRT is imported lazily, inside the functions: the package and its tests
 import without it. Everything a user can get wrong (folder, precision, missing
 ONNX file, batch profile) is checked before TensorRT is imported, so the messages
@@ -43,7 +52,7 @@ from clipfuse.errors import ClipfuseError
 
 from clipfuse.runtime.trt import INSTALL, gpu_identity, import_tensorrt  # noqa: F401  (shared with the runtime)
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def plan_name(precision: str) -> str:
@@ -91,7 +100,11 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
     if not 0 <= opt_level <= 5:
         raise ClipfuseError(f"--opt-level must be 0-5, got {opt_level}")
     m = read_manifest(engine_dir)
-    onnx_path = precision_onnx_path(m, precision) if not (fp16_flag and precision == "fp16") else m.onnx_path
+    if fp16_flag and precision != "fp16":
+        raise ClipfuseError(f"fp16_flag applies to --precision fp16, not {precision}")
+    # int8: the QDQ graph made for TensorRT (S8 symmetric activations, zero point 0), model.int8-trt.onnx
+    onnx_path = (precision_onnx_path(m, precision, target="tensorrt") if not (fp16_flag and precision == "fp16")
+                 else m.onnx_path)
     trt = import_tensorrt()
     major = trt_major(trt)
     if fp16_flag and major >= 11:

@@ -16,6 +16,8 @@ comparison tests never care which one runs. Backends:
     torch / torch-cuda     the PyTorch reference, rebuilt from the manifest (registered: clipfuse.export.torch_backend)
     tensorrt               native TensorRT on a plan from `clipfuse build` (registered: clipfuse.runtime.trt);
                            never executed
+    openvino               OpenVINO's CPU plugin on the same ONNX graphs (registered:
+                           clipfuse.runtime.openvino_backend; pip install 'clipfuse[openvino]')
 
 The registry. The ONNX Runtime backends are defined here and built in: they
 are what a serving machine runs, so they must not depend on the package's
@@ -59,13 +61,19 @@ from clipfuse.runtime.sessions import import_onnxruntime, open_session, session_
 
 ENTRY_POINT_GROUP = "clipfuse.backends"
 # Every documented backend, fastest first (the order error messages and available_backends() use).
-BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "torch")
+BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "openvino",
+                 "torch")
 BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
 # Written against documentation, never run on any machine (see the module docstring).
 NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 # What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
 # (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
+# openvino is not tried: side by side here (RN50 + ViT-B-32 at random weights, `clipfuse bench --precisions
+# fp32,int8 --openvino`, 7 interleaved rounds, medians of per-round ratios to ONNX Runtime fp32, on a busy
+# 2-core machine whose other processes took 1.5 cores meanwhile) OpenVINO fp32 ran 1.08x / 0.98x ONNX
+# Runtime fp32's latency at batch 1 / 8, and OpenVINO int8 0.41 / 0.42 against ONNX Runtime int8's 0.44 /
+# 0.48: within 1.3x of ONNX Runtime, and measured on a busy machine, so auto stays with ONNX Runtime.
 AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
 
 INSTALL_ORT_GPU = "pip install onnxruntime-gpu (in place of onnxruntime; it needs the CUDA and cuDNN versions its release notes name)"
@@ -387,24 +395,49 @@ def make_backend(manifest: Manifest, name: str, **options) -> Backend:
     return backend_class(name)(manifest, **options)
 
 
+def for_precision(manifest: Manifest, name: str, precision: str | None, options: dict) -> tuple[Manifest, dict]:
+    """(manifest, options) that make backend `name` run `precision`: an ONNX backend (ONNX Runtime,
+    OpenVINO) opens the precision's graph (runtime/precisions.py; onnxruntime-tensorrt the int8 graph
+    made for TensorRT), native TensorRT its plan; the torch backends are the fp32 reference only."""
+    from clipfuse.runtime.precisions import check_precision, with_precision
+
+    if precision is None:
+        return manifest, options
+    check_precision(precision)
+    if name == "tensorrt":
+        return manifest, dict(options, precision=precision)
+    if precision == "fp32":
+        return manifest, options
+    if name.startswith("torch"):
+        raise ClipfuseError(f"backend {name} runs the fp32 reference only (it rebuilds the network from open_clip); "
+                            f"for {precision} use onnxruntime, openvino or tensorrt")
+    return with_precision(manifest, precision, "tensorrt" if name == "onnxruntime-tensorrt" else "cpu"), options
+
+
 def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", quiet: bool = False,
-                 **options) -> Backend:
+                 precision: str | None = None, **options) -> Backend:
     """An opened backend for the engine. name="auto" tries auto_candidates() and logs its pick on
-    stderr; a named backend that cannot run raises ClipfuseError saying what to install."""
+    stderr; a named backend that cannot run raises ClipfuseError saying what to install.
+    precision: fp32, fp16 or int8 (None: fp32, or for auto the TensorRT plan that was built)."""
     if not isinstance(manifest, Manifest):
         manifest = read_manifest(manifest)
     if name != "auto":
-        return make_backend(manifest, name, **options).open()
+        m, kw = for_precision(manifest, name, precision, options)
+        return make_backend(m, name, **kw).open()
     skipped = []
     plans = built_plans(manifest)
     for candidate in auto_candidates(manifest):
+        if precision not in (None, "fp32") and (candidate.startswith("torch")
+                                                or candidate == "tensorrt" and precision not in plans):
+            continue                        # the fp32 reference, or no plan of this precision
         reason = unavailable_reason(candidate)
         if reason is None:
             kw = dict(options)
             if candidate == "tensorrt":     # the plan that was built: fp32 if there is one
-                kw.setdefault("precision", "fp32" if "fp32" in plans else next(iter(plans)))
+                kw.setdefault("precision", precision or ("fp32" if "fp32" in plans else next(iter(plans))))
             try:
-                backend = make_backend(manifest, candidate, **kw).open()
+                m, kw = for_precision(manifest, candidate, precision, kw)
+                backend = make_backend(m, candidate, **kw).open()
             except ClipfuseError as e:      # e.g. a plan built on another GPU: say so, try the next
                 reason = str(e)
                 log(f"backend auto: {candidate} cannot run: {reason}", quiet)

@@ -3,9 +3,10 @@
     clipfuse compare engines/NAME --backends onnxruntime,torch[,tensorrt] [--images ...] [--precision fp16]
 
 Backend names are the runtime's (onnxruntime, torch, tensorrt, onnxruntime-cuda, ...)
-with an optional precision suffix, e.g. `onnxruntime-fp16` runs model.fp16.onnx.
-`--precision fp16` applies the suffix to every backend that has an fp16 form
-(ONNX Runtime: model.fp16.onnx; TensorRT: the fp16 plan); torch stays the fp32
+with an optional precision suffix, e.g. `onnxruntime-fp16` runs model.fp16.onnx and
+`onnxruntime-int8` / `openvino-int8` model.int8.onnx. `--precision fp16|int8` applies the
+suffix to every backend that has that form (ONNX Runtime and OpenVINO: the graph of
+runtime/precisions.py; TensorRT: the plan); torch stays the fp32
 reference (it rebuilds the network from open_clip, not from a graph).
 
 The comparison itself is runtime/comparator.py's (the one comparator, also used by export
@@ -33,31 +34,13 @@ from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime import comparator
 
-MODEL_FP16 = "model.fp16.onnx"
+# the files per precision and the check that a graph belongs to this model.onnx: runtime/precisions.py
+from clipfuse.runtime.precisions import MODEL_FP16, MODEL_INT8, precision_onnx_path, with_precision  # noqa: F401,E402
 
 
 def tolerance(precision: str) -> dict:
     """The precision's row of the one tolerance table (clipfuse.iospec.TOLERANCES)."""
     return iospec.tolerance(precision)
-
-
-def precision_onnx_path(manifest, precision: str) -> Path:
-    """The ONNX file for a precision, or ClipfuseError naming the command that makes it."""
-    if precision == "fp32":
-        return manifest.onnx_path
-    if precision != "fp16":
-        raise ClipfuseError(f"unknown precision {precision!r}; valid: fp32, fp16")
-    entry = manifest.data.get("precisions", {}).get("fp16")
-    path = manifest.folder / MODEL_FP16
-    if entry is None or not path.is_file():
-        raise ClipfuseError(f"engine {str(manifest.folder)!r} has no {MODEL_FP16}: make it with "
-                            f"`clipfuse export {manifest.folder} --precision fp16`")
-    source = manifest.data["artefacts"].get(manifest.data["onnx"]["file"], {}).get("sha256")
-    if entry.get("source_sha256") not in (None, source):
-        # a re-export (e.g. after `clipfuse fit`) replaced model.onnx and carried the old fp16 file over
-        raise ClipfuseError(f"{MODEL_FP16} in {str(manifest.folder)!r} was converted from an earlier model.onnx; "
-                            f"convert it again: `clipfuse export {manifest.folder} --precision fp16`")
-    return path
 
 
 def photo_variants() -> list:
@@ -89,7 +72,7 @@ def head_row_norms(folder, num_backbones: int) -> list[float]:
     tensors = load_file(str(Path(folder) / "heads.safetensors"))
     return [float(np.linalg.norm(tensors[f"head.{k}.weight"].astype(np.float64), axis=1).max())
             for k in range(num_backbones)]
-PRECISION_SUFFIXES = ("-fp16", "-fp32")
+PRECISION_SUFFIXES = ("-fp16", "-fp32", "-int8")
 
 
 @dataclass
@@ -105,8 +88,8 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     if len(names) < 2:
         raise ClipfuseError(f"--backends needs at least two backends to compare, got {names}")
-    if precision not in (None, "fp32", "fp16"):
-        raise ClipfuseError(f"unknown precision {precision!r}; valid: fp32, fp16")
+    if precision not in (None, "fp32", "fp16", "int8"):
+        raise ClipfuseError(f"unknown precision {precision!r}; valid: fp32, fp16, int8")
     out = []
     for n in names:
         prec = None
@@ -115,9 +98,9 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
                 n, prec = n[: -len(suf)], suf[1:]
         if prec is None:
             prec = "fp32" if n.startswith("torch") else (precision or "fp32")
-        if n.startswith("torch") and prec == "fp16":
-            raise ClipfuseError(f"backend {n}-fp16: the torch backend is the fp32 reference; compare "
-                                "onnxruntime-fp16 or tensorrt-fp16 against it")
+        if n.startswith("torch") and prec != "fp32":
+            raise ClipfuseError(f"backend {n}-{prec}: the torch backend is the fp32 reference; compare "
+                                f"onnxruntime-{prec} or tensorrt-{prec} against it")
         out.append((n, prec))
     if len(set(out)) != len(out):
         raise ClipfuseError(f"--backends names the same backend twice: {names}")
@@ -127,12 +110,11 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
 def open_one(manifest, name: str, precision: str, **options):
     """An opened runtime backend for (name, precision)."""
     from clipfuse.runtime.backends import make_backend
-    from clipfuse.runtime.manifest import Manifest
 
-    if precision == "fp16" and name.startswith("onnxruntime"):
-        precision_onnx_path(manifest, "fp16")               # ClipfuseError naming the command if absent
-        data = dict(manifest.data, onnx=dict(manifest.data["onnx"], file=MODEL_FP16))
-        manifest = Manifest(manifest.folder, data)          # the same backend, pointed at the fp16 graph
+    if precision != "fp32" and name != "tensorrt":
+        # the same backend, pointed at the precision's graph (ClipfuseError naming the command if absent);
+        # onnxruntime-tensorrt reads the TensorRT form of int8 (S8 symmetric activations)
+        manifest = with_precision(manifest, precision, "tensorrt" if name == "onnxruntime-tensorrt" else "cpu")
     if name == "tensorrt":
         options = dict(options, precision=precision)
     return make_backend(manifest, name, **options).open()
@@ -194,12 +176,13 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
         finally:
             backend.close()
         merged = {k: np.concatenate([o[k] for o in outs]) for k in iospec.OUTPUT_NAMES}
-        results.append(BackendResult(f"{name}-{prec}" if prec == "fp16" else name, desc, prec, merged))
+        results.append(BackendResult(f"{name}-{prec}" if prec != "fp32" else name, desc, prec, merged))
     ref = results[0]
     norms = head_row_norms(m.folder, len(m.backbones))
     report = {"engine": str(m.folder), "images": len(pil), "reference": ref.name, "comparisons": []}
     for r in results[1:]:
-        prec = "fp16" if "fp16" in (r.precision, ref.precision) else "fp32"
+        # the looser of the two precisions' tolerances (int8 > fp16 > fp32)
+        prec = max((r.precision, ref.precision), key=("fp32", "fp16", "int8").index)
         tol = tolerance(prec)
         c = compare_outputs(ref.outputs, r.outputs, m, tol, norms)
         c.update(backend=r.name, describe=r.describe, tolerance_set=prec, rtol=tol["rtol"], atol=tol["atol"],

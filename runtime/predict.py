@@ -235,7 +235,8 @@ class Predictor:
 
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-                   threads: int | None = None, verify: bool = True, quiet: bool = False) -> Predictor:
+                   threads: int | None = None, verify: bool = True, quiet: bool = False,
+                   precision: str | None = None) -> Predictor:
     """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
     (slow) backend opens, so a typo fails at once."""
     if backend != "auto" and backend not in BACKEND_NAMES:
@@ -244,9 +245,14 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
         raise ClipfuseError(f"batch size must be a positive integer, got {batch_size!r}")
     if workers is not None and workers < 1:
         raise ClipfuseError(f"workers must be at least 1, got {workers}")
+    if precision is not None:
+        from clipfuse.runtime.precisions import check_precision
+
+        check_precision(precision)
     manifest = read_manifest(engine_dir, verify=verify)
     options = {"threads": threads} if threads else {}
-    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, **options), batch_size, workers)
+    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
+                     batch_size, workers)
 
 
 # ----------------------------------------------------------------------------- output formats

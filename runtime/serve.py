@@ -253,14 +253,20 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                  metrics_port: int = 8002, max_batch: int = DEFAULT_MAX_BATCH,
                  queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
                  threads: int | None = None, model_name: str | None = None, verify: bool = True,
-                 quiet: bool = False, exit_timeout_s: int = 10) -> Server:
+                 quiet: bool = False, exit_timeout_s: int = 10, precision: str | None = None) -> Server:
     """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
 
     max_batch / queue_delay_us / preferred: Triton's dynamic batcher. instances: model instances, each
     with its own ONNX Runtime session (on a small CPU, 1: instances share the cores). threads: each
-    session's intra-op threads (default ONNX Runtime's, one per physical core)."""
+    session's intra-op threads (default ONNX Runtime's, one per physical core). precision: fp16 or int8
+    serves model.fp16.onnx / model.int8.onnx (runtime/precisions.py; refused when the engine lacks it)."""
     check_serving_environment()
     manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
+    graph = manifest
+    if precision not in (None, "fp32"):
+        from clipfuse.runtime.precisions import with_precision
+
+        graph = with_precision(manifest, precision)
     # the same checks (and the same names) as the repository writer
     spec = model_spec(manifest, "onnxruntime", max_batch=max_batch, instances=instances, preferred=preferred,
                       queue_delay_us=queue_delay_us, name=model_name or default_model_name(manifest))
@@ -292,7 +298,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
     try:
-        infer_fns = [_make_infer(manifest, threads, backends) for _ in range(spec.instances)]
+        infer_fns = [_make_infer(graph, threads, backends) for _ in range(spec.instances)]
     except BaseException:
         for b in backends:
             b.close()

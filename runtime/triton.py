@@ -11,6 +11,8 @@ gives
                                          has external data (past 2 GB): Triton's ONNX Runtime backend
                                          loads the directory so the data file resolves beside the graph
     repo/<model>/1/model.plan            (tensorrt) the engine's model.<precision>.plan from `clipfuse build`
+                                         (onnxruntime with precision fp16/int8: model.fp16.onnx or
+                                         model.int8.onnx, served under the name model.onnx)
 
 The config declares the uint8 `image_<R>` inputs and the five named outputs with
 dims that exclude the batch (Triton adds it from max_batch_size), dynamic
@@ -283,6 +285,11 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
     text = config_text(spec)
     check_config(text, spec, where=f"the config of model {spec.name!r}")
     plan = find_plan(manifest, precision) if backend == "tensorrt" else None
+    graph = manifest
+    if backend == "onnxruntime" and precision not in (None, "fp32"):
+        from clipfuse.runtime.precisions import with_precision
+
+        graph = with_precision(manifest, precision)     # model.fp16.onnx / model.int8.onnx, checked; served as model.onnx
     if plan is not None:    # the plan's one optimisation profile bounds the batch Triton may form
         entry = (manifest.data.get("plans") or {}).get(plan.name[len("model."):-len(".plan")], {})
         hi = (entry.get("batch") or [None, None, None])[-1]
@@ -307,8 +314,8 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
         if plan is not None:
             _link_or_copy(plan, version / "model.plan")
         else:
-            onnx_file = manifest.onnx_path
-            data = manifest.data["onnx"].get("external_data")
+            onnx_file = graph.onnx_path
+            data = graph.data["onnx"].get("external_data")
             if data:            # Triton wants model.onnx as a directory holding the graph and its data
                 folder = version / "model.onnx"
                 folder.mkdir()

@@ -85,8 +85,8 @@ class TensorRTBackend(Backend):
     def __init__(self, manifest: Manifest, precision: str = "fp32", aux_streams: bool = True, device_id: int = 0,
                  threads: int | None = None):
         super().__init__(manifest)
-        if precision not in ("fp32", "fp16"):
-            raise ClipfuseError(f"unknown precision {precision!r}; valid: fp32, fp16")
+        if precision not in ("fp32", "fp16", "int8"):
+            raise ClipfuseError(f"unknown precision {precision!r}; valid: fp32, fp16, int8")
         self.precision, self.use_aux_streams, self.device_id = precision, aux_streams, device_id
         self.engine = self.context = None
         # threads: accepted for the common backend options (predict passes it); TensorRT has no intra-op threads

@@ -108,7 +108,8 @@ def test_int8_validation_passes_with_its_bounds(int8, capsys):
     assert report["ok"], report["failures"]
     assert report["images"] == 32 and len(report["backbones"]) == len(m.backbones)
     assert all(b["cosine_min"] >= 0.99 for b in report["backbones"])
-    assert "(bound >= 0.99)" in err and "PASS" in err and "FAIL" not in err
+    assert "(bound >= 0.99)" in err and "FAIL" not in err           # the one comparator's lines, with bounds
+    assert report["bounds"]["heads_exact"] and report["bounds"]["min_cosine"] == 0.99
     require_valid(report)                              # does not raise
 
 
@@ -156,29 +157,38 @@ def test_validation_refuses_a_one_constant_image_calibration(int8, tmp_path):
 
 
 def test_check_agreement_counts_a_top1_flip_and_a_logit_beyond_the_head_bound():
-    """The pure checker on hand-made outputs: one flipped image of 32 fails the 99% bound; a logit that moved
-    more than the head can carry fails the logit bound."""
+    """The checker (the one comparator, int8 row, heads_exact) on hand-made outputs: one flipped image of 32
+    fails the 1% bound; a logit that moved more than the head can carry fails the logit bound."""
     from clipfuse import iospec
-    from clipfuse.export.int8_validate import Int8Bounds, check_agreement
+    from clipfuse.export.int8_validate import check_agreement
 
     rng = np.random.default_rng(0)
     N, K, C, D = 32, 2, 4, 8
     f = rng.normal(size=(N, K * D))
     z = rng.normal(size=(N, K, C)) * 5
+    logits = z.sum(1)
     ref = {iospec.FEATURES: f, iospec.BACKBONE_LOGITS: z, iospec.TEMPERATURES: np.ones((N, K)),
-           iospec.LOGITS: z.sum(1), iospec.PROBS: None}
-    got = {k: (v.copy() if v is not None else None) for k, v in ref.items()}
+           iospec.LOGITS: logits, iospec.PROBS: np.exp(logits) / np.exp(logits).sum(1, keepdims=True)}
+    got = {k: v.copy() for k, v in ref.items()}
     assert check_agreement(ref, got, [D, D], ["a", "b"], [1.0, 1.0])["ok"]
     got[iospec.LOGITS][0] = -got[iospec.LOGITS][0]                     # flips image 0's top-1
     r = check_agreement(ref, got, [D, D], ["a", "b"], [1.0, 1.0])
-    assert r["fused"]["top1_flips"] == 1
-    assert any("top-1 agreement 96.88% (1 of 32 flipped) < bound 99%" in s for s in r["failures"])
-    assert check_agreement(ref, got, [D, D], ["a", "b"], [1.0, 1.0], Int8Bounds(min_top1=0.95))["failures"] \
-        == [s for s in r["failures"] if "top-1" not in s]
-    got = {k: (v.copy() if v is not None else None) for k, v in ref.items()}
+    assert r["fused"]["top1_changed"] == 1 and not r["ok"]
+    assert any("fused top-1 changed on 1/32 images (3.1%) > bound 1%" in s for s in r["failures"])
+    loose = dict(iospec.tolerance("int8"), max_top1_changed=0.05)
+    assert not any("top-1" in s for s in check_agreement(ref, got, [D, D], ["a", "b"], [1.0, 1.0], loose)["failures"])
+    got = {k: v.copy() for k, v in ref.items()}
     got[iospec.BACKBONE_LOGITS][:, 1] += 0.5                           # features unchanged: bound is 1e-4
     r = check_agreement(ref, got, [D, D], ["a", "b"], [1.0, 1.0])
     assert any(s.startswith("b: logit error 0.5 > bound") for s in r["failures"])
+
+
+def test_int8_tolerance_row_is_issue_16s_targets():
+    from clipfuse import iospec
+
+    tol = iospec.tolerance("int8")
+    assert tol["min_cosine"] == 0.99 and tol["max_top1_changed"] == 0.01 and tol["max_accuracy_drop"] == 0.5
+    assert "int8" in iospec.PRECISIONS
 
 
 # ----------------------------------------------------------------------------- calibration input

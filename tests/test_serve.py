@@ -293,3 +293,30 @@ def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, photo_paths, tmp_path):
+    """`serve --precision int8`: the server runs model.int8.onnx (its answers equal the local int8 graph's);
+    an engine without it is refused before anything starts."""
+    import shutil
+
+    from clipfuse.export.int8_export import export_int8
+    from clipfuse.runtime.compare import photo_variants
+
+    with pytest.raises(ClipfuseError, match=r"has no model\.int8\.onnx"):
+        clipfuse.serve(tiny_engine, precision="int8", quiet=True)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, im in enumerate(photo_variants()):
+        im.save(calib / f"p{i:02d}.png")
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    export_int8(folder, calib, count=32, targets=("cpu",), quiet=True)
+    srv = clipfuse.serve(folder, host=HOST, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                         quiet=True, exit_timeout_s=2, precision="int8")
+    try:
+        with clipfuse.connect(srv.http_url, model=srv.model_name) as remote, \
+                clipfuse.load(folder, backend="onnxruntime", precision="int8", quiet=True) as local:
+            assert_same(remote.predict(photo_paths), local.predict(photo_paths))
+    finally:
+        srv.stop()

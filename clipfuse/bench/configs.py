@@ -8,6 +8,10 @@ Configurations, by name:
                  engine's heads.safetensors, constant controller)
     naive        the K single sessions run one after another + the controller and combination in numpy
     torch        PyTorch eager on the same ensemble (the torch backend, threads = cores)
+    fused-fp16   the engine's model.fp16.onnx / model.int8.onnx on ONNX Runtime CPU
+    fused-int8   (`clipfuse bench --precisions fp32,fp16,int8`; made by `clipfuse export --precision`)
+    openvino     model.onnx / model.fp16.onnx / model.int8.onnx on OpenVINO's CPU plugin (`--openvino`):
+    openvino-fp16, openvino-int8   one configuration per backend x precision
 """
 from __future__ import annotations
 
@@ -159,15 +163,40 @@ def feed_for(backend, feed: dict) -> dict:
     return {i["name"]: feed[i["name"]] for i in backend.manifest.inputs}
 
 
+FUSED = re.compile(r"(fused|openvino)(?:-(fp16|int8))?")
+
+
+def precision_configs(precisions, openvino: bool = False) -> list[str]:
+    """The fused-graph configurations for `precisions` (fp32 first), ONNX Runtime then OpenVINO; "fused"
+    (ONNX Runtime fp32) is always run and not listed."""
+    precisions = [p for p in ("fp32", "fp16", "int8") if p in precisions]
+    out = [f"fused-{p}" for p in precisions if p != "fp32"]
+    if openvino:
+        out += ["openvino" if p == "fp32" else f"openvino-{p}" for p in precisions]
+    return out
+
+
+def config_label(config: str) -> str:
+    """"fused-int8" -> "fused int8 (ONNX Runtime)"."""
+    mt = FUSED.fullmatch(config)
+    return f"fused {mt.group(2) or 'fp32'} ({'ONNX Runtime' if mt.group(1) == 'fused' else 'OpenVINO'})"
+
+
 def open_config(m: Manifest, config: str, threads: int | None = None):
-    """config: "fused", "single:K", "naive" or "torch" of engine m, opened."""
+    """config: "fused", "single:K", "naive", "torch", or a precision's fused configuration
+    ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened."""
     from clipfuse.runtime.backends import make_backend   # the registry finds torch: no import of export/ here
+    from clipfuse.runtime.precisions import with_precision
 
     def ort(manifest):
         return make_backend(manifest, "onnxruntime", threads=threads).open()
 
     if config == "fused":
         return ort(m)
+    mt = FUSED.fullmatch(config)
+    if mt:
+        graph = with_precision(m, mt.group(2) or "fp32")        # ClipfuseError naming the export command
+        return make_backend(graph, "onnxruntime" if mt.group(1) == "fused" else "openvino", threads=threads).open()
     if config.startswith("single:"):
         return ort(read_manifest(single_folder(m, int(config.split(":")[1])), verify=False))
     if config == "naive":

@@ -107,6 +107,30 @@ def verdict(s: dict, limit: float, at_least: bool = False) -> str:
     return "NO"
 
 
+def precision_rows(result: dict) -> list[str]:
+    """Target rows of the precision configurations (issue 16): int8 on ONNX Runtime at most 0.5x fp32's
+    latency at batch 1 and 8, PyTorch eager at least 3x int8's at batch 1; the rest reported."""
+    t, labels, L = result["targets"], result["labels"], []
+    for c in (result.get("precisions") or {}).get("configs", []):
+        for bs, s in t.get(f"{c}_over_fused", {}).items():
+            if c == "fused-int8" and bs in ("1", "8"):
+                L.append(f"| {labels[c]} / fused fp32 <= 0.50 | {bs} | {_r(s)} | {verdict(s, 0.5)} |")
+            else:
+                L.append(f"| (info) {labels[c]} / fused fp32 (ONNX Runtime) | {bs} | {_r(s)} | |")
+        for bs, s in t.get(f"torch_over_{c}", {}).items():
+            if c == "fused-int8" and bs == "1":
+                L.append(f"| PyTorch eager / {labels[c]} >= 3 | {bs} | {_r(s, '{:.2f}')} | {verdict(s, 3.0, True)} |")
+    if any("int8" in c for c in (result.get("precisions") or {}).get("configs", [])):
+        L.append("| (info) % of peak is against the fp32 sgemm peak; int8 rows run int8 (VNNI) kernels, so they can "
+                 "pass 100% | - | - | |")
+    files = (result.get("precisions") or {}).get("file_bytes") or {}
+    if len(files) > 1:
+        base = files["fused"]
+        L.append("| (info) graph file / model.onnx | - | " + ", ".join(
+            f"{labels[c] if c != 'fused' else 'fp32'} {b / base:.3f}x" for c, b in files.items() if c != "fused") + " | |")
+    return L
+
+
 def format_table(result: dict) -> str:
     L = []
     if result.get("command"):
@@ -157,6 +181,7 @@ def format_table(result: dict) -> str:
                  f"{'yes' if fm['net_peak_bytes'] <= 1.0 else 'NO'} (net) |")
     for bs, s in t["naive_over_fused"].items():
         L.append(f"| (info) naive / fused | {bs} | {_r(s, '{:.2f}')} | |")
+    L += precision_rows(result)
     if result.get("memory"):
         L += ["", "## Peak host memory (each configuration in its own process)", "",
               "| config | peak RSS | after imports | net (session) |", "|---|---:|---:|---:|"]

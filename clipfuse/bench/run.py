@@ -38,7 +38,7 @@ from clipfuse.errors import ClipfuseError
 from clipfuse.log import log
 from clipfuse.runtime.manifest import read_manifest
 
-from .configs import SINGLES, ensure_singles
+from .configs import SINGLES, config_label, ensure_singles, precision_configs
 from .probes import LoadProbe, gpu_memory, malloc_trim, matmul_peak_gflops
 from .profile import profile_overhead
 from .report import write_outputs
@@ -60,7 +60,8 @@ def ratio_stats(a, b) -> dict:
 def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1, out=None, backend: str = "onnxruntime",
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
-              memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05) -> dict:
+              memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
+              precisions=("fp32",), openvino: bool = False) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -70,7 +71,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     torch / memory / profile: include PyTorch eager, the per-configuration memory processes, the
     controller-overhead profile; memory_batch / memory_infers: batch size (default the largest <= 8) and
     inferences of each memory process; settle: seconds of rest before each timed call (see the module
-    docstring). Returns the result dict (also written as JSON)."""
+    docstring); precisions: the fused graph's precisions side by side (fp32, fp16, int8: ONNX Runtime CPU,
+    one worker each); openvino: also each precision on OpenVINO's CPU plugin. Returns the result dict
+    (also written as JSON)."""
     if backend != "onnxruntime":
         raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
                             "(backend onnxruntime); GPU backends are measured by their own issue's tools")
@@ -81,8 +84,19 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         raise ClipfuseError(f"--runs must be at least 1, got {runs}")
     if not 0 <= settle <= 10:
         raise ClipfuseError(f"settle must be between 0 and 10 seconds, got {settle}")
+    bad = [p for p in precisions if p not in ("fp32", "fp16", "int8")]
+    if bad or not precisions:
+        raise ClipfuseError(f"--precisions {','.join(precisions)}: valid are fp32, fp16, int8")
     t_start = time.perf_counter()
     m = read_manifest(engine)
+    extra = precision_configs(precisions, openvino)
+    from clipfuse.runtime.backends import unavailable_reason
+    from clipfuse.runtime.precisions import with_precision
+
+    for p in precisions:
+        with_precision(m, p)            # refuse a missing graph now, not after minutes of singles and peaks
+    if openvino and unavailable_reason("openvino"):
+        raise ClipfuseError(unavailable_reason("openvino"))
     out = Path(out) if out else m.folder / "bench"
     K = len(m.backbones)
     names = m.backbone_names
@@ -96,6 +110,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     malloc_trim()                       # exporting the singles may have left GBs in this process's heap
     gpu_before = gpu_memory()
     groups = worker_groups(K, torch)
+    groups = groups[:1] + [[c] for c in extra] + groups[1:]      # each precision x backend alone in its worker
     order_run = [c for g in groups for c in g]
     pool: list[TimingWorker] = []
     workers: dict[str, TimingWorker] = {}
@@ -107,7 +122,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
             workers.update({c: pool[-1] for c in group})
 
         # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
-        check = {c: workers[c].logits(c, batches[0]) for c in ("fused", "naive", "torch") if c in workers}
+        check = {c: workers[c].logits(c, batches[0]) for c in ("fused", "naive", "torch", *extra) if c in workers}
         ref = check["fused"]
         agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
         if agreement["naive"] > 1e-3:
@@ -139,8 +154,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     labels = {"fused": "fused (ONNX Runtime)", "sum": "sum of singles", "naive": "naive (K sessions + numpy)",
               "torch": "PyTorch eager"}
     labels.update({f"single:{k}": f"single {names[k]}" for k in range(K)})
-    order = ["fused", *[f"single:{k}" for k in range(K)], "sum", "naive"] + (["torch"] if torch else [])
-    gflops = {c: sum(b["gflops"] for b in m.backbones) for c in ("fused", "sum", "naive", "torch")}
+    labels.update({c: config_label(c) for c in extra})
+    order = ["fused", *extra, *[f"single:{k}" for k in range(K)], "sum", "naive"] + (["torch"] if torch else [])
+    gflops = {c: sum(b["gflops"] for b in m.backbones) for c in ("fused", "sum", "naive", "torch", *extra)}
     gflops.update({f"single:{k}": m.backbones[k]["gflops"] for k in range(K)})
     latency = {}
     for c in order:
@@ -153,6 +169,10 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                                    "pct_of_matmul_peak": 100.0 * gflops[c] * bs / (s["p50"] / 1e3) / peak}
     targets = {"fused_over_sum": {str(bs): ratio_stats(times[("fused", bs)], times[("sum", bs)]) for bs in batches},
                "naive_over_fused": {str(bs): ratio_stats(times[("naive", bs)], times[("fused", bs)]) for bs in batches}}
+    for c in extra:          # each precision x backend against ONNX Runtime fp32, per round
+        targets[f"{c}_over_fused"] = {str(bs): ratio_stats(times[(c, bs)], times[("fused", bs)]) for bs in batches}
+        if torch:
+            targets[f"torch_over_{c}"] = {str(bs): ratio_stats(times[("torch", bs)], times[(c, bs)]) for bs in batches}
     if torch:
         targets["torch_over_fused"] = {str(bs): ratio_stats(times[("torch", bs)], times[("fused", bs)]) for bs in batches}
         # The most any graph could gain on eager here: the same FLOPs at 100% of the measured matmul peak.
@@ -169,7 +189,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     if memory:
         mem_load = LoadProbe()
         bs = memory_batch or (max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0])
-        for c in ["fused", *[f"single:{k}" for k in range(K)], "naive"] + (["torch"] if torch else []):
+        for c in ["fused", *extra, *[f"single:{k}" for k in range(K)], "naive"] + (["torch"] if torch else []):
             log(f"peak memory: {labels[c]} in its own process (batch {bs})", quiet, tag="bench")
             mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers)
         for key in ("peak_rss_bytes", "net_peak_bytes"):
@@ -190,6 +210,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
                     "numpy": np.__version__, "matmul_peak_gflops": peak, "matmul_peak": peak_info},
+        "precisions": {"configs": extra, "files": {c: _graph_file(m, c) for c in ["fused", *extra]},
+                       "file_bytes": {c: _graph_bytes(m, c) for c in ["fused", *extra]}},
         "settings": {"batches": batches, "runs": runs, "warmup": warmup, "ort_threads": threads or "default",
                      "ort_execution_mode": "sequential", "torch_threads": threads or os.cpu_count(),
                      "processes": groups, "settle_s": settle,
@@ -201,6 +223,28 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         "load": {"timing": timing_load, **({"memory": mem_load} if memory else {})},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
+    if openvino:
+        import openvino as _ov
+
+        result["machine"]["openvino"] = _ov.__version__
     paths = write_outputs(result, out, stem)
     log("wrote " + ", ".join(str(p) for p in paths.values()), quiet, tag="bench")
     return result
+
+
+def _graph_file(m, config: str) -> str:
+    from clipfuse.runtime.precisions import with_precision
+
+    p = config.rsplit("-", 1)[1] if config.endswith(("-fp16", "-int8")) else "fp32"
+    return with_precision(m, p).onnx_path.name
+
+
+def _graph_bytes(m, config: str) -> int:
+    """The graph file's size plus its external data: what a precision costs on disk."""
+    from clipfuse.runtime.precisions import with_precision
+
+    p = config.rsplit("-", 1)[1] if config.endswith(("-fp16", "-int8")) else "fp32"
+    g = with_precision(m, p)
+    data = g.data["onnx"].get("external_data")
+    names = [g.onnx_path.name] + ([data] if isinstance(data, str) else list(data or []))
+    return sum((m.folder / n).stat().st_size for n in names if (m.folder / n).is_file())

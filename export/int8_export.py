@@ -1,0 +1,116 @@
+"""`clipfuse export ENGINE --precision int8 --calibration DIR`: add the int8 graphs to an engine folder.
+
+    info = export_int8("engines/pets", "my_photos/", count=256, method="minmax")
+
+Two files, one per target, because no single QDQ graph is fast on both (measured by
+issue 16's first helper on RN50 + ViT-B-32, random weights, onnxruntime 1.32, busy
+2-core AVX-512 VNNI machine):
+
+    model.int8.onnx       U8 asymmetric activations, S8 per-channel weights: ONNX Runtime CPU
+                          fuses all 56 of RN50's Convs into QLinearConv; 0.47x fp32's latency
+                          at batch 1. OpenVINO's CPU plugin runs the same file.
+    model.int8-trt.onnx   S8 symmetric activations (zero point 0, what TensorRT's explicit
+                          quantization requires), S8 per-channel weights. On ONNX Runtime CPU
+                          only 38 of 56 Convs fuse (0.74x fp32's latency): kept for
+                          `clipfuse build --precision int8` and onnxruntime-tensorrt.
+
+Both are calibrated on the same images (the user's folder through the engine's host
+preprocessing), both validated against fp32 by the one comparator with the int8
+tolerance row (export/int8_validate.py), both recorded in the manifest's
+precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). What it
+costs: the calibration runs twice (once per activation type; quantize_static
+calibrates inside each call), so export takes about twice as long; the files add
+~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
+
+Refused, one line each and nothing written: an engine without model.onnx, a
+calibration folder that is missing, unreadable, empty or has too few images
+(export/int8.py calibration_feeds), and a graph whose validation fails.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from clipfuse.errors import ClipfuseError
+from clipfuse.log import log, step
+
+from clipfuse.export.int8 import DEFAULT_COUNT, calibration_feeds, quantize_int8
+from clipfuse.export.int8_validate import format_checks, require_valid, validate_int8
+from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
+
+# target -> (file, activations, activation_symmetric)
+TARGET_GRAPHS = {"cpu": (MODEL_INT8, "u8", False), "tensorrt": (MODEL_INT8_TRT, "s8", True)}
+
+
+def _read_engine(engine_dir):
+    from clipfuse.runtime.manifest import read_manifest
+
+    m = read_manifest(engine_dir)
+    if not m.onnx_path.is_file():
+        raise ClipfuseError(f"engine {str(m.folder)!r} has no {m.onnx_path.name}: int8 is quantized from the fp32 "
+                            f"graph; export it first (`clipfuse export {m.folder}`)")
+    return m
+
+
+def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
+                targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True) -> dict:
+    """Quantize model.onnx for each target, validate each against fp32, write them atomically.
+
+    calibration: a folder of the user's images (at least export/int8.py MIN_IMAGES readable); count:
+    images used at most; method: minmax | entropy | percentile; targets: "cpu" and/or "tensorrt";
+    data: a labelled folder for accuracy (int8 - fp32, paired); strict: refuse (nothing written) when
+    a validation fails. Returns the manifest's precisions["int8"] entry."""
+    from clipfuse.export.engine_folder import update_engine_folder
+
+    targets = tuple(targets)
+    if not targets or any(t not in TARGET_GRAPHS for t in targets):
+        raise ClipfuseError(f"int8 targets {list(targets)}: valid are {', '.join(TARGET_GRAPHS)}")
+    m = _read_engine(engine_dir)
+    with step(f"[1/3] reading calibration images from {calibration}", quiet):
+        feeds = calibration_feeds(m, calibration, count)
+    records = {}
+    with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
+        for i, target in enumerate(targets):
+            name, act, sym = TARGET_GRAPHS[target]
+            dst = update.path(name)
+            rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
+                                activation_symmetric=sym, quiet=quiet)
+            with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
+                rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes)
+            for line in format_checks(rec["validation"]):
+                log(line, quiet, tag="int8")
+            if strict:
+                require_valid(rec["validation"], f"{name} of {str(m.folder)!r}")
+            data_files = rec.get("external_data") or []       # one file (all_tensors_to_one_file) past 2 GB
+            rec["external_data"] = data_files[0] if len(data_files) == 1 else (data_files or None)
+            rec["target"] = target
+            rec["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            rec["source"] = m.onnx_path.name
+            rec["source_sha256"] = m.data["artefacts"][m.onnx_path.name]["sha256"]     # staleness check
+            rec["calibration"]["folder"] = str(Path(calibration))
+            records[target] = rec
+        for target, (name, _, _) in TARGET_GRAPHS.items():
+            if target not in records:      # not asked this time: an older file would belong to another calibration
+                update.remove(name)
+        info = dict(records.get("cpu") or {"file": None, "target": None})
+        if "tensorrt" in records:
+            info["tensorrt"] = records["tensorrt"]
+        info["targets"] = list(records)
+        update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
+        log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}", quiet)
+    return info
+
+
+def format_summary(info: dict) -> str:
+    """What `clipfuse export ENGINE --precision int8` prints: per graph, what was quantized and its figures."""
+    lines = []
+    for rec in [info] * bool(info.get("file")) + ([info["tensorrt"]] if info.get("tensorrt") else []):
+        s, c = rec["settings"], rec["calibration"]
+        lines += [f"{rec['file']} (target {rec['target']}): {sum(rec['quantized'].values())} tower ops quantized "
+                  f"{rec['quantized']}, activations {s['activation_type']} "
+                  f"({'symmetric' if s['extra_options']['ActivationSymmetric'] else 'asymmetric'}), weights "
+                  f"{s['weight_type']} per-channel; {c['images']} calibration images ({s['calibrate_method']}, "
+                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}",
+                  f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
+        lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Which ONNX file runs a precision, for every consumer (load, predict, compare, bench, triton, serve, build).
+
+    path = precision_onnx_path(manifest, "int8")                 # model.int8.onnx, checked
+    m8 = with_precision(manifest, "int8")                        # the same engine, pointed at it
+
+An engine folder holds model.onnx (fp32) and, when exported with `--precision`, one graph per
+reduced precision, recorded in the manifest's `precisions` entry:
+
+    fp16                model.fp16.onnx       fp16 towers, fp32 islands (export/fp16.py)
+    int8, target cpu    model.int8.onnx       QDQ, U8 asymmetric activations, S8 per-channel weights:
+                                              what ONNX Runtime CPU and OpenVINO fuse into int8 kernels
+    int8, target        model.int8-trt.onnx   QDQ, S8 symmetric activations (zero point 0), S8 per-channel
+      tensorrt                                weights: what TensorRT's explicit quantization requires
+
+A graph made from an earlier model.onnx (a re-export carried it over) is refused: its entry's
+source_sha256 must be the sha256 of the model.onnx the manifest lists now.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipfuse.errors import ClipfuseError
+
+from clipfuse.iospec import PRECISIONS  # noqa: E402  (fp32, fp16, int8: the tolerance table's rows)
+MODEL_FP16 = "model.fp16.onnx"
+MODEL_INT8 = "model.int8.onnx"
+MODEL_INT8_TRT = "model.int8-trt.onnx"
+TARGETS = ("cpu", "tensorrt")
+# (precision, target) -> the file; fp16 has one graph for every target
+FILES = {("fp16", "cpu"): MODEL_FP16, ("fp16", "tensorrt"): MODEL_FP16,
+         ("int8", "cpu"): MODEL_INT8, ("int8", "tensorrt"): MODEL_INT8_TRT}
+
+
+def export_command(manifest, precision: str) -> str:
+    extra = " --calibration DIR" if precision == "int8" else ""
+    return f"`clipfuse export {manifest.folder} --precision {precision}{extra}`"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ClipfuseError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return precision
+
+
+def _entry(manifest, precision: str, target: str) -> dict | None:
+    entry = (manifest.data.get("precisions") or {}).get(precision)
+    if precision == "int8" and target == "tensorrt" and isinstance(entry, dict):
+        return entry.get("tensorrt")       # the TensorRT graph's own record, nested in the int8 entry
+    return entry
+
+
+def precision_onnx_path(manifest, precision: str, target: str = "cpu") -> Path:
+    """The ONNX file for a precision (and, for int8, a target: cpu or tensorrt), or ClipfuseError naming
+    the command that makes it."""
+    check_precision(precision)
+    if precision == "fp32":
+        return manifest.onnx_path
+    if target not in TARGETS:
+        raise ClipfuseError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
+    name = FILES[(precision, target)]
+    entry = _entry(manifest, precision, target)
+    path = manifest.folder / name
+    if not isinstance(entry, dict) or not path.is_file():
+        raise ClipfuseError(f"engine {str(manifest.folder)!r} has no {name}: make it with "
+                            f"{export_command(manifest, precision)}")
+    source = manifest.data["artefacts"].get(manifest.data["onnx"]["file"], {}).get("sha256")
+    if entry.get("source_sha256") not in (None, source):
+        # a re-export (e.g. after `clipfuse fit`) replaced model.onnx and carried the old graph over
+        raise ClipfuseError(f"{name} in {str(manifest.folder)!r} was made from an earlier model.onnx; "
+                            f"make it again: {export_command(manifest, precision)}")
+    return path
+
+
+def with_precision(manifest, precision: str, target: str = "cpu"):
+    """The same engine (a Manifest) pointed at the precision's graph: what every ONNX backend opens."""
+    from clipfuse.runtime.manifest import Manifest
+
+    path = precision_onnx_path(manifest, precision, target)
+    if precision == "fp32":
+        return manifest
+    extra = _entry(manifest, precision, target).get("external_data")     # its own data file, or None
+    data = dict(manifest.data, onnx=dict(manifest.data["onnx"], file=path.name, external_data=extra))
+    return Manifest(manifest.folder, data)
