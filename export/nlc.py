@@ -19,7 +19,7 @@ k-shot x seeds study of fit's report in export/study.py.
 
 Choices the paper (Appendix A: width 128, Adam, lr 2e-4, weight decay 0.01)
 leaves open. The study in benchmarks/nlc_choices.py (`python
-benchmarks/nlc_choices.py`, ~5 min on 2 cores) gives the numbers below: accuracy %, mean over 3 seeds, 10 classes,
+benchmarks/nlc_choices.py`, ~5 min on 2 cores; output committed in benchmarks/results/nlc_choices.md) gives the numbers below: accuracy %, mean over 3 seeds, 10 classes,
 K = 3, at 1/4/16 shots, in two synthetic worlds: "complementary" (each
 backbone reliable in its own region; best single 47.9, LOG-AVG 58.1, ORACLE
 93.8) and "one-good" (backbone 0 right everywhere: 89.1; LOG-AVG 58.1).
