@@ -134,6 +134,32 @@ def test_accuracy_with_data_is_a_paired_difference(int8_engine, photo_paths, tmp
         paired_accuracy(m, int8_engine / "model.int8.onnx", tmp_path / "data")        # 'coffee' is not a class
 
 
+def test_with_data_agreement_is_checked_on_the_users_images(int8_engine, photo_paths, tmp_path, monkeypatch):
+    """The photographs are out of distribution for heads fitted on the user's data: with --data, agreement
+    (cosine, top-1) is measured on the user's own images, evenly spaced over every class."""
+    from imagefactory import make_labelled_folder
+
+    from clipfuse.export import int8_validate, precision_validate
+    from clipfuse.runtime.manifest import read_manifest
+
+    make_labelled_folder(tmp_path / "data", photo_paths, per_class=4)
+    seen = {}
+    real = precision_validate.validate_precision
+
+    def spy(manifest, path, precision, images=None, batch=8):
+        seen["images"] = images
+        return real(manifest, path, precision, images=images, batch=batch)
+    monkeypatch.setattr(precision_validate, "validate_precision", spy)
+    m = read_manifest(int8_engine)
+    classes = {"astronaut": "astronaut", "cat": "cat", "coffee": "cup of coffee", "rocket": "rocket"}
+    rep = int8_validate.validate_int8(m, int8_engine / "model.int8.onnx", data=tmp_path / "data", classes=classes)
+    assert len(seen["images"]) == 16 and rep["images_from"] == str(tmp_path / "data")
+    assert {im.size for im in seen["images"]} == {im.size for im in int8_validate.data_images(tmp_path / "data")}
+    assert len(int8_validate.data_images(tmp_path / "data", count=5)) == 5
+    rep = int8_validate.validate_int8(m, int8_engine / "model.int8.onnx")
+    assert seen["images"] is None and rep["images_from"].startswith("the shipped photographs")
+
+
 def test_load_predict_and_compare_run_int8(int8_engine, photo_paths):
     import clipfuse
 
