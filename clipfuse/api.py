@@ -27,6 +27,16 @@ def fit_engine(backbones, data, out, **kwargs):
     return _fit(backbones, data, out, **kwargs)
 
 
+def fit_levers(**kwargs):
+    """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (see export.fit_levers.Levers)."""
+    from clipfuse.errors import ClipfuseError
+    from clipfuse.export.fit_levers import Levers
+
+    if not kwargs.get("cascade") and kwargs.get("max_drop", 0.5) < 0:      # a bad value is refused even unused
+        raise ClipfuseError(f"--max-drop must be a number of accuracy points >= 0 (e.g. 0.5), got {kwargs['max_drop']!r}")
+    return Levers(**kwargs)
+
+
 def eval_engine(engine, data, **kwargs):
     """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit)."""
     from clipfuse.export.fit import eval_engine as _eval
@@ -95,19 +105,21 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-         threads: int | None = None, verify: bool = True, quiet: bool = False):
+         threads: int | None = None, verify: bool = True, quiet: bool = False, cascade: bool | None = None):
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
 
     backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
     "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
     workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
     (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
-    open_clip unless a torch backend is asked for.
+    open_clip unless a torch backend is asked for. cascade: on a cascade engine (`fit --cascade`), None or
+    True routes each image through the stages it needs (Prediction.stage says which answered); False runs
+    the full graph.
     """
     from clipfuse.runtime.predict import load_predictor
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, quiet=quiet)
+                          threads=threads, verify=verify, quiet=quiet, cascade=cascade)
 
 
 def available_backends() -> list[str]:

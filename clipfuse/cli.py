@@ -134,9 +134,24 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
 @click.option("--controller", type=click.Choice(["auto", "nlc", "static", "mean", "single"]), default="auto",
               show_default=True, help="What the graph ships: auto = the best on held-out pool images; nlc; "
               "static (C-LOG-AVG); mean (LOG-AVG); single (the best single backbone).")
+@click.option("--budget-ms", type=float, default=None, metavar="MS",
+              help="Ship the best subset of the backbones whose summed batch-1 latency (measured here, ONNX Runtime "
+                   "CPU) fits MS; the report shows the whole accuracy-cost frontier.")
+@click.option("--budget-gflops", type=float, default=None, metavar="G",
+              help="As --budget-ms, priced in GFLOPs as `clipfuse backbones` counts them.")
+@click.option("--cascade", is_flag=True,
+              help="Also write a confidence cascade (stages/): an image leaves at the first stage confident enough.")
+@click.option("--max-drop", type=float, default=0.5, show_default=True, metavar="POINTS",
+              help="--cascade: accuracy points the cascade may lose against the full ensemble (bounded on "
+                   "agreement with it, on pool images outside the shots).")
+@click.option("--cascade-score", type=click.Choice(["auto", "max-prob", "margin"]), default="auto", show_default=True,
+              help="--cascade: confidence score; auto = both, keep the cheaper on calibration images.")
+@click.option("--cascade-cost", type=click.Choice(["gflops", "ms"]), default="gflops", show_default=True,
+              help="--cascade: how stages are priced when choosing their order.")
 @click.option("--quiet", "-q", is_flag=True)
 def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
-        study_shots, study_seeds, cache, batch, out, force, controller, quiet):
+        study_shots, study_seeds, cache, batch, out, force, controller, budget_ms, budget_gflops, cascade, max_drop,
+        cascade_score, cascade_cost, quiet):
     """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
 
     Writes the engine folder with the controller that ships inside the graph (--controller; auto: the best
@@ -144,10 +159,16 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
     """
     from clipfuse import api
 
+    if budget_ms is not None and budget_gflops is not None:
+        raise ClipfuseError("give one budget: --budget-ms or --budget-gflops, not both")
+    levers = api.fit_levers(budget=budget_ms if budget_ms is not None else budget_gflops,
+                            budget_unit="GFLOPs" if budget_gflops is not None else "ms", cascade=cascade,
+                            max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs")
     result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
                                     seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
                                     probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
-                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller)
+                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller,
+                                    levers=levers)
     click.echo((result.folder / "report.md").read_text())
 
 
@@ -207,8 +228,9 @@ def inspect(engine, as_json, no_verify):
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, run the full graph (model.onnx) for every image.")
 def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers, threads, allow_failures, no_verify,
-            max_image_pixels):
+            max_image_pixels, no_cascade):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -233,7 +255,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, workers
     total = failed = 0
     opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify))
+                       verify=not no_verify, cascade=False if no_cascade else None))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
