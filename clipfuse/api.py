@@ -147,12 +147,13 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,
-                     verify: bool = True) -> dict:
+                     verify: bool = True, cascade: bool = True) -> dict:
     """Identical inputs through each backend, each compared with the first; report["ok"] says whether all
     agree within the precision's tolerance (see runtime.compare)."""
     from clipfuse.runtime.compare import compare_backends as _compare
 
-    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify)
+    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify,
+                    cascade=cascade)
 
 
 def collect_images(sources, stdin=None) -> list[Path]:

@@ -432,12 +432,14 @@ def build(engine, precision, batch, aux_streams, timing_cache, opt_level, worksp
               help="fp16: every backend with an fp16 form runs it (torch stays the fp32 reference); fp16 tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def compare(engine, backends, images, precision, batch, as_json):
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, leave out the stage graphs vs model.onnx check.")
+def compare(engine, backends, images, precision, batch, as_json, no_cascade):
     """Run identical inputs through each backend: max abs/rel error per output and top-1 agreement
     against the first backend. Exit 1 when any is out of tolerance."""
     from clipfuse import api
 
-    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch)
+    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
+                                  cascade=not no_cascade)
     click.echo(json.dumps(report, indent=2) if as_json else present.format_compare(report))
     if not report["ok"]:
         raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")
