@@ -350,7 +350,9 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
               help="Dynamic batching: how long a request may wait for others.")
 @click.option("--model", "model_name", default=None, help="Model name in the repository (default: the engine folder's name).")
 @click.option("--force", is_flag=True, help="Replace the model's folder in the repository if it exists.")
-def triton(engine, out, backend, precision, max_batch, instances, kind, queue_delay_us, model_name, force):
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph (model.onnx) instead of "
+              "the routed stages (a Python-backend model running clipfuse's router).")
+def triton(engine, out, backend, precision, max_batch, instances, kind, queue_delay_us, model_name, force, no_cascade):
     """Write a Triton Inference Server model repository for ENGINE: OUT/<model>/config.pbtxt + 1/model.onnx|plan.
 
     The config (uint8 image inputs, the five outputs, dynamic batching, instance group) is checked
@@ -361,8 +363,11 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 
     model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
                                         kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
-                                        precision=precision, force=force)
+                                        precision=precision, force=force, cascade=False if no_cascade else None)
     click.echo(f"wrote {model} (config.pbtxt checked against Triton's ModelConfig schema)")
+    if (model / "1" / "model.py").is_file():
+        click.echo("cascade: a Python-backend model (1/model.py routes each image through the stages it needs); "
+                   "the server's Python needs clipfuse installed")
     click.echo(f"run:  tritonserver --model-repository {model.parent}")
 
 
@@ -379,7 +384,9 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Each session's intra-op threads.")
 @click.option("--model", "model_name", default=None, help="Model name (default: the engine folder's name).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
-def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name, no_verify):
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph for every image.")
+def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name, no_verify,
+          no_cascade):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -388,7 +395,7 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
     server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify)
+                       model_name=model_name, verify=not no_verify, cascade=False if no_cascade else None)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
     # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
     click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "

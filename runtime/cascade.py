@@ -215,3 +215,42 @@ def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int |
             "ok": c is None or bool(c["ok"]),
             "note": "images that leave early may differ from the full graph by design (bounded at fit); images "
                     "reaching the last stage must match it within the fp32 tolerance"}
+
+
+# The Python-backend model `clipfuse triton` writes for a cascade engine (runtime/triton.py says why).
+MODEL_PY = '''"""clipfuse cascade for Triton's Python backend (written by `clipfuse triton`; needs clipfuse installed
+in the server's Python). Requests batched by Triton are routed together: each image runs only the
+stages it reaches (clipfuse.runtime.cascade)."""
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from clipfuse import iospec
+from clipfuse.runtime.cascade import CascadeBackend
+from clipfuse.runtime.manifest import read_manifest
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = os.path.join(args["model_repository"], args["model_version"], "engine")
+        self.manifest = read_manifest(folder)
+        self.backend = CascadeBackend(self.manifest).open()
+        self.inputs = [i["name"] for i in self.manifest.inputs]
+        self.outputs = [o["name"] for o in self.manifest.outputs] + [iospec.STAGE]
+
+    def execute(self, requests):
+        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+        sizes = [len(f[self.inputs[0]]) for f in feeds]
+        out = self.backend.infer({n: np.concatenate([f[n] for f in feeds]) for n in self.inputs})
+        out[iospec.STAGE] = out[iospec.STAGE].reshape(-1, 1)
+        responses, lo = [], 0
+        for n in sizes:
+            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(out[k][lo:lo + n])) for k in self.outputs]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            lo += n
+        return responses
+
+    def finalize(self):
+        self.backend.close()
+'''

@@ -145,7 +145,8 @@ class Predictor:
         probs = outputs[iospec.PROBS][:rows]                                 # (n, C)
         temps = outputs[iospec.TEMPERATURES][:rows]                          # (n, K)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]          # ties: lower class index first
-        stage = outputs.get(iospec.STAGE)                                    # (n,) cascade engines only
+        stage = outputs.get(iospec.STAGE)                                    # (n,) or (n, 1) served: cascade only
+        stage = None if stage is None else np.asarray(stage).reshape(-1)
         # a cascade leaves NaN for backbones an image never reached: they are not shown
         return [([self.classes[c] for c in order[r]], [float(probs[r, c]) for c in order[r]],
                  {name: float(t) for name, t in zip(self.backbone_names, temps[r]) if not np.isnan(t)},
