@@ -213,6 +213,10 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         fewest = class_names[int(np.bincount(y_pool, minlength=C).argmin())]
         raise ClipfuseError(f"--shots {shots} is more than class {fewest!r} has in the controller's pool "
                             f"({int(np.bincount(y_pool, minlength=C).min())} images)")
+    cascade_costs = None
+    if levers.cascade:                 # refuse too few calibration images before any fitting
+        cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
+                                             sample_k_shot(y_pool, shots, seed, num_classes=C), quiet)
     with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
         study = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
                               seeds=study_seeds, config=config, class_names=class_names)
@@ -251,7 +255,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
         with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})", quiet):
             plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                   shipped_module, run_cfg, quiet)
+                                   shipped_module, run_cfg, quiet, costs=cascade_costs)
         order, dims = plan["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
         static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))

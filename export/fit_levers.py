@@ -214,20 +214,16 @@ def permute_controller(controller, order, dims):
     raise ClipfuseError(f"cannot reorder a controller of kind {getattr(controller, 'kind', type(controller).__name__)!r}")
 
 
-def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, y_ev, shot_idx, shipped,
-                 config, quiet: bool = False) -> dict:
-    """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
-    `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}."""
-    from clipfuse.export import nlc
-    from clipfuse.export.cascade import (CascadeConfig, candidate_orders, fit_cascade_orders,
-                                         required_calibration_images)
+def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx, quiet: bool = False):
+    """Before any fitting: the candidate orders, and refuse (one line, the number needed) a pool whose
+    images outside the shots cannot certify --max-drop. -> (orders, costs, cost_info)."""
+    from clipfuse.export.cascade import CascadeConfig, candidate_orders, required_calibration_images
 
-    names = [str(b.spec) for b in built]
-    K = len(names)
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
     costs, cost_info = measure_costs(built, heads, levers.cascade_cost, quiet)
-    single_acc = [float((Z_pool[calib, k].argmax(1) == y_pool[calib]).mean()) if calib.size else 0.0 for k in range(K)]
+    single_acc = [float((Z_pool[calib, k].argmax(1) == y_pool[calib]).mean()) if calib.size else 0.0
+                  for k in range(len(built))]
     orders = candidate_orders(costs, single_acc)
     tries = len(orders) * len(cfg.scores())
     need = required_calibration_images(cfg.max_drop, cfg.confidence, tries)
@@ -236,6 +232,22 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
                             f"{calib.size} images outside the k shots and the bound needs >= {need} "
                             f"({tries} configurations tried at {cfg.confidence:.0%}); label more images, lower "
                             "--probe-fraction (linear probes), or raise --max-drop")
+    return orders, costs, cost_info
+
+
+def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, y_ev, shot_idx, shipped,
+                 config, quiet: bool = False, costs=None) -> dict:
+    """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
+    `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}.
+    costs: check_calibration's result when fit already ran it."""
+    from clipfuse.export import nlc
+    from clipfuse.export.cascade import CascadeConfig, fit_cascade_orders
+
+    names = [str(b.spec) for b in built]
+    K = len(names)
+    cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
+    calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
+    orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx, quiet)
     full_cal = fused_logits(shipped, X_pool[calib], Z_pool[calib])
     full_ev = fused_logits(shipped, X_ev, Z_ev)
     statics, candidates = {}, {}
