@@ -168,11 +168,11 @@ def markdown(res: dict) -> str:
          "| method | backbones | GFLOPs | accuracy % [95% CI] | vs full (points) | agreement % |", "|---|---|---:|---:|---:|---:|"]
     for label, r in f["rows"].items():
         d, ag = _diff(r["vs_full"])
-        L.append(f"| {label} | {' + '.join(r['backbones'])} | {r['gflops']:.1f} | {_iv(r['accuracy'])} | {d} | {ag} |")
+        L.append(f"| {label} | {' + '.join(r['backbones'])} | {r['gflops']:.4g} | {_iv(r['accuracy'])} | {d} | {ag} |")
     c = f["cascade"]
     if c:
         d, ag = _diff(c["vs_full"])
-        L.append(f"| cascade (--max-drop {c['max_drop']:g}) | {' -> '.join(c['order'])} | {c['expected_gflops']:.1f} "
+        L.append(f"| cascade (--max-drop {c['max_drop']:g}) | {' -> '.join(c['order'])} | {c['expected_gflops']:.4g} "
                  f"(expected) | {_iv(c['accuracy'])} | {d} | {ag} |")
         L += ["", f"Cascade: score {c['score']}, thresholds {c['thresholds']}, exit rates "
                   + ", ".join(f"{100 * r:.1f}%" for r in c["exit_rates"])
