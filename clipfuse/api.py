@@ -27,6 +27,16 @@ def fit_engine(backbones, data, out, **kwargs):
     return _fit(backbones, data, out, **kwargs)
 
 
+def fit_levers(**kwargs):
+    """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (see export.fit_levers.Levers)."""
+    from clipfuse.errors import ClipfuseError
+    from clipfuse.export.fit_levers import Levers
+
+    if not kwargs.get("cascade") and kwargs.get("max_drop", 0.5) < 0:      # a bad value is refused even unused
+        raise ClipfuseError(f"--max-drop must be a number of accuracy points >= 0 (e.g. 0.5), got {kwargs['max_drop']!r}")
+    return Levers(**kwargs)
+
+
 def eval_engine(engine, data, **kwargs):
     """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit)."""
     from clipfuse.export.fit import eval_engine as _eval
@@ -95,7 +105,8 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-         threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None):
+         threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None,
+         cascade: bool | None = None):
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
 
     backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
@@ -104,11 +115,13 @@ def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | 
     (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
     open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
     (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
+    cascade: on a cascade engine (`fit --cascade`), None or True routes each image through the stages it
+    needs (Prediction.stage says which answered; the stages are fp32); False runs the full graph.
     """
     from clipfuse.runtime.predict import load_predictor
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, quiet=quiet, precision=precision)
+                          threads=threads, verify=verify, quiet=quiet, precision=precision, cascade=cascade)
 
 
 def available_backends() -> list[str]:
@@ -147,12 +160,13 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,
-                     verify: bool = True) -> dict:
+                     verify: bool = True, cascade: bool = True) -> dict:
     """Identical inputs through each backend, each compared with the first; report["ok"] says whether all
     agree within the precision's tolerance (see runtime.compare)."""
     from clipfuse.runtime.compare import compare_backends as _compare
 
-    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify)
+    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify,
+                    cascade=cascade)
 
 
 def collect_images(sources, stdin=None) -> list[Path]:

@@ -162,9 +162,24 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
 @click.option("--controller", type=click.Choice(["auto", "nlc", "static", "mean", "single"]), default="auto",
               show_default=True, help="What the graph ships: auto = the best on held-out pool images; nlc; "
               "static (C-LOG-AVG); mean (LOG-AVG); single (the best single backbone).")
+@click.option("--budget-ms", type=float, default=None, metavar="MS",
+              help="Ship the best subset of the backbones whose summed batch-1 latency (measured here, ONNX Runtime "
+                   "CPU) fits MS; the report shows the whole accuracy-cost frontier.")
+@click.option("--budget-gflops", type=float, default=None, metavar="G",
+              help="As --budget-ms, priced in GFLOPs as `clipfuse backbones` counts them.")
+@click.option("--cascade", is_flag=True,
+              help="Also write a confidence cascade (stages/): an image leaves at the first stage confident enough.")
+@click.option("--max-drop", type=float, default=0.5, show_default=True, metavar="POINTS",
+              help="--cascade: accuracy points the cascade may lose against the full ensemble (bounded on "
+                   "agreement with it, on pool images outside the shots).")
+@click.option("--cascade-score", type=click.Choice(["auto", "max-prob", "margin"]), default="auto", show_default=True,
+              help="--cascade: confidence score; auto = both, keep the cheaper on calibration images.")
+@click.option("--cascade-cost", type=click.Choice(["gflops", "ms"]), default="gflops", show_default=True,
+              help="--cascade: how stages are priced when choosing their order.")
 @click.option("--quiet", "-q", is_flag=True)
 def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
-        study_shots, study_seeds, cache, batch, out, force, controller, quiet):
+        study_shots, study_seeds, cache, batch, out, force, controller, budget_ms, budget_gflops, cascade, max_drop,
+        cascade_score, cascade_cost, quiet):
     """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
 
     Writes the engine folder with the controller that ships inside the graph (--controller; auto: the best
@@ -172,10 +187,16 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
     """
     from clipfuse import api
 
+    if budget_ms is not None and budget_gflops is not None:
+        raise ClipfuseError("give one budget: --budget-ms or --budget-gflops, not both")
+    levers = api.fit_levers(budget=budget_ms if budget_ms is not None else budget_gflops,
+                            budget_unit="GFLOPs" if budget_gflops is not None else "ms", cascade=cascade,
+                            max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs")
     result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
                                     seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
                                     probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
-                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller)
+                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller,
+                                    levers=levers)
     click.echo((result.folder / "report.md").read_text())
 
 
@@ -238,8 +259,9 @@ def inspect(engine, as_json, no_verify):
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, run the full graph (model.onnx) for every image.")
 def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precision, workers, threads, allow_failures,
-            no_verify, max_image_pixels):
+            no_verify, max_image_pixels, no_cascade):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -267,7 +289,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
     total = failed = 0
     opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify, precision=precision))
+                       verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
@@ -370,7 +392,9 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
               help="Dynamic batching: how long a request may wait for others.")
 @click.option("--model", "model_name", default=None, help="Model name in the repository (default: the engine folder's name).")
 @click.option("--force", is_flag=True, help="Replace the model's folder in the repository if it exists.")
-def triton(engine, out, backend, precision, max_batch, instances, kind, queue_delay_us, model_name, force):
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph (model.onnx) instead of "
+              "the routed stages (a Python-backend model running clipfuse's router).")
+def triton(engine, out, backend, precision, max_batch, instances, kind, queue_delay_us, model_name, force, no_cascade):
     """Write a Triton Inference Server model repository for ENGINE: OUT/<model>/config.pbtxt + 1/model.onnx|plan.
 
     The config (uint8 image inputs, the five outputs, dynamic batching, instance group) is checked
@@ -381,8 +405,11 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 
     model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
                                         kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
-                                        precision=precision, force=force)
+                                        precision=precision, force=force, cascade=False if no_cascade else None)
     click.echo(f"wrote {model} (config.pbtxt checked against Triton's ModelConfig schema)")
+    if (model / "1" / "model.py").is_file():
+        click.echo("cascade: a Python-backend model (1/model.py routes each image through the stages it needs); "
+                   "the server's Python needs clipfuse installed")
     click.echo(f"run:  tritonserver --model-repository {model.parent}")
 
 
@@ -401,8 +428,9 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph for every image.")
 def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name,
-          precision, no_verify):
+          precision, no_verify, no_cascade):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -411,7 +439,8 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
 
     server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify, precision=precision)
+                       model_name=model_name, verify=not no_verify, precision=precision,
+                       cascade=False if no_cascade else None)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
     # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
     click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
@@ -456,12 +485,14 @@ def build(engine, precision, batch, aux_streams, timing_cache, opt_level, worksp
                    "precision's tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def compare(engine, backends, images, precision, batch, as_json):
+@click.option("--no-cascade", is_flag=True, help="On a cascade engine, leave out the stage graphs vs model.onnx check.")
+def compare(engine, backends, images, precision, batch, as_json, no_cascade):
     """Run identical inputs through each backend: max abs/rel error per output and top-1 agreement
     against the first backend. Exit 1 when any is out of tolerance."""
     from clipfuse import api
 
-    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch)
+    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
+                                  cascade=not no_cascade)
     click.echo(json.dumps(report, indent=2) if as_json else present.format_compare(report))
     if not report["ok"]:
         raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")

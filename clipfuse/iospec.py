@@ -26,6 +26,37 @@ OUTPUT_NAMES = (LOGITS, PROBS, TEMPERATURES, BACKBONE_LOGITS, FEATURES)
 
 BATCH_DIM = "batch"
 
+# ----------------------------------------------------------------------------- cascade stage graphs
+# A cascade engine (clipfuse fit --cascade) also holds one graph per stage under stages/, so the
+# runtime runs only the stages an image reaches (runtime/cascade.py says why not `If` nodes).
+#   stages/tower_<k>.onnx    image_<R_k> uint8 (N, 3, R, R) -> features_<k> (N, D_k) unit norm,
+#                            logits_<k> (N, C): backbone k's normalise + tower + L2 norm + head
+#   stages/combine_<s>.onnx  features (N, sum_{j<=s} D_j), backbone_logits (N, s, C)
+#                            -> logits (N, C), probs (N, C), temperatures (N, s)
+# k and s count from 1 in the cascade's stage order (= the backbones' order in model.onnx).
+STAGE_DIR = "stages"
+STAGE = "stage"                     # the runtime's extra output: which stage answered, 1-based
+COMBINE_INPUTS = (FEATURES, BACKBONE_LOGITS)
+COMBINE_OUTPUTS = (LOGITS, PROBS, TEMPERATURES)
+
+
+def tower_features(k: int) -> str:
+    """Output name of stage graph tower_<k>: that backbone's unit-norm features."""
+    return f"features_{int(k)}"
+
+
+def tower_logits(k: int) -> str:
+    """Output name of stage graph tower_<k>: that backbone's class logits (its head applied)."""
+    return f"logits_{int(k)}"
+
+
+def tower_file(k: int) -> str:
+    return f"{STAGE_DIR}/tower_{int(k)}.onnx"
+
+
+def combine_file(s: int) -> str:
+    return f"{STAGE_DIR}/combine_{int(s)}.onnx"
+
 
 def input_name(resolution: int) -> str:
     """Graph input name for images of side `resolution`."""

@@ -59,11 +59,11 @@ def format_compare(report: dict) -> str:
     return format_report(report)
 
 
-def format_predictions(preds, fmt: str, top_k: int, backbone_names, header: bool = False) -> str:
+def format_predictions(preds, fmt: str, top_k: int, backbone_names, header: bool = False, stages=None) -> str:
     """Predictions as text: "table", "jsonl" (one JSON object per image) or "csv"."""
     from clipfuse.runtime.predict import format_predictions as _format
 
-    return _format(preds, fmt, top_k, backbone_names, header=header)
+    return _format(preds, fmt, top_k, backbone_names, header=header, stages=stages)
 
 
 def format_bench(result: dict) -> str:

@@ -95,7 +95,7 @@ class ExportResult:
 
 def export_engine(backbones, classes, out, templates=None, force: bool = False, opset: int | None = None,
                   heads=None, controller=None, quiet: bool = False, extra_files: dict | None = None,
-                  extra_manifest: dict | None = None) -> ExportResult:
+                  extra_manifest: dict | None = None, cascade: dict | None = None) -> ExportResult:
     """Build and validate engines/<name>/ for the given backbone strings and classes.
 
     backbones: list of `ARCH[:WEIGHTS]` strings (or BackboneSpec); classes: list of names or the
@@ -104,6 +104,9 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     controller: optional fitted controller module (default: constant 1/K = LOG-AVG).
     extra_files: {file name: bytes | str | callable(path)} written into the folder (and hashed).
     extra_manifest: entries added to the manifest (e.g. how the controller was fitted).
+    cascade: {"controllers": S stage controllers (the last = `controller`), "block": the manifest's
+    cascade entry (export/cascade.py CascadeFit.to_manifest() and more)}: also writes and validates
+    the stage graphs (export/cascade_stages.py); backbones must be given in stage order.
     Backbones may also be already built `Backbone` objects (their text tower is dropped).
     """
     from clipfuse.export import backbones as bb
@@ -133,14 +136,14 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     # The writer's lock is held from here to the swap: a second export to `out` is refused at once.
     with new_engine_folder(out, force, quiet) as tmp:
         manifest = _build_into(tmp, out, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
-                               extra_files, extra_manifest, t_start)
+                               extra_files, extra_manifest, t_start, cascade)
     if not quiet:
         log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s", quiet)
     return ExportResult(out, manifest)
 
 
 def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
-                extra_files, extra_manifest, t_start) -> dict:
+                extra_files, extra_manifest, t_start, cascade=None) -> dict:
     """Build, export, validate and write everything into the temporary folder `tmp`; returns the manifest."""
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
@@ -188,10 +191,18 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
               "real photographs", quiet):
         validation = validate_onnx(fused, tmp / MODEL_ONNX, make_feeds(validation_images(), in_specs),
                                    names=[str(b.spec) for b in built], where=out)
+    if cascade is not None:
+        from clipfuse.export.cascade_stages import export_stages
+
+        with step(f"cascade: exporting and validating {2 * len(built)} stage graphs (towers, combine steps)", quiet):
+            stage_info = export_stages(tmp, fused, cascade["controllers"], make_feeds(validation_images(), in_specs),
+                                       [str(b.spec) for b in built], out, opset)
+        extra_manifest = dict(extra_manifest or {}, cascade=dict(cascade["block"], **stage_info))
     hd.save_heads(head_list, tmp / HEADS, extra=label_binding(
         classes, templates if head_list[0].kind == hd.ZERO_SHOT else None))   # as the manifest records them
     save_controller(fused.controller, tmp / CONTROLLER)
     for name, content in (extra_files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)     # e.g. a carried stages/ file
         if callable(content):
             content(tmp / name)
         elif isinstance(content, bytes):

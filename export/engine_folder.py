@@ -238,8 +238,9 @@ def write_manifest_atomic(folder: Path, data: dict) -> None:
 def hash_artefacts(folder: Path, names=None) -> dict:
     """{name: {"sha256", "bytes"}} for the named files (default: every file) of `folder`."""
     folder = Path(folder)
-    paths = [folder / n for n in names] if names is not None else sorted(p for p in folder.iterdir() if p.is_file())
-    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
+    # files in subfolders (a cascade's stages/) are named by their posix path inside the folder
+    paths = [folder / n for n in names] if names is not None else sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
 
 
 @contextmanager
@@ -260,14 +261,14 @@ def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
             raise
         try:
             yield tmp
-            for p in tmp.iterdir():
+            for p in tmp.rglob("*"):
                 if p.is_file():
                     fsync_file(p)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes it private; an engine folder is not
-            for p in tmp.iterdir():
-                os.chmod(p, 0o666 & ~umask)
+            for p in tmp.rglob("*"):
+                os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
             old = None
             if out.exists():
                 old = out.parent / f"{old_prefix(out)}{os.getpid()}"

@@ -113,9 +113,10 @@ def feasible_shots(labels: np.ndarray, num_classes: int, shots) -> tuple[list[in
 def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction: float = 0.3, shots: int = 1,
                seed: int = 0, head: str = "zero-shot", templates=None, probe_fraction: float = 0.9,
                study_shots=(1, 2, 4, 8, 16), study_seeds=(0, 1, 2), cache_dir=None, batch_size: int = 32,
-               force: bool = False, quiet: bool = False, config=None, controller: str = "auto"):
+               force: bool = False, quiet: bool = False, config=None, controller: str = "auto", levers=None):
     """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the graph of the method
-    that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single."""
+    that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single.
+    levers: export/fit_levers.Levers: a budget-chosen subset (the engine holds it) or a cascade engine."""
     from clipfuse.export import backbones as bb
     from clipfuse.export import heads as hd
     from clipfuse.export import baselines, nlc, study
@@ -134,6 +135,9 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if not backbones:
         raise ClipfuseError("no backbones given: pass --backbone ARCH[:WEIGHTS] at least once")
     specs = [bb.parse_backbone(b) if not isinstance(b, bb.BackboneSpec) else b for b in backbones]
+    from clipfuse.export import fit_levers as fl
+
+    levers = (levers or fl.Levers()).check(len(specs))
     check_output_folder(Path(out), force)
     config = (config or nlc.FitConfig()).check()
     paths, labels, class_names = scan_labelled_folder(data, classes)
@@ -192,6 +196,14 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         Z = np.stack([head_logits(f, h) for f, h in zip(feats, heads)], axis=1)    # (N, K, C)
         return np.concatenate(feats, axis=1), Z                                    # (N, sum D), (N, K, C)
 
+    lever_report = {}
+    if levers.budget is not None:      # the engine holds the chosen subset: everything below sees only it
+        lever_report["budget"] = fl.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels,
+                                                 shots, seed, C, config, quiet)
+        keep = lever_report["budget"]["members"]
+        built, heads, tr_feats, ev_feats = ([x[k] for k in keep] for x in (built, heads, tr_feats, ev_feats))
+        names = [str(b.spec) for b in built]
+        log(f"budget {levers.budget:g} {levers.budget_unit}: chose {' + '.join(names)}", quiet)
     X_pool, Z_pool = arrays([f[pool] for f in tr_feats])
     y_pool = labels[pool]
     X_ev, Z_ev = arrays(ev_feats)
@@ -201,6 +213,10 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         fewest = class_names[int(np.bincount(y_pool, minlength=C).argmin())]
         raise ClipfuseError(f"--shots {shots} is more than class {fewest!r} has in the controller's pool "
                             f"({int(np.bincount(y_pool, minlength=C).min())} images)")
+    cascade_costs = None
+    if levers.cascade:                 # refuse too few calibration images before any fitting
+        cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
+                                             sample_k_shot(y_pool, shots, seed, num_classes=C), quiet)
     with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
         study = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
                               seeds=study_seeds, config=config, class_names=class_names)
@@ -235,6 +251,19 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     heat = heatmap_bytes(div)
     same_draws = identical_draws(y_pool, C, ok_shots, study_seeds)
 
+    cascade = None
+    if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
+        with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})", quiet):
+            plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
+                                   shipped_module, run_cfg, quiet, costs=cascade_costs)
+        order, dims = plan["order"], [b.embed_dim for b in built]
+        built, heads = [built[k] for k in order], [heads[k] for k in order]
+        static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))
+        shipped_module = plan["controllers"][-1]
+        cascade = {"controllers": plan["controllers"], "block": plan["block"]}
+        lever_report["cascade"] = plan["block"]
+        log(f"cascade: {' -> '.join(plan['block']['order'])}, eval exit rates "
+            f"{[round(r, 3) for r in plan['block']['test']['exit_rates']]}", quiet)
     report = {
         "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
         "head": head, "classes": class_names, "backbones": names,
@@ -253,18 +282,27 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         "config": asdict(run_cfg),
         "study": study,
         "cache": asdict(cache.stats),
+        **lever_report,
     }
-    md = render_report(report)
+    frontier = None
+    if "budget" in lever_report:
+        frontier = fl.frontier_png(lever_report["budget"]["frontier"], lever_report["budget"]["chosen"])
+        lever_report["budget"]["plot"] = fl.FRONTIER_PNG if isinstance(frontier, bytes) else frontier
+    md = render_report(report) + fl.report_markdown(report)
     extra = {REPORT_MD: md, REPORT_JSON: json.dumps(report, indent=2) + "\n",
              STATIC: lambda p: save_controller(static, p), NLC_FILE: lambda p: save_controller(controller_nlc, p)}
     if isinstance(heat, bytes):
         extra[HEATMAP] = heat
+    if isinstance(frontier, bytes):
+        extra[fl.FRONTIER_PNG] = frontier
     fit_info = {"fit": {"data": str(data), "shots": shots, "seed": seed, "head": head,
                         "accuracy": shipped, "static_file": STATIC, "nlc_file": NLC_FILE, "report": REPORT_MD,
                         "shipped": {k: choice[k] for k in ("method", "row", "backbone", "reason")}}}
+    if "budget" in lever_report:
+        fit_info["budget"] = {k: lever_report["budget"][k] for k in ("budget", "unit", "chosen", "costs")}
     result = export_engine(built, class_names, out, templates=templates if head == hd.ZERO_SHOT else None,
                            force=force, heads=heads, controller=shipped_module, quiet=quiet,
-                           extra_files=extra, extra_manifest=fit_info)
+                           extra_files=extra, extra_manifest=fit_info, cascade=cascade)
     log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {choice['row']} (report.md says why)", quiet)
     return result, report
 

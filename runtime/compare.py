@@ -155,9 +155,10 @@ def backbone_slices(backbones) -> list[tuple[str, int]]:
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision: str | None = None,
-                     batch: int = 8, quiet: bool = True, verify: bool = True) -> dict:
+                     batch: int = 8, quiet: bool = True, verify: bool = True, cascade: bool = True) -> dict:
     """Run the same images through every backend; compare each with the first. Returns the report
-    (report["ok"] False when any backend is out of tolerance)."""
+    (report["ok"] False when any backend is out of tolerance). On a cascade engine (unless cascade=False)
+    also the routed stage graphs against model.onnx: report["cascade"] (runtime/cascade.compare_cascade)."""
     from clipfuse.runtime.manifest import read_manifest
     from clipfuse.runtime.preprocess import preprocess_image
 
@@ -190,6 +191,11 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
         report["comparisons"].append(c)
     report["backends"] = [{"name": r.name, "describe": r.describe, "precision": r.precision} for r in results]
     report["ok"] = all(c["ok"] for c in report["comparisons"])
+    from clipfuse.runtime.cascade import compare_cascade, is_cascade
+
+    if is_cascade(m) and cascade:       # the routed stage graphs against model.onnx on the same batches
+        report["cascade"] = compare_cascade(m, feeds, norms)
+        report["ok"] = report["ok"] and report["cascade"]["ok"]
     return report
 
 
@@ -201,5 +207,15 @@ def format_report(report: dict) -> str:
         lines += ["", f"{c['backend']} vs {report['reference']} ({c['tolerance_set']} tolerances: "
                   + comparator.describe_bounds(c["bounds"]) + ")"]
         lines += comparator.format_lines(c)
+    cas = report.get("cascade")
+    if cas:
+        counts = ", ".join(f"stage {s}: {n}" for s, n in cas["stage_counts"].items())
+        lines += ["", f"cascade (stage graphs, routed) vs the full graph model.onnx: {cas['images']} images ({counts}); "
+                      f"top-1 agreement {100 * cas['top1_agreement']:.1f}% (early exits may differ by design)"]
+        if cas["last_stage"] is None:
+            lines.append("  no image reached the last stage: nothing to hold to the fp32 tolerance")
+        else:
+            lines += ["  images at the last stage (fp32 tolerances: " + comparator.describe_bounds(cas["last_stage"]["bounds"]) + ")"]
+            lines += ["  " + x for x in comparator.format_lines(cas["last_stage"])]
     lines += ["", "agree: all within tolerance" if report["ok"] else "DISAGREE: out of tolerance (see FAIL lines)"]
     return "\n".join(lines)

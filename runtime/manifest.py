@@ -14,7 +14,7 @@ manifest relative to the engine folder and must be one of `artefacts` (so it
 carries a recorded sha256): the graph (`onnx.file`, `onnx.external_data`), the
 heads (`heads_file`), the controller (`controller.file`), fp16 graphs
 (`precisions.*.file`, `.external_data`), TensorRT plans (`plans.*.file`,
-`.layers`) and what `fit` adds (`fit.static_file`, `fit.report`). A name that is
+`.layers`), a cascade's stage graphs (`cascade.stages[*].tower`, `.combine`) and what `fit` adds (`fit.static_file`, `fit.report`). A name that is
 absolute, climbs out (`..`), holds a control character, or is not listed, is
 refused from the manifest's text alone: nothing is opened and the message does
 not say whether such a file exists. Symbolic links are followed only where they
@@ -159,6 +159,12 @@ def file_fields(data: dict) -> list[tuple[str, object]]:
         if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
             raise ClipfuseError(f"{group!r} must be an object of objects")
         out += [(f"{group}.{p}.{k}", e[k]) for p, e in entries.items() for k in keys if e.get(k) is not None]
+    cascade = data.get("cascade")
+    if cascade is not None:     # a cascade engine's stage graphs (runtime/cascade.py opens them)
+        stages = cascade.get("stages") if isinstance(cascade, dict) else None
+        if not isinstance(stages, list) or len(stages) < 2 or not all(isinstance(e, dict) for e in stages):
+            raise ClipfuseError("'cascade.stages' must be a list of at least two objects")
+        out += [(f"cascade.stages[{i}].{k}", e.get(k)) for i, e in enumerate(stages) for k in ("tower", "combine")]
     fit = data.get("fit")
     if fit is not None:
         if not isinstance(fit, dict):

@@ -51,6 +51,7 @@ class Prediction:
     probs: list[float] = field(default_factory=list)           # their probabilities (softmax of fused logits)
     temperatures: dict[str, float] = field(default_factory=dict)   # {backbone "ARCH:WEIGHTS": t_k}
     error: str | None = None        # why this input could not be classified; None when it was
+    stage: int | None = None        # cascade engines: the stage that answered (1-based); None otherwise
 
     @property
     def ok(self) -> bool:
@@ -144,8 +145,12 @@ class Predictor:
         probs = outputs[iospec.PROBS][:rows]                                 # (n, C)
         temps = outputs[iospec.TEMPERATURES][:rows]                          # (n, K)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]          # ties: lower class index first
+        stage = outputs.get(iospec.STAGE)                                    # (n,) or (n, 1) served: cascade only
+        stage = None if stage is None else np.asarray(stage).reshape(-1)
+        # a cascade leaves NaN for backbones an image never reached: they are not shown
         return [([self.classes[c] for c in order[r]], [float(probs[r, c]) for c in order[r]],
-                 {name: float(t) for name, t in zip(self.backbone_names, temps[r])}) for r in range(rows)]
+                 {name: float(t) for name, t in zip(self.backbone_names, temps[r]) if not np.isnan(t)},
+                 *([] if stage is None else [None, int(stage[r])])) for r in range(rows)]
 
     def _infer(self, feed: dict, top_k: int):
         t0 = time.perf_counter()
@@ -176,8 +181,7 @@ class Predictor:
                 p = Path(given)
                 if ok and ok[0] == p:
                     ok.popleft()
-                    labels, probs, temps = next(rows)
-                    preds.append(Prediction(index, str(given), labels, probs, temps))
+                    preds.append(Prediction(index, str(given), *next(rows)))
                 elif failed and failed[0].path == p:
                     preds.append(Prediction(index, str(given), error=failed.popleft().reason))
                 else:   # iter_batches keeps order and drops nothing; reaching this is a clipfuse bug
@@ -236,9 +240,10 @@ class Predictor:
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
                    threads: int | None = None, verify: bool = True, quiet: bool = False,
-                   precision: str | None = None) -> Predictor:
+                   precision: str | None = None, cascade: bool | None = None) -> Predictor:
     """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
-    (slow) backend opens, so a typo fails at once."""
+    (slow) backend opens, so a typo fails at once. cascade: on a cascade engine, None or True routes
+    images through its stage graphs (runtime/cascade.py), False runs the full graph (model.onnx)."""
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ClipfuseError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKEND_NAMES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -251,6 +256,12 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
         check_precision(precision)
     manifest = read_manifest(engine_dir, verify=verify)
     options = {"threads": threads} if threads else {}
+    from clipfuse.runtime.cascade import check_cascade_precision, open_cascade
+
+    check_cascade_precision(manifest, cascade, precision)
+    routed = open_cascade(manifest, backend, cascade, quiet=quiet, **options)
+    if routed is not None:
+        return Predictor(manifest, routed, batch_size, workers)
     return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
                      batch_size, workers)
 
@@ -265,14 +276,17 @@ def printable(text: str) -> str:
     return repr(text)[1:-1]
 
 
-def csv_columns(top_k: int, backbone_names: list[str]) -> list[str]:
+def csv_columns(top_k: int, backbone_names: list[str], stages: bool = False) -> list[str]:
     return (["path", "error"] + [c for r in range(1, top_k + 1) for c in (f"label_{r}", f"prob_{r}")]
-            + [f"temperature:{b}" for b in backbone_names])
+            + [f"temperature:{b}" for b in backbone_names] + (["stage"] if stages else []))
 
 
 def format_predictions(preds: list[Prediction], fmt: str, top_k: int, backbone_names: list[str],
-                       header: bool = False) -> str:
-    """Text for a list of predictions: table (for people), jsonl or csv (for programs)."""
+                       header: bool = False, stages: bool | None = None) -> str:
+    """Text for a list of predictions: table (for people), jsonl or csv (for programs).
+    stages: show which cascade stage answered (None: when any prediction says)."""
+    if stages is None:
+        stages = any(p.stage is not None for p in preds)
     if fmt not in FORMATS:
         raise ClipfuseError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     if fmt == "jsonl":
@@ -283,12 +297,12 @@ def format_predictions(preds: list[Prediction], fmt: str, top_k: int, backbone_n
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         if header:
-            w.writerow(csv_columns(top_k, backbone_names))
+            w.writerow(csv_columns(top_k, backbone_names, stages))
         for p in preds:
             pairs = [v for lab, pr in zip(p.labels, p.probs) for v in (lab, f"{pr:.6f}")]
             pairs += [""] * (2 * top_k - len(pairs))
             temps = [f"{p.temperatures[b]:.6f}" if b in p.temperatures else "" for b in backbone_names]
-            w.writerow([p.name, p.error or ""] + pairs + temps)
+            w.writerow([p.name, p.error or ""] + pairs + temps + ([p.stage if p.stage is not None else ""] if stages else []))
         return buf.getvalue()
     lines = []
     for p in preds:
@@ -299,4 +313,6 @@ def format_predictions(preds: list[Prediction], fmt: str, top_k: int, backbone_n
         lines.append(printable(p.name))
         lines += [f"  {r}. {lab:<{width}}  {pr:7.2%}" for r, (lab, pr) in enumerate(zip(p.labels, p.probs), 1)]
         lines.append("    temperatures: " + ", ".join(f"{b} {t:.3f}" for b, t in p.temperatures.items()))
+        if p.stage is not None:
+            lines.append(f"    answered by cascade stage {p.stage} of {len(backbone_names)}")
     return "".join(line + "\n" for line in lines)

@@ -60,7 +60,7 @@ import numpy as np
 from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.manifest import Manifest, read_manifest
 from clipfuse.runtime.triton import (DEFAULT_MAX_BATCH, DEFAULT_QUEUE_DELAY_US, INSTALL_SERVE, METADATA_KEY,
-                                     SERVER_ID_PREFIX, default_model_name, model_spec, serving_metadata)
+                                     SERVER_ID_PREFIX, default_model_name, model_spec)
 
 LOOPBACK = "127.0.0.1"
 ACCESS_HEADER = "triton-access-token"
@@ -103,19 +103,25 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def _make_infer(manifest: Manifest, threads: int | None, opened: list):
-    """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs."""
+def _make_infer(manifest: Manifest, threads: int | None, opened: list, cascade: bool = False):
+    """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs
+    (cascade: routed through the stage graphs, runtime/cascade.py, + stage (N, 1))."""
     from pytriton.decorators import batch
 
+    from clipfuse import iospec
     from clipfuse.runtime.backends import OnnxRuntimeBackend
+    from clipfuse.runtime.cascade import CascadeBackend
 
-    backend = OnnxRuntimeBackend(manifest, threads=threads).open()
+    backend = (CascadeBackend if cascade else OnnxRuntimeBackend)(manifest, threads=threads).open()
     opened.append(backend)
     names = [i["name"] for i in manifest.inputs]
 
     @batch
     def infer(**inputs):
-        return backend.infer({n: inputs[n] for n in names})
+        out = backend.infer({n: inputs[n] for n in names})
+        if cascade:
+            out[iospec.STAGE] = out[iospec.STAGE].reshape(-1, 1)
+        return out
 
     return infer
 
@@ -253,15 +259,24 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                  metrics_port: int = 8002, max_batch: int = DEFAULT_MAX_BATCH,
                  queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
                  threads: int | None = None, model_name: str | None = None, verify: bool = True,
-                 quiet: bool = False, exit_timeout_s: int = 10, precision: str | None = None) -> Server:
+                 quiet: bool = False, exit_timeout_s: int = 10, precision: str | None = None,
+                 cascade: bool | None = None) -> Server:
     """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
 
     max_batch / queue_delay_us / preferred: Triton's dynamic batcher. instances: model instances, each
     with its own ONNX Runtime session (on a small CPU, 1: instances share the cores). threads: each
     session's intra-op threads (default ONNX Runtime's, one per physical core). precision: fp16 or int8
-    serves model.fp16.onnx / model.int8.onnx (runtime/precisions.py; refused when the engine lacks it)."""
+    serves model.fp16.onnx / model.int8.onnx (runtime/precisions.py; refused when the engine lacks it).
+    cascade: on a cascade engine, None or True serves the routed stage graphs (outputs + stage), False
+    the full graph."""
     check_serving_environment()
     manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
+    from clipfuse.runtime.cascade import cascade_block, check_cascade_precision, is_cascade
+
+    if cascade and not is_cascade(manifest):
+        cascade_block(manifest)                  # one line: not a cascade engine
+    check_cascade_precision(manifest, cascade, precision)
+    cascade = is_cascade(manifest) and cascade is not False
     graph = manifest
     if precision not in (None, "fp32"):
         from clipfuse.runtime.precisions import with_precision
@@ -269,7 +284,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         graph = with_precision(manifest, precision)
     # the same checks (and the same names) as the repository writer
     spec = model_spec(manifest, "onnxruntime", max_batch=max_batch, instances=instances, preferred=preferred,
-                      queue_delay_us=queue_delay_us, name=model_name or default_model_name(manifest))
+                      queue_delay_us=queue_delay_us, name=model_name or default_model_name(manifest), cascade=cascade)
     for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ClipfuseError(f"{label} must be a TCP port (1-65535), got {port!r}")
@@ -298,7 +313,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
     try:
-        infer_fns = [_make_infer(graph, threads, backends) for _ in range(spec.instances)]
+        infer_fns = [_make_infer(graph, threads, backends, cascade) for _ in range(spec.instances)]
     except BaseException:
         for b in backends:
             b.close()
@@ -319,7 +334,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                                                       preferred_batch_size=spec.preferred or None)),
             strict=True,
         )
-        _add_metadata_parameter(triton, spec.name, serving_metadata(manifest))
+        _add_metadata_parameter(triton, spec.name, spec.metadata)
         triton.run()
     except BaseException as e:
         server.stop()

@@ -41,8 +41,9 @@ from clipfuse.errors import ClipfuseError
 from clipfuse.runtime.manifest import Manifest, read_manifest
 
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+PYTHON = "python"     # a cascade engine's model: Triton's Python backend running clipfuse's router (model.py)
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
-TRITON_DTYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+TRITON_DTYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 SERVER_ID_PREFIX = "clipfuse:"     # `clipfuse serve` sets its server id to clipfuse:<model>; clients read it
 METADATA_KEY = "clipfuse"           # the model-config parameter the client reads
 METADATA_FORMAT = "clipfuse-serving"
@@ -86,6 +87,18 @@ def serving_metadata(manifest: Manifest) -> dict:
     }
 
 
+def cascade_outputs(manifest: Manifest) -> list[dict]:
+    """A served cascade's outputs: the five, NaN where an image's stage did not reach, + stage (N, 1) int64."""
+    from clipfuse import iospec
+
+    return list(manifest.outputs) + [{"name": iospec.STAGE, "dtype": "int64", "shape": ["batch", 1]}]
+
+
+def cascade_metadata(manifest: Manifest) -> dict:
+    """serving_metadata for a served cascade: its outputs include `stage`."""
+    return dict(serving_metadata(manifest), outputs=[o["name"] for o in cascade_outputs(manifest)], cascade=True)
+
+
 # ----------------------------------------------------------------------------- config text
 
 @dataclass
@@ -117,8 +130,13 @@ def _dims(shape) -> list[int]:
 
 def model_spec(manifest: Manifest, backend: str = "onnxruntime", max_batch: int = DEFAULT_MAX_BATCH,
                instances: int = 1, kind: str | None = None, preferred=None,
-               queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, name: str | None = None) -> TritonModelSpec:
-    """The Triton model for an engine, arguments checked (each error names the option to change)."""
+               queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, name: str | None = None,
+               cascade: bool = False) -> TritonModelSpec:
+    """The Triton model for an engine, arguments checked (each error names the option to change).
+    cascade: the engine's routed stage graphs (outputs + stage), served by the Python backend."""
+    if cascade and backend != "onnxruntime":
+        raise ClipfuseError(f"the cascade runs its stage graphs on ONNX Runtime; --backend {backend} serves only the "
+                            "full graph: pass --no-cascade")
     if backend not in PLATFORMS:
         raise ClipfuseError(f"unknown Triton backend {backend!r}; valid: {', '.join(PLATFORMS)}")
     kind = kind or ("gpu" if backend == "tensorrt" else "cpu")
@@ -150,15 +168,19 @@ def model_spec(manifest: Manifest, backend: str = "onnxruntime", max_batch: int 
             out.append((s["name"], s["dtype"], _dims(s["shape"])))
         return out
 
-    return TritonModelSpec(name=name, platform=PLATFORMS[backend], inputs=tensors(manifest.inputs),
-                           outputs=tensors(manifest.outputs), max_batch=max_batch, preferred=preferred,
+    return TritonModelSpec(name=name, platform=PYTHON if cascade else PLATFORMS[backend],
+                           inputs=tensors(manifest.inputs),
+                           outputs=tensors(cascade_outputs(manifest) if cascade else manifest.outputs),
+                           max_batch=max_batch, preferred=preferred,
                            queue_delay_us=queue_delay_us, instances=instances, kind=kind,
-                           metadata=serving_metadata(manifest))
+                           metadata=cascade_metadata(manifest) if cascade else serving_metadata(manifest))
 
 
 def config_text(spec: TritonModelSpec) -> str:
     """config.pbtxt for one model, written by hand so it reads well (then checked by check_config)."""
-    lines = [f"name: {_quote(spec.name)}", f"platform: {_quote(spec.platform)}", f"max_batch_size: {spec.max_batch}"]
+    lines = [f"name: {_quote(spec.name)}",
+             f"backend: {_quote(PYTHON)}" if spec.platform == PYTHON else f"platform: {_quote(spec.platform)}",
+             f"max_batch_size: {spec.max_batch}"]
 
     def tensor_block(key, items):
         for name, dtype, dims in items:
@@ -274,14 +296,28 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int = DEFAULT_MAX_BATCH,
                      instances: int = 1, kind: str | None = None, preferred=None,
                      queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, model_name: str | None = None,
-                     precision: str | None = None, force: bool = False, verify: bool = True) -> Path:
+                     precision: str | None = None, force: bool = False, verify: bool = True,
+                     cascade: bool | None = None) -> Path:
     """Write OUT/<model>/{config.pbtxt, 1/model.onnx|model.plan} for an engine folder -> OUT/<model>.
+
+    A cascade engine (unless cascade=False) becomes a Python-backend model instead: 1/model.py runs
+    clipfuse's router (runtime/cascade.py) on a copy of the engine in 1/engine/ (hard links), so each
+    image pays for the stages it reaches; the Triton server's Python needs clipfuse installed. Per-stage
+    ONNX models chained by an ensemble cannot route per image (an ensemble's steps run for every
+    request), and BLS would re-implement the router in model.py: the router itself is the honest form.
 
     The config is checked against Triton's schema before anything is written; the model folder is
     assembled under a temporary name and renamed into place, so a failure leaves OUT as it was."""
     manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
+    from clipfuse.runtime.cascade import is_cascade
+
+    if cascade and not is_cascade(manifest):
+        raise ClipfuseError(f"engine {str(manifest.folder)!r} has no cascade stages; make one with `clipfuse fit "
+                            "... --cascade`, or drop --cascade")
+    if cascade is None:     # a cascade engine is served routed unless the caller asks for a plan or the full graph
+        cascade = is_cascade(manifest) and backend == "onnxruntime"
     spec = model_spec(manifest, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
-                      preferred=preferred, queue_delay_us=queue_delay_us, name=model_name)
+                      preferred=preferred, queue_delay_us=queue_delay_us, name=model_name, cascade=cascade)
     text = config_text(spec)
     check_config(text, spec, where=f"the config of model {spec.name!r}")
     plan = find_plan(manifest, precision) if backend == "tensorrt" else None
@@ -311,7 +347,15 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
     try:
         version = tmp / "1"
         version.mkdir()
-        if plan is not None:
+        if cascade:
+            from clipfuse.runtime.cascade import MODEL_PY
+            from clipfuse.runtime.manifest import MANIFEST
+
+            for name in [MANIFEST, *manifest.data["artefacts"]]:
+                (version / "engine" / name).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(manifest.folder / name, version / "engine" / name)
+            (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
+        elif plan is not None:
             _link_or_copy(plan, version / "model.plan")
         else:
             onnx_file = graph.onnx_path

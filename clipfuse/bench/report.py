@@ -47,6 +47,14 @@ def plot_points(result: dict) -> list[dict]:
     for name, a in acc.items():
         if name == "NLC" or name.startswith("ENGINE"):
             pts.append({"method": name, "kind": "engine", "latency_ms": fused, "accuracy": a})
+    cas = result.get("cascade")
+    if cas and "1" in cas["latency"]:    # measured means over the real exits (batch 1), and the curve
+        pts.append({"method": "full ensemble (mean)", "kind": "engine", "latency_ms": cas["latency"]["1"]["full"]["mean_ms"],
+                    "accuracy": cas["accuracy_full"]["value"]})
+        pts.append({"method": "cascade (mean)", "kind": "cascade", "latency_ms": cas["latency"]["1"]["cascade"]["mean_ms"],
+                    "accuracy": cas["accuracy_cascade"]["value"]})
+        pts += [{"method": f"q={c['quantile']:g}", "kind": "cascade curve", "latency_ms": c["latency_ms"],
+                 "accuracy": c["accuracy"]} for c in cas["curve"]]
     best = -1.0
     for p in sorted(pts, key=lambda p: (p["latency_ms"], -p["accuracy"])):
         p["pareto"] = p["accuracy"] > best
@@ -64,7 +72,11 @@ def write_plot(result: dict, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    style = {"single": ("o", "tab:blue"), "static ensemble": ("s", "tab:gray"), "engine": ("*", "tab:red")}
+    style = {"single": ("o", "tab:blue"), "static ensemble": ("s", "tab:gray"), "engine": ("*", "tab:red"),
+             "cascade": ("D", "tab:purple"), "cascade curve": (".", "tab:purple")}
+    curve = sorted((p for p in pts if p["kind"] == "cascade curve"), key=lambda p: p["latency_ms"])
+    if curve:
+        ax.plot([p["latency_ms"] for p in curve], [p["accuracy"] for p in curve], c="tab:purple", lw=1, alpha=0.6)
     for kind, (marker, color) in style.items():
         sel = [p for p in pts if p["kind"] == kind]
         if sel:
@@ -72,7 +84,8 @@ def write_plot(result: dict, path: Path) -> bool:
                        s=120 if marker == "*" else 50, label=kind, zorder=3)
     labels: dict[tuple, list[str]] = {}          # methods that tie share one label, not overprinted ones
     for p in pts:
-        labels.setdefault((p["latency_ms"], p["accuracy"]), []).append(p["method"])
+        if p["kind"] != "cascade curve":         # the curve's points are many: its line says enough
+            labels.setdefault((p["latency_ms"], p["accuracy"]), []).append(p["method"])
     for (x, y), names in labels.items():
         ax.annotate(" / ".join(names), (x, y), textcoords="offset points", xytext=(-5, 6), ha="right", fontsize=8)
     front = sorted((p for p in pts if p["pareto"]), key=lambda p: p["latency_ms"])
@@ -199,6 +212,10 @@ def format_table(result: dict) -> str:
         a = result["accuracy"]
         L += ["", f"## Accuracy on {a['data']} ({a['num_images']} images)", "", "| method | accuracy % |", "|---|---:|"]
         L += [f"| {k} | {v:.1f} |" for k, v in a["methods"].items()]
+    if result.get("cascade"):
+        from .cascade import format_cascade
+
+        L += format_cascade(result["cascade"])
     L += ["", f"Bench wall time {result['wall_s']:.0f} s."]
     return "\n".join(L) + "\n"
 

@@ -203,6 +203,18 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         log(f"accuracy on {data}", quiet, tag="bench")
         ev = eval_engine(m.folder, data, classes=classes, quiet=quiet)
         accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"]}
+    from clipfuse.runtime.cascade import is_cascade
+
+    cascade = None
+    if is_cascade(m):               # over the real distribution of exits: needs labelled images
+        if data is None:
+            log("cascade engine: pass --data to measure the cascade over real images (exits depend on them)",
+                quiet, tag="bench")
+        else:
+            from .cascade import bench_cascade
+
+            cascade = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
+                                    threads=threads, classes=classes, quiet=quiet)
 
     result = {
         "command": command, "engine": str(m.folder), "backbones": names, "classes": len(m.classes),
@@ -219,7 +231,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         "singles_cache_reused": reused, "agreement_with_fused_rel": agreement,
         "order": order, "labels": labels, "latency": latency, "targets": targets, "overhead": overhead,
         "memory": mem or None, "device_memory": {"before": gpu_before, "after": gpu_after} if gpu_before else None,
-        "accuracy": accuracy,
+        "accuracy": accuracy, "cascade": cascade,
         "load": {"timing": timing_load, **({"memory": mem_load} if memory else {})},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }

@@ -1,0 +1,266 @@
+"""Run a cascade engine: each image pays for exactly the stages it reaches.
+
+A cascade engine (`clipfuse fit --cascade`) holds, beside model.onnx (the full ensemble, backbones
+in stage order), one graph per stage under stages/ (clipfuse.iospec): tower_<k>.onnx (backbone k:
+image -> features_k, logits_k) and combine_<s>.onnx (the controller fitted for the first s
+backbones: features, backbone_logits -> logits, probs, temperatures). The manifest's `cascade`
+block gives the order, the confidence score and the S - 1 thresholds (null = never leave there).
+
+    with CascadeBackend(manifest) as backend:           # a Backend: open, infer, close
+        out = backend.infer(feed)    # the five outputs + "stage" (N,) int64, 1-based
+
+For a batch: every image runs tower_1 and combine_1; those whose confidence (the same
+clipfuse.runtime.routing functions the fit chose the thresholds with) reaches threshold 1 leave
+with stage 1's answer; the rest, and only they, are gathered into a smaller batch for tower_2 and
+combine_2, and so on. The answer of an image never depends on the others in its batch (routing
+is row by row; a test checks that a mixed batch gives exactly what each image alone gives).
+Outputs for backbones an image never reached are NaN (temperatures, backbone_logits, features):
+not run, so not known. `calls` counts the images each stage graph ran on.
+
+Why one graph per stage with the routing here, and not an ONNX graph with an `If` per stage:
+- `If` takes one branch for the whole batch: it cannot send the confident images of a batch out
+  and the rest on; a batch would run every stage any of its images needs (at batch 8 with 70%
+  leaving at stage 1, nearly always all of them).
+- TensorRT handles `If` poorly (both branches built, conditions evaluated on the host, no
+  per-sample skipping), while per-stage graphs build as ordinary TensorRT engines one by one.
+- Triton's dynamic batcher forms batches across requests, so per-sample early exit must happen
+  after batching: in this router (served by a Python-backend model, runtime/triton.py, or by
+  pytriton through clipfuse.serve), not inside one graph.
+The price: one ONNX Runtime call per stage reached, plus the gathering of rows (measured by
+`clipfuse bench` on a cascade engine: "cascade overhead" for images leaving at stage 1).
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from clipfuse import iospec
+from clipfuse.errors import ClipfuseError
+from clipfuse.runtime.backends import Backend
+from clipfuse.runtime.manifest import Manifest, check_onnxruntime_can_run, confined_path, rebuild_hint
+from clipfuse.runtime.routing import SCORES, confidence, route
+from clipfuse.runtime.sessions import open_session, session_options
+
+
+def is_cascade(manifest: Manifest) -> bool:
+    """Whether the engine holds cascade stage graphs."""
+    return isinstance(manifest.data.get("cascade"), dict)
+
+
+def cascade_block(manifest: Manifest) -> dict:
+    """The manifest's cascade entry, checked: stages, score, thresholds."""
+    c = manifest.data.get("cascade")
+    where = f"engine {str(manifest.folder)!r}"
+    if not isinstance(c, dict):
+        raise ClipfuseError(f"{where} is not a cascade engine (no 'cascade' in its manifest); "
+                            "make one with `clipfuse fit ... --cascade`")
+    stages = c.get("stages")
+    K = len(manifest.backbones)
+    if not isinstance(stages, list) or len(stages) != K:
+        raise ClipfuseError(f"{where}: 'cascade.stages' must list one stage per backbone ({K}); {rebuild_hint(manifest)}")
+    if c.get("score") not in SCORES:
+        raise ClipfuseError(f"{where}: 'cascade.score' must be one of {', '.join(SCORES)}, got {c.get('score')!r}")
+    t = c.get("thresholds")
+    if not isinstance(t, list) or len(t) != K - 1 or not all(v is None or isinstance(v, (int, float)) for v in t):
+        raise ClipfuseError(f"{where}: 'cascade.thresholds' must be {K - 1} numbers or nulls")
+    names = [s.get("backbone") for s in stages]
+    if names != manifest.backbone_names:
+        raise ClipfuseError(f"{where}: the cascade's stages {names} are not the engine's backbones in order "
+                            f"{manifest.backbone_names}; {rebuild_hint(manifest)}")
+    return c
+
+
+class CascadeBackend(Backend):
+    """The cascade's stage graphs on ONNX Runtime (CPU), routed per image (module docstring)."""
+
+    name = "cascade-onnxruntime"
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, thresholds=None):
+        super().__init__(manifest)
+        self.block = cascade_block(manifest)
+        self.threads = threads
+        self.score = self.block["score"]
+        # thresholds may be overridden (the bench's curve over thresholds); None = the manifest's
+        self.thresholds = list(self.block["thresholds"] if thresholds is None else thresholds)
+        route(np.zeros((1, len(self.block["stages"]))), self.thresholds)     # checks count and values
+        self._limits = [np.inf if v is None else float(v) for v in self.thresholds]
+        self.sessions: dict = {}
+        self.calls: Counter = Counter()          # images run per stage graph ("tower_2": 5, ...)
+
+    @property
+    def providers(self) -> list[str]:
+        return ["CPUExecutionProvider"]
+
+    def describe(self) -> str:
+        return f"{self.name} ({len(self.block['stages'])} stages, {self.score} thresholds {self.thresholds})"
+
+    def open(self) -> "CascadeBackend":
+        check_onnxruntime_can_run(self.manifest)
+        so = session_options(threads=self.threads)
+        where = f"engine {str(self.manifest.folder)!r}"
+        for s, st in enumerate(self.block["stages"], 1):
+            for kind in ("tower", "combine"):
+                path = confined_path(self.manifest.folder, st[kind], f"cascade.stages[{s - 1}].{kind}")
+                self.sessions[f"{kind}_{s}"] = open_session(path, so, hint=f"rebuild it: {rebuild_hint(self.manifest)}")
+            got = [i.name for i in self.sessions[f"tower_{s}"].get_inputs()]
+            if got != [st["input"]]:
+                raise ClipfuseError(f"{where}: stage {s}'s tower takes {got}, the manifest says {st['input']!r}; "
+                                    f"{rebuild_hint(self.manifest)}")
+        self.is_open = True
+        return self
+
+    def _infer(self, feed: dict) -> dict:
+        stages = self.block["stages"]
+        S, C = len(stages), len(self.manifest.classes)
+        N = next(iter(feed.values())).shape[0]
+        dims = [int(st["embed_dim"]) for st in stages]
+        out = {iospec.LOGITS: np.full((N, C), np.nan, np.float32), iospec.PROBS: np.full((N, C), np.nan, np.float32),
+               iospec.TEMPERATURES: np.full((N, S), np.nan, np.float32),
+               iospec.BACKBONE_LOGITS: np.full((N, S, C), np.nan, np.float32),
+               iospec.FEATURES: np.full((N, sum(dims)), np.nan, np.float32)}
+        conf = np.full((N, S), np.nan)
+        rows = np.arange(N)                      # images still undecided, into the batch
+        feats, zs = [], []                       # per stage reached: (n_s, D_k), (n_s, C), rows of `rows`
+        for s in range(1, S + 1):
+            image = feed[stages[s - 1]["input"]][rows]
+            f, z = self.sessions[f"tower_{s}"].run([iospec.tower_features(s), iospec.tower_logits(s)],
+                                                   {stages[s - 1]["input"]: image})
+            self.calls[f"tower_{s}"] += len(rows)
+            feats.append(f)
+            zs.append(z)
+            X, Z = np.concatenate(feats, axis=1), np.stack(zs, axis=1)
+            logits, probs, t = self.sessions[f"combine_{s}"].run(list(iospec.COMBINE_OUTPUTS),
+                                                                 {iospec.FEATURES: X, iospec.BACKBONE_LOGITS: Z})
+            self.calls[f"combine_{s}"] += len(rows)
+            if s < S:       # routing.route's rule, stage by stage: leave at the first s with conf >= t_s
+                conf[rows, s - 1] = confidence(logits, self.score)
+                decided = conf[rows, s - 1] >= self._limits[s - 1]
+            else:
+                decided = np.ones(len(rows), bool)
+            leave = rows[decided]
+            out[iospec.LOGITS][leave], out[iospec.PROBS][leave] = logits[decided], probs[decided]
+            out[iospec.TEMPERATURES][leave, :s] = t[decided]
+            out[iospec.BACKBONE_LOGITS][leave, :s] = Z[decided]
+            out[iospec.FEATURES][leave, :sum(dims[:s])] = X[decided]
+            rows = rows[~decided]
+            feats, zs = [a[~decided] for a in feats], [a[~decided] for a in zs]
+            if not len(rows):
+                break
+        # routing.route over what was computed (NaN where a stage was not reached) names the stage
+        # of every image; it must be where the loop let the image leave, or the loop is wrong
+        stage = route(conf, self.thresholds)
+        out[iospec.STAGE] = (stage + 1).astype(np.int64)
+        return out
+
+    def close(self) -> None:
+        self.sessions = {}
+        super().close()
+
+
+
+def check_cascade_precision(manifest: Manifest, cascade: bool | None, precision: str | None) -> None:
+    """The stage graphs are fp32: a reduced precision on a cascade engine needs the full graph. One line
+    instead of silently serving fp32 stages to a caller who asked for int8 or fp16."""
+    if precision in (None, "fp32") or cascade is False or not is_cascade(manifest):
+        return
+    raise ClipfuseError(f"the cascade stages of engine {str(manifest.folder)!r} are fp32; precision {precision} runs "
+                        "the full graph only: pass --no-cascade (cascade=False) with --precision "
+                        f"{precision}")
+
+
+def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None = None, quiet: bool = False,
+                 **options):
+    """An opened CascadeBackend when the engine is a cascade and the caller wants it, else None.
+
+    cascade None (default) or True on a cascade engine: the stage graphs, on ONNX Runtime CPU (the
+    backend they were validated on): backend must be "auto" or "onnxruntime". cascade False: None,
+    so the caller opens the full graph on any backend. cascade True on an engine without stages:
+    one line saying how to make one."""
+    if cascade is False:
+        return None
+    if not is_cascade(manifest):
+        if cascade:
+            cascade_block(manifest)              # raises: not a cascade engine
+        return None
+    if backend not in ("auto", "onnxruntime"):
+        raise ClipfuseError(f"the cascade of engine {str(manifest.folder)!r} runs its stage graphs on ONNX Runtime "
+                            f"(CPU); backend {backend!r} runs only the full graph: pass --no-cascade (cascade=False)")
+    from clipfuse.log import log
+
+    opened = CascadeBackend(manifest, threads=options.get("threads")).open()
+    log(f"backend -> {opened.describe()}", quiet)
+    return opened
+
+
+def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int | None = None) -> dict:
+    """The cascade against the full graph (model.onnx, ONNX Runtime CPU) on the same batches.
+
+    Where an image leaves early the cascade may answer differently by design: that is reported
+    (agreement, stage counts), not failed. Images that reach the last stage have run every tower and
+    the shipped controller, so their five outputs must match model.onnx within the fp32 tolerance
+    (the one comparator): that is the pass/fail check."""
+    from clipfuse.runtime.backends import make_backend
+    from clipfuse.runtime.comparator import compare_outputs
+
+    from clipfuse.iospec import tolerance
+
+    with CascadeBackend(manifest, threads=threads) as cas:
+        got = [cas.infer(f) for f in feeds]
+    with make_backend(manifest, "onnxruntime", **({"threads": threads} if threads else {})) as full:
+        ref = [full.infer(f) for f in feeds]
+    got = {k: np.concatenate([o[k] for o in got]) for k in (*iospec.OUTPUT_NAMES, iospec.STAGE)}
+    ref = {k: np.concatenate([o[k] for o in ref]) for k in iospec.OUTPUT_NAMES}
+    S = len(manifest.backbones)
+    stage = got[iospec.STAGE]
+    last = stage == S
+    same = got[iospec.LOGITS].argmax(1) == ref[iospec.LOGITS].argmax(1)
+    tol = tolerance("fp32")
+    dims = [(n, int(b["embed_dim"])) for n, b in zip(manifest.backbone_names, manifest.backbones)]
+    c = (compare_outputs({k: v[last] for k, v in ref.items()}, {k: got[k][last] for k in iospec.OUTPUT_NAMES},
+                         dims, tol, norms) if last.any() else None)
+    return {"images": int(len(stage)), "stage_counts": {str(s): int((stage == s).sum()) for s in range(1, S + 1)},
+            "top1_agreement": float(same.mean()), "top1_agreement_early": float(same[~last].mean()) if (~last).any() else None,
+            "last_stage": c, "tolerance_set": "fp32",
+            "ok": c is None or bool(c["ok"]),
+            "note": "images that leave early may differ from the full graph by design (bounded at fit); images "
+                    "reaching the last stage must match it within the fp32 tolerance"}
+
+
+# The Python-backend model `clipfuse triton` writes for a cascade engine (runtime/triton.py says why).
+MODEL_PY = '''"""clipfuse cascade for Triton's Python backend (written by `clipfuse triton`; needs clipfuse installed
+in the server's Python). Requests batched by Triton are routed together: each image runs only the
+stages it reaches (clipfuse.runtime.cascade)."""
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from clipfuse import iospec
+from clipfuse.runtime.cascade import CascadeBackend
+from clipfuse.runtime.manifest import read_manifest
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        folder = os.path.join(args["model_repository"], args["model_version"], "engine")
+        self.manifest = read_manifest(folder)
+        self.backend = CascadeBackend(self.manifest).open()
+        self.inputs = [i["name"] for i in self.manifest.inputs]
+        self.outputs = [o["name"] for o in self.manifest.outputs] + [iospec.STAGE]
+
+    def execute(self, requests):
+        feeds = [{n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.inputs} for r in requests]
+        sizes = [len(f[self.inputs[0]]) for f in feeds]
+        out = self.backend.infer({n: np.concatenate([f[n] for f in feeds]) for n in self.inputs})
+        out[iospec.STAGE] = out[iospec.STAGE].reshape(-1, 1)
+        responses, lo = [], 0
+        for n in sizes:
+            tensors = [pb_utils.Tensor(k, np.ascontiguousarray(out[k][lo:lo + n])) for k in self.outputs]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            lo += n
+        return responses
+
+    def finalize(self):
+        self.backend.close()
+'''
