@@ -146,8 +146,14 @@ def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
                    "expected_gflops": t["expected_cost"], "cost_fraction": t["cost_fraction"],
                    "accuracy": t["accuracy_cascade"], "vs_full": t["paired_difference"],
                    "calibration": plan["fit"].calibration}
+    from clipfuse.export.diversity import diversity_report
+
+    # issue 15: are these backbones diverse? On the same eval images as the accuracies (NLC's temperatures,
+    # so its failure signatures are read as fit reads them).
+    div = diversity_report(a["Z_ev"], y_ev, names, list(a["classes"]),
+                           temperatures=nlc.controller_temperatures(nlc_module, a["X_ev"]))
     return {"rows": rows, "cascade": cascade, "frontier": frontier.to_markdown(), "eval_images": int(len(y_ev)),
-            "pool_held_out": int(held.size), "shots_per_class": SHOTS}
+            "pool_held_out": int(held.size), "shots_per_class": SHOTS, "diversity": div}
 
 
 def _iv(d):
@@ -183,6 +189,11 @@ def markdown(res: dict) -> str:
           "", f["frontier"].rstrip()]
     if res.get("latency"):
         L += ["", "Latency (clipfuse bench on the cascade engine, eval images):", "", res["latency"]]
+    if f.get("diversity"):
+        from clipfuse.export.diversity import to_markdown
+
+        L += ["", "## Diversity of the backbones (eval images; issue 15)", "",
+              to_markdown(f["diversity"], res.get("heatmap")).rstrip()]
     return "\n".join(L) + "\n"
 
 
@@ -219,6 +230,12 @@ def main(argv=None):
     res["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out or ROOT / "results" / f"cascade_{args.set}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if res["figures"].get("diversity"):
+        from clipfuse.export.diversity import save_heatmap
+
+        png = out.parent / f"{out.name}_diversity.png"
+        why = save_heatmap(res["figures"]["diversity"], png)
+        res["heatmap"] = png.name if why is None else None
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str) + "\n")

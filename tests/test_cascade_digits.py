@@ -37,3 +37,5 @@ def test_the_script_writes_every_figure_with_its_interval(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert md.startswith("<!-- made by: python benchmarks/cascade_digits.py --set pair --backbones")
     assert "| cascade (--max-drop" in md and json.loads(out.with_suffix(".json").read_text())["set"] == "pair"
+    assert "## Diversity of the backbones" in md and "kappa" in md                    # issue 15
+    assert res["figures"]["diversity"]["pairwise"]["disagreement"][0][0] == 0       # a backbone agrees with itself
