@@ -71,7 +71,9 @@ def render(result: dict) -> str:
          f"Digits: {result['digits']['images']} images, fit on {result['digits']['train']}, held out "
          f"{result['digits']['eval']}; int8 calibrated on {result['int8']['calibration']['images']} of the fit images.",
          ""] + [f"REFUSED by its validation (measured anyway, not shippable): {w}: {e}" for w, e in result["refused"].items()] + [
-         "", "## Validation against fp32 (32 photo variants) and accuracy on the held-out digits", "",
+         "", "## Validation against fp32 and accuracy on the held-out digits", "",
+         "Agreement images: fp16 on the 32 shipped photo variants; int8 on up to 64 of the held-out digits "
+         "(export --precision int8 --data: the task's own images).", "",
          "| graph | min embedding cosine | fused top-1 changed | accuracy % | minus fp32, points [95% paired] |",
          "|---|---:|---:|---:|---|"]
     L.append(f"| model.onnx (fp32) | 1 | 0 | {result['accuracy']['fp32']:.2f} | - |")
