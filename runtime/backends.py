@@ -19,7 +19,7 @@ comparison tests never care which one runs. Backends:
     openvino               OpenVINO's CPU plugin on the same ONNX graphs (registered:
                            clipfuse.runtime.openvino_backend; pip install 'clipfuse[openvino]')
 
-The registry. The ONNX Runtime backends are defined here and built in: they
+The registry. The ONNX Runtime backends (runtime/onnxruntime_backend.py) are built in: they
 are what a serving machine runs, so they must not depend on the package's
 installed metadata. Every other backend is found through Python entry points,
 group `clipfuse.backends` (pyproject.toml), never through an import: the
@@ -37,11 +37,6 @@ TensorRT on this engine, so it is theirs to trust).
 Heavy libraries are imported lazily: this module imports neither torch nor
 open_clip, and the ONNX Runtime path never does (a test checks it), so a
 serving machine needs only onnxruntime, numpy and Pillow.
-
-ONNX Runtime silently falls back to the CPU when a GPU execution provider
-cannot start (CUDA/cuDNN version mismatch is the classic case); a backend here
-never does: after creating the session it checks which provider actually runs
-and raises ClipfuseError if it is not the one asked for.
 """
 from __future__ import annotations
 
@@ -51,13 +46,14 @@ import importlib.util
 import os
 from pathlib import Path
 
-import numpy as np
-
-from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.log import log
-from clipfuse.runtime.manifest import Manifest, check_onnxruntime_can_run, read_manifest, rebuild_hint
-from clipfuse.runtime.sessions import import_onnxruntime, open_session, session_options
+from clipfuse.runtime.backend_base import Backend, check_feed  # noqa: F401  (re-exported: backends import it from here)
+from clipfuse.runtime.manifest import Manifest, read_manifest
+from clipfuse.runtime.onnxruntime_backend import (  # noqa: F401  (re-exported, as before the split)
+    INSTALL_ORT_GPU, INSTALL_TENSORRT, ORT_PROVIDERS, OnnxRuntimeBackend, check_graph_matches_manifest,
+    missing_provider_message)
+from clipfuse.runtime.sessions import import_onnxruntime
 
 ENTRY_POINT_GROUP = "clipfuse.backends"
 # Every documented backend, fastest first (the order error messages and available_backends() use).
@@ -76,9 +72,6 @@ NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 # 0.48: within 1.3x of ONNX Runtime, and measured on a busy machine, so auto stays with ONNX Runtime.
 AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
 
-INSTALL_ORT_GPU = "pip install onnxruntime-gpu (in place of onnxruntime; it needs the CUDA and cuDNN versions its release notes name)"
-INSTALL_TENSORRT = "pip install 'clipfuse[tensorrt]' (TensorRT, onnxruntime-gpu) on a machine with an NVIDIA GPU"
-
 
 def nvidia_gpu_visible() -> bool:
     """True when the NVIDIA driver shows at least one GPU; cheap, imports nothing (no torch)."""
@@ -87,228 +80,6 @@ def nvidia_gpu_visible() -> bool:
         return gpus.is_dir() and any(gpus.iterdir())
     except OSError:
         return False
-
-
-# ----------------------------------------------------------------------------- the interface
-
-class Backend:
-    """open() -> infer(feed) -> close(); also a context manager.
-
-    feed:    {input_name: uint8 (N, 3, R, R)} with exactly the engine's inputs (iospec names)
-    returns: {output_name: array} with all five outputs in iospec order
-    """
-
-    name = "backend"
-
-    def __init__(self, manifest: Manifest):
-        self.manifest = manifest
-        self.is_open = False
-
-    # what the user sees in logs and benchmark tables
-    @property
-    def providers(self) -> list[str]:
-        return []
-
-    @property
-    def device(self) -> str:
-        return "cpu"
-
-    def describe(self) -> str:
-        return f"{self.name} ({', '.join(self.providers) or self.device})"
-
-    def open(self) -> "Backend":
-        raise NotImplementedError
-
-    def _infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        self.is_open = False
-
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if not self.is_open:
-            raise ClipfuseError(f"backend {self.name} is not open: call open() or use it in a `with` block")
-        return self._infer(check_feed(self.manifest, feed))
-
-    def __enter__(self) -> "Backend":
-        if not self.is_open:
-            self.open()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def check_feed(manifest: Manifest, feed: dict) -> dict:
-    """The feed must hold exactly the engine's inputs, uint8 (N, 3, R, R), one N for all."""
-    expected = [i["name"] for i in manifest.inputs]
-    if sorted(feed) != sorted(expected):
-        raise ClipfuseError(f"feed has inputs {sorted(feed)}, engine {manifest.folder.name!r} expects {expected}")
-    n, first = None, None
-    for spec in manifest.inputs:
-        a = feed[spec["name"]]
-        R = spec["shape"][2]
-        if not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.ndim != 4 or a.shape[1:] != (3, R, R):
-            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
-            raise ClipfuseError(f"input {spec['name']!r} must be uint8 (N, 3, {R}, {R}), got {got}")
-        if n is not None and a.shape[0] != n:
-            raise ClipfuseError(f"inputs disagree on the batch size: {first!r} has {n} images, {spec['name']!r} has "
-                                f"{a.shape[0]}; every input holds the same images, resized for each resolution")
-        n, first = a.shape[0], first or spec["name"]
-    if not n:
-        raise ClipfuseError("empty feed: the batch holds no images")
-    return {name: np.ascontiguousarray(feed[name]) for name in expected}
-
-
-# ----------------------------------------------------------------------------- ONNX Runtime
-
-_ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-
-
-class OnnxRuntimeBackend(Backend):
-    """ONNX Runtime on the CPU, CUDA or TensorRT execution provider.
-
-    The session comes from runtime/sessions.py, the one loader, with its measured
-    CPU defaults. The CPU provider is what has run; the CUDA and TensorRT
-    providers were never executed (no GPU run of them is recorded anywhere).
-    """
-
-    def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
-                 parallel: bool = False, spinning: bool | None = None, device_id: int = 0,
-                 trt_cache: str | os.PathLike | None = None, trt_fp16: bool = False, max_batch: int = 64,
-                 opt_batch: int = 8):
-        super().__init__(manifest)
-        if provider not in _ORT_PROVIDERS:
-            raise ClipfuseError(f"unknown ONNX Runtime provider {provider!r}; valid: {', '.join(_ORT_PROVIDERS)}")
-        if threads is not None and threads < 1:
-            raise ClipfuseError(f"threads must be at least 1, got {threads}")
-        self.provider = provider
-        self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
-        self.threads, self.parallel, self.spinning, self.device_id = threads, parallel, spinning, device_id
-        # TensorRT builds engines per shape profile; cache them beside the engine so the
-        # minutes-long build happens once per machine, not once per process.
-        self.trt_cache = Path(trt_cache) if trt_cache else manifest.folder / "trt_cache"
-        self.trt_fp16, self.max_batch, self.opt_batch = trt_fp16, max_batch, opt_batch
-        self.session = None
-
-    @property
-    def providers(self) -> list[str]:
-        return list(self.session.get_providers()) if self.session is not None else [_ORT_PROVIDERS[self.provider]]
-
-    @property
-    def device(self) -> str:
-        if self.provider != "cpu":
-            return f"cuda:{self.device_id}"
-        threads = self.threads or "default"
-        return f"cpu, intra-op threads {threads}, {'parallel' if self.parallel else 'sequential'}"
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.providers[0]}; {self.device})"
-
-    def session_options(self):
-        return session_options(threads=self.threads, parallel=self.parallel, spinning=self.spinning)
-
-    def _provider_list(self) -> list:
-        ep = _ORT_PROVIDERS[self.provider]
-        if self.provider == "cpu":
-            return [ep]
-        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id,
-                                          # grow the arena by what is asked: less memory held for nothing
-                                          "arena_extend_strategy": "kSameAsRequested"})
-        if self.provider == "cuda":
-            return [cuda, "CPUExecutionProvider"]
-        try:
-            self.trt_cache.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ClipfuseError(f"cannot create the TensorRT cache folder {str(self.trt_cache)!r} ({e.strerror}); "
-                                "pass trt_cache= a writable folder") from None
-
-        def shapes(n):
-            return ",".join(f"{i['name']}:{n}x3x{i['shape'][2]}x{i['shape'][3]}" for i in self.manifest.inputs)
-
-        trt = {"device_id": self.device_id,
-               "trt_engine_cache_enable": True, "trt_engine_cache_path": str(self.trt_cache),
-               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(self.trt_cache),
-               "trt_fp16_enable": self.trt_fp16,
-               # one profile covering every batch size up to max_batch: no rebuild per new shape
-               "trt_profile_min_shapes": shapes(1), "trt_profile_opt_shapes": shapes(self.opt_batch),
-               "trt_profile_max_shapes": shapes(self.max_batch)}
-        return [("TensorrtExecutionProvider", trt), cuda, "CPUExecutionProvider"]
-
-    def open(self) -> "OnnxRuntimeBackend":
-        ort = import_onnxruntime()
-        ep = _ORT_PROVIDERS[self.provider]
-        if ep not in ort.get_available_providers():
-            raise ClipfuseError(_missing_provider_message(self.name, ort))
-        check_onnxruntime_can_run(self.manifest)
-        opset = self.manifest.data["onnx"].get("opset")
-        self.session = open_session(self.manifest.onnx_path, self.session_options(), providers=self._provider_list(),
-                                    hint=f"The graph is opset {opset}: upgrade onnxruntime, or rebuild the engine: "
-                                         f"{rebuild_hint(self.manifest)}")
-        active = self.session.get_providers()
-        if active[0] != ep:
-            self.session = None
-            raise ClipfuseError(
-                f"onnxruntime could not start {ep} and would have run on {active[0]} instead (refused: no silent "
-                f"fallback). Check that the GPU is visible (nvidia-smi) and that the CUDA, cuDNN"
-                f"{' and TensorRT' if self.provider == 'tensorrt' else ''} libraries match onnxruntime-gpu "
-                f"{ort.__version__}; or pick another backend (--backend onnxruntime for the CPU)")
-        check_graph_matches_manifest(self.manifest, self.session)
-        self.output_names = [o["name"] for o in self.manifest.outputs]
-        self.is_open = True
-        return self
-
-    def _infer(self, feed):
-        if self.provider == "tensorrt":
-            n = next(iter(feed.values())).shape[0]
-            if n > self.max_batch:
-                raise ClipfuseError(f"batch of {n} is over the TensorRT profile's max_batch {self.max_batch}; "
-                                    "use a smaller batch or open the backend with a larger max_batch")
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
-
-    def close(self) -> None:
-        self.session = None
-        super().close()
-
-
-def _missing_provider_message(name: str, ort) -> str:
-    have = ", ".join(ort.get_available_providers())
-    what = INSTALL_TENSORRT if name == "onnxruntime-tensorrt" else INSTALL_ORT_GPU
-    return (f"backend {name} is not available: this onnxruntime {ort.__version__} has only {have}. "
-            f"Install the GPU build: {what}")
-
-
-def check_graph_matches_manifest(manifest: Manifest, session) -> None:
-    """The manifest is not hashed, so a hand edit (or a manifest from another export) is caught here:
-    input and output names and every fixed dimension must match the graph."""
-    where = f"engine {str(manifest.folder)!r}"
-    graph_in = {i.name: i.shape for i in session.get_inputs()}
-    graph_out = {o.name: o.shape for o in session.get_outputs()}
-    for kind, specs, graph in (("input", manifest.inputs, graph_in), ("output", manifest.outputs, graph_out)):
-        if [s["name"] for s in specs] != list(graph):
-            raise ClipfuseError(f"{where}: manifest {kind}s {[s['name'] for s in specs]} differ from the graph's "
-                                f"{list(graph)}; the folder mixes two exports: {rebuild_hint(manifest)}")
-        for s in specs:
-            for axis, (want, got) in enumerate(zip(s["shape"], graph[s["name"]])):
-                if isinstance(want, int) and isinstance(got, int) and want != got:
-                    raise ClipfuseError(
-                        f"{where}: {kind} {s['name']!r} has {got} along axis {axis} in model.onnx but the manifest "
-                        f"says {want}{_shape_hint(manifest, s['name'], axis)}; the folder mixes two exports: "
-                        f"{rebuild_hint(manifest)}")
-    # The class and backbone lists are what predictions are labelled with: they must match the graph too.
-    for name, axis, count, what in ((iospec.LOGITS, 1, len(manifest.classes), "classes"),
-                                    (iospec.TEMPERATURES, 1, len(manifest.backbones), "backbones")):
-        got = graph_out.get(name, [None, None])[axis]
-        if isinstance(got, int) and got != count:
-            raise ClipfuseError(f"{where}: model.onnx has {got} {what} ({name!r} is (N, {got})) but the manifest "
-                                f"lists {count}; the manifest was edited or comes from another export: "
-                                f"{rebuild_hint(manifest)}")
-
-
-def _shape_hint(manifest: Manifest, name: str, axis: int) -> str:
-    if name in (iospec.LOGITS, iospec.PROBS) and axis == 1 or name == iospec.BACKBONE_LOGITS and axis == 2:
-        return f" ({len(manifest.classes)} classes listed)"
-    return ""
 
 
 # ----------------------------------------------------------------------------- the registry
@@ -352,9 +123,9 @@ def unavailable_reason(name: str) -> str | None:
             return "onnxruntime is not installed: pip install onnxruntime"
         if name != "onnxruntime":
             ort = import_onnxruntime()
-            ep = _ORT_PROVIDERS[name.split("-", 1)[1]]
+            ep = ORT_PROVIDERS[name.split("-", 1)[1]]
             if ep not in ort.get_available_providers():
-                return _missing_provider_message(name, ort)
+                return missing_provider_message(name, ort)
             if not nvidia_gpu_visible():
                 return f"backend {name} needs an NVIDIA GPU and none is visible (no /proc/driver/nvidia/gpus)"
         return None

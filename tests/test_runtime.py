@@ -477,8 +477,10 @@ def test_one_preprocess_spec_builder_for_export_and_runtime(tiny_engine):
 
 def test_onnxruntime_backend_opens_through_the_one_session_loader(engine_copy, monkeypatch):
     calls = []
-    real = bk.open_session
-    monkeypatch.setattr(bk, "open_session", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    from clipfuse.runtime import onnxruntime_backend
+
+    real = onnxruntime_backend.open_session
+    monkeypatch.setattr(onnxruntime_backend, "open_session", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     with OnnxRuntimeBackend(read_manifest(engine_copy), threads=1) as b:
         assert b.session.get_session_options().intra_op_num_threads == 1
     assert calls == [engine_copy / "model.onnx"]
