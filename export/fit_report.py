@@ -25,6 +25,14 @@ def _heat_line(heatmap: str | None) -> str:
     return f"![pairwise diversity]({heatmap})" if heatmap == HEATMAP else (heatmap or "")
 
 
+def _wilson(accuracy_pct: float, n: int) -> str:
+    """The Wilson 95% interval of an accuracy measured on n images, as "[lo, hi]"."""
+    from clipfuse.export.paired import wilson_interval
+
+    iv = wilson_interval(int(round(accuracy_pct * n / 100)), n)
+    return f"[{iv.lo:.1f}, {iv.hi:.1f}]"
+
+
 def render_report(report: dict) -> str:
     from clipfuse.export.diversity import to_markdown
     from clipfuse.export.study import study_to_markdown
@@ -63,8 +71,12 @@ def render_report(report: dict) -> str:
     if report["shots_skipped"]:
         lines += [f"Shots {report['shots_skipped']} skipped: a class has fewer images in the controller's pool.", ""]
     lines += [f"## The fitted controllers on the eval split (k = {s['shots']}, seed {s['seed']})", "",
-              "| method | accuracy % |", "| --- | ---: |"]
-    lines += [f"| {m}{' (shipped)' if m == s.get('row') else ''} | {a:.1f} |" for m, a in s["accuracy"].items()]
+              "| method | accuracy % | 95% interval (Wilson) |", "| --- | ---: | ---: |"]
+    lines += [f"| {m}{' (shipped)' if m == s.get('row') else ''} | {a:.1f} | {_wilson(a, report['num_eval'])} |"
+              for m, a in s["accuracy"].items()]
+    lines += ["", f"On {report['num_eval']} images one image moves an accuracy by {100 / report['num_eval']:.2f} points; "
+              "compare two methods on these same images as a paired difference (clipfuse.export.paired), not by "
+              "whether their intervals overlap."]
     if "diversity" in report:
         lines += ["", "## Diversity of the backbones on the eval split", "",
                   to_markdown(report["diversity"], _heat_line(report.get("heatmap")))]
@@ -77,8 +89,9 @@ def format_eval(res: dict, heatmap: str | None = None) -> str:
 
     lines = [f"{res['engine']} on {res['data']}: {res['num_images']} images"
              + (f", {len(res['unreadable_images'])} unreadable (skipped)" if res["unreadable_images"] else ""),
-             "", "| method | accuracy % |", "| --- | ---: |"]
-    lines += [f"| {m}{' (shipped)' if m == res.get('shipped') else ''} | {a:.1f} |" for m, a in res["accuracy"].items()]
+             "", "| method | accuracy % | 95% interval (Wilson) |", "| --- | ---: | ---: |"]
+    lines += [f"| {m}{' (shipped)' if m == res.get('shipped') else ''} | {a:.1f} | {_wilson(a, res['num_images'])} |"
+              for m, a in res["accuracy"].items()]
     lines += ["", "## Diversity of the backbones on these images", "", to_markdown(res["diversity"], heatmap)]
     return "\n".join(lines)
 

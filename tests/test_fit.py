@@ -42,6 +42,12 @@ def test_fit_writes_an_engine_with_the_fitted_controller(fitted):
                    "C-LOG-AVG", "NLC", "ORACLE"):
         assert set(study["mean"][method]) == {"1", "2"} and method in (folder / "report.md").read_text()
     assert report["num_eval"] == 8 and report["num_train_pool"] == 16
+    # every accuracy on the eval split carries its Wilson 95% interval (8 images: wide)
+    from clipfuse.export.paired import wilson_interval
+
+    nlc_acc = report["shipped"]["accuracy"]["NLC"]
+    iv = wilson_interval(round(nlc_acc * 8 / 100), 8)
+    assert f"| NLC (shipped) | {nlc_acc:.1f} | [{iv.lo:.1f}, {iv.hi:.1f}] |" in (folder / "report.md").read_text()
 
 
 def test_eval_on_the_graph_reproduces_the_pytorch_path(fitted, data):
