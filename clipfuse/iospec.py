@@ -100,12 +100,18 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a
 #         head 1% off still fails.
 #   fp16: fp16 keeps 11 bits (eps 9.8e-4) and errors grow over ~12-24 layers; measured
-#         1.3e-3 to 2.3e-3 relative on the logits of RN50 + ViT-B-32
-#         (benchmarks/results/fp16_validation.md), so 1e-2 leaves ~4x headroom.
+#         8.5e-4 relative on ViT-B-32's logits and 3.8e-2 on RN50's behind a linear probe with
+#         rows of norm ~1e3 (benchmarks/results/fp16_validation.md): per element 1e-2, and the
+#         heads' propagated term on logits.
 #   max_top1_changed (share of images, fused and per backbone): fp32 runs differ by ~1e-6
-#         relative, so a changed answer means a bug: 0. fp16 changed 0 of 32 answers on
-#         RN50 + ViT-B-32 (fp16_validation.md) and 0 of 32 on the tiny test towers; 5% lets one
-#         near tie in 32 images flip and fails two (6.2%, which once passed unannounced).
+#         relative, so a changed answer means a bug: 0. fp16: 5% lets one near tie in 32 images
+#         flip and fails two (6.2%, which once passed unannounced; fp16_validation.md's engine,
+#         linear probes fitted on digits and checked on photos, fails it now).
+#   max_probs_shift: what the measured logit error may add to the probs bound (half of it:
+#         softmax moves no probability further than half the largest logit move), capped so the
+#         bound stays a check on values in [0, 1]: a probability may move 5 points in fp16/int8,
+#         0.1 point in fp32. Uncapped, a linear probe's logit error once gave probs a tolerance
+#         of 74.4, and then 1.6.
 #   int8: the deciding figures are issue 16's targets: embedding cosine >= 0.99 per backbone and
 #         top-1 changed <= 1% (on the 32 validation images: none); with heads_exact the logits are
 #         held to what the float heads carry from the features. rtol/atol only bound each output
@@ -115,9 +121,10 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #         max_accuracy_drop (points, int8 minus fp32 on the same labelled images, with --data):
 #         issue 16's "accuracy within 0.5 points".
 TOLERANCES = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0},
-    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05},
-    "int8": {"rtol": 5e-2, "atol": 1e-2, "min_cosine": 0.99, "max_top1_changed": 0.01, "max_accuracy_drop": 0.5},
+    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-3},
+    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05, "max_probs_shift": 0.05},
+    "int8": {"rtol": 5e-2, "atol": 1e-2, "min_cosine": 0.99, "max_top1_changed": 0.01, "max_probs_shift": 0.05,
+             "max_accuracy_drop": 0.5},
 }
 PRECISIONS = tuple(TOLERANCES)
 
