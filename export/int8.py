@@ -14,9 +14,10 @@ quantized ViT/CLIP:
     activations   S8 symmetric by default ("S8S8", the docs' x86 default; zero point 0
                   is what TensorRT requires); `activations="u8"` with
                   activation_symmetric=False for ONNX Runtime CPU, because measured
-                  here (onnxruntime 1.32, RN50 + ViT-B-32, AVX-512 VNNI): with S8
-                  activations ORT fuses only 38 of RN50's 56 Convs into QLinearConv
-                  (int8 x 1.25-1.35 faster than fp32); with U8 all 56 (x 2.0-2.1).
+                  here (onnxruntime 1.32, RN50 + ViT-B-32, AVX-512 VNNI;
+                  benchmarks/results/int8_activations.md): with S8 activations ORT
+                  fuses only 38 of RN50's 56 Convs into QLinearConv (0.82x / 0.69x
+                  fp32's latency at batch 1 / 8); with U8 all 56 (0.40x / 0.42x).
                   The 18 left float read a tensor that also feeds a residual Add or a
                   second tower: its QuantizeLinear has two DequantizeLinear
                   consumers, and ORT's S8->U8 rewrite (its x86 kernels take U8
@@ -31,8 +32,9 @@ quantized ViT/CLIP:
                   heads, controller and combination.
     calibration   MinMax by default; Entropy and Percentile as options. MinMax adds
                   ReduceMin/ReduceMax outputs and keeps scalars; the histogram methods
-                  keep every calibration batch's activations until the end (measured:
-                  Percentile on 48 images of RN50 + ViT-B-32 peaked at 9.2 GB, MinMax 4.5).
+                  keep every calibration batch's activations until the end (seen once, not
+                  committed: Percentile on 48 images of RN50 + ViT-B-32 peaked at 9.2 GB,
+                  MinMax at 4.5 GB).
 
 No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and
 renames nodes, and the islands are named by node; quantize_static's own shape

@@ -2,16 +2,16 @@
 
     info = export_int8("engines/pets", "my_photos/", count=256, method="minmax")
 
-Two files, one per target, because no single QDQ graph is fast on both (measured by
-issue 16's first helper on RN50 + ViT-B-32, random weights, onnxruntime 1.32, busy
-2-core AVX-512 VNNI machine):
+Two files, one per target, because no single QDQ graph is fast on both (RN50 + ViT-B-32,
+random weights, onnxruntime 1.32, 2-core AVX-512 VNNI machine:
+benchmarks/results/int8_activations.md, `python benchmarks/int8_activations.py ENGINE`):
 
     model.int8.onnx       U8 asymmetric activations, S8 per-channel weights: ONNX Runtime CPU
-                          fuses all 56 of RN50's Convs into QLinearConv; 0.47x fp32's latency
-                          at batch 1. OpenVINO's CPU plugin runs the same file.
+                          fuses all 56 of RN50's Convs into QLinearConv; 0.40x fp32's latency
+                          at batch 1, 0.42x at batch 8. OpenVINO's CPU plugin runs the same file.
     model.int8-trt.onnx   S8 symmetric activations (zero point 0, what TensorRT's explicit
                           quantization requires), S8 per-channel weights. On ONNX Runtime CPU
-                          only 38 of 56 Convs fuse (0.74x fp32's latency): kept for
+                          only 38 of 56 Convs fuse (0.82x / 0.69x fp32's latency): kept for
                           `clipfuse build --precision int8` and onnxruntime-tensorrt.
 
 Both are calibrated on the same images (the user's folder through the engine's host

@@ -65,11 +65,10 @@ NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 # What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
 # (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
-# openvino is not tried: side by side here (RN50 + ViT-B-32 at random weights, `clipfuse bench --precisions
-# fp32,int8 --openvino`, 7 interleaved rounds, medians of per-round ratios to ONNX Runtime fp32, on a busy
-# 2-core machine whose other processes took 1.5 cores meanwhile) OpenVINO fp32 ran 1.08x / 0.98x ONNX
-# Runtime fp32's latency at batch 1 / 8, and OpenVINO int8 0.41 / 0.42 against ONNX Runtime int8's 0.44 /
-# 0.48: within 1.3x of ONNX Runtime, and measured on a busy machine, so auto stays with ONNX Runtime.
+# openvino is not tried: in the committed side-by-side run (benchmarks/results/precision_default.md,
+# RN50 + ViT-B-32 at random weights, medians of per-round ratios to ONNX Runtime fp32) OpenVINO fp32
+# took 3.4x / 1.6x / 1.1x ONNX Runtime fp32's latency at batch 1 / 8 / 32 and OpenVINO int8 0.98x /
+# 0.81x / 0.56x, where ONNX Runtime int8 took 0.44x / 0.44x / 0.45x: slower everywhere here.
 AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
 
 
