@@ -73,12 +73,22 @@ def format_bench(result: dict) -> str:
     return format_table(result)
 
 
+def _interval(accuracy_pct: float, n) -> str:
+    """ " [lo, hi] (95%, n images)": the Wilson interval of an accuracy, or "" when n is unknown."""
+    if not n:
+        return ""
+    from clipfuse.export.paired import wilson_interval
+
+    iv = wilson_interval(int(round(accuracy_pct * n / 100)), int(n))
+    return f" [{iv.lo:.1f}, {iv.hi:.1f}] (95%, {n} images)"
+
+
 def format_demo(demo: dict) -> str:
     """run_demo's result as the sections `clipfuse demo` prints: fit, predict, bench."""
     shipped = demo["fit"]["shipped"]
     parts = [f"## Fit (held-out digits, k = {shipped['shots']})\n\n"
              + "\n".join(f"- {m}{' (shipped)' if m == shipped.get('row') else ''}: {a:.1f}%"
-                         for m, a in shipped["accuracy"].items())
+                         + _interval(a, demo["fit"].get("num_eval")) for m, a in shipped["accuracy"].items())
              + f"\n\nThe engine ships {shipped.get('row')}: {shipped.get('reason')}\n",
              "## Predict\n\n" + format_predictions(demo["predictions"], "table", 3, demo["backbone_names"], header=True),
              "## Bench\n\n" + format_bench(demo["bench"]),

@@ -25,7 +25,7 @@ def test_demo_stages_are_tagged_demo_and_it_returns_data(tmp_path, monkeypatch, 
 
     calls = {}
     fit_report = {"shipped": {"shots": 8, "accuracy": {"NLC": 70.0, "LOG-AVG": 60.0}, "row": "LOG-AVG",
-                              "reason": "LOG-AVG scored best on held-out pool images"}}
+                              "reason": "LOG-AVG scored best on held-out pool images"}, "num_eval": 40}
     pred = Prediction(index=0, path="x.png", labels=["digit_1", "digit_7", "digit_4"], probs=[0.7, 0.2, 0.1],
                       temperatures={"a": 1.0, "b": 0.5})
 
@@ -58,5 +58,6 @@ def test_demo_stages_are_tagged_demo_and_it_returns_data(tmp_path, monkeypatch, 
     assert got["fit"] is fit_report and got["predictions"] == [pred] and got["bench"] == {"plot": "p.png"}
     assert calls["predicted"] == 4 and calls["bench"]["runs"] == 1
     text = present.format_demo(got)
-    assert "- NLC: 70.0%" in text and "- LOG-AVG (shipped): 60.0%" in text and "digit_1" in text
+    assert "- NLC: 70.0% [54.6, 81.9] (95%, 40 images)" in text and "- LOG-AVG (shipped): 60.0%" in text
+    assert "digit_1" in text
     assert "The engine ships LOG-AVG: LOG-AVG scored best on held-out pool images" in text  # issue 13 and "BENCH TABLE" in text and "plot: p.png" in text
