@@ -242,7 +242,7 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
     from clipfuse.bench.cascade import bench_cascade, format_cascade
 
     m = read_manifest(cascade_engine[0])
-    c = bench_cascade(m, data, batches=(1, 8), quiet=True)
+    c = bench_cascade(m, data, batches=(1, 8), quiet=True, settle=0.0)
     assert c["images"] == 24 and set(c["latency"]) == {"1", "8"}
     for x in c["latency"].values():
         assert x["cascade"]["calls"] > 0 and abs(sum(x["exit_rates"]) - 1) < 1e-9

@@ -214,7 +214,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
             from .cascade import bench_cascade
 
             cascade = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
-                                    threads=threads, classes=classes, quiet=quiet)
+                                    threads=threads, classes=classes, quiet=quiet, settle=settle)
 
     result = {
         "command": command, "engine": str(m.folder), "backbones": names, "classes": len(m.classes),
