@@ -83,3 +83,15 @@ def _no_process_outlives_the_session():
         except Exception:
             pass
     assert not alive, f"processes outlived the test session: {[(p.pid, p.name()) for p in alive]}"
+
+
+@pytest.fixture(scope="session")
+def calib_dir(tmp_path_factory):
+    """The 32 photo variants (4 shipped photographs, crops, mirrors) as PNG files the test writes: an
+    int8 calibration folder."""
+    from clipfuse.runtime.compare import photo_variants
+
+    folder = tmp_path_factory.mktemp("calib")
+    for i, im in enumerate(photo_variants()):
+        im.save(folder / f"p{i:02d}.png")
+    return folder

@@ -12,17 +12,6 @@ from clipfuse.errors import ClipfuseError
 
 
 @pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory) -> Path:
-    """The 32 photo variants (4 shipped photographs, crops, mirrors) as PNG files the test writes."""
-    from clipfuse.runtime.compare import photo_variants
-
-    folder = tmp_path_factory.mktemp("calib")
-    for i, im in enumerate(photo_variants()):
-        im.save(folder / f"p{i:02d}.png")
-    return folder
-
-
-@pytest.fixture(scope="module")
 def int8(tiny_engine, calib_dir, tmp_path_factory):
     """(manifest, path of the int8 graph, record) for a copy of the tiny engine."""
     from clipfuse.export.int8 import calibration_feeds, quantize_int8

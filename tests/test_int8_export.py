@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,16 +16,6 @@ def _cli(*args):
     from clipfuse.cli import cli
 
     return CliRunner().invoke(cli, list(map(str, args)))
-
-
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory) -> Path:
-    from clipfuse.runtime.compare import photo_variants
-
-    folder = tmp_path_factory.mktemp("calib")
-    for i, im in enumerate(photo_variants()):
-        im.save(folder / f"p{i:02d}.png")
-    return folder
 
 
 @pytest.fixture(scope="module")
