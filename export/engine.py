@@ -23,10 +23,9 @@ from pathlib import Path
 
 from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
-from clipfuse.log import log, step  # noqa: F401  (export.fit takes them from here)
+from clipfuse.log import log, step
 
-from clipfuse.export.engine_folder import (  # noqa: F401  (the one writer; older callers import from here)
-    check_output_folder, fsync_file, hash_artefacts, new_engine_folder, write_file_atomic, write_manifest_atomic)
+from clipfuse.export.engine_folder import check_output_folder, hash_artefacts, new_engine_folder
 from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, label_binding
 
 MODEL_ONNX = "model.onnx"

@@ -121,7 +121,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     from clipfuse.export import heads as hd
     from clipfuse.export import baselines, nlc, study
     from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
-    from clipfuse.export.engine import check_output_folder, export_engine
+    from clipfuse.export.engine import export_engine
+    from clipfuse.export.engine_folder import check_output_folder
     from clipfuse.log import step
     from clipfuse.export.features import FeatureCache, compute_features, head_logits
     from clipfuse.export.fused import save_controller

@@ -98,7 +98,7 @@ def format_eval(res: dict, heatmap: str | None = None) -> str:
 
 def write_eval_report(res: dict, folder: Path) -> dict:
     from clipfuse.export.diversity import save_heatmap
-    from clipfuse.export.engine import write_file_atomic
+    from clipfuse.export.engine_folder import write_file_atomic
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -171,7 +171,7 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from clipfuse.export.engine import fsync_file
+    from clipfuse.export.engine_folder import fsync_file
     from clipfuse.export.fp16 import fp32_node_names
 
     if method not in METHODS:

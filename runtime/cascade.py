@@ -119,7 +119,7 @@ class CascadeBackend(Backend):
                iospec.TEMPERATURES: np.full((N, S), np.nan, np.float32),
                iospec.BACKBONE_LOGITS: np.full((N, S, C), np.nan, np.float32),
                iospec.FEATURES: np.full((N, sum(dims)), np.nan, np.float32)}
-        conf = np.full((N, S), np.nan)
+        stage = np.zeros(N, np.int64)            # 1-based stage that answered each image
         rows = np.arange(N)                      # images still undecided, into the batch
         feats, zs = [], []                       # per stage reached: (n_s, D_k), (n_s, C), rows of `rows`
         for s in range(1, S + 1):
@@ -134,11 +134,11 @@ class CascadeBackend(Backend):
                                                                  {iospec.FEATURES: X, iospec.BACKBONE_LOGITS: Z})
             self.calls[f"combine_{s}"] += len(rows)
             if s < S:       # routing.route's rule, stage by stage: leave at the first s with conf >= t_s
-                conf[rows, s - 1] = confidence(logits, self.score)
-                decided = conf[rows, s - 1] >= self._limits[s - 1]
+                decided = confidence(logits, self.score) >= self._limits[s - 1]
             else:
                 decided = np.ones(len(rows), bool)
             leave = rows[decided]
+            stage[leave] = s
             out[iospec.LOGITS][leave], out[iospec.PROBS][leave] = logits[decided], probs[decided]
             out[iospec.TEMPERATURES][leave, :s] = t[decided]
             out[iospec.BACKBONE_LOGITS][leave, :s] = Z[decided]
@@ -147,10 +147,7 @@ class CascadeBackend(Backend):
             feats, zs = [a[~decided] for a in feats], [a[~decided] for a in zs]
             if not len(rows):
                 break
-        # routing.route over what was computed (NaN where a stage was not reached) names the stage
-        # of every image; it must be where the loop let the image leave, or the loop is wrong
-        stage = route(conf, self.thresholds)
-        out[iospec.STAGE] = (stage + 1).astype(np.int64)
+        out[iospec.STAGE] = stage
         return out
 
     def close(self) -> None:

@@ -148,7 +148,7 @@ def test_build_fp16_plan_strongly_typed_agrees(trt_engine):
 @pytest.mark.tensorrt
 @needs_trt
 def test_plan_with_other_recorded_version_is_refused(trt_engine):
-    from clipfuse.export.engine import write_manifest_atomic
+    from clipfuse.export.engine_folder import write_manifest_atomic
     from clipfuse.export.trt import build_engine
     from clipfuse.runtime.backends import open_backend
 
