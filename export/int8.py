@@ -30,26 +30,23 @@ quantized ViT/CLIP:
                   (not in op_types_to_quantize), and, by node, the islands that
                   export/fp16.py's `fp32_node_names` finds: the feature L2 norm,
                   heads, controller and combination.
-    calibration   MinMax by default; Entropy and Percentile as options. MinMax adds
-                  ReduceMin/ReduceMax outputs and keeps scalars; the histogram methods
-                  keep every calibration batch's activations until the end (seen once, not
-                  committed: Percentile on 48 images of RN50 + ViT-B-32 peaked at 9.2 GB,
-                  MinMax at 4.5 GB).
+    calibration   MinMax by default; Entropy and Percentile as options, tower by tower
+                  and once per export (export/int8_calibrate.py: the whole-graph calibration
+                  peaked at 4.5 GB for the pair's 0.5 GB graph). The histogram methods keep
+                  every calibration batch's activations of a tower until its end (seen once,
+                  whole graph, not committed: Percentile on 48 images of RN50 + ViT-B-32
+                  peaked at 9.2 GB, MinMax at 4.5 GB).
 
 No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and
 renames nodes, and the islands are named by node; quantize_static's own shape
 inference runs on the exported graph as it is.
 
-`calibration_feeds(manifest, folder, count)` makes the calibration batches from
-an image folder through the runtime's host preprocessing (the same bytes the
-engine sees at inference). Validation against fp32 is in export/int8_validate.py.
+Calibration data and ranges: export/int8_calibrate.py. Validation against fp32:
+export/int8_validate.py.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
-import hashlib
-import logging
 import os
 import shutil
 import tempfile
@@ -60,91 +57,11 @@ import numpy as np
 from clipfuse.errors import ClipfuseError
 from clipfuse.log import step
 
-from clipfuse.runtime.precisions import MODEL_INT8  # noqa: E402,F401  (the file names per precision live there)
-QUANT_OPS = ("Conv", "MatMul", "Gemm")
-METHODS = ("minmax", "entropy", "percentile")
+from clipfuse.export.int8_calibrate import (  # noqa: F401  (callers take the calibration names from here too)
+    DEFAULT_COUNT, METHODS, MIN_IMAGES, QUANT_OPS, calibrate_ranges, calibration_feeds, feeds_images, feeds_sha256,
+    quiet_root_logger, save_ranges)
 ACTIVATIONS = {"s8": "QInt8", "u8": "QUInt8"}      # onnxruntime.quantization.QuantType names
-DEFAULT_COUNT = 256             # calibration images used at most (evenly spaced over the folder)
-MIN_IMAGES = 32                 # fewer than this and the activation ranges are one photo's ranges
 EXTERNAL_DATA_BYTES = 1_800_000_000
-
-
-# ----------------------------------------------------------------------------- calibration data
-
-def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int = 8,
-                      min_images: int = MIN_IMAGES) -> list[dict[str, np.ndarray]]:
-    """Calibration batches {input_name: uint8 (n, 3, R, R)} from the images in `folder`.
-
-    Up to `count` images, evenly spaced over the folder's sorted list (so a folder sorted by class
-    is not calibrated on its first class only), through runtime/images.py's loading and host
-    preprocessing. Refuses, one line each: a missing, unreadable or empty folder; fewer than
-    `min_images` readable images (naming a failure when some could not be read).
-    """
-    from clipfuse.runtime.images import collect_images, preprocess_paths
-
-    folder = Path(folder)
-    if count < min_images:
-        raise ClipfuseError(f"--calibration-count {count} is below the minimum of {min_images} images; "
-                            f"give at least {min_images}")
-    if not folder.is_dir():
-        raise ClipfuseError(f"calibration folder {str(folder)!r} does not exist or is not a folder; "
-                            "give a folder of your own images")
-    if not os.access(folder, os.R_OK | os.X_OK):    # os.walk would silently see an empty folder
-        raise ClipfuseError(f"calibration folder {str(folder)!r} cannot be read (permission denied); "
-                            "fix its permissions")
-    paths = collect_images([folder])                 # ClipfuseError when it holds no image files
-    if len(paths) > count:
-        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
-    ok, inputs, failures = preprocess_paths(paths, manifest.preprocess_specs(), batch_size=batch)
-    if len(ok) < min_images:
-        why = (f"; {len(failures)} could not be read, e.g. {failures[0].path}: {failures[0].reason}"
-               if failures else "")
-        raise ClipfuseError(f"calibration folder {str(folder)!r} has {len(ok)} usable images, "
-                            f"need at least {min_images}{why}; add more images")
-    n = len(ok)
-    return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)]
-
-
-def feeds_sha256(feeds: list[dict[str, np.ndarray]]) -> str:
-    """sha256 over the calibration tensors (names, shapes, bytes, in order): what was calibrated on."""
-    h = hashlib.sha256()
-    for feed in feeds:
-        for name in sorted(feed):
-            a = np.ascontiguousarray(feed[name])
-            h.update(f"{name}:{a.dtype}:{a.shape};".encode())
-            h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _reader(feeds: list[dict[str, np.ndarray]]):
-    """A CalibrationDataReader over the feeds (the base class lives in onnxruntime.quantization)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class FeedReader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(feeds)
-
-        def get_next(self):
-            return next(self._it, None)
-
-        def rewind(self):
-            self._it = iter(feeds)
-
-    return FeedReader()
-
-
-# ----------------------------------------------------------------------------- quantization
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """quantize_static warns on the root logger to run quant_pre_process (not used: see the docstring)."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 def _weighted(node, constants: set) -> bool:
@@ -160,19 +77,21 @@ def _constants(graph) -> set:
 
 def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
                   method: str = "minmax", per_channel: bool = True, activations: str = "s8",
-                  activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True) -> dict:
+                  activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True,
+                  ranges=None) -> dict:
     """Quantize the fp32 graph at src_onnx into a QDQ graph at dst_onnx (atomically); returns the
     manifest record: quantizer, version and settings, calibration count and sha256, nodes quantized
     per op type, and what stayed float.
 
     method: minmax | entropy | percentile (percentile: its percentile); activations: "s8" (TensorRT,
-    the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring)."""
+    the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring).
+    ranges: activation ranges from export/int8_calibrate.calibrate_ranges on the same feeds and
+    method (the second graph of an export reuses the first's); calibrated here, tower by tower, when None."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     from clipfuse.export.engine_folder import fsync_file
-    from clipfuse.export.fp16 import fp32_node_names
 
     if method not in METHODS:
         raise ClipfuseError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
@@ -181,40 +100,44 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     if not calibration_feeds:
         raise ClipfuseError("no calibration images were given; give a folder of your own images")
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
-    model = onnx.load(str(src_onnx))
-    island, islands = fp32_node_names(model)          # also names unnamed nodes, which exclusion needs
-    consts = _constants(model.graph)
-    towers = [n for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in island]
-    to_quantize = [n.name for n in towers if _weighted(n, consts)]
-    left_float = collections.Counter(n.op_type + (" (activation x activation)" if not _weighted(n, consts) else "")
-                                     for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in to_quantize)
-    large = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    model = onnx.load(str(src_onnx), load_external_data=False)        # the structure; weights stay on disk
+    unnamed = any(not n.name for n in model.graph.node)
+    island, islands, to_quantize, left_float = quantization_plan(model)
+    large = src_onnx.stat().st_size + sum(p.stat().st_size for p in _data_files(model, src_onnx.parent)) \
+        > EXTERNAL_DATA_BYTES
     extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": activation_symmetric}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
-    # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears the
-    # collected outputs every N batches WITHOUT merging their ranges first, so the ranges come from the
-    # last partial group only ("No data is collected." when the batch count is a multiple of N; seen
-    # here). MinMax needs no such cap anyway: it calibrates on ReduceMin/ReduceMax outputs (scalars).
+    cal_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[method]
     settings = {"quant_format": "QDQ", "activation_type": ACTIVATIONS[activations], "weight_type": "QInt8",
                 "per_channel": per_channel, "reduce_range": False, "calibrate_method": method,
+                "calibration": "tower by tower, ranges shared by both int8 graphs",
                 "op_types_to_quantize": list(QUANT_OPS), "extra_options": extra}
     tmpdir = Path(tempfile.mkdtemp(prefix=".int8.tmp-", dir=dst_onnx.parent))
     try:
-        out = tmpdir / dst_onnx.name
-        n_images = sum(len(next(iter(f.values()))) for f in calibration_feeds)
-        with _quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
-                                        f"Conv/MatMul/Gemm, {method} calibration on {n_images} images)", quiet):
+        n_images = feeds_images(calibration_feeds)
+        if ranges is None:
+            ranges = calibrate_ranges(src_onnx, calibration_feeds, method, percentile, workdir=tmpdir, quiet=quiet)
+        if ranges.calibration_method != cal_method:
+            raise ValueError(f"ranges calibrated with {ranges.calibration_method}, asked {method}")
+        cache = save_ranges(ranges, tmpdir / "ranges.json")
+        # quantize_static shape-infers a copy written beside its input: the input is a link to the engine's
+        # graph inside tmpdir, so nothing is written into the engine folder, and nothing is loaded twice.
+        src = _linked_source(src_onnx, model if unnamed else None, tmpdir / "src")
+        del model
+        outdir = tmpdir / "out"
+        outdir.mkdir()
+        out = outdir / dst_onnx.name
+        with quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
+                                       f"Conv/MatMul/Gemm, {method} ranges from {n_images} images)", quiet):
             quantize_static(
-                model, str(out), _reader(calibration_feeds), quant_format=QuantFormat.QDQ,
+                str(src), str(out), None, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANT_OPS), per_channel=per_channel, reduce_range=False,
                 activation_type=getattr(QuantType, ACTIVATIONS[activations]), weight_type=QuantType.QInt8,
                 nodes_to_quantize=to_quantize, nodes_to_exclude=sorted(island),
-                use_external_data_format=large,
-                calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                                  "percentile": CalibrationMethod.Percentile}[method],
-                extra_options=extra)
-        del model
+                use_external_data_format=large, calibrate_method=cal_method,
+                calibration_cache_path=str(cache), extra_options=extra)
         q = onnx.load(str(out))
         rewired = float_island_inputs(q.graph, island)
         if rewired:
@@ -223,12 +146,13 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         if missing:          # a silent skip would ship a graph slower than promised
             raise RuntimeError(f"quantize_static left {len(missing)} tower nodes unquantized, e.g. {missing[:3]}")
         counts = collections.Counter(n.op_type for n in q.graph.node)
-        names = [out.name] + sorted(p.name for p in tmpdir.iterdir() if p.name != out.name)
+        del q
+        names = [out.name] + sorted(p.name for p in outdir.iterdir() if p.name != out.name)
         # Data files first, the graph last: a reader never sees a graph whose data is not in place.
         for name in reversed(names):
-            fsync_file(tmpdir / name)
-            os.chmod(tmpdir / name, 0o644)
-            os.replace(tmpdir / name, dst_onnx.parent / (dst_onnx.name if name == out.name else name))
+            fsync_file(outdir / name)
+            os.chmod(outdir / name, 0o644)
+            os.replace(outdir / name, dst_onnx.parent / (dst_onnx.name if name == out.name else name))
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return {
@@ -248,6 +172,51 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         "dequantize_linear": counts.get("DequantizeLinear", 0),
         "nodes": sum(counts.values()),
     }
+
+
+def quantization_plan(model) -> tuple[set, dict, list, collections.Counter]:
+    """(island node names, islands summary, the tower nodes to quantize, {op type: count} of the weighted
+    ops left float) for the fused graph `model` (its structure is enough). Names unnamed nodes."""
+    from clipfuse.export.fp16 import fp32_node_names
+
+    island, islands = fp32_node_names(model)          # also names unnamed nodes, which exclusion needs
+    consts = _constants(model.graph)
+    towers = [n for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in island]
+    to_quantize = [n.name for n in towers if _weighted(n, consts)]
+    left_float = collections.Counter(n.op_type + (" (activation x activation)" if not _weighted(n, consts) else "")
+                                     for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in to_quantize)
+    return island, islands, to_quantize, left_float
+
+
+def _data_files(model, folder: Path) -> list[Path]:
+    """The external data files the graph's initializers name (relative to its folder)."""
+    from onnx import external_data_helper
+
+    locs = set()
+    for t in model.graph.initializer:
+        if external_data_helper.uses_external_data(t):
+            locs.add(next(e.value for e in t.external_data if e.key == "location"))
+    return [folder / loc for loc in sorted(locs)]
+
+
+def _linked_source(src: Path, renamed, dst_dir: Path) -> Path:
+    """src (and its external data) in dst_dir, hard-linked (copied across file systems). `renamed`: the
+    structure with names given to unnamed nodes (the exclusion lists name them): written in full instead."""
+    import onnx
+
+    dst_dir.mkdir()
+    if renamed is not None:
+        full = onnx.load(str(src))
+        for a, b in zip(full.graph.node, renamed.graph.node):
+            a.name = b.name
+        _save(full, dst_dir / src.name, large=True)
+        return dst_dir / src.name
+    for p in [src] + _data_files(onnx.load(str(src), load_external_data=False), src.parent):
+        try:
+            os.link(p, dst_dir / p.name)
+        except OSError:
+            shutil.copy2(p, dst_dir / p.name)
+    return dst_dir / src.name
 
 
 def _save(model, path: Path, large: bool) -> None:

@@ -17,10 +17,9 @@ benchmarks/results/int8_activations.md, `python benchmarks/int8_activations.py E
 Both are calibrated on the same images (the user's folder through the engine's host
 preprocessing), both validated against fp32 by the one comparator with the int8
 tolerance row (export/int8_validate.py), both recorded in the manifest's
-precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). What it
-costs: the calibration runs twice (once per activation type; quantize_static
-calibrates inside each call), so export takes about twice as long; the files add
-~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
+precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). The calibration
+runs once, tower by tower (export/int8_calibrate.py), and both graphs are quantized
+from its ranges; the files add ~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
 
 Refused, one line each and nothing written: an engine without model.onnx, a
 calibration folder that is missing, unreadable, empty or has too few images
@@ -34,7 +33,7 @@ from pathlib import Path
 from clipfuse.errors import ClipfuseError
 from clipfuse.log import log, step
 
-from clipfuse.export.int8 import DEFAULT_COUNT, calibration_feeds, quantize_int8
+from clipfuse.export.int8 import DEFAULT_COUNT, calibrate_ranges, calibration_feeds, quantize_int8
 from clipfuse.export.int8_validate import format_checks, require_valid, validate_int8
 from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
 
@@ -70,11 +69,13 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         feeds = calibration_feeds(m, calibration, count)
     records = {}
     with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
+        # one calibration (tower by tower) for every target: ranges do not depend on the activation type
+        ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage, quiet=quiet)
         for i, target in enumerate(targets):
             name, act, sym = TARGET_GRAPHS[target]
             dst = update.path(name)
             rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
-                                activation_symmetric=sym, quiet=quiet)
+                                activation_symmetric=sym, quiet=quiet, ranges=ranges)
             with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
                 rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes)
             for line in format_checks(rec["validation"]):
