@@ -94,7 +94,8 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 # same ensemble (export validation, fp16 validation, `clipfuse compare`). A check passes when
 # max |got - ref| <= atol + rtol * max |ref| per output (plus, for logits only, the error the
 # heads propagate from the features; probs never get that term), every backbone's embedding
-# cosine >= min_cosine, and the share of changed top-1 answers <= max_top1_changed
+# cosine >= min_cosine, every backbone's feature error over the median distance between two
+# images <= max_error_to_spread, and the share of changed top-1 answers <= max_top1_changed
 # (clipfuse.runtime.comparator applies them).
 #   fp32: measured ~2e-6 relative between ORT CPU and PyTorch on RN50 + ViT-B-32
 #         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a
@@ -120,11 +121,22 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #         leaves ~2.5x; a cosine of 0.99 allows a feature error of 0.14, more than any element bound.
 #         max_accuracy_drop (points, int8 minus fp32 on the same labelled images, with --data):
 #         issue 16's "accuracy within 0.5 points".
+#   max_error_to_spread (per backbone): max_i ||v_i - u_i|| over the median ||u_i - u_j|| between
+#         two images, unit-norm embeddings (u reference, v compared; runtime/comparator.py). The
+#         cosine bound is absolute: seeded random RN50 towers embed two different digits at cosine
+#         0.99996 (distance ~0.009, benchmarks/results/feature_spread.md), so an int8 graph at cosine
+#         0.9997 (error ~0.024, ratio ~2.7) passed min_cosine and changed 57 of 64 fused answers.
+#         Trained CLIP embeds unrelated photos at cosine ~0.5-0.8 (distance ~0.6-1.0); int8 at the
+#         cosine bound 0.99 is a distance of 0.14, a ratio of ~0.15-0.25: int8 and fp16 0.25 pass
+#         that and refuse an error a quarter of the way to another image. fp32: runs differ by ~1e-6
+#         relative, so 0.01 is a bug detector with a wide margin.
 TOLERANCES = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-3},
-    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05, "max_probs_shift": 0.05},
+    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-3,
+             "max_error_to_spread": 0.01},
+    "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05, "max_probs_shift": 0.05,
+             "max_error_to_spread": 0.25},
     "int8": {"rtol": 5e-2, "atol": 1e-2, "min_cosine": 0.99, "max_top1_changed": 0.01, "max_probs_shift": 0.05,
-             "max_accuracy_drop": 0.5},
+             "max_accuracy_drop": 0.5, "max_error_to_spread": 0.25},
 }
 PRECISIONS = tuple(TOLERANCES)
 

@@ -6,8 +6,10 @@ Runs both graphs on the same images (32 variants of the shipped photographs by d
 compares them with the one comparator (clipfuse.runtime.comparator) and the precision's row of
 clipfuse.iospec.TOLERANCES, with `heads_exact`: the converters here keep the feature norm, heads,
 controller and combination in fp32, so a logit may move only as far as its head carries the
-feature error. Nothing here is fp16-specific: an int8 (QDQ) graph with the same fp32 islands is
-validated by the same call with its own tolerance row.
+feature error. Per backbone the comparator also holds the feature error to a share of the median
+distance between two images (max_error_to_spread), which an absolute cosine bound cannot see when a
+tower embeds every image nearly alike. Nothing here is fp16-specific: an int8 (QDQ) graph with the
+same fp32 islands is validated by the same call with its own tolerance row.
 
 ONNX Runtime CPU lacks reduced-precision kernels for many ops and computes them in fp32 between
 inserted casts; `cpu_fp32_fallback_ops` says which, so a report can say what the CPU check measured.

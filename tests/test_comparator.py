@@ -172,6 +172,132 @@ def test_worst_offender_comes_first():
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tolerance_rows_carry_every_bound(precision):
     row = iospec.tolerance(precision)
-    assert set(row) == {"rtol", "atol", "min_cosine", "max_top1_changed", "max_probs_shift"}
+    assert set(row) == {"rtol", "atol", "min_cosine", "max_top1_changed", "max_probs_shift", "max_error_to_spread"}
     assert 0 <= row["max_top1_changed"] < 0.062        # the 6.2% that once passed must fail
     assert 0 < row["max_probs_shift"] <= 0.05           # a probs bound stays well inside [0, 1]
+
+
+# ----------------------------------------------------------------------------- error relative to the spread
+def _with_features(out, f):
+    """`out` with its features replaced by `f`, the other outputs as they were."""
+    got = _copy(out)
+    got[iospec.FEATURES] = f
+    return got
+
+
+def _collapsed(rng, n=32, dims=(8, 6), signal=0.01):
+    """Unit embeddings that share one direction and differ by `signal`: random RN towers embed two
+    different digits at cosine 0.99996 (benchmarks/results/feature_spread.md)."""
+    parts = []
+    for d in dims:
+        c = rng.normal(size=d)
+        x = c / np.linalg.norm(c) + signal * rng.normal(size=(n, d)) / np.sqrt(d)
+        parts.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return np.concatenate(parts, 1)
+
+
+def _noisy(f, rng, size):
+    return f + size * rng.normal(size=f.shape) / np.sqrt(f.shape[1])
+
+
+def test_error_to_spread_fails_on_collapsed_features_while_cosine_passes():
+    """The int8 failure it was made for: cosine 0.9999 with fp32 (far inside 0.99), error as large as the
+    difference between two images."""
+    rng = np.random.default_rng(10)
+    ref, bbs, norms = _outputs(rng)
+    ref = _with_features(ref, _collapsed(rng))
+    got = _with_features(ref, _noisy(ref[iospec.FEATURES], rng, 0.01))
+    r = _run(ref, got, bbs, norms, precision="int8")
+    for b in r["backbones"]:
+        assert b["cosine_min"] > 0.999 and b["error_to_spread_bound"] == 0.25
+        assert 0.008 < b["feature_spread_median"] < 0.02 and b["error_to_spread"] > 0.5
+    assert not r["ok"] and not any("cosine" in f for f in r["failures"])
+    lines = [f for f in r["failures"] if "median distance between two images" in f]
+    assert len(lines) == 2 and lines[0].startswith(("b0:x: feature error ", "b1:x: feature error "))
+    assert "> bound 0.25: these features carry too little between-image signal for this precision" in lines[0]
+
+
+def test_error_to_spread_passes_on_well_spread_features_with_the_same_noise():
+    rng = np.random.default_rng(11)
+    ref, bbs, norms = _outputs(rng)                       # random unit embeddings: pairs ~1.4 apart
+    got = _with_features(ref, _noisy(ref[iospec.FEATURES], rng, 0.01))
+    r = _run(ref, got, bbs, norms, precision="int8")
+    for b in r["backbones"]:
+        assert b["feature_spread_median"] > 1.0 and b["error_to_spread"] < 0.02
+    assert not any("median distance" in f for f in r["failures"])
+
+
+def test_error_to_spread_fails_in_fp32_at_a_hundredth_of_the_spread():
+    rng = np.random.default_rng(12)
+    ref, bbs, norms = _outputs(rng)
+    f = ref[iospec.FEATURES]
+    ok = _run(ref, _with_features(ref, _noisy(f, rng, 1e-4)), bbs, norms, precision="fp32")
+    assert all(b["error_to_spread"] < 1e-3 for b in ok["backbones"])
+    assert not any("median distance" in x for x in ok["failures"])
+    bad = _run(ref, _with_features(ref, _noisy(f, rng, 0.05)), bbs, norms, precision="fp32")
+    assert any("median distance" in x and "> bound 0.01:" in x for x in bad["failures"])
+
+
+def test_error_to_spread_is_not_measured_on_one_image():
+    rng = np.random.default_rng(13)
+    ref, bbs, norms = _outputs(rng, n=1)
+    ref = _with_features(ref, _collapsed(rng, n=1))
+    got = _with_features(ref, _noisy(ref[iospec.FEATURES], rng, 0.01))
+    r = _run(ref, got, bbs, norms, precision="int8")
+    for b in r["backbones"]:
+        assert b["error_to_spread"] is None and b["feature_spread_median"] is None
+        assert b["feature_error_max"] > 0 and "no pair" in b["error_to_spread_reason"]
+    assert not any("median distance" in x for x in r["failures"])
+    assert any("error/spread not measured (1 image(s): no pair" in x and "bound <= 0.25" in x
+               for x in comparator.format_lines(r))
+
+
+def test_error_to_spread_with_no_spread_and_with_duplicates():
+    """Copies of one image: nothing to compare an error with (not measured; the cosine bound still
+    applies). Duplicates among distinct images do not pull the median to 0: only distinct pairs count."""
+    rng = np.random.default_rng(14)
+    ref, bbs, norms = _outputs(rng)
+    f = np.repeat(ref[iospec.FEATURES][:1], 32, axis=0)
+    same = _with_features(ref, f)
+    r = _run(same, _with_features(same, _noisy(f, rng, 0.5)), bbs, norms, precision="int8")
+    for b in r["backbones"]:
+        assert b["error_to_spread"] is None and b["feature_spread_median"] == 0.0
+        assert "every image embeds the same" in b["error_to_spread_reason"]
+    assert not any("median distance" in x for x in r["failures"])
+    assert any("embedding cosine min" in x for x in r["failures"])      # the large error is still refused
+    # 24 copies of one image and 8 others: most pairs are copies, the median is over the distinct ones
+    f = ref[iospec.FEATURES].copy()
+    f[8:] = f[0]
+    dup = _with_features(ref, f)
+    r = _run(dup, _copy(dup), bbs, norms, precision="int8")
+    assert all(b["feature_spread_median"] > 1.0 and b["error_to_spread"] == 0.0 for b in r["backbones"])
+
+
+def test_error_to_spread_zero_norm_embedding_and_sampled_pairs():
+    rng = np.random.default_rng(15)
+    ref = rng.normal(size=(600, 8))
+    got = ref.copy()
+    got[3] = 0.0                                           # a dead output: distance 1 from its unit reference
+    s = comparator.error_to_spread(ref, got)
+    assert s["feature_error_max"] == pytest.approx(1.0)
+    u = ref / np.linalg.norm(ref, axis=1, keepdims=True)   # 600 images: a seeded sample of pairs ...
+    exact = np.median([np.linalg.norm(u[i] - u[j]) for i in range(600) for j in range(i + 1, 600)])
+    assert s["feature_spread_median"] == pytest.approx(exact, rel=0.02)          # ... close to every pair's
+    assert comparator.error_to_spread(ref, got) == s                              # and the same every time
+
+
+def test_error_to_spread_bound_is_printed():
+    rng = np.random.default_rng(16)
+    ref, bbs, norms = _outputs(rng)
+    r = _run(ref, _copy(ref), bbs, norms, precision="fp16")
+    text = "\n".join(comparator.format_lines(r))
+    assert text.count("(bound <= 0.25)") == 2 and "/ median distance between images" in text
+    assert "feature error / median distance between two images <= 0.25 per backbone" in \
+        comparator.describe_bounds(r["bounds"])
+    # reports recorded before the check existed still print
+    old = {k: v for k, v in iospec.tolerance("fp16").items() if k != "max_error_to_spread"}
+    assert "<= (not checked)" in comparator.describe_bounds(old)
+    for b in r["backbones"]:
+        for k in ("feature_error_max", "feature_spread_median", "error_to_spread", "error_to_spread_bound"):
+            b.pop(k)
+    assert "report predates the check" in "\n".join(comparator.format_lines(r))

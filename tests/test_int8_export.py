@@ -19,10 +19,11 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def int8_engine(tiny_engine, calib_dir, tmp_path_factory):
-    """A copy of the tiny engine with both int8 graphs, made through the CLI."""
+def int8_engine(tiny_vit_engine, calib_dir, tmp_path_factory):
+    """A copy of the tiny engine (without its collapsed ResNet tower: see tiny_vit_engine) with both int8
+    graphs, made through the CLI."""
     folder = tmp_path_factory.mktemp("int8e") / "tiny"
-    shutil.copytree(tiny_engine, folder)
+    shutil.copytree(tiny_vit_engine, folder)
     r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32, "-q")
     assert r.exit_code == 0, r.output
     assert "model.int8.onnx (target cpu)" in r.output and "model.int8-trt.onnx (target tensorrt)" in r.output

@@ -295,7 +295,7 @@ def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
             proc.wait()
 
 
-def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, photo_paths, tmp_path):
+def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine, photo_paths, tmp_path):
     """`serve --precision int8`: the server runs model.int8.onnx (its answers equal the local int8 graph's);
     an engine without it is refused before anything starts."""
     import shutil
@@ -310,7 +310,7 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, photo_paths, tm
     for i, im in enumerate(photo_variants()):
         im.save(calib / f"p{i:02d}.png")
     folder = tmp_path / "tiny"
-    shutil.copytree(tiny_engine, folder)
+    shutil.copytree(tiny_vit_engine, folder)            # int8 of the collapsed RN tower is refused
     export_int8(folder, calib, count=32, targets=("cpu",), quiet=True)
     srv = clipfuse.serve(folder, host=HOST, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
                          quiet=True, exit_timeout_s=2, precision="int8")
