@@ -71,13 +71,15 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
         # one calibration (tower by tower) for every target: ranges do not depend on the activation type
         ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage, quiet=quiet)
+        ref_cache = {}            # fp32's outputs on the validation images, computed once for both graphs
         for i, target in enumerate(targets):
             name, act, sym = TARGET_GRAPHS[target]
             dst = update.path(name)
             rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
                                 activation_symmetric=sym, quiet=quiet, ranges=ranges)
             with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
-                rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes)
+                rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
+                                                  ref_cache=ref_cache)
             for line in format_checks(rec["validation"]):
                 log(line, quiet, tag="int8")
             if strict:

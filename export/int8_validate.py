@@ -1,8 +1,10 @@
 """Is the int8 graph still the fp32 engine? Figures against fp32 on ONNX Runtime CPU, and a refusal.
 
-Both graphs run on the same images (by default the 32 photo variants that the
-fp16 validation uses: runtime.compare.photo_variants) through the runtime's
-host preprocessing, and are compared by the one comparator
+Both graphs run on the same images through the runtime's host preprocessing:
+with `--data`, every readable image of the user's labelled folder (agreement and
+accuracy from one pass of each graph); otherwise the 32 photo variants that the
+fp16 validation uses (runtime.compare.photo_variants). fp32's outputs are computed
+once per export for both int8 graphs (`ref_cache`). They are compared by the one comparator
 (runtime/comparator.py, through export/precision_validate.py, exactly as fp16
 is) with the "int8" row of clipfuse.iospec.TOLERANCES and `heads_exact`:
 
@@ -30,6 +32,7 @@ user with real weights must meet, and a graph below them is refused, not kept.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +70,50 @@ def accuracy_line(acc: dict) -> str:
 
 
 def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, quiet: bool = True, data=None,
-                  classes=None) -> dict:
+                  classes=None, ref_cache: dict | None = None) -> dict:
     """Run fp32 (manifest.onnx_path) and int8 graphs on ORT CPU on the same images; figures + verdict
-    (printed through the logger; no raise: see `require_valid`). data: a labelled folder for accuracy."""
-    from clipfuse.export.precision_validate import validate_precision
+    (printed through the logger; no raise: see `require_valid`).
 
-    if images is None and data is not None:
-        images = data_images(data)
-    report = validate_precision(manifest, Path(int8_path), "int8", images=images, batch=batch)
-    report["images_from"] = str(data) if data is not None else "the shipped photographs (32 variants)"
+    data: a labelled folder: agreement AND accuracy are measured on its images, one pass of each graph
+    (the accuracy is the fused top-1 of the same outputs the comparator reads). Without it, the 32 photo
+    variants (or `images`). ref_cache: a dict kept across calls (export_int8 passes one per export): fp32's
+    outputs on the same images are computed once for every int8 graph validated against them."""
+    from clipfuse.export.precision_validate import compare_precisions, make_feeds, run_batches, validation_images
+    from clipfuse.export.paired import paired_difference
+    from clipfuse.runtime.compare import head_row_norms
+    from clipfuse.runtime.sessions import open_session
+
+    ref_cache = {} if ref_cache is None else ref_cache
+    y = None
     if data is not None:
-        report["accuracy"] = paired_accuracy(manifest, Path(int8_path), data, classes=classes)
+        key = ("data", str(data))
+        if key not in ref_cache:
+            ref_cache[key + ("feeds",)] = labelled_feeds(manifest, data, classes, batch)
+        feeds, y = ref_cache[key + ("feeds",)]
+    else:
+        key = ("images", id(images))
+        feeds = make_feeds(manifest, validation_images() if images is None else images, batch)
+    timing = {}
+    if key not in ref_cache:
+        t = time.perf_counter()
+        ref_cache[key] = run_batches(open_session(manifest.onnx_path), feeds)
+        timing["fp32_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    got = run_batches(open_session(Path(int8_path)), feeds)
+    timing["int8_s"] = time.perf_counter() - t
+    ref = ref_cache[key]
+    report = compare_precisions(ref, got, manifest.data, head_row_norms(manifest.folder, len(manifest.backbones)),
+                                "int8")
+    report["ort_cpu_seconds"] = {k: round(v, 3) for k, v in timing.items()}
+    report["ort_cpu_seconds"]["batch"] = batch
+    report["onnxruntime"] = __import__("onnxruntime").__version__
+    report["images_from"] = str(data) if data is not None else "the shipped photographs (32 variants)"
+    if y is not None:
+        pred = {"fp32": ref[iospec.LOGITS].argmax(-1), "int8": got[iospec.LOGITS].argmax(-1)}
+        d = paired_difference(pred["int8"], pred["fp32"], y)
+        report["accuracy"] = {"data": str(data), "images": int(len(y)), "fp32": float((pred["fp32"] == y).mean() * 100),
+                              "int8": float((pred["int8"] == y).mean() * 100), "paired": d.to_dict(),
+                              "max_drop": iospec.tolerance("int8")["max_accuracy_drop"]}
         if report["accuracy"]["paired"]["difference"] < -report["accuracy"]["max_drop"]:
             report["failures"].append(accuracy_line(report["accuracy"]).strip())
             report["ok"] = False
@@ -86,40 +122,11 @@ def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, quiet:
     return report
 
 
-AGREEMENT_IMAGES = 64
-
-
-def data_images(data, count: int = AGREEMENT_IMAGES) -> list:
-    """Up to `count` images of the user's labelled folder, evenly spaced over it (every class), as RGB PIL
-    images: with --data, agreement is checked on the task's own images. The shipped photographs are out
-    of distribution for heads fitted on the user's data (linear probes on digits have tiny margins on a
-    photo of a rocket), so a top-1 bound there measures the heads' indifference, not the quantization."""
-    from PIL import Image
-
+def labelled_feeds(manifest, data, classes=None, batch: int = 32) -> tuple[list[dict], np.ndarray]:
+    """(feeds, labels) of every readable image of a labelled folder (DATA/<class>/<images>) through the
+    engine's host preprocessing; refuses a folder whose classes are not the engine's."""
     from clipfuse.export.data import scan_labelled_folder
-
-    paths = scan_labelled_folder(data)[0]
-    pick = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, min(count, len(paths)))]
-    out = []
-    for p in dict.fromkeys(pick):
-        try:
-            with Image.open(p) as im:
-                out.append(im.convert("RGB"))
-        except OSError:
-            continue            # unreadable: paired_accuracy names it
-    if not out:
-        raise ClipfuseError(f"--data {data}: no readable image to check agreement on")
-    return out
-
-
-def paired_accuracy(manifest, int8_path: Path, data, classes=None, batch: int = 32) -> dict:
-    """Fused top-1 accuracy of fp32 and int8 on a labelled folder (DATA/<class>/<images>), the same images
-    through the same host preprocessing, and int8 - fp32 as a paired difference with its interval."""
-    from clipfuse.export.data import scan_labelled_folder
-    from clipfuse.export.paired import paired_difference
-    from clipfuse.export.precision_validate import run_batches
     from clipfuse.runtime.images import iter_batches
-    from clipfuse.runtime.sessions import open_session
 
     paths, labels, names = scan_labelled_folder(data, classes)
     if list(names) != manifest.classes:
@@ -133,13 +140,24 @@ def paired_accuracy(manifest, int8_path: Path, data, classes=None, batch: int = 
             kept += b.paths
     if not kept:
         raise ClipfuseError(f"--data {data}: no readable image")
-    y = np.array([label_of[p] for p in kept])
+    return feeds, np.array([label_of[p] for p in kept])
+
+
+def paired_accuracy(manifest, graph_path: Path, data, classes=None, batch: int = 32, key: str = "int8") -> dict:
+    """Fused top-1 accuracy of fp32 and another graph of the engine (int8, fp16) on a labelled folder, the
+    same images through the same host preprocessing, and its difference from fp32, paired, with its interval.
+    The result names the other graph `key` (the int8 validation's record reads "int8")."""
+    from clipfuse.export.paired import paired_difference
+    from clipfuse.export.precision_validate import run_batches
+    from clipfuse.runtime.sessions import open_session
+
+    feeds, y = labelled_feeds(manifest, data, classes, batch)
     pred = {}
-    for key, p in (("fp32", manifest.onnx_path), ("int8", int8_path)):
-        pred[key] = run_batches(open_session(p), feeds)[iospec.LOGITS].argmax(-1)
-    d = paired_difference(pred["int8"], pred["fp32"], y)
+    for name, p in (("fp32", manifest.onnx_path), (key, graph_path)):
+        pred[name] = run_batches(open_session(p), feeds)[iospec.LOGITS].argmax(-1)
+    d = paired_difference(pred[key], pred["fp32"], y)
     return {"data": str(data), "images": int(len(y)), "fp32": float((pred["fp32"] == y).mean() * 100),
-            "int8": float((pred["int8"] == y).mean() * 100), "paired": d.to_dict(),
+            key: float((pred[key] == y).mean() * 100), "paired": d.to_dict(),
             "max_drop": iospec.tolerance("int8")["max_accuracy_drop"]}
 
 

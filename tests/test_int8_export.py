@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,30 +125,39 @@ def test_accuracy_with_data_is_a_paired_difference(int8_engine, photo_paths, tmp
         paired_accuracy(m, int8_engine / "model.int8.onnx", tmp_path / "data")        # 'coffee' is not a class
 
 
-def test_with_data_agreement_is_checked_on_the_users_images(int8_engine, photo_paths, tmp_path, monkeypatch):
+def test_with_data_agreement_and_accuracy_come_from_one_pass_on_the_users_images(int8_engine, photo_paths, tmp_path,
+                                                                              monkeypatch):
     """The photographs are out of distribution for heads fitted on the user's data: with --data, agreement
-    (cosine, top-1) is measured on the user's own images, evenly spaced over every class."""
+    (cosine, top-1) is measured on the user's own images, every readable one, and the accuracy is read from
+    the same outputs; fp32 runs once for every graph validated with the same ref_cache."""
     from imagefactory import make_labelled_folder
 
-    from clipfuse.export import int8_validate, precision_validate
+    from clipfuse.export import int8_validate
+    from clipfuse.runtime import sessions
     from clipfuse.runtime.manifest import read_manifest
 
     make_labelled_folder(tmp_path / "data", photo_paths, per_class=4)
-    seen = {}
-    real = precision_validate.validate_precision
+    opened = []
+    real = sessions.open_session
 
-    def spy(manifest, path, precision, images=None, batch=8):
-        seen["images"] = images
-        return real(manifest, path, precision, images=images, batch=batch)
-    monkeypatch.setattr(precision_validate, "validate_precision", spy)
+    def spy(path, *a, **kw):
+        opened.append(Path(path).name)
+        return real(path, *a, **kw)
+    monkeypatch.setattr(sessions, "open_session", spy)
     m = read_manifest(int8_engine)
     classes = {"astronaut": "astronaut", "cat": "cat", "coffee": "cup of coffee", "rocket": "rocket"}
-    rep = int8_validate.validate_int8(m, int8_engine / "model.int8.onnx", data=tmp_path / "data", classes=classes)
-    assert len(seen["images"]) == 16 and rep["images_from"] == str(tmp_path / "data")
-    assert {im.size for im in seen["images"]} == {im.size for im in int8_validate.data_images(tmp_path / "data")}
-    assert len(int8_validate.data_images(tmp_path / "data", count=5)) == 5
+    cache = {}
+    for _ in range(2):
+        rep = int8_validate.validate_int8(m, int8_engine / "model.int8.onnx", data=tmp_path / "data", classes=classes,
+                                          ref_cache=cache)
+        assert rep["images"] == 16 and rep["images_from"] == str(tmp_path / "data")
+        assert rep["accuracy"]["images"] == 16
+    assert opened == ["model.onnx", "model.int8.onnx", "model.int8.onnx"]
+    # the accuracy is the fused top-1 of the outputs the comparator read: the same as a separate pass
+    sep = int8_validate.paired_accuracy(m, int8_engine / "model.int8.onnx", tmp_path / "data", classes=classes)
+    assert (sep["fp32"], sep["int8"]) == (rep["accuracy"]["fp32"], rep["accuracy"]["int8"])
     rep = int8_validate.validate_int8(m, int8_engine / "model.int8.onnx")
-    assert seen["images"] is None and rep["images_from"].startswith("the shipped photographs")
+    assert rep["images"] == 32 and rep["images_from"].startswith("the shipped photographs")
 
 
 def test_load_predict_and_compare_run_int8(int8_engine, photo_paths):
