@@ -78,14 +78,14 @@ def _constants(graph) -> set:
 def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
                   method: str = "minmax", per_channel: bool = True, activations: str = "s8",
                   activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True,
-                  ranges=None) -> dict:
+                  ranges=None, float_towers=()) -> dict:
     """Quantize the fp32 graph at src_onnx into a QDQ graph at dst_onnx (atomically); returns the
     manifest record: quantizer, version and settings, calibration count and sha256, nodes quantized
     per op type, and what stayed float.
 
     method: minmax | entropy | percentile (percentile: its percentile); activations: "s8" (TensorRT,
     the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring).
-    ranges: activation ranges from export/int8_calibrate.calibrate_ranges on the same feeds and
+    float_towers: backbone indices whose towers stay fp32 (export --int8-keep-fp32). ranges: activation ranges from export/int8_calibrate.calibrate_ranges on the same feeds and
     method (the second graph of an export reuses the first's); calibrated here, tower by tower, when None."""
     import onnx
     import onnxruntime
@@ -102,7 +102,7 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     src_onnx, dst_onnx = Path(src_onnx), Path(dst_onnx)
     model = onnx.load(str(src_onnx), load_external_data=False)        # the structure; weights stay on disk
     unnamed = any(not n.name for n in model.graph.node)
-    island, islands, to_quantize, left_float = quantization_plan(model)
+    island, islands, to_quantize, left_float = quantization_plan(model, float_towers)
     large = src_onnx.stat().st_size + sum(p.stat().st_size for p in _data_files(model, src_onnx.parent)) \
         > EXTERNAL_DATA_BYTES
     extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": activation_symmetric}
@@ -174,12 +174,23 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     }
 
 
-def quantization_plan(model) -> tuple[set, dict, list, collections.Counter]:
-    """(island node names, islands summary, the tower nodes to quantize, {op type: count} of the weighted
-    ops left float) for the fused graph `model` (its structure is enough). Names unnamed nodes."""
+def quantization_plan(model, float_towers=()) -> tuple[set, dict, list, collections.Counter]:
+    """(node names kept float, islands summary, the tower nodes to quantize, {op type: count} of the weighted
+    ops left float) for the fused graph `model` (its structure is enough). Names unnamed nodes.
+    float_towers: backbone indices (manifest order) whose whole tower stays fp32."""
     from clipfuse.export.fp16 import fp32_node_names
+    from clipfuse.export.int8_calibrate import backbone_towers, tower_nodes
 
     island, islands = fp32_node_names(model)          # also names unnamed nodes, which exclusion needs
+    if float_towers:
+        outs = backbone_towers(model.graph)
+        bad = [k for k in float_towers if not 0 <= k < len(outs)]
+        if bad:
+            raise ClipfuseError(f"backbone index {bad[0]} out of range: the engine has {len(outs)} backbones")
+        kept = {n.name for k in float_towers for n in tower_nodes(model.graph, outs[k])}
+        islands = {**islands, "float_towers": {"backbones": sorted(float_towers),
+                                               "nodes": len(kept - island)}}
+        island = island | kept
     consts = _constants(model.graph)
     towers = [n for n in model.graph.node if n.op_type in QUANT_OPS and n.name not in island]
     to_quantize = [n.name for n in towers if _weighted(n, consts)]

@@ -139,6 +139,39 @@ def tower_outputs(graph) -> list[str]:
     return outs
 
 
+def backbone_towers(graph) -> list[str]:
+    """The raw embeddings in backbone order (the order of the features output's slices): for each input of
+    the Concat that makes `features`, the one raw embedding it depends on. One backbone: its one tower."""
+    from clipfuse import iospec
+
+    outs = tower_outputs(graph)
+    if len(outs) == 1:
+        return outs
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(iospec.FEATURES)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Concat" or len(node.input) != len(outs):
+        raise ClipfuseError("the fused graph's features output is not a Concat of one slice per backbone: it was "
+                            "not made by this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
+    order, targets = [], set(outs)
+    for t in node.input:
+        seen, todo, hit = set(), [t], set()
+        while todo:
+            x = todo.pop()
+            if x in targets:
+                hit.add(x)
+                continue
+            p = producer.get(x)
+            if p is not None and p.name not in seen:
+                seen.add(p.name)
+                todo.extend(p.input)
+        if len(hit) != 1:
+            raise ClipfuseError(f"features slice {len(order)} depends on {len(hit)} towers, not one: re-export the engine")
+        order.append(hit.pop())
+    return order
+
+
 def tower_nodes(graph, output: str) -> list:
     """The nodes `output` depends on, in graph order (the tower, and the input scaling it shares)."""
     producer = {o: n for n in graph.node for o in n.output}

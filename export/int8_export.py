@@ -52,19 +52,24 @@ def _read_engine(engine_dir):
 
 
 def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
-                targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True) -> dict:
+                targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True,
+                keep_fp32=()) -> dict:
     """Quantize model.onnx for each target, validate each against fp32, write them atomically.
 
     calibration: a folder of the user's images (at least export/int8.py MIN_IMAGES readable); count:
     images used at most; method: minmax | entropy | percentile; targets: "cpu" and/or "tensorrt";
     data: a labelled folder for accuracy (int8 - fp32, paired); strict: refuse (nothing written) when
-    a validation fails. Returns the manifest's precisions["int8"] entry."""
+    a validation fails; keep_fp32: backbone names whose towers stay fp32, or ["auto"]: those whose own
+    checks (embedding cosine, error-to-spread, own top-1) fail in int8 are re-quantized fp32, once, and
+    the graph validated again (refused when every tower would be fp32: int8 would gain nothing).
+    Returns the manifest's precisions["int8"] entry."""
     from clipfuse.export.engine_folder import update_engine_folder
 
     targets = tuple(targets)
     if not targets or any(t not in TARGET_GRAPHS for t in targets):
         raise ClipfuseError(f"int8 targets {list(targets)}: valid are {', '.join(TARGET_GRAPHS)}")
     m = _read_engine(engine_dir)
+    auto, fixed = _keep_fp32(m, keep_fp32)
     with step(f"[1/3] reading calibration images from {calibration}", quiet):
         feeds = calibration_feeds(m, calibration, count)
     records = {}
@@ -75,11 +80,24 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         for i, target in enumerate(targets):
             name, act, sym = TARGET_GRAPHS[target]
             dst = update.path(name)
-            rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
-                                activation_symmetric=sym, quiet=quiet, ranges=ranges)
-            with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
-                rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
-                                                  ref_cache=ref_cache)
+            float_towers = fixed
+            while True:
+                rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
+                                    activation_symmetric=sym, quiet=quiet, ranges=ranges, float_towers=float_towers)
+                with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
+                    rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
+                                                      ref_cache=ref_cache)
+                failing = failing_backbones(rec["validation"], m.backbone_names)
+                if not (auto and failing and float_towers == fixed):
+                    break
+                float_towers = tuple(sorted(set(fixed) | set(failing)))
+                if len(float_towers) == len(m.backbones):
+                    raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 "
+                                        f"({'; '.join(rec['validation']['failures'][:2])}); with all towers fp32, "
+                                        "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
+                log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
+                    f"failed in int8) and validating again", quiet, tag="int8")
+            rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]
             for line in format_checks(rec["validation"]):
                 log(line, quiet, tag="int8")
             if strict:
@@ -104,6 +122,34 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     return info
 
 
+def _keep_fp32(m, keep_fp32) -> tuple[bool, tuple]:
+    """(auto, backbone indices named) from --int8-keep-fp32 values; unknown names refused, naming the valid ones."""
+    names = [str(x) for x in (keep_fp32 or ())]
+    auto = "auto" in names
+    idx = []
+    for x in names:
+        if x == "auto":
+            continue
+        if x not in m.backbone_names:
+            raise ClipfuseError(f"--int8-keep-fp32 {x!r} is not a backbone of {str(m.folder)!r}; its backbones: "
+                                f"{', '.join(m.backbone_names)} (or auto)")
+        idx.append(m.backbone_names.index(x))
+    if len(set(idx)) == len(m.backbones):
+        raise ClipfuseError(f"--int8-keep-fp32 names every backbone of {str(m.folder)!r}: int8 would gain nothing")
+    return auto, tuple(sorted(set(idx)))
+
+
+def failing_backbones(report: dict, names) -> list[int]:
+    """Indices of the backbones whose own checks failed: embedding cosine, error-to-spread, own top-1 changed."""
+    bad = []
+    for k, b in enumerate(report.get("backbones") or []):
+        ratio = b.get("error_to_spread")
+        if (b["cosine_min"] < b["cosine_bound"] or (ratio is not None and ratio > b["error_to_spread_bound"])
+                or b["top1_changed"] > b["top1_changed_bound"] * report["images"]):
+            bad.append(k)
+    return bad
+
+
 def format_summary(info: dict) -> str:
     """What `clipfuse export ENGINE --precision int8` prints: per graph, what was quantized and its figures."""
     lines = []
@@ -113,7 +159,8 @@ def format_summary(info: dict) -> str:
                   f"{rec['quantized']}, activations {s['activation_type']} "
                   f"({'symmetric' if s['extra_options']['ActivationSymmetric'] else 'asymmetric'}), weights "
                   f"{s['weight_type']} per-channel; {c['images']} calibration images ({s['calibrate_method']}, "
-                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}",
+                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}"
+                  + (f"; towers kept fp32: {', '.join(rec['float_backbones'])}" if rec.get("float_backbones") else ""),
                   f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
         lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
     return "\n".join(lines)

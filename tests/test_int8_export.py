@@ -231,3 +231,75 @@ def test_bench_refuses_a_precision_the_engine_lacks_at_once(tiny_engine):
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "has no model.int8.onnx" in r.output, r.output
     r = _cli("bench", tiny_engine, "--precisions", "fp32,int4", "-q")
     assert r.exit_code == 1 and "valid are fp32, fp16, int8" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- towers kept fp32 (--int8-keep-fp32)
+
+def test_a_tower_kept_fp32_is_that_backbones_slice_and_has_no_qdq(tiny_engine, calib_dir, tmp_path):
+    """float_towers=(k,): backbone k's weighted ops read no DequantizeLinear and its features equal fp32's,
+    for every k, so the tower found for backbone k (export/int8_calibrate.backbone_towers) is backbone k's."""
+    import onnx
+
+    from clipfuse.export.int8 import calibrate_ranges, calibration_feeds, quantize_int8
+    from clipfuse.export.precision_validate import make_feeds, run_batches, validation_images
+    from clipfuse.runtime.manifest import read_manifest
+    from clipfuse.runtime.sessions import open_session
+    from clipfuse import iospec
+
+    m = read_manifest(tiny_engine)
+    feeds = calibration_feeds(m, calib_dir, count=32)
+    ranges = calibrate_ranges(m.onnx_path, feeds, workdir=tmp_path)
+    imgs = make_feeds(m, validation_images()[:8])
+    ref = run_batches(open_session(m.onnx_path), imgs)[iospec.FEATURES]
+    dims = [b["embed_dim"] for b in m.data["backbones"]]
+    edges = np.cumsum([0] + dims)
+    for k in range(len(dims)):
+        out = tmp_path / f"keep{k}.onnx"
+        rec = quantize_int8(m.onnx_path, out, feeds, ranges=ranges, float_towers=(k,))
+        assert rec["float"]["islands"]["float_towers"]["backbones"] == [k]
+        got = run_batches(open_session(out), imgs)[iospec.FEATURES]
+        for j in range(len(dims)):
+            err = np.abs(got[:, edges[j]:edges[j + 1]] - ref[:, edges[j]:edges[j + 1]]).max()
+            assert (err < 1e-5) if j == k else (err > 1e-4), (k, j, err)
+        g = onnx.load(str(out)).graph
+        assert sum(n.op_type == "QuantizeLinear" for n in g.node) > 0
+
+
+def test_auto_keeps_the_collapsed_tower_fp32_and_ships_the_rest_int8(tiny_engine, calib_dir, tmp_path):
+    """The tiny RN tower fails error-to-spread in int8 (tests/test_int8.py); --int8-keep-fp32 auto keeps it
+    fp32, validates again and ships; the record names it and the manifest keeps the validation."""
+    from clipfuse.runtime.manifest import read_manifest
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32,
+             "--int8-target", "cpu", "--int8-keep-fp32", "auto", "-q")
+    assert r.exit_code == 0, r.output
+    rn = "clipfuse-test-rn:random:1"
+    assert f"towers kept fp32: {rn}" in r.output
+    e = read_manifest(folder).data["precisions"]["int8"]
+    assert e["float_backbones"] == [rn] and e["validation"]["ok"]
+    rows = {b["backbone"]: b for b in e["validation"]["backbones"]}
+    assert rows[rn]["cosine_min"] > 0.99999 and rows[rn]["error_to_spread"] < 1e-3      # that tower is fp32 now
+    # without it, the same export is refused by the RN tower's error-to-spread
+    folder2 = tmp_path / "tiny2"
+    shutil.copytree(tiny_engine, folder2)
+    r = _cli("export", folder2, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32,
+             "--int8-target", "cpu", "-q")
+    assert r.exit_code == 1 and f"{rn}: feature error" in r.output and "> bound 0.25" in r.output, r.output
+
+
+def test_keep_fp32_names_are_checked(tiny_engine, calib_dir, tmp_path):
+    from clipfuse.export.int8_export import export_int8
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    with pytest.raises(ClipfuseError, match=r"--int8-keep-fp32 'RN51' is not a backbone of .*its backbones: "
+                                            r"clipfuse-test-vit:random:0, "):
+        export_int8(folder, calib_dir, count=32, keep_fp32=["RN51"], quiet=True)
+    names = ["clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1", "clipfuse-test-vit48:random:2"]
+    with pytest.raises(ClipfuseError, match="names every backbone"):
+        export_int8(folder, calib_dir, count=32, keep_fp32=names, quiet=True)
+    r = _cli("export", folder, "--int8-keep-fp32", "auto")
+    assert r.exit_code == 1 and "apply to --precision int8 only" in r.output
+    assert not (folder / "model.int8.onnx").exists()
