@@ -251,3 +251,19 @@ def test_verdict_says_how_a_target_was_met():
     assert report.verdict({"median": 1.2, "min": 1.1, "max": 1.3}, 1.0) == "NO"
     assert report.verdict({"median": 1.59, "min": 1.45, "max": 1.64}, 2.0, at_least=True) == "NO"
     assert report.verdict({"median": 2.1, "min": 1.9, "max": 2.2}, 2.0, at_least=True) == "yes at the median (worst round 1.9)"
+
+
+def test_without_singles_only_the_fused_graph_is_measured(tiny_engine, tmp_path):
+    """singles=False (precision_bench --set nine: its singles cost as much as the ensemble again): no single,
+    sum or naive configuration is opened, timed or sized, and the report still renders."""
+    from clipfuse.bench.report import format_table
+
+    folder = tmp_path / "e"
+    shutil.copytree(tiny_engine, folder)
+    r = run.run_bench(folder, batches=(1,), runs=1, warmup=0, out=tmp_path / "b", torch=False, memory=True,
+                      profile=False, quiet=True, singles=False, memory_infers=1)
+    assert r["order"] == ["fused"] and r["singles_cache_reused"] is None
+    assert set(r["memory"]) == {"fused"} and "fused_over_sum" not in r["targets"]
+    assert not (folder / "singles").exists()
+    md = format_table(r)
+    assert "| fused (ONNX Runtime) | 1 |" in md and "sum of singles" not in md

@@ -37,7 +37,7 @@ def plot_points(result: dict) -> list[dict]:
     lat = result["latency"]
     pts = []
     for k, name in enumerate(result["backbones"]):
-        if name in acc:
+        if name in acc and f"single:{k}" in lat:
             pts.append({"method": name, "kind": "single", "latency_ms": lat[f"single:{k}"][bs]["latency_ms"]["p50"],
                         "accuracy": acc[name]})
     fused = lat["fused"][bs]["latency_ms"]["p50"]
@@ -173,7 +173,7 @@ def format_table(result: dict) -> str:
                      f"{x['achieved_gflops_per_s']:.1f} | {x['pct_of_matmul_peak']:.0f}% |")
     t = result["targets"]
     L += ["", "## Targets (per-round ratios: median (min-max))", "", "| target | batch | measured | met |", "|---|---:|---|---|"]
-    for bs, s in t["fused_over_sum"].items():
+    for bs, s in t.get("fused_over_sum", {}).items():
         L.append(f"| fused / sum of singles <= 1.00 | {bs} | {_r(s)} | {verdict(s, 1.0)} |")
     if "torch_over_fused" in t:
         for bs, s in t["torch_over_fused"].items():
@@ -192,7 +192,7 @@ def format_table(result: dict) -> str:
         L.append(f"| fused peak memory <= sum of singles' | {result['memory']['fused']['batch']} | "
                  f"net {fm['net_peak_bytes']:.2f}x, gross {fm['peak_rss_bytes']:.2f}x | "
                  f"{'yes' if fm['net_peak_bytes'] <= 1.0 else 'NO'} (net) |")
-    for bs, s in t["naive_over_fused"].items():
+    for bs, s in t.get("naive_over_fused", {}).items():
         L.append(f"| (info) naive / fused | {bs} | {_r(s, '{:.2f}')} | |")
     L += precision_rows(result)
     if result.get("memory"):

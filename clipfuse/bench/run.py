@@ -61,7 +61,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
               memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
-              precisions=("fp32",), openvino: bool = False) -> dict:
+              precisions=("fp32",), openvino: bool = False, singles: bool = True) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -72,8 +72,10 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     controller-overhead profile; memory_batch / memory_infers: batch size (default the largest <= 8) and
     inferences of each memory process; settle: seconds of rest before each timed call (see the module
     docstring); precisions: the fused graph's precisions side by side (fp32, fp16, int8: ONNX Runtime CPU,
-    one worker each); openvino: also each precision on OpenVINO's CPU plugin. Returns the result dict
-    (also written as JSON)."""
+    one worker each); openvino: also each precision on OpenVINO's CPU plugin; singles: also each backbone
+    alone, their sum and the naive ensemble (False: the fused graph's precisions and PyTorch only, for an
+    ensemble whose singles were measured before and cost as much again). Returns the result dict (also
+    written as JSON)."""
     if backend != "onnxruntime":
         raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
                             "(backend onnxruntime); GPU backends are measured by their own issue's tools")
@@ -100,7 +102,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     out = Path(out) if out else m.folder / "bench"
     K = len(m.backbones)
     names = m.backbone_names
-    _, reused = ensure_singles(m, quiet)
+    _, reused = ensure_singles(m, quiet) if singles else (None, None)
 
     import onnxruntime
 
@@ -110,6 +112,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     malloc_trim()                       # exporting the singles may have left GBs in this process's heap
     gpu_before = gpu_memory()
     groups = worker_groups(K, torch)
+    if not singles:
+        groups = [g for g in groups if "naive" not in g]
     groups = groups[:1] + [[c] for c in extra] + groups[1:]      # each precision x backend alone in its worker
     order_run = [c for g in groups for c in g]
     pool: list[TimingWorker] = []
@@ -125,7 +129,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         check = {c: workers[c].logits(c, batches[0]) for c in ("fused", "naive", "torch", *extra) if c in workers}
         ref = check["fused"]
         agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
-        if agreement["naive"] > 1e-3:
+        if agreement.get("naive", 0.0) > 1e-3:
             raise ClipfuseError(f"the naive ensemble's logits differ from the fused graph's by {agreement['naive']:.1e} "
                                 f"(relative): the singles in {str(m.folder / SINGLES)!r} do not match; delete that folder")
 
@@ -147,15 +151,16 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     finally:
         for w in pool:                   # free the sessions before the memory processes load theirs
             w.close()
-    for bs in batches:
+    for bs in batches if singles else ():
         n = len(times[("fused", bs)])
         times[("sum", bs)] = [sum(times[(f"single:{k}", bs)][i] for k in range(K)) for i in range(n)]
+    single_configs = [f"single:{k}" for k in range(K)] if singles else []
 
     labels = {"fused": "fused (ONNX Runtime)", "sum": "sum of singles", "naive": "naive (K sessions + numpy)",
               "torch": "PyTorch eager"}
     labels.update({f"single:{k}": f"single {names[k]}" for k in range(K)})
     labels.update({c: config_label(c) for c in extra})
-    order = ["fused", *extra, *[f"single:{k}" for k in range(K)], "sum", "naive"] + (["torch"] if torch else [])
+    order = ["fused", *extra, *single_configs, *(["sum", "naive"] if singles else [])] + (["torch"] if torch else [])
     gflops = {c: sum(b["gflops"] for b in m.backbones) for c in ("fused", "sum", "naive", "torch", *extra)}
     gflops.update({f"single:{k}": m.backbones[k]["gflops"] for k in range(K)})
     latency = {}
@@ -168,7 +173,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                                    "gflops": gflops[c] * bs, "achieved_gflops_per_s": gflops[c] * bs / (s["p50"] / 1e3),
                                    "pct_of_matmul_peak": 100.0 * gflops[c] * bs / (s["p50"] / 1e3) / peak}
     targets = {"fused_over_sum": {str(bs): ratio_stats(times[("fused", bs)], times[("sum", bs)]) for bs in batches},
-               "naive_over_fused": {str(bs): ratio_stats(times[("naive", bs)], times[("fused", bs)]) for bs in batches}}
+               "naive_over_fused": {str(bs): ratio_stats(times[("naive", bs)], times[("fused", bs)]) for bs in batches}
+               } if singles else {}
     for c in extra:          # each precision x backend against ONNX Runtime fp32, per round
         targets[f"{c}_over_fused"] = {str(bs): ratio_stats(times[(c, bs)], times[("fused", bs)]) for bs in batches}
         if torch:
@@ -189,12 +195,15 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     if memory:
         mem_load = LoadProbe()
         bs = memory_batch or (max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0])
-        for c in ["fused", *extra, *[f"single:{k}" for k in range(K)], "naive"] + (["torch"] if torch else []):
+        for c in ["fused", *extra, *single_configs, *(["naive"] if singles else [])] + (["torch"] if torch else []):
             log(f"peak memory: {labels[c]} in its own process (batch {bs})", quiet, tag="bench")
             mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers)
-        for key in ("peak_rss_bytes", "net_peak_bytes"):
-            mem.setdefault("sum", {"config": "sum", "batch": bs})[key] = sum(mem[f"single:{k}"][key] for k in range(K))
-        targets["fused_memory_over_sum"] = {k: mem["fused"][k] / mem["sum"][k] for k in ("peak_rss_bytes", "net_peak_bytes")}
+        if singles:
+            for key in ("peak_rss_bytes", "net_peak_bytes"):
+                mem.setdefault("sum", {"config": "sum", "batch": bs})[key] = sum(mem[f"single:{k}"][key]
+                                                                                for k in range(K))
+            targets["fused_memory_over_sum"] = {k: mem["fused"][k] / mem["sum"][k]
+                                                for k in ("peak_rss_bytes", "net_peak_bytes")}
         mem_load = mem_load.stop()
     accuracy = None
     if data is not None:
