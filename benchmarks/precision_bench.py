@@ -1,7 +1,9 @@
 """fp32 / fp16 / int8 side by side, on ONNX Runtime and OpenVINO: issue 16's committed results.
 
     python benchmarks/precision_bench.py --set default     # RN50:random:0 + ViT-B-32:random:1
-    python benchmarks/precision_bench.py --set nine        # the nine OpenAI CLIP architectures, random weights
+    python benchmarks/precision_bench.py --set nine --per-class 30 --shots 4 --calibration-count 32 \
+        --precisions fp32,int8 --int8-target cpu --batch 1,8 --runs 2 --no-singles --no-openvino
+                                                          # the nine OpenAI CLIP architectures, random weights
 
 For the set's backbones (seeded random weights: nothing can be downloaded here):
 
@@ -16,6 +18,14 @@ For the set's backbones (seeded random weights: nothing can be downloaded here):
    (int8 or fp16 minus fp32, a paired difference with its interval).
 3. `clipfuse bench --precisions fp32,fp16,int8 --openvino`: latency by batch (1/8/32),
    peak memory per configuration, agreement with fp32, PyTorch eager beside them.
+
+The nine cannot run the default plan on this 2-core machine: their fp32 graph takes ~7 s per
+image, so the options trim it and the results say what was left out: 300 digits (the ones their
+feature cache holds), 32 calibration images, fp32 and int8 only (fp16 on ONNX Runtime CPU runs
+fp32 kernels between casts: 1.06-1.10x fp32's time on the pair), the CPU graph only, batch 1 and
+8, 2 rounds, no singles (benchmarks/results/bench_nine.md measured them) and no OpenVINO
+(slower than ONNX Runtime at every batch on the pair). `--reuse-engine` keeps an engine already
+fitted by the same command (the fit and the 6.2 GB export take ~8 minutes).
 
 Writes benchmarks/results/precision_<set>.md and .json, the exact command at the top.
 Random weights have no trained outlier channels, so agreement here is likely better than
@@ -61,30 +71,67 @@ def split_digits(tmp: Path, per_class: int | None = None) -> tuple[Path, Path, i
     return tmp / "train", tmp / "eval", len(paths) if per_class else n
 
 
+def _same_engine(engine: Path, backbones) -> bool:
+    from clipfuse.errors import ClipfuseError
+    from clipfuse.runtime.manifest import read_manifest
+
+    try:
+        return read_manifest(engine).backbone_names == list(backbones)
+    except ClipfuseError:
+        return False
+
+
 def render(result: dict) -> str:
     from clipfuse.bench.report import format_table
 
+    o = result.get("options") or {}
+    int8 = result.get("int8")
+    calib = f"; int8 calibrated on {int8['calibration']['images']} of the fit images" if int8 else ""
+    left = [x for x, on in (("fp16", "fp16" in o.get("precisions", ("fp16",))), ("the TensorRT int8 graph",
+            "tensorrt" in o.get("int8_targets", ("tensorrt",))), ("the singles and the naive ensemble",
+            o.get("singles", True)), ("OpenVINO", o.get("openvino", True)), ("PyTorch eager", o.get("torch", True)))
+            if not on]
     L = [f"<!-- made by: {result['command']} ({result['seconds']:.0f} s) -->", "", f"# Precision: {result['set']}", "",
          f"Command: `{result['command']}`", "",
          f"Backbones: {' + '.join(result['backbones'])} (seeded random weights: random weights have no trained "
-         "outlier channels, so agreement here is likely better than on trained CLIP weights).",
+         "outlier channels, so agreement here is likely better than on trained CLIP weights; random ResNet towers "
+         "embed every image nearly alike, which makes them the opposite case: see the error-to-spread column).",
          f"Digits: {result['digits']['images']} images, fit on {result['digits']['train']}, held out "
-         f"{result['digits']['eval']}; int8 calibrated on {result['int8']['calibration']['images']} of the fit images.",
-         ""] + [f"REFUSED by its validation (measured anyway, not shippable): {w}: {e}" for w, e in result["refused"].items()] + [
-         "", "## Validation against fp32 and accuracy on the held-out digits", "",
-         "Agreement images: fp16 on the 32 shipped photo variants; int8 on up to 64 of the held-out digits "
-         "(export --precision int8 --data: the task's own images).", "",
-         "| graph | min embedding cosine | fused top-1 changed | accuracy % | minus fp32, points [95% paired] |",
-         "|---|---:|---:|---:|---|"]
-    L.append(f"| model.onnx (fp32) | 1 | 0 | {result['accuracy']['fp32']:.2f} | - |")
+         f"{result['digits']['eval']}{calib}."]
+    if left:
+        L.append(f"Not measured in this run: {', '.join(left)} (options: see the command).")
+    if o.get("int8_keep_fp32"):
+        L.append(f"int8 towers kept fp32: --int8-keep-fp32 {' '.join(o['int8_keep_fp32'])} -> "
+                 f"{', '.join(int8.get('float_backbones') or []) or 'none'}.")
+    L += [""] + [f"REFUSED by its validation (measured anyway, not shippable): {w}: {e}" for w, e in result["refused"].items()]
+    L += ["", "## Validation against fp32 and accuracy on the held-out digits", "",
+          "Agreement images: fp16 on the 32 shipped photo variants; int8 on every held-out digit (export --precision "
+          "int8 --data: the task's own images; agreement and accuracy from one pass of each graph).", "",
+          "| graph | min embedding cosine | worst error / spread (bound) | fused top-1 changed | accuracy % "
+          "| minus fp32, points [95% paired] |",
+          "|---|---:|---:|---:|---:|---|"]
+    L.append(f"| model.onnx (fp32) | 1 | 0 | 0 | {result['accuracy']['fp32']:.2f} | - |")
     for name, rec in result["graphs"].items():
         v = rec["validation"]
         a = rec.get("accuracy") or v.get("accuracy")         # fp16: beside its record; int8: in its validation
         cos = min(b["cosine_min"] for b in v["backbones"])
+        ratios = [b.get("error_to_spread") for b in v["backbones"] if b.get("error_to_spread") is not None]
+        ratio = f"{max(ratios):.3g} ({v['bounds'].get('max_error_to_spread', '-')})" if ratios else "-"
+        key = "int8" if a and "int8" in a else "fp16"
         d = a["paired"] if a else None
-        L.append(f"| {name} | {cos:.5f} | {v['fused']['top1_changed']}/{v['images']} | "
-                 f"{a['int8']:.2f} | {d['difference']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] |" if a else
-                 f"| {name} | {cos:.5f} | {v['fused']['top1_changed']}/{v['images']} | - | - |")
+        L.append(f"| {name} | {cos:.5f} | {ratio} | {v['fused']['top1_changed']}/{v['images']} | "
+                 + (f"{a[key]:.2f} | {d['difference']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] |" if a else "- | - |"))
+    L += ["", "Per backbone (each graph against fp32, on its agreement images):", "",
+          "| graph | backbone | embedding cosine min | feature error / median distance between images | "
+          "own top-1 changed | kept fp32 |", "|---|---|---:|---:|---:|---|"]
+    for name, rec in result["graphs"].items():
+        v = rec["validation"]
+        kept = set(rec.get("float_backbones") or [])
+        for b in v["backbones"]:
+            r = b.get("error_to_spread")
+            r = (f"{b['feature_error_max']:.3g} / {b['feature_spread_median']:.3g} = {r:.3g}" if r is not None else "-")
+            L.append(f"| {name} | {b['backbone']} | {b['cosine_min']:.5f} | {r} | {b['top1_changed']}/{v['images']} | "
+                     f"{'yes' if b['backbone'] in kept else ''} |")
     L += ["", "## Latency, memory, side by side", "", format_table(result["bench"])]
     return "\n".join(L) + "\n"
 
@@ -100,6 +147,13 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=16, help="the controller's labelled images per class")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--no-singles", action="store_true", help="skip each backbone alone, their sum and the naive "
+                    "ensemble in the bench")
+    ap.add_argument("--precisions", default="fp32,fp16,int8", help="graphs made and measured (fp32 always)")
+    ap.add_argument("--int8-target", choices=("both", "cpu"), default="both")
+    ap.add_argument("--int8-keep-fp32", action="append", default=None, metavar="BACKBONE|auto",
+                    help="towers kept fp32 in the int8 graphs (export --int8-keep-fp32)")
+    ap.add_argument("--reuse-engine", action="store_true", help="keep the engine if it holds the same backbones")
     ap.add_argument("--cache", default=None, help="feature cache (default ~/.cache/clipfuse)")
     ap.add_argument("--engine", default=None, help="engine folder (default engines/precision-<set>)")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/precision_<set>)")
@@ -108,6 +162,8 @@ def main(argv=None):
     engine = Path(args.engine or f"engines/precision-{args.set}")
     out = Path(args.out or ROOT / "results" / f"precision_{args.set}")
     batches = tuple(int(b) for b in args.batch.split(","))
+    precisions = tuple(dict.fromkeys(["fp32"] + [p for p in args.precisions.split(",") if p]))
+    targets = ("cpu", "tensorrt") if args.int8_target == "both" else ("cpu",)
     command = "python benchmarks/precision_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from clipfuse.bench.run import run_bench
@@ -123,33 +179,45 @@ def main(argv=None):
     try:
         train, evald, n = split_digits(tmp, args.per_class)
         n_train = sum(1 for _ in train.rglob("*.png"))
-        fit_engine(backbones, train, engine, eval_data=evald, head="linear-probe", probe_fraction=0.8, shots=args.shots,
-                   seed=0, study_shots=(args.shots,), study_seeds=(0,), cache_dir=args.cache, force=True, quiet=True)
-        refused = {}
+        if not (args.reuse_engine and _same_engine(engine, backbones)):
+            fit_engine(backbones, train, engine, eval_data=evald, head="linear-probe", probe_fraction=0.8,
+                       shots=args.shots, seed=0, study_shots=(args.shots,), study_seeds=(0,), cache_dir=args.cache,
+                       force=True, quiet=True)
+        refused, graphs = {}, {}
         # a graph the validation refuses is still measured (strict=False), and the refusal is said at the top
-        try:
-            export_fp16(engine, quiet=True)
-        except ClipfuseError as e:
-            refused["fp16"] = str(e)
-            export_fp16(engine, quiet=True, strict=False)
-        try:
-            int8 = export_int8(engine, train, count=args.calibration_count, data=evald, quiet=True)
-        except ClipfuseError as e:
-            refused["int8"] = str(e)
-            int8 = export_int8(engine, train, count=args.calibration_count, data=evald, quiet=True, strict=False)
-        m = read_manifest(engine)
-        fp16 = m.data["precisions"]["fp16"]
-        fp16["accuracy"] = paired_accuracy(m, engine / "model.fp16.onnx", evald)      # keys say int8: it is fp16
-        graphs = {"model.fp16.onnx": fp16, "model.int8.onnx": int8, "model.int8-trt.onnx": int8["tensorrt"]}
-        bench = run_bench(engine, batches=batches, runs=args.runs, precisions=("fp32", "fp16", "int8"),
+        if "fp16" in precisions:
+            try:
+                export_fp16(engine, quiet=True)
+            except ClipfuseError as e:
+                refused["fp16"] = str(e)
+                export_fp16(engine, quiet=True, strict=False)
+            m = read_manifest(engine)
+            graphs["model.fp16.onnx"] = m.data["precisions"]["fp16"]
+            graphs["model.fp16.onnx"]["accuracy"] = paired_accuracy(m, engine / "model.fp16.onnx", evald, key="fp16")
+        int8 = None
+        if "int8" in precisions:
+            kw = dict(count=args.calibration_count, data=evald, quiet=True, targets=targets,
+                      keep_fp32=args.int8_keep_fp32 or ())
+            try:
+                int8 = export_int8(engine, train, **kw)
+            except ClipfuseError as e:
+                refused["int8"] = str(e)
+                int8 = export_int8(engine, train, strict=False, **kw)
+            graphs["model.int8.onnx"] = int8
+            if "tensorrt" in int8:
+                graphs["model.int8-trt.onnx"] = int8["tensorrt"]
+        bench = run_bench(engine, batches=batches, runs=args.runs, precisions=precisions,
                           openvino=not args.no_openvino, torch=not args.no_torch, out=tmp / "bench", quiet=True,
-                          command=command)
+                          command=command, singles=not args.no_singles)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    acc = int8["validation"].get("accuracy") or {}
+    acc = (int8 or {}).get("validation", {}).get("accuracy") or (graphs.get("model.fp16.onnx") or {}).get("accuracy") or {}
     result = {"command": command, "set": args.set, "backbones": backbones, "seconds": round(time.perf_counter() - t0, 1),
               "digits": {"images": n, "train": n_train, "eval": acc.get("images")},
-              "accuracy": {"fp32": acc.get("fp32")}, "refused": refused, "int8": int8, "graphs": graphs, "bench": bench}
+              "accuracy": {"fp32": acc.get("fp32")}, "refused": refused, "int8": int8, "graphs": graphs, "bench": bench,
+              "options": {"precisions": precisions, "int8_targets": targets, "singles": not args.no_singles,
+                          "openvino": not args.no_openvino, "torch": not args.no_torch,
+                          "int8_keep_fp32": args.int8_keep_fp32 or []}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(render(result))

@@ -122,9 +122,9 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         if ranges.calibration_method != cal_method:
             raise ValueError(f"ranges calibrated with {ranges.calibration_method}, asked {method}")
         cache = save_ranges(ranges, tmpdir / "ranges.json")
-        # quantize_static shape-infers a copy written beside its input: the input is a link to the engine's
-        # graph inside tmpdir, so nothing is written into the engine folder, and nothing is loaded twice.
-        src = _linked_source(src_onnx, model if unnamed else None, tmpdir / "src")
+        # quantize_static shape-infers a copy written beside its input: the input is a copy of the engine's
+        # graph inside tmpdir, so nothing is written into the engine folder.
+        src = _source_copy(src_onnx, model if unnamed else None, tmpdir / "src")
         del model
         outdir = tmpdir / "out"
         outdir.mkdir()
@@ -210,8 +210,8 @@ def _data_files(model, folder: Path) -> list[Path]:
     return [folder / loc for loc in sorted(locs)]
 
 
-def _linked_source(src: Path, renamed, dst_dir: Path) -> Path:
-    """src (and its external data) in dst_dir, hard-linked (copied across file systems). `renamed`: the
+def _source_copy(src: Path, renamed, dst_dir: Path) -> Path:
+    """src (and its external data) copied into dst_dir. `renamed`: the
     structure with names given to unnamed nodes (the exclusion lists name them): written in full instead."""
     import onnx
 
@@ -222,11 +222,10 @@ def _linked_source(src: Path, renamed, dst_dir: Path) -> Path:
             a.name = b.name
         _save(full, dst_dir / src.name, large=True)
         return dst_dir / src.name
+    # A copy, not a hard link: onnx refuses external data with several links ("potential hardlink
+    # attack", seen here on the nine's 6.2 GB data file), and a symlink is no better.
     for p in [src] + _data_files(onnx.load(str(src), load_external_data=False), src.parent):
-        try:
-            os.link(p, dst_dir / p.name)
-        except OSError:
-            shutil.copy2(p, dst_dir / p.name)
+        shutil.copyfile(p, dst_dir / p.name)
     return dst_dir / src.name
 
 

@@ -90,11 +90,13 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
                 failing = failing_backbones(rec["validation"], m.backbone_names)
                 if not (auto and failing and float_towers == fixed):
                     break
-                float_towers = tuple(sorted(set(fixed) | set(failing)))
-                if len(float_towers) == len(m.backbones):
+                if len(set(fixed) | set(failing)) == len(m.backbones):
+                    if not strict:             # measured anyway: the graph with every tower int8
+                        break
                     raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 "
                                         f"({'; '.join(rec['validation']['failures'][:2])}); with all towers fp32, "
                                         "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
+                float_towers = tuple(sorted(set(fixed) | set(failing)))
                 log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
                     f"failed in int8) and validating again", quiet, tag="int8")
             rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]

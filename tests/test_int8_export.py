@@ -303,3 +303,20 @@ def test_keep_fp32_names_are_checked(tiny_engine, calib_dir, tmp_path):
     r = _cli("export", folder, "--int8-keep-fp32", "auto")
     assert r.exit_code == 1 and "apply to --precision int8 only" in r.output
     assert not (folder / "model.int8.onnx").exists()
+
+
+def test_auto_refuses_when_every_tower_fails(tiny_engine, tmp_path):
+    """A broken calibration (one flat grey image, 32 times) fails every tower: auto would keep them all fp32,
+    which gains nothing, so it is refused in one line and nothing is written."""
+    from PIL import Image
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_engine, folder)
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(32):
+        Image.new("RGB", (80, 80), (128, 128, 128)).save(grey / f"g{i}.png")
+    r = _cli("export", folder, "--precision", "int8", "--calibration", grey, "--int8-target", "cpu",
+             "--int8-keep-fp32", "auto", "-q")
+    assert r.exit_code == 1 and "every backbone fails in int8" in r.output and "nothing written" in r.output, r.output
+    assert len(r.output.strip().splitlines()[-1]) > 0 and not (folder / "model.int8.onnx").exists()

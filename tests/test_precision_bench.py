@@ -33,3 +33,29 @@ def test_precision_bench_on_tiny_towers(tmp_path):
     for name in data["graphs"]:                       # every graph scored on the held-out digits, paired
         row = next(line for line in md.splitlines() if line.startswith(f"| {name} |"))
         assert row.count("[") == 1 and " - |" not in row, row
+
+
+def test_precision_bench_lean_options_say_what_they_leave_out(tmp_path):
+    """The nine's options: fp32 + int8 (CPU graph) only, no singles, no OpenVINO, a tower kept fp32,
+    and --reuse-engine keeps an engine fitted on the same backbones (its model.onnx is not rewritten)."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import precision_bench
+
+    argv = ["--backbone", "clipfuse-test-vit:random:0", "--backbone", "clipfuse-test-rn:random:1", "--batch", "1",
+            "--runs", "1", "--per-class", "12", "--shots", "1", "--calibration-count", "32", "--no-torch",
+            "--precisions", "fp32,int8", "--int8-target", "cpu", "--no-singles", "--no-openvino",
+            "--int8-keep-fp32", "clipfuse-test-rn:random:1", "--reuse-engine",
+            "--cache", str(tmp_path / "cache"), "--engine", str(tmp_path / "eng"), "--out", str(tmp_path / "lean")]
+    result = precision_bench.main(argv)
+    before = (tmp_path / "eng" / "model.onnx").stat().st_mtime_ns
+    md = (tmp_path / "lean.md").read_text()
+    assert set(result["graphs"]) == {"model.int8.onnx"}
+    assert result["bench"]["order"] == ["fused", "fused-int8"]
+    assert ("Not measured in this run: fp16, the TensorRT int8 graph, the singles and the naive ensemble, OpenVINO, "
+            "PyTorch eager") in md
+    assert result["int8"]["float_backbones"] == ["clipfuse-test-rn:random:1"]
+    assert "--int8-keep-fp32 clipfuse-test-rn:random:1 -> clipfuse-test-rn:random:1" in md
+    assert "| model.int8.onnx | clipfuse-test-rn:random:1 |" in md and "| yes |" in md
+    precision_bench.main(argv)
+    assert (tmp_path / "eng" / "model.onnx").stat().st_mtime_ns == before
