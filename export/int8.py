@@ -85,8 +85,9 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
 
     method: minmax | entropy | percentile (percentile: its percentile); activations: "s8" (TensorRT,
     the default) or "u8" (ONNX Runtime CPU, with activation_symmetric=False; see the module docstring).
-    float_towers: backbone indices whose towers stay fp32 (export --int8-keep-fp32). ranges: activation ranges from export/int8_calibrate.calibrate_ranges on the same feeds and
-    method (the second graph of an export reuses the first's); calibrated here, tower by tower, when None."""
+    float_towers: backbone indices whose towers stay fp32 (export --int8-keep-fp32).
+    ranges: activation ranges from export/int8_calibrate.calibrate_ranges on the same feeds and method
+    (the second graph of an export reuses the first's); calibrated here, tower by tower, when None."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
