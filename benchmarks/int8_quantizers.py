@@ -13,7 +13,9 @@ islands (feature norm, heads, controller, combination) excluded:
     modelopt    modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_method="max",
                 calibration_eps=["cpu"], high_precision_dtype="fp32", dq_only=True: int8 weights in
                 the file), run in its own virtual environment (it pins its own onnx and
-                onnxruntime-gpu; clipfuse does not depend on it)
+                onnxruntime-gpu; clipfuse does not depend on it); and the same graph with the
+                islands fed the float tensor instead of a DQ copy, as clipfuse does to its own
+                graphs (export/int8.float_island_inputs)
 
 Each graph is validated against fp32 on the held-out digits by export/int8_validate.validate_int8
 (the one comparator, int8 row; accuracy as a paired difference) and timed on ONNX Runtime CPU at
@@ -140,6 +142,17 @@ def main(argv=None):
                                                                         "print(modelopt.__version__)"], capture_output=True,
                                                                        text=True).stdout.strip()}
                 paths["modelopt"] = tmp / "modelopt.onnx"
+                # ModelOpt, like quantize_static, hands the islands (feature norm, heads) the DQ copy of a tower's
+                # quantized output; clipfuse feeds them the float tensor (export/int8.float_island_inputs).
+                # The same done to ModelOpt's graph separates its placement inside the towers from that.
+                from clipfuse.export.int8 import float_island_inputs
+
+                q = onnx.load(str(tmp / "modelopt.onnx"))
+                res["graphs"]["modelopt, islands fed float"] = {
+                    "quantize_s": res["graphs"]["modelopt"]["quantize_s"],
+                    "island_inputs_rewired": float_island_inputs(q.graph, island)}
+                onnx.save(q, str(tmp / "modelopt-float-islands.onnx"))
+                paths["modelopt, islands fed float"] = tmp / "modelopt-float-islands.onnx"
         cache = {}
         for name, path in paths.items():
             if name == "fp32":
