@@ -65,11 +65,16 @@ NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 # What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
 # (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
-# openvino is not tried: in the committed side-by-side run (benchmarks/results/precision_default.md,
-# RN50 + ViT-B-32 at random weights, medians of per-round ratios to ONNX Runtime fp32) OpenVINO fp32
-# took 3.4x / 1.6x / 1.1x ONNX Runtime fp32's latency at batch 1 / 8 / 32 and OpenVINO int8 0.98x /
-# 0.81x / 0.56x, where ONNX Runtime int8 took 0.44x / 0.44x / 0.45x: slower everywhere here.
+# openvino, when installed, comes before onnxruntime for int8 only. In the committed side-by-side run
+# on a quiet machine (benchmarks/results/precision_default.md, RN50 + ViT-B-32, other processes 0.01
+# cores; medians of per-round ratios to ONNX Runtime fp32) OpenVINO int8 took 0.389 / 0.367 / 0.319
+# at batch 1 / 8 / 32 where ONNX Runtime int8 took 0.397 / 0.424 / 0.433: 0.98x / 0.87x / 0.74x its
+# latency. fp32 and fp16 were within the rounds' spread of ONNX Runtime (0.90-0.99x), so they stay on
+# ONNX Runtime, which needs no extra package. The run before (other processes took 0.45 cores)
+# had OpenVINO slower everywhere (fp32 3.4x at batch 1, int8 0.98x vs ONNX Runtime int8's 0.44x):
+# its advantage needs the CPU to itself; `--backend onnxruntime` on a shared machine.
 AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
+AUTO_ORDER_INT8 = ("openvino", "onnxruntime")
 
 
 def nvidia_gpu_visible() -> bool:
@@ -148,10 +153,14 @@ def built_plans(manifest: Manifest) -> dict:
     return {p: e for p, e in plans.items() if isinstance(e, dict) and (manifest.folder / e.get("file", "")).is_file()}
 
 
-def auto_candidates(manifest: Manifest) -> list[str]:
+def auto_candidates(manifest: Manifest, precision: str | None = None) -> list[str]:
     """What backend="auto" tries, in order: native TensorRT first only when the engine holds a plan
-    built by `clipfuse build`; never the never-executed ONNX Runtime GPU providers."""
-    return (["tensorrt"] if built_plans(manifest) else []) + list(AUTO_ORDER)
+    built by `clipfuse build`; never the never-executed ONNX Runtime GPU providers; for int8 on the CPU,
+    OpenVINO before ONNX Runtime (see AUTO_ORDER_INT8)."""
+    order = list(AUTO_ORDER)
+    if precision == "int8":
+        order = ["torch-cuda"] + list(AUTO_ORDER_INT8) + ["torch"]
+    return (["tensorrt"] if built_plans(manifest) else []) + order
 
 
 def make_backend(manifest: Manifest, name: str, **options) -> Backend:
@@ -196,7 +205,7 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", qui
         return make_backend(m, name, **kw).open()
     skipped = []
     plans = built_plans(manifest)
-    for candidate in auto_candidates(manifest):
+    for candidate in auto_candidates(manifest, precision):
         if precision not in (None, "fp32") and (candidate.startswith("torch")
                                                 or candidate == "tensorrt" and precision not in plans):
             continue                        # the fp32 reference, or no plan of this precision
