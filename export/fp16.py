@@ -66,6 +66,19 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 # head-propagated logit bound of clipfuse.runtime.comparator (heads_exact).
 
 
+def ancestor_nodes(graph, tensors) -> set:
+    """Names of the nodes the given tensors depend on (walking producers back to inputs and constants)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    seen, todo = set(), list(tensors)
+    while todo:
+        p = producer.get(todo.pop())
+        if p is None or p.name in seen:
+            continue
+        seen.add(p.name)
+        todo.extend(p.input)
+    return seen
+
+
 def fp32_node_names(model) -> tuple[set, dict]:
     """Names of the nodes to keep in fp32, and {island kind: {op type: count}} for the manifest."""
     graph = model.graph
@@ -86,14 +99,7 @@ def fp32_node_names(model) -> tuple[set, dict]:
     # the feature normalisation or downstream of it (heads, controller, combination, softmax), or
     # feeds only those, like the constant controller's temperatures, whose Expand takes its batch
     # size from an image input's shape and so is not downstream of the features at all.
-    producer = {o: n for n in graph.node for o in n.output}
-    tower, todo = set(), [t for n in norms for t in n.input[:1]]
-    while todo:
-        p = producer.get(todo.pop())
-        if p is None or p.name in tower:
-            continue
-        tower.add(p.name)
-        todo.extend(p.input)
+    tower = ancestor_nodes(graph, [t for n in norms for t in n.input[:1]])
     for n in graph.node:
         if n.name not in tower:
             if n.name not in keep:

@@ -174,14 +174,9 @@ def backbone_towers(graph) -> list[str]:
 
 def tower_nodes(graph, output: str) -> list:
     """The nodes `output` depends on, in graph order (the tower, and the input scaling it shares)."""
-    producer = {o: n for n in graph.node for o in n.output}
-    seen, todo = set(), [output]
-    while todo:
-        p = producer.get(todo.pop())
-        if p is None or p.name in seen:
-            continue
-        seen.add(p.name)
-        todo.extend(p.input)
+    from clipfuse.export.fp16 import ancestor_nodes
+
+    seen = ancestor_nodes(graph, [output])
     return [n for n in graph.node if n.name in seen]
 
 

@@ -19,6 +19,17 @@ def _cli(*args):
     return CliRunner().invoke(cli, list(map(str, args)))
 
 
+def _grey_folder(tmp_path):
+    """One flat grey image, 32 times: a calibration of nothing."""
+    from PIL import Image
+
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    for i in range(32):
+        Image.new("RGB", (80, 80), (128, 128, 128)).save(grey / f"g{i}.png")
+    return grey
+
+
 @pytest.fixture(scope="module")
 def int8_engine(tiny_vit_engine, calib_dir, tmp_path_factory):
     """A copy of the tiny engine (without its collapsed ResNet tower: see tiny_vit_engine) with both int8
@@ -92,14 +103,9 @@ def test_export_refusals_are_one_line_and_exit_1(tiny_engine, calib_dir, tmp_pat
 
 def test_refused_validation_writes_nothing(tiny_engine, tmp_path):
     """One flat grey image, 32 times: the calibration of nothing; the export is refused, the folder unchanged."""
-    from PIL import Image
-
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_engine, folder)
-    grey = tmp_path / "grey"
-    grey.mkdir()
-    for i in range(32):
-        Image.new("RGB", (80, 80), (128, 128, 128)).save(grey / f"g{i}.png")
+    grey = _grey_folder(tmp_path)
     manifest = (folder / "manifest.json").read_text()
     r = _cli("export", folder, "--precision", "int8", "--calibration", grey, "-q")
     assert r.exit_code == 1 and "refused against fp32" in r.output and "< bound 0.99" in r.output, r.output
@@ -308,14 +314,9 @@ def test_keep_fp32_names_are_checked(tiny_engine, calib_dir, tmp_path):
 def test_auto_refuses_when_every_tower_fails(tiny_engine, tmp_path):
     """A broken calibration (one flat grey image, 32 times) fails every tower: auto would keep them all fp32,
     which gains nothing, so it is refused in one line and nothing is written."""
-    from PIL import Image
-
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_engine, folder)
-    grey = tmp_path / "grey"
-    grey.mkdir()
-    for i in range(32):
-        Image.new("RGB", (80, 80), (128, 128, 128)).save(grey / f"g{i}.png")
+    grey = _grey_folder(tmp_path)
     r = _cli("export", folder, "--precision", "int8", "--calibration", grey, "--int8-target", "cpu",
              "--int8-keep-fp32", "auto", "-q")
     assert r.exit_code == 1 and "every backbone fails in int8" in r.output and "nothing written" in r.output, r.output
