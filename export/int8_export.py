@@ -93,8 +93,9 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
                 if len(set(fixed) | set(failing)) == len(m.backbones):
                     if not strict:             # measured anyway: the graph with every tower int8
                         break
-                    raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 "
-                                        f"({'; '.join(rec['validation']['failures'][:2])}); with all towers fp32, "
+                    raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 ("
+                                        + "; ".join(_own_failure(rec["validation"], b) for b in m.backbone_names)
+                                        + "); with all towers fp32, "
                                         "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
                 float_towers = tuple(sorted(set(fixed) | set(failing)))
                 log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
@@ -139,6 +140,11 @@ def _keep_fp32(m, keep_fp32) -> tuple[bool, tuple]:
     if len(set(idx)) == len(m.backbones):
         raise ClipfuseError(f"--int8-keep-fp32 names every backbone of {str(m.folder)!r}: int8 would gain nothing")
     return auto, tuple(sorted(set(idx)))
+
+
+def _own_failure(report: dict, backbone: str) -> str:
+    """The first failure line that names `backbone` (what its own checks said), or its name alone."""
+    return next((f for f in report.get("failures", []) if f.startswith(f"{backbone}: ")), backbone)
 
 
 def failing_backbones(report: dict, names) -> list[int]:
