@@ -49,11 +49,7 @@ def time_precisions(manifest, fp16_path: Path, rounds: int = 5, batch: int = 8) 
 def validation_lines(v: dict) -> list[str]:
     """The validation figures, each with its bound: the one place they are written as text."""
     lines = [f"bounds: {comparator.describe_bounds(v['bounds'])}; logits per backbone: {v['bounds']['logits']}"]
-    for b in v["backbones"]:
-        lines.append(f"{b['backbone']}: embedding cosine mean {b['cosine_mean']:.7f} min {b['cosine_min']:.7f} "
-                     f"(>= {b['cosine_bound']}), max logit err {b['logits_max_abs']:.3g} ({b['logits_max_rel']:.2e} "
-                     f"rel; bound {b['logits_bound']:.3g}), top-1 agreement {b['top1_agreement'] * 100:.1f}% "
-                     f"(changed <= {b['top1_changed_bound'] * 100:g}%)")
+    lines += [comparator.backbone_line(b, detail=True) for b in v["backbones"]]
     f = v["fused"]
     lines.append(f"fused: max logit err {f['logits_max_abs']:.3g} ({f['logits_max_rel']:.2e} rel; bound "
                  f"{f['logits_bound']:.3g}), top-1 agreement {f['top1_agreement'] * 100:.1f}% ({f['top1_flips']} "

@@ -104,8 +104,8 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     model = onnx.load(str(src_onnx), load_external_data=False)        # the structure; weights stay on disk
     unnamed = any(not n.name for n in model.graph.node)
     island, islands, to_quantize, left_float = quantization_plan(model, float_towers)
-    large = src_onnx.stat().st_size + sum(p.stat().st_size for p in _data_files(model, src_onnx.parent)) \
-        > EXTERNAL_DATA_BYTES
+    data_files = _data_files(model, src_onnx.parent)
+    large = src_onnx.stat().st_size + sum(p.stat().st_size for p in data_files) > EXTERNAL_DATA_BYTES
     extra = {"MatMulConstBOnly": True, "WeightSymmetric": True, "ActivationSymmetric": activation_symmetric}
     if method == "percentile":
         extra["CalibPercentile"] = percentile
@@ -125,7 +125,7 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         cache = save_ranges(ranges, tmpdir / "ranges.json")
         # quantize_static shape-infers a copy written beside its input: the input is a copy of the engine's
         # graph inside tmpdir, so nothing is written into the engine folder.
-        src = _source_copy(src_onnx, model if unnamed else None, tmpdir / "src")
+        src = _source_copy(src_onnx, data_files, model if unnamed else None, tmpdir / "src")
         del model
         outdir = tmpdir / "out"
         outdir.mkdir()
@@ -211,8 +211,8 @@ def _data_files(model, folder: Path) -> list[Path]:
     return [folder / loc for loc in sorted(locs)]
 
 
-def _source_copy(src: Path, renamed, dst_dir: Path) -> Path:
-    """src (and its external data) copied into dst_dir. `renamed`: the
+def _source_copy(src: Path, data_files: list[Path], renamed, dst_dir: Path) -> Path:
+    """src (and its external data files) copied into dst_dir. `renamed`: the
     structure with names given to unnamed nodes (the exclusion lists name them): written in full instead."""
     import onnx
 
@@ -225,7 +225,7 @@ def _source_copy(src: Path, renamed, dst_dir: Path) -> Path:
         return dst_dir / src.name
     # A copy, not a hard link: onnx refuses external data with several links ("potential hardlink
     # attack", seen here on the nine's 6.2 GB data file), and a symlink is no better.
-    for p in [src] + _data_files(onnx.load(str(src), load_external_data=False), src.parent):
+    for p in [src] + data_files:
         shutil.copyfile(p, dst_dir / p.name)
     return dst_dir / src.name
 

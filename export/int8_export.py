@@ -80,26 +80,28 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         for i, target in enumerate(targets):
             name, act, sym = TARGET_GRAPHS[target]
             dst = update.path(name)
-            float_towers = fixed
-            while True:
+            def attempt(float_towers):
                 rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
                                     activation_symmetric=sym, quiet=quiet, ranges=ranges, float_towers=float_towers)
                 with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
                     rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
                                                       ref_cache=ref_cache)
-                failing = failing_backbones(rec["validation"], m.backbone_names)
-                if not (auto and failing and float_towers == fixed):
-                    break
-                if len(set(fixed) | set(failing)) == len(m.backbones):
-                    if not strict:             # measured anyway: the graph with every tower int8
-                        break
-                    raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 ("
-                                        + "; ".join(_own_failure(rec["validation"], b) for b in m.backbone_names)
-                                        + "); with all towers fp32, "
-                                        "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
-                float_towers = tuple(sorted(set(fixed) | set(failing)))
+                return rec
+
+            float_towers = fixed
+            rec = attempt(float_towers)
+            failing = failing_backbones(rec["validation"]) if auto else []
+            keep = tuple(sorted(set(fixed) | set(failing)))
+            if len(keep) == len(m.backbones) and strict:
+                raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 ("
+                                    + "; ".join(_own_failure(rec["validation"], b) for b in m.backbone_names)
+                                    + "); with all towers fp32, "
+                                    "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
+            if failing and len(keep) < len(m.backbones):      # else (not strict) the first graph is measured
                 log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
                     f"failed in int8) and validating again", quiet, tag="int8")
+                float_towers = keep
+                rec = attempt(float_towers)
             rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]
             for line in format_checks(rec["validation"]):
                 log(line, quiet, tag="int8")
@@ -147,7 +149,7 @@ def _own_failure(report: dict, backbone: str) -> str:
     return next((f for f in report.get("failures", []) if f.startswith(f"{backbone}: ")), backbone)
 
 
-def failing_backbones(report: dict, names) -> list[int]:
+def failing_backbones(report: dict) -> list[int]:
     """Indices of the backbones whose own checks failed: embedding cosine, error-to-spread, own top-1 changed."""
     bad = []
     for k, b in enumerate(report.get("backbones") or []):

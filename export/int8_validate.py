@@ -32,7 +32,6 @@ user with real weights must meet, and a graph below them is refused, not kept.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -78,42 +77,26 @@ def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, quiet:
     (the accuracy is the fused top-1 of the same outputs the comparator reads). Without it, the 32 photo
     variants (or `images`). ref_cache: a dict kept across calls (export_int8 passes one per export): fp32's
     outputs on the same images are computed once for every int8 graph validated against them."""
-    from clipfuse.export.precision_validate import compare_precisions, make_feeds, run_batches, validation_images
-    from clipfuse.export.paired import paired_difference
-    from clipfuse.runtime.compare import head_row_norms
-    from clipfuse.runtime.sessions import open_session
+    from clipfuse.export.precision_validate import make_feeds, validate_feeds, validation_images
 
     ref_cache = {} if ref_cache is None else ref_cache
-    y = None
+    y, key = None, None
     if data is not None:
         key = ("data", str(data))
-        if key not in ref_cache:
+        if key + ("feeds",) not in ref_cache:
             ref_cache[key + ("feeds",)] = labelled_feeds(manifest, data, classes, batch)
         feeds, y = ref_cache[key + ("feeds",)]
     else:
-        key = ("images", id(images))
+        if images is None:            # the shipped photographs: the same for every graph of an export
+            key = ("photos",)
         feeds = make_feeds(manifest, validation_images() if images is None else images, batch)
-    timing = {}
-    if key not in ref_cache:
-        t = time.perf_counter()
-        ref_cache[key] = run_batches(open_session(manifest.onnx_path), feeds)
-        timing["fp32_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    got = run_batches(open_session(Path(int8_path)), feeds)
-    timing["int8_s"] = time.perf_counter() - t
-    ref = ref_cache[key]
-    report = compare_precisions(ref, got, manifest.data, head_row_norms(manifest.folder, len(manifest.backbones)),
-                                "int8")
-    report["ort_cpu_seconds"] = {k: round(v, 3) for k, v in timing.items()}
-    report["ort_cpu_seconds"]["batch"] = batch
-    report["onnxruntime"] = __import__("onnxruntime").__version__
+    report, ref, got = validate_feeds(manifest, Path(int8_path), "int8", feeds, batch,
+                                      ref=ref_cache.get(key) if key else None, warmup=False)
+    if key:
+        ref_cache[key] = ref
     report["images_from"] = str(data) if data is not None else "the shipped photographs (32 variants)"
     if y is not None:
-        pred = {"fp32": ref[iospec.LOGITS].argmax(-1), "int8": got[iospec.LOGITS].argmax(-1)}
-        d = paired_difference(pred["int8"], pred["fp32"], y)
-        report["accuracy"] = {"data": str(data), "images": int(len(y)), "fp32": float((pred["fp32"] == y).mean() * 100),
-                              "int8": float((pred["int8"] == y).mean() * 100), "paired": d.to_dict(),
-                              "max_drop": iospec.tolerance("int8")["max_accuracy_drop"]}
+        report["accuracy"] = _accuracy(ref[iospec.LOGITS], got[iospec.LOGITS], y, data, "int8")
         if report["accuracy"]["paired"]["difference"] < -report["accuracy"]["max_drop"]:
             report["failures"].append(accuracy_line(report["accuracy"]).strip())
             report["ok"] = False
@@ -147,17 +130,23 @@ def paired_accuracy(manifest, graph_path: Path, data, classes=None, batch: int =
     """Fused top-1 accuracy of fp32 and another graph of the engine (int8, fp16) on a labelled folder, the
     same images through the same host preprocessing, and its difference from fp32, paired, with its interval.
     The result names the other graph `key` (the int8 validation's record reads "int8")."""
-    from clipfuse.export.paired import paired_difference
     from clipfuse.export.precision_validate import run_batches
     from clipfuse.runtime.sessions import open_session
 
     feeds, y = labelled_feeds(manifest, data, classes, batch)
-    pred = {}
-    for name, p in (("fp32", manifest.onnx_path), (key, graph_path)):
-        pred[name] = run_batches(open_session(p), feeds)[iospec.LOGITS].argmax(-1)
-    d = paired_difference(pred[key], pred["fp32"], y)
-    return {"data": str(data), "images": int(len(y)), "fp32": float((pred["fp32"] == y).mean() * 100),
-            key: float((pred[key] == y).mean() * 100), "paired": d.to_dict(),
+    fp32, other = (run_batches(open_session(p), feeds)[iospec.LOGITS] for p in (manifest.onnx_path, graph_path))
+    return _accuracy(fp32, other, y, data, key)
+
+
+def _accuracy(fp32_logits, logits, y, data, key: str) -> dict:
+    """Fused top-1 accuracy of fp32 and the other graph (named `key`) on the same labelled images, and the
+    other minus fp32 as a paired difference with its interval."""
+    from clipfuse.export.paired import paired_difference
+
+    a, b = fp32_logits.argmax(-1), logits.argmax(-1)
+    d = paired_difference(b, a, y)
+    return {"data": str(data), "images": int(len(y)), "fp32": float((a == y).mean() * 100),
+            key: float((b == y).mean() * 100), "paired": d.to_dict(),
             "max_drop": iospec.tolerance("int8")["max_accuracy_drop"]}
 
 

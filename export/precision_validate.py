@@ -75,15 +75,24 @@ def compare_precisions(ref: dict, got: dict, manifest_data: dict, head_row_norms
 
 def validate_precision(manifest, path: Path, precision: str, images=None, batch: int = 8) -> dict:
     """Run model.onnx and the graph at `path` on ORT CPU on the same images; figures + verdict (no raise)."""
+    images = validation_images() if images is None else images
+    return validate_feeds(manifest, path, precision, make_feeds(manifest, images, batch), batch)[0]
+
+
+def validate_feeds(manifest, path: Path, precision: str, feeds: list[dict], batch: int, ref: dict | None = None,
+                   warmup: bool = True) -> tuple[dict, dict, dict]:
+    """(report, fp32 outputs, outputs of `path`) on the same feeds, each graph timed on ORT CPU after one
+    warm-up batch (warmup=False: none, where a batch of a large ensemble costs more than the timing is worth).
+    ref: fp32's outputs on these feeds, already computed (not run again, not timed)."""
     from clipfuse.runtime.compare import head_row_norms
 
-    images = validation_images() if images is None else images
-    feeds = make_feeds(manifest, images, batch)
-    timing = {}
-    outs = {}
+    timing, outs = {}, {"fp32": ref}
     for key, p in (("fp32", manifest.onnx_path), (precision, path)):
+        if outs.get(key) is not None:
+            continue
         s = _session(p)
-        run_batches(s, feeds[:1])                         # warm-up
+        if warmup:
+            run_batches(s, feeds[:1])
         t = time.perf_counter()
         outs[key] = run_batches(s, feeds)
         timing[f"{key}_s"] = time.perf_counter() - t
@@ -93,7 +102,7 @@ def validate_precision(manifest, path: Path, precision: str, images=None, batch:
     report["ort_cpu_seconds"] = {k: round(v, 3) for k, v in timing.items()}
     report["ort_cpu_seconds"]["batch"] = batch
     report["onnxruntime"] = __import__("onnxruntime").__version__
-    return report
+    return report, outs["fp32"], outs[precision]
 
 
 def cpu_fp32_fallback_ops(path: Path) -> dict:

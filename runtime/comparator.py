@@ -275,17 +275,23 @@ def describe_bounds(tol: dict) -> str:
             "(fused and per backbone)")
 
 
+def backbone_line(b: dict, detail: bool = False) -> str:
+    """One backbone's figures, each next to its bound (detail: also the mean cosine and the relative logit
+    error, as the fp16 report prints them): the one place a backbone row is written as text."""
+    mean = f"mean {b['cosine_mean']:.7f} " if detail else ""
+    rel = f" ({b['logits_max_rel']:.2e} rel)" if detail else ""
+    return (f"{b['backbone']}: embedding cosine {mean}min {b['cosine_min']:.7f} (bound >= {b['cosine_bound']:g}), "
+            f"{_spread_text(b)}, max logit err {b['logits_max_abs']:.3g}{rel} (bound {b['logits_bound']:.3g}), "
+            f"top-1 agreement {b['top1_agreement'] * 100:.1f}% (bound: changed <= {b['top1_changed_bound'] * 100:g}%)")
+
+
 def format_lines(report: dict) -> list[str]:
     """The report's figures as text lines, each next to its bound (used by compare and fp16 reports)."""
     lines = [f"  {'output':<16} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  ok"]
     for o in report["outputs"]:
         lines.append(f"  {o['output']:<16} {o['max_abs']:>10.3g} {o['max_rel']:>10.3g} {o['tolerance']:>10.3g}  "
                      f"{'yes' if o['ok'] else 'NO'}")
-    for b in report["backbones"]:
-        lines.append(f"  {b['backbone']}: embedding cosine min {b['cosine_min']:.7f} (bound >= {b['cosine_bound']:g}), "
-                     f"{_spread_text(b)}, "
-                     f"max logit err {b['logits_max_abs']:.3g} (bound {b['logits_bound']:.3g}), "
-                     f"top-1 agreement {b['top1_agreement'] * 100:.1f}% (bound: changed <= {b['top1_changed_bound'] * 100:g}%)")
+    lines += [f"  {backbone_line(b)}" for b in report["backbones"]]
     f = report["fused"]
     if f:
         lines.append(f"  fused top-1 agreement {f['top1_agreement'] * 100:.1f}% ({f['top1_changed']} changed, "
