@@ -124,8 +124,9 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #   max_error_to_spread (per backbone): max_i ||v_i - u_i|| over the median ||u_i - u_j|| between
 #         two images, unit-norm embeddings (u reference, v compared; runtime/comparator.py). The
 #         cosine bound is absolute: seeded random RN50 towers embed two different digits at cosine
-#         0.99996 (distance ~0.009, benchmarks/results/feature_spread.md), so an int8 graph at cosine
-#         0.9997 (error ~0.024, ratio ~2.7) passed min_cosine and changed 57 of 64 fused answers.
+#         0.99996 (benchmarks/results/feature_spread.md), so the pair's int8 graph, RN50 at cosine
+#         0.99994 with fp32, passed min_cosine and changed 457 of 539 fused answers: its feature error
+#         is 1.19x the median distance between two digits (benchmarks/results/precision_default.md).
 #         Trained CLIP embeds unrelated photos at cosine ~0.5-0.8 (distance ~0.6-1.0); int8 at the
 #         cosine bound 0.99 is a distance of 0.14, a ratio of ~0.15-0.25: int8 and fp16 0.25 pass
 #         that and refuse an error a quarter of the way to another image. fp32: runs differ by ~1e-6
