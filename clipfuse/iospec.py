@@ -111,8 +111,13 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #   max_probs_shift: what the measured logit error may add to the probs bound (half of it:
 #         softmax moves no probability further than half the largest logit move), capped so the
 #         bound stays a check on values in [0, 1]: a probability may move 5 points in fp16/int8,
-#         0.1 point in fp32. Uncapped, a linear probe's logit error once gave probs a tolerance
-#         of 74.4, and then 1.6.
+#         1 point in fp32. Uncapped, a linear probe's logit error once gave probs a tolerance
+#         of 74.4, and then 1.6. fp32's cap was 0.1 point until it refused a correct export:
+#         precision-default's RN50 single (a probe with rows of norm ~1e4 on nearly collapsed
+#         random features) turns fp32 rounding into a 0.0065 logit move, which moves a
+#         probability by 0.0033, within the half-logit rule and past a 0.001 cap. A broken
+#         softmax or combination moves probabilities by far more than a point, and the logits
+#         keep their own bound.
 #   int8: the deciding figures are issue 16's targets: embedding cosine >= 0.99 per backbone and
 #         top-1 changed <= 1% (on the 32 validation images: none); with heads_exact the logits are
 #         held to what the float heads carry from the features. rtol/atol only bound each output
@@ -132,7 +137,7 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 #         that and refuse an error a quarter of the way to another image. fp32: runs differ by ~1e-6
 #         relative, so 0.01 is a bug detector with a wide margin.
 TOLERANCES = {
-    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-3,
+    "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-2,
              "max_error_to_spread": 0.01},
     "fp16": {"rtol": 1e-2, "atol": 1e-3, "min_cosine": 0.999, "max_top1_changed": 0.05, "max_probs_shift": 0.05,
              "max_error_to_spread": 0.25},

@@ -301,3 +301,20 @@ def test_error_to_spread_bound_is_printed():
         for k in ("feature_error_max", "feature_spread_median", "error_to_spread", "error_to_spread_bound"):
             b.pop(k)
     assert "report predates the check" in "\n".join(comparator.format_lines(r))
+
+
+def test_fp32_probs_follow_a_probe_logit_rounding_move():
+    """precision-default's RN50 single: fp32 rounding behind a probe with rows of norm ~1e4 moved the logits
+    by 0.0065 and a probability by 0.0033; fp32's old 0.001 cap refused that correct export. The cap is a
+    point now: the same move passes, a broken softmax (5 points) still fails."""
+    ref, bbs, norms = _outputs(np.random.default_rng(7), head_scale=1e4)
+    got = _copy(ref)
+    got[iospec.FEATURES] += 1e-6                        # rounding-level feature moves, which the heads carry
+    got[iospec.LOGITS][:, 0] += 0.0065
+    got[iospec.PROBS][:, 0] += 0.0033
+    r = _run(ref, got, bbs, norms, precision="fp32")
+    probs = {o["output"]: o for o in r["outputs"]}["probs"]
+    assert probs["max_abs"] <= probs["tolerance"] and not any(f.startswith("probs:") for f in r["failures"]), r["failures"]
+    got[iospec.PROBS][:, 0] += 0.05
+    r = _run(ref, got, bbs, norms, precision="fp32")
+    assert any(f.startswith("probs:") for f in r["failures"])
