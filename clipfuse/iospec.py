@@ -50,8 +50,10 @@ def tower_logits(k: int) -> str:
     return f"logits_{int(k)}"
 
 
-def tower_file(k: int) -> str:
-    return f"{STAGE_DIR}/tower_{int(k)}.onnx"
+def tower_file(k: int, precision: str = "fp32") -> str:
+    """stages/tower_<k>.onnx, or for int8 stages/tower_<k>.int8.onnx: the tower cut out of model.int8.onnx
+    (export/int8_cascade.py; the combine graphs stay fp32 and are shared)."""
+    return f"{STAGE_DIR}/tower_{int(k)}.onnx" if precision == "fp32" else f"{STAGE_DIR}/tower_{int(k)}.{precision}.onnx"
 
 
 def combine_file(s: int) -> str:

@@ -9,6 +9,8 @@ very same code.
 
     required_calibration_images(max_drop, confidence, tries) -> int
     choose_thresholds(stage_logits, stage_costs, config, labels, score) -> thresholds (S - 1,)
+    certify_thresholds(stage_logits, stage_costs, config, score) -> thresholds, calibration record
+                                          (order and score fixed: the int8 stages' thresholds)
     fit_cascade(calib_logits, test_logits, stage_costs, names, config, ...) -> CascadeFit
     candidate_orders(costs, accuracies)   -> {rule: order}
     fit_cascade_orders(candidates, config, ...) -> CascadeFit of the cheapest order
@@ -232,6 +234,54 @@ def _measure(Z: np.ndarray, thresholds, score: str, cum: np.ndarray):
     return Z.argmax(axis=2)[stage, np.arange(Z.shape[1])], stage, float(cum[stage].mean())
 
 
+def check_calibration_count(n_cal: int, config: CascadeConfig, tries: int) -> None:
+    """ClipfuseError naming the images needed when n_cal cannot certify config.max_drop (guarded constraint)."""
+    if config.constraint != GUARDED:
+        return
+    need = required_calibration_images(config.max_drop, config.confidence, tries)
+    if n_cal < need:
+        alpha = (1.0 - config.confidence) / tries
+        supported = math.ceil(1000.0 * (1.0 - alpha ** (1.0 / n_cal))) / 10.0
+        raise ClipfuseError(
+            f"cascade: {n_cal} calibration images cannot certify --max-drop {config.max_drop} at "
+            f"{config.confidence:.0%} ({tries} configurations tried): it needs >= {need} images; "
+            f"label more images or raise --max-drop to >= {supported}")
+
+
+def _calibration_record(Zc: np.ndarray, t, score: str, cum: np.ndarray, config: CascadeConfig, y_cal,
+                        tries: int) -> dict:
+    """What the chosen thresholds do on the calibration arrays they were chosen on (CascadeFit.calibration)."""
+    S, n_cal, _ = Zc.shape
+    pred_c, stage_c, cost_c = _measure(Zc, t, score, cum)
+    full_c = Zc[-1].argmax(axis=1)
+    _, _, allowed = _loss_and_check(config, full_c, y_cal, n_cal, tries)
+    d = int((pred_c != full_c).sum())
+    return {"n": int(n_cal), "exit_rates": _exits(stage_c, S), "expected_cost": cost_c,
+            "disagreements": d, "allowed": int(allowed),
+            "disagreement_bound": 100.0 * clopper_pearson_upper(d, n_cal, 1.0 - (1.0 - config.confidence) / tries)}
+
+
+def certify_thresholds(stage_logits, stage_costs, config: CascadeConfig, score: str) -> tuple[np.ndarray, dict]:
+    """Thresholds for a FIXED order and score, chosen and bounded on new calibration arrays: (thresholds,
+    calibration record). What the int8 stages need (export/int8_cascade.py): int8 moves the stages'
+    confidences, so fp32's thresholds no longer carry their bound. Order and score were fixed before these
+    images were seen, so one configuration is tried (no Bonferroni split). Too few images: ClipfuseError
+    naming the number needed (check_calibration_count)."""
+    config = replace(config, score=score).check()
+    Zc = _stage_stack(stage_logits, "calibration logits")
+    S, n_cal, _ = Zc.shape
+    check_calibration_count(n_cal, config, 1)
+    cum = _cum_costs(stage_costs, S)
+    t = choose_thresholds(Zc, stage_costs, config, score=score, tries=1)
+    return t, _calibration_record(Zc, t, score, cum, config, None, 1)
+
+
+def measure(stage_logits, thresholds, score: str, stage_costs) -> tuple[np.ndarray, np.ndarray, float]:
+    """(answers (N,), stage that answered (N,) 0-based, expected cost) of a cascade on every stage's logits."""
+    Z = _stage_stack(stage_logits, "stage logits")
+    return _measure(Z, thresholds, score, _cum_costs(stage_costs, Z.shape[0]))
+
+
 def fit_cascade(calib_logits, test_logits, stage_costs, names=None, config: CascadeConfig | None = None,
                 calib_labels=None, test_labels=None, tries: int = 1) -> CascadeFit:
     """Choose score and thresholds on the calibration split; measure the cascade on the test split.
@@ -256,15 +306,7 @@ def fit_cascade(calib_logits, test_logits, stage_costs, names=None, config: Casc
     cum = _cum_costs(stage_costs, S)
     scores = config.scores()
     tries_all = tries * len(scores)
-    if config.constraint == GUARDED:
-        need = required_calibration_images(config.max_drop, config.confidence, tries_all)
-        if n_cal < need:
-            alpha = (1.0 - config.confidence) / tries_all
-            supported = math.ceil(1000.0 * (1.0 - alpha ** (1.0 / n_cal))) / 10.0
-            raise ClipfuseError(
-                f"cascade: {n_cal} calibration images cannot certify --max-drop {config.max_drop} at "
-                f"{config.confidence:.0%} ({tries_all} configurations tried): it needs >= {need} images; "
-                f"label more images or raise --max-drop to >= {supported}")
+    check_calibration_count(n_cal, config, tries_all)
     y_cal = None if calib_labels is None else np.asarray(calib_labels).reshape(-1)
     if y_cal is not None and y_cal.shape != (n_cal,):
         raise ClipfuseError(f"{y_cal.size} calibration labels for {n_cal} calibration images")
@@ -275,13 +317,8 @@ def fit_cascade(calib_logits, test_logits, stage_costs, names=None, config: Casc
         fits[score] = (t, _measure(Zc, t, score, cum))
     # Cheaper on calibration wins; ties go to max-prob (the published default), listed first in SCORES.
     score = min(scores, key=lambda s: (fits[s][1][2], scores.index(s)))
-    t, (pred_c, stage_c, cost_c) = fits[score]
-    full_c = Zc[-1].argmax(axis=1)
-    _, _, allowed = _loss_and_check(config, full_c, y_cal, n_cal, tries_all)
-    d = int((pred_c != full_c).sum())
-    calibration = {"n": int(n_cal), "exit_rates": _exits(stage_c, S), "expected_cost": cost_c,
-                   "disagreements": d, "allowed": int(allowed),
-                   "disagreement_bound": 100.0 * clopper_pearson_upper(d, n_cal, 1.0 - (1.0 - config.confidence) / tries_all)}
+    t = fits[score][0]
+    calibration = _calibration_record(Zc, t, score, cum, config, y_cal, tries_all)
 
     y = np.asarray(test_labels).reshape(-1)
     pred_t, stage_t, cost_t = _measure(Zt, t, score, cum)

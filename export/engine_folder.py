@@ -27,12 +27,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from clipfuse import iospec
 from clipfuse.errors import ClipfuseError
 from clipfuse.log import log
 
 from clipfuse.runtime.manifest import MANIFEST, sha256_file
 
 STAGE_PREFIX = ".clipfuse.tmp-"          # staging folder inside an engine folder (added files)
+SUBFOLDERS = (iospec.STAGE_DIR,)           # subfolders whose files an update may add (a cascade's stages/)
 # errors that say "this folder cannot take the write", as opposed to a bug: one line, not a traceback
 WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
@@ -302,7 +304,11 @@ class EngineUpdate:
         self.edits.append(fn)
 
     def commit(self) -> dict:
-        names = sorted(p.name for p in self.stage.iterdir() if p.is_file())
+        # top-level files, and files under the subfolders engines hold (a cascade's stages/); a helper's
+        # temporary folder elsewhere in the stage is not an artefact
+        names = sorted([p.name for p in self.stage.iterdir() if p.is_file()]
+                       + [p.relative_to(self.stage).as_posix() for sub in SUBFOLDERS if (self.stage / sub).is_dir()
+                          for p in (self.stage / sub).rglob("*") if p.is_file()])
         for name in names:
             fsync_file(self.stage / name)
         artefacts = hash_artefacts(self.stage, names)
@@ -310,6 +316,7 @@ class EngineUpdate:
         # ignores the new files, and the old manifest still verifies the old ones
         for name in sorted(names, key=lambda n: (not n.endswith(".data"), n)):
             os.chmod(self.stage / name, 0o644)
+            (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.stage / name, self.folder / name)
         data = json.loads((self.folder / MANIFEST).read_text())
         data["artefacts"].update(artefacts)

@@ -172,22 +172,30 @@ def backbone_towers(graph) -> list[str]:
     return order
 
 
-def tower_nodes(graph, output: str) -> list:
-    """The nodes `output` depends on, in graph order (the tower, and the input scaling it shares)."""
+def tower_nodes(graph, output) -> list:
+    """The nodes `output` (a tensor name, or several) depends on, in graph order (the tower, and the input
+    scaling it shares)."""
     from clipfuse.export.fp16 import ancestor_nodes
 
-    seen = ancestor_nodes(graph, [output])
+    seen = ancestor_nodes(graph, [output] if isinstance(output, str) else list(output))
     return [n for n in graph.node if n.name in seen]
 
 
 def tower_model(model, output: str, base_dir: Path):
     """A standalone ModelProto of the tower computing `output`, its weights loaded into memory (only
     this tower's: the rest of a model loaded with load_external_data=False stays on disk)."""
+    return subgraph_model(model, {output: output}, base_dir, name="tower")
+
+
+def subgraph_model(model, outputs: dict, base_dir: Path, name: str = "stage"):
+    """A standalone ModelProto computing `outputs` ({tensor: output name}; a new name is given through an
+    Identity) from the graph inputs they depend on: their ancestor nodes and only those nodes' weights,
+    loaded into memory (the rest of a model loaded with load_external_data=False stays on disk)."""
     import onnx
     from onnx import external_data_helper, helper
 
     g = model.graph
-    nodes = tower_nodes(g, output)
+    nodes = tower_nodes(g, list(outputs))
     used = {t for n in nodes for t in n.input}
     inits = []
     for t in g.initializer:
@@ -200,10 +208,19 @@ def tower_model(model, output: str, base_dir: Path):
                 del c.external_data[:]
             inits.append(c)
     inputs = [i for i in g.input if i.name in used]
-    vi = [v for v in g.value_info if v.name in used and v.name != output]
-    out = next((v for v in list(g.value_info) + list(g.output) if v.name == output), None)
-    out = out or helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)
-    sub = helper.make_model(helper.make_graph(nodes, "tower", inputs, [out], initializer=inits, value_info=vi),
+    vi = [v for v in g.value_info if v.name in used and v.name not in outputs]
+    known = {v.name: v for v in list(g.value_info) + list(g.output)}
+    outs = []
+    for tensor, out_name in outputs.items():
+        if out_name != tensor:
+            nodes.append(helper.make_node("Identity", [tensor], [out_name], name=f"{name}_output_{out_name}"))
+            if tensor in known:
+                vi.append(known[tensor])
+        elif tensor in known:
+            outs.append(known[tensor])
+            continue
+        outs.append(helper.make_tensor_value_info(out_name, onnx.TensorProto.FLOAT, None))
+    sub = helper.make_model(helper.make_graph(nodes, name, inputs, outs, initializer=inits, value_info=vi),
                             opset_imports=list(model.opset_import), ir_version=model.ir_version)
     sub.functions.extend(model.functions)
     return sub

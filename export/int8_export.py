@@ -35,6 +35,7 @@ from clipfuse.log import log, step
 
 from clipfuse.export.int8 import DEFAULT_COUNT, calibrate_ranges, calibration_feeds, quantize_int8
 from clipfuse.export.int8_validate import format_checks, require_valid, validate_int8
+from clipfuse.runtime.cascade import is_cascade
 from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
 
 # target -> (file, activations, activation_symmetric)
@@ -122,9 +123,39 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         if "tensorrt" in records:
             info["tensorrt"] = records["tensorrt"]
         info["targets"] = list(records)
+        if is_cascade(m):
+            info["cascade"] = _cascade_stages(m, update, records, calibration, data, ref_cache, quiet)
         update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
         log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}", quiet)
     return info
+
+
+def _cascade_stages(m, update, records: dict, calibration, data, ref_cache: dict, quiet: bool) -> dict:
+    """A cascade engine's int8 stage towers, cut out of the CPU graph, with thresholds certified again
+    (export/int8_cascade.py), or the record of why not. Towers of an earlier int8 export are dropped either way."""
+    from clipfuse import iospec
+    from clipfuse.export.int8_cascade import CERTIFY_MAX, format_record, int8_stages
+
+    S = len(m.backbones)
+    files = [iospec.tower_file(s, "int8") for s in range(1, S + 1)]
+    for f in files:
+        update.remove(f)                      # replaced below when written
+    if "cpu" not in records:
+        rec = {"written": False, "reason": "the cascade's int8 stages are cut out of model.int8.onnx (target cpu), "
+                                           "which this export did not write"}
+    else:
+        certify = calibration_feeds(m, calibration, CERTIFY_MAX)
+        labelled = ref_cache.get(("data", str(data), "feeds")) if data is not None else None
+        ref = ref_cache.get(("data", str(data))) if data is not None else None
+        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, calibration,
+                          data_feeds=labelled[0] if labelled else None, labels=labelled[1] if labelled else None,
+                          fp32_logits=ref["logits"] if ref is not None else None, quiet=quiet)
+        if not rec["written"]:
+            for f in files:
+                update.path(f).unlink(missing_ok=True)
+    for line in format_record(rec):
+        log(line, quiet, tag="int8")
+    return rec
 
 
 def _keep_fp32(m, keep_fp32) -> tuple[bool, tuple]:
@@ -173,4 +204,8 @@ def format_summary(info: dict) -> str:
                   + (f"; towers kept fp32: {', '.join(rec['float_backbones'])}" if rec.get("float_backbones") else ""),
                   f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
         lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
+    if info.get("cascade"):
+        from clipfuse.export.int8_cascade import format_record
+
+        lines += format_record(info["cascade"])
     return "\n".join(lines)

@@ -76,13 +76,20 @@ class CascadeBackend(Backend):
 
     name = "cascade-onnxruntime"
 
-    def __init__(self, manifest: Manifest, threads: int | None = None, thresholds=None):
+    def __init__(self, manifest: Manifest, threads: int | None = None, thresholds=None, precision: str | None = None):
         super().__init__(manifest)
         self.block = cascade_block(manifest)
         self.threads = threads
         self.score = self.block["score"]
+        self.precision = precision or "fp32"
+        # int8: towers cut out of model.int8.onnx and thresholds certified on their outputs (export/int8_cascade.py)
+        stages = int8_stages(manifest) if self.precision == "int8" else None
+        if self.precision not in ("fp32", "int8"):
+            check_cascade_precision(manifest, True, self.precision)        # raises: fp16 has no stages
+        self.towers = stages["towers"] if stages else [st["tower"] for st in self.block["stages"]]
         # thresholds may be overridden (the bench's curve over thresholds); None = the manifest's
-        self.thresholds = list(self.block["thresholds"] if thresholds is None else thresholds)
+        default = stages["thresholds"] if stages else self.block["thresholds"]
+        self.thresholds = list(default if thresholds is None else thresholds)
         route(np.zeros((1, len(self.block["stages"]))), self.thresholds)     # checks count and values
         self._limits = [np.inf if v is None else float(v) for v in self.thresholds]
         self.sessions: dict = {}
@@ -93,15 +100,19 @@ class CascadeBackend(Backend):
         return ["CPUExecutionProvider"]
 
     def describe(self) -> str:
-        return f"{self.name} ({len(self.block['stages'])} stages, {self.score} thresholds {self.thresholds})"
+        return (f"{self.name} ({len(self.block['stages'])} {'int8 ' if self.precision == 'int8' else ''}stages, "
+                f"{self.score} thresholds {self.thresholds})")
 
     def open(self) -> "CascadeBackend":
         check_onnxruntime_can_run(self.manifest)
         so = session_options(threads=self.threads)
         where = f"engine {str(self.manifest.folder)!r}"
         for s, st in enumerate(self.block["stages"], 1):
-            for kind in ("tower", "combine"):
-                path = confined_path(self.manifest.folder, st[kind], f"cascade.stages[{s - 1}].{kind}")
+            files = {"tower": (self.towers[s - 1], f"precisions.int8.cascade.towers[{s - 1}]" if self.precision == "int8"
+                               else f"cascade.stages[{s - 1}].tower"),
+                     "combine": (st["combine"], f"cascade.stages[{s - 1}].combine")}
+            for kind, (name, label) in files.items():
+                path = confined_path(self.manifest.folder, name, label)
                 self.sessions[f"{kind}_{s}"] = open_session(path, so, hint=f"rebuild it: {rebuild_hint(self.manifest)}")
             got = [i.name for i in self.sessions[f"tower_{s}"].get_inputs()]
             if got != [st["input"]]:
@@ -156,18 +167,45 @@ class CascadeBackend(Backend):
 
 
 
+def int8_stages(manifest: Manifest) -> dict:
+    """The manifest's precisions["int8"]["cascade"] record, checked: the int8 tower files and the thresholds
+    certified on them (export/int8_cascade.py). One line naming the reason when there is none."""
+    from clipfuse.runtime.precisions import precision_onnx_path
+
+    where = f"engine {str(manifest.folder)!r}"
+    precision_onnx_path(manifest, "int8")             # the int8 graph they were cut from exists and is current
+    rec = ((manifest.data.get("precisions") or {}).get("int8") or {}).get("cascade")
+    if not isinstance(rec, dict):
+        raise ClipfuseError(f"{where} has no int8 cascade stages (its int8 graph was made before they existed, or "
+                            f"from a plain engine): run `clipfuse export {manifest.folder} --precision int8 "
+                            "--calibration DIR` again, or pass --no-cascade (cascade=False) to run model.int8.onnx")
+    if not rec.get("written"):
+        raise ClipfuseError(f"{where}: its int8 cascade stages were not written ({rec.get('reason', 'no reason recorded')}); "
+                            "pass --no-cascade (cascade=False) to run model.int8.onnx for every image")
+    K = len(manifest.backbones)
+    towers, t = rec.get("towers"), rec.get("thresholds")
+    if (not isinstance(towers, list) or len(towers) != K or not all(isinstance(x, str) for x in towers)
+            or not isinstance(t, list) or len(t) != K - 1 or not all(v is None or isinstance(v, (int, float)) for v in t)):
+        raise ClipfuseError(f"{where}: 'precisions.int8.cascade' needs {K} tower files and {K - 1} thresholds; "
+                            f"{rebuild_hint(manifest)}")
+    return rec
+
+
 def check_cascade_precision(manifest: Manifest, cascade: bool | None, precision: str | None) -> None:
-    """The stage graphs are fp32: a reduced precision on a cascade engine needs the full graph. One line
-    instead of silently serving fp32 stages to a caller who asked for int8 or fp16."""
+    """A cascade runs fp32 stages, or int8 stages when the int8 export certified them; fp16 has none. One line
+    instead of silently serving fp32 stages to a caller who asked for another precision."""
     if precision in (None, "fp32") or cascade is False or not is_cascade(manifest):
         return
-    raise ClipfuseError(f"the cascade stages of engine {str(manifest.folder)!r} are fp32; precision {precision} runs "
-                        "the full graph only: pass --no-cascade (cascade=False) with --precision "
-                        f"{precision}")
+    if precision == "int8":
+        int8_stages(manifest)                 # raises, naming why, when there are none
+        return
+    raise ClipfuseError(f"the cascade stages of engine {str(manifest.folder)!r} are fp32 (int8 ones come with "
+                        f"`--precision int8`); precision {precision} runs the full graph only: pass --no-cascade "
+                        f"(cascade=False) with --precision {precision}")
 
 
 def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None = None, quiet: bool = False,
-                 **options):
+                 precision: str | None = None, **options):
     """An opened CascadeBackend when the engine is a cascade and the caller wants it, else None.
 
     cascade None (default) or True on a cascade engine: the stage graphs, on ONNX Runtime CPU (the
@@ -185,13 +223,15 @@ def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None
                             f"(CPU); backend {backend!r} runs only the full graph: pass --no-cascade (cascade=False)")
     from clipfuse.log import log
 
-    opened = CascadeBackend(manifest, threads=options.get("threads")).open()
+    opened = CascadeBackend(manifest, threads=options.get("threads"), precision=precision).open()
     log(f"backend -> {opened.describe()}", quiet)
     return opened
 
 
-def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int | None = None) -> dict:
-    """The cascade against the full graph (model.onnx, ONNX Runtime CPU) on the same batches.
+def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int | None = None,
+                    precision: str | None = None) -> dict:
+    """The cascade against the full graph (model.onnx, ONNX Runtime CPU) on the same batches; with precision
+    "int8", the int8 stages against model.int8.onnx (the graph they were cut from).
 
     Where an image leaves early the cascade may answer differently by design: that is reported
     (agreement, stage counts), not failed. Images that reach the last stage have run every tower and
@@ -202,9 +242,15 @@ def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int |
 
     from clipfuse.iospec import tolerance
 
-    with CascadeBackend(manifest, threads=threads) as cas:
+    precision = precision or "fp32"
+    with CascadeBackend(manifest, threads=threads, precision=precision) as cas:
         got = [cas.infer(f) for f in feeds]
-    with make_backend(manifest, "onnxruntime", **({"threads": threads} if threads else {})) as full:
+    graph = manifest
+    if precision != "fp32":
+        from clipfuse.runtime.precisions import with_precision
+
+        graph = with_precision(manifest, precision)
+    with make_backend(graph, "onnxruntime", **({"threads": threads} if threads else {})) as full:
         ref = [full.infer(f) for f in feeds]
     got = {k: np.concatenate([o[k] for o in got]) for k in (*iospec.OUTPUT_NAMES, iospec.STAGE)}
     ref = {k: np.concatenate([o[k] for o in ref]) for k in iospec.OUTPUT_NAMES}
@@ -218,10 +264,15 @@ def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int |
                          dims, tol, norms) if last.any() else None)
     return {"images": int(len(stage)), "stage_counts": {str(s): int((stage == s).sum()) for s in range(1, S + 1)},
             "top1_agreement": float(same.mean()), "top1_agreement_early": float(same[~last].mean()) if (~last).any() else None,
-            "last_stage": c, "tolerance_set": "fp32",
+            "last_stage": c, "tolerance_set": "fp32", "precision": precision, "full_graph": graph.onnx_path.name,
             "ok": c is None or bool(c["ok"]),
             "note": "images that leave early may differ from the full graph by design (bounded at fit); images "
                     "reaching the last stage must match it within the fp32 tolerance"}
+
+
+def model_py(precision: str | None = None) -> str:
+    """model.py for `clipfuse triton` on a cascade engine, its stages in `precision` (fp32 or int8)."""
+    return MODEL_PY.replace("PRECISION = None ", f"PRECISION = {precision if precision != 'fp32' else None!r} ", 1)
 
 
 # The Python-backend model `clipfuse triton` writes for a cascade engine (runtime/triton.py says why).
@@ -237,12 +288,13 @@ from clipfuse import iospec
 from clipfuse.runtime.cascade import CascadeBackend
 from clipfuse.runtime.manifest import read_manifest
 
+PRECISION = None        # the stages' precision, written by `clipfuse triton --precision` (None: fp32)
 
 class TritonPythonModel:
     def initialize(self, args):
         folder = os.path.join(args["model_repository"], args["model_version"], "engine")
         self.manifest = read_manifest(folder)
-        self.backend = CascadeBackend(self.manifest).open()
+        self.backend = CascadeBackend(self.manifest, precision=PRECISION).open()
         self.inputs = [i["name"] for i in self.manifest.inputs]
         self.outputs = [o["name"] for o in self.manifest.outputs] + [iospec.STAGE]
 

@@ -194,7 +194,16 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
     from clipfuse.runtime.cascade import compare_cascade, is_cascade
 
     if is_cascade(m) and cascade:       # the routed stage graphs against model.onnx on the same batches
-        report["cascade"] = compare_cascade(m, feeds, norms)
+        from clipfuse.runtime.cascade import int8_stages
+
+        stages = "fp32"
+        if precision == "int8":            # the int8 stages against model.int8.onnx, when the export wrote them
+            try:
+                int8_stages(m)
+                stages = "int8"
+            except ClipfuseError:
+                pass
+        report["cascade"] = compare_cascade(m, feeds, norms, precision=stages)
         report["ok"] = report["ok"] and report["cascade"]["ok"]
     return report
 
@@ -210,7 +219,8 @@ def format_report(report: dict) -> str:
     cas = report.get("cascade")
     if cas:
         counts = ", ".join(f"stage {s}: {n}" for s, n in cas["stage_counts"].items())
-        lines += ["", f"cascade (stage graphs, routed) vs the full graph model.onnx: {cas['images']} images ({counts}); "
+        lines += ["", f"cascade ({cas.get('precision', 'fp32')} stage graphs, routed) vs the full graph "
+                      f"{cas.get('full_graph', 'model.onnx')}: {cas['images']} images ({counts}); "
                       f"top-1 agreement {100 * cas['top1_agreement']:.1f}% (early exits may differ by design)"]
         if cas["last_stage"] is None:
             lines.append("  no image reached the last stage: nothing to hold to the fp32 tolerance")

@@ -259,7 +259,7 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
     from clipfuse.runtime.cascade import check_cascade_precision, open_cascade
 
     check_cascade_precision(manifest, cascade, precision)
-    routed = open_cascade(manifest, backend, cascade, quiet=quiet, **options)
+    routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)
     if routed is not None:
         return Predictor(manifest, routed, batch_size, workers)
     return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),

@@ -103,16 +103,19 @@ def free_port(host: str = LOOPBACK) -> int:
         return s.getsockname()[1]
 
 
-def _make_infer(manifest: Manifest, threads: int | None, opened: list, cascade: bool = False):
+def _make_infer(manifest: Manifest, threads: int | None, opened: list, cascade: bool = False,
+                precision: str | None = None):
     """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs
-    (cascade: routed through the stage graphs, runtime/cascade.py, + stage (N, 1))."""
+    (cascade: routed through the stage graphs of `precision`, runtime/cascade.py, + stage (N, 1)).
+    manifest: the graph to run (with_precision's) or, for a cascade, the engine's own manifest."""
     from pytriton.decorators import batch
 
     from clipfuse import iospec
     from clipfuse.runtime.backends import OnnxRuntimeBackend
     from clipfuse.runtime.cascade import CascadeBackend
 
-    backend = (CascadeBackend if cascade else OnnxRuntimeBackend)(manifest, threads=threads).open()
+    backend = (CascadeBackend(manifest, threads=threads, precision=precision) if cascade
+               else OnnxRuntimeBackend(manifest, threads=threads)).open()
     opened.append(backend)
     names = [i["name"] for i in manifest.inputs]
 
@@ -313,7 +316,8 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
     try:
-        infer_fns = [_make_infer(graph, threads, backends, cascade) for _ in range(spec.instances)]
+        infer_fns = [_make_infer(manifest if cascade else graph, threads, backends, cascade, precision)
+                     for _ in range(spec.instances)]
     except BaseException:
         for b in backends:
             b.close()

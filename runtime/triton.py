@@ -309,13 +309,15 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
     The config is checked against Triton's schema before anything is written; the model folder is
     assembled under a temporary name and renamed into place, so a failure leaves OUT as it was."""
     manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
-    from clipfuse.runtime.cascade import is_cascade
+    from clipfuse.runtime.cascade import check_cascade_precision, is_cascade
 
     if cascade and not is_cascade(manifest):
         raise ClipfuseError(f"engine {str(manifest.folder)!r} has no cascade stages; make one with `clipfuse fit "
                             "... --cascade`, or drop --cascade")
     if cascade is None:     # a cascade engine is served routed unless the caller asks for a plan or the full graph
         cascade = is_cascade(manifest) and backend == "onnxruntime"
+    if cascade:             # int8 stages when certified; fp16 has none: one line, never fp32 stages served as fp16
+        check_cascade_precision(manifest, True, precision)
     spec = model_spec(manifest, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
                       preferred=preferred, queue_delay_us=queue_delay_us, name=model_name, cascade=cascade)
     text = config_text(spec)
@@ -348,13 +350,13 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
         version = tmp / "1"
         version.mkdir()
         if cascade:
-            from clipfuse.runtime.cascade import MODEL_PY
+            from clipfuse.runtime.cascade import model_py
             from clipfuse.runtime.manifest import MANIFEST
 
             for name in [MANIFEST, *manifest.data["artefacts"]]:
                 (version / "engine" / name).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(manifest.folder / name, version / "engine" / name)
-            (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
+            (version / "model.py").write_text(model_py(precision), encoding="utf-8")
         elif plan is not None:
             _link_or_copy(plan, version / "model.plan")
         else:

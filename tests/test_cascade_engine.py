@@ -200,8 +200,8 @@ def test_compare_holds_the_last_stage_to_the_full_graph(cascade_engine, images, 
         return out
     monkeypatch.setattr(CascadeBackend, "_infer", drifting)
     init = CascadeBackend.__init__                 # and every image reaches the last stage
-    monkeypatch.setattr(CascadeBackend, "__init__", lambda self, m, threads=None, thresholds=None:
-                        init(self, m, threads, [None, None]))
+    monkeypatch.setattr(CascadeBackend, "__init__", lambda self, m, threads=None, thresholds=None, precision=None:
+                        init(self, m, threads, [None, None], precision))
     bad = compare_backends(folder, images=[str(p) for p in images[:8]])
     assert not bad["ok"] and not bad["cascade"]["last_stage"]["ok"]
 

@@ -62,8 +62,9 @@ def _timed(fn):
 
 
 def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=None, quiet: bool = False,
-                  arrays=None, labels=None, settle: float = 0.05) -> dict:
-    """settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
+                  arrays=None, labels=None, settle: float = 0.05, precision: str = "fp32") -> dict:
+    """precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
+    when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
     this one process, and an idle ONNX Runtime pool spins after a run: timed back to back, whichever runs
     next pays for the other's spinning (measured on the pair: the full graph took 93 ms per image here
     against 59 ms in its own worker; the bench's main table rests 50 ms before each call for the same reason)."""
@@ -79,8 +80,13 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
     N = len(labels)
     S = len(m.backbones)
     opts = {"threads": threads} if threads else {}
-    cas = CascadeBackend(m, **opts).open()
-    full = make_backend(m, "onnxruntime", **opts).open()
+    cas = CascadeBackend(m, precision=precision, **opts).open()
+    if precision == "fp32":
+        full = make_backend(m, "onnxruntime", **opts).open()
+    else:
+        from clipfuse.runtime.precisions import with_precision
+
+        full = make_backend(with_precision(m, precision), "onnxruntime", **opts).open()
     try:
         warm = {n: a[:1] for n, a in arrays.items()}
         for _ in range(2):
@@ -89,7 +95,7 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
         probe = LoadProbe()
         latency, preds = {}, {}
         for bs in sorted(set(batches)):
-            log(f"cascade vs full graph: {N} images at batch {bs}", quiet, tag="bench")
+            log(f"cascade vs full graph ({precision}): {N} images at batch {bs}", quiet, tag="bench")
             t_cas, t_full, p_cas, p_full, stage = [], [], [], [], []
             for lo in range(0, N, bs):
                 feed = {n: a[lo:lo + bs] for n, a in arrays.items()}
@@ -161,7 +167,8 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
         curve.append({"quantile": q, "thresholds": t, "accuracy": 100.0 * float((p == labels).mean()),
                       "latency_ms": float(cum[st].mean()), "exit_rates": (np.bincount(st, minlength=S) / N).tolist()})
     diff = paired_difference(preds["cascade"], preds["full"], labels)
-    return {"images": int(N), "score": cas.score, "thresholds": cas.thresholds, "order": m.backbone_names,
+    return {"images": int(N), "precision": precision, "score": cas.score, "thresholds": cas.thresholds,
+            "order": m.backbone_names,
             "latency": latency, "stage_ms_batch1": stage_ms.tolist(), "cum_stage_ms_batch1": cum.tolist(),
             "accuracy_cascade": accuracy_interval(preds["cascade"], labels).to_dict(),
             "accuracy_full": accuracy_interval(preds["full"], labels).to_dict(),
@@ -174,7 +181,10 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
 def format_cascade(c: dict) -> list[str]:
     """Markdown lines of the cascade section of bench.md."""
     a, f, d = c["accuracy_cascade"], c["accuracy_full"], c["paired_difference"]
-    L = ["", f"## Cascade ({c['images']} labelled images; order {' -> '.join(c['order'])}; score {c['score']})", "",
+    prec = c.get("precision", "fp32")
+    what = "Cascade" if prec == "fp32" else f"Cascade, {prec} stages against {prec}'s full graph"
+    L = ["", f"## {what} ({c['images']} labelled images; order {' -> '.join(c['order'])}; score {c['score']}, "
+             f"thresholds {c['thresholds']})", "",
          "| batch | cascade mean ms/call | p99 | per image | full mean ms/call | p99 | per image | cascade / full (mean) | exit rates |",
          "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for bs, x in c["latency"].items():

@@ -212,10 +212,11 @@ def format_table(result: dict) -> str:
         a = result["accuracy"]
         L += ["", f"## Accuracy on {a['data']} ({a['num_images']} images)", "", "| method | accuracy % |", "|---|---:|"]
         L += [f"| {k} | {v:.1f} |" for k, v in a["methods"].items()]
-    if result.get("cascade"):
-        from .cascade import format_cascade
+    for key in ("cascade", "cascade_int8"):
+        if result.get(key):
+            from .cascade import format_cascade
 
-        L += format_cascade(result["cascade"])
+            L += format_cascade(result[key])
     L += ["", f"Bench wall time {result['wall_s']:.0f} s."]
     return "\n".join(L) + "\n"
 

@@ -214,7 +214,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"]}
     from clipfuse.runtime.cascade import is_cascade
 
-    cascade = None
+    cascade = cascade_int8 = None
     if is_cascade(m):               # over the real distribution of exits: needs labelled images
         if data is None:
             log("cascade engine: pass --data to measure the cascade over real images (exits depend on them)",
@@ -224,6 +224,17 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
             cascade = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
                                     threads=threads, classes=classes, quiet=quiet, settle=settle)
+            if "int8" in precisions:        # the int8 stages, when the int8 export certified them
+                from clipfuse.runtime.cascade import int8_stages
+
+                try:
+                    int8_stages(m)
+                except ClipfuseError as e:
+                    log(f"cascade: no int8 stages to measure ({e})", quiet, tag="bench")
+                else:
+                    cascade_int8 = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
+                                                 threads=threads, classes=classes, quiet=quiet, settle=settle,
+                                                 precision="int8")
 
     result = {
         "command": command, "engine": str(m.folder), "backbones": names, "classes": len(m.classes),
@@ -240,7 +251,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         "singles_cache_reused": reused, "agreement_with_fused_rel": agreement,
         "order": order, "labels": labels, "latency": latency, "targets": targets, "overhead": overhead,
         "memory": mem or None, "device_memory": {"before": gpu_before, "after": gpu_after} if gpu_before else None,
-        "accuracy": accuracy, "cascade": cascade,
+        "accuracy": accuracy, "cascade": cascade, "cascade_int8": cascade_int8,
         "load": {"timing": timing_load, **({"memory": mem_load} if memory else {})},
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
