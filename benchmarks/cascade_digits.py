@@ -84,6 +84,7 @@ def arrays(backbones, folder: Path, cache_dir, quiet: bool):
     return {"built": built, "heads": heads, "classes": classes, "names": [str(b.spec) for b in built],
             "pool_f": pool_f, "X_pool": np.concatenate(pool_f, 1), "Z_pool": Z(pool_f), "y_pool": y_pool,
             "ev_f": ev_f, "X_ev": np.concatenate(ev_f, 1), "Z_ev": Z(ev_f), "y_ev": y_ev, "ev_paths": ev_paths,
+            "pool_paths": [tr_paths[i] for i in pool],
             "shots": sample_k_shot(y_pool, SHOTS, 0, num_classes=C),
             "gflops": [float(b.info["gflops"]) for b in built]}
 

@@ -25,7 +25,10 @@ feature cache holds), 32 calibration images, fp32 and int8 only (fp16 on ONNX Ru
 fp32 kernels between casts: 1.06-1.10x fp32's time on the pair), the CPU graph only, batch 1 and
 8, 2 rounds, no singles (benchmarks/results/bench_nine.md measured them) and no OpenVINO
 (slower than ONNX Runtime at every batch on the pair). `--reuse-engine` keeps an engine already
-fitted by the same command (the fit and the 6.2 GB export take ~8 minutes).
+fitted by the same command (the fit and the 6.2 GB export take ~8 minutes); `--reuse-int8` also keeps
+its int8 graph and record when current (the calibration and the validation over the held-out digits take
+~10 minutes on the nine). A second command adds what the first left out (fp16, OpenVINO, batch 32):
+precision_nine_more.md.
 
 Writes benchmarks/results/precision_<set>.md and .json, the exact command at the top.
 Random weights have no trained outlier channels, so agreement here is likely better than
@@ -98,6 +101,11 @@ def render(result: dict) -> str:
          "embed every image nearly alike, which makes them the opposite case: see the error-to-spread column).",
          f"Digits: {result['digits']['images']} images, fit on {result['digits']['train']}, held out "
          f"{result['digits']['eval']}{calib}."]
+    ov = o.get("openvino")
+    if isinstance(ov, str):               # --openvino-precisions: OpenVINO for some precisions only
+        off = [p for p in o.get("precisions", ()) if p not in ov.split(",")]
+        if off:
+            left.append(f"OpenVINO for {', '.join(off)}")
     if left:
         L.append(f"Not measured in this run: {', '.join(left)} (options: see the command).")
     if o.get("int8_keep_fp32"):
@@ -147,6 +155,8 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, default=16, help="the controller's labelled images per class")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-openvino", action="store_true")
+    ap.add_argument("--openvino-precisions", default=None, help="only these precisions on OpenVINO too (e.g. int8: "
+                    "the nine's fp32 graph takes 12 GB on OpenVINO and every configuration's worker is alive at once)")
     ap.add_argument("--no-singles", action="store_true", help="skip each backbone alone, their sum and the naive "
                     "ensemble in the bench")
     ap.add_argument("--precisions", default="fp32,fp16,int8", help="graphs made and measured (fp32 always)")
@@ -154,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--int8-keep-fp32", action="append", default=None, metavar="BACKBONE|auto",
                     help="towers kept fp32 in the int8 graphs (export --int8-keep-fp32)")
     ap.add_argument("--reuse-engine", action="store_true", help="keep the engine if it holds the same backbones")
+    ap.add_argument("--reuse-int8", action="store_true", help="with --reuse-engine: keep the engine's int8 graphs and "
+                    "their record (validation, accuracy) when they are current, instead of exporting them again")
     ap.add_argument("--cache", default=None, help="feature cache (default ~/.cache/clipfuse)")
     ap.add_argument("--engine", default=None, help="engine folder (default engines/precision-<set>)")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/precision_<set>)")
@@ -195,7 +207,27 @@ def main(argv=None):
             graphs["model.fp16.onnx"] = m.data["precisions"]["fp16"]
             graphs["model.fp16.onnx"]["accuracy"] = paired_accuracy(m, engine / "model.fp16.onnx", evald, key="fp16")
         int8 = None
-        if "int8" in precisions:
+        if "int8" in precisions and args.reuse_int8 and args.reuse_engine:
+            from clipfuse.runtime.precisions import precision_onnx_path
+
+            try:                             # current: made from this model.onnx, through its own record
+                precision_onnx_path(read_manifest(engine), "int8")
+                int8 = read_manifest(engine).data["precisions"]["int8"]
+                log_reuse = f"reusing {engine}/model.int8.onnx made {int8.get('created')}"
+                print(log_reuse, file=sys.stderr)
+            except ClipfuseError:
+                int8 = None
+        if int8 is not None:
+            graphs["model.int8.onnx"] = int8
+            if "tensorrt" in int8:
+                graphs["model.int8-trt.onnx"] = int8["tensorrt"]
+            targets = tuple(int8.get("targets") or targets)
+            refused_why = [f"{n}: " + "; ".join(r["validation"]["failures"])
+                           for n, r in (("model.int8.onnx", int8), ("model.int8-trt.onnx", int8.get("tensorrt")))
+                           if r and not r["validation"]["ok"]]
+            if refused_why:
+                refused["int8"] = " | ".join(refused_why)
+        elif "int8" in precisions:
             # one export, not strict: the refusal it would have made is read from its validation (an export
             # of the nine takes ~20 minutes; exporting again after a refusal would double it)
             int8 = export_int8(engine, train, count=args.calibration_count, data=evald, quiet=True, targets=targets,
@@ -213,7 +245,9 @@ def main(argv=None):
             if why:
                 refused["int8"] = " | ".join(why)
         bench = run_bench(engine, batches=batches, runs=args.runs, precisions=precisions,
-                          openvino=not args.no_openvino, torch=not args.no_torch, out=tmp / "bench", quiet=True,
+                          openvino=(False if args.no_openvino else
+                                    tuple(args.openvino_precisions.split(",")) if args.openvino_precisions else True),
+                          torch=not args.no_torch, out=tmp / "bench", quiet=True,
                           command=command, singles=not args.no_singles)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -222,7 +256,8 @@ def main(argv=None):
               "digits": {"images": n, "train": n_train, "eval": acc.get("images")},
               "accuracy": {"fp32": acc.get("fp32")}, "refused": refused, "int8": int8, "graphs": graphs, "bench": bench,
               "options": {"precisions": precisions, "int8_targets": targets, "singles": not args.no_singles,
-                          "openvino": not args.no_openvino, "torch": not args.no_torch,
+                          "openvino": (not args.no_openvino) and (args.openvino_precisions or True),
+                          "torch": not args.no_torch,
                           "int8_keep_fp32": args.int8_keep_fp32 or []}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")

@@ -140,15 +140,16 @@ def export_fp16(engine_dir, quiet: bool = False) -> dict:
 
 
 def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
-                data=None, classes=None, quiet: bool = False, keep_fp32=()) -> dict:
+                data=None, classes=None, quiet: bool = False, keep_fp32=(), cascade_images=None) -> dict:
     """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
     folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
     paired); keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks);
-    returns the manifest's precisions["int8"] entry (see export.int8_export)."""
+    cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on (default
+    `calibration`; export/int8_cascade.py); returns the manifest's precisions["int8"] entry (see export.int8_export)."""
     from clipfuse.export.int8_export import export_int8 as _int8
 
     return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes,
-                 quiet=quiet, keep_fp32=keep_fp32)
+                 quiet=quiet, keep_fp32=keep_fp32, cascade_images=cascade_images)
 
 
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,

@@ -66,9 +66,13 @@ def backbones(measure, show_all, as_json):
 @click.option("--int8-keep-fp32", "keep_fp32", multiple=True, metavar="BACKBONE|auto",
               help="int8: keep this backbone's tower fp32 (repeatable); auto: those whose own checks fail in int8 "
                    "are re-quantized fp32 and the graph validated again.")
+@click.option("--cascade-images", type=click.Path(), default=None,
+              help="int8 on a cascade engine: unlabelled images to certify the int8 stages' exit thresholds on "
+                   "(default: --calibration). Not the images the heads or controller were fitted on: those answer "
+                   "over-confidently.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def export(engine, backbone_list, classes, templates, out, force, opset, precision, calibration, calibration_count,
-           calibration_method, int8_target, data, keep_fp32, quiet):
+           calibration_method, int8_target, data, keep_fp32, cascade_images, quiet):
     """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
 
     \b
@@ -81,9 +85,9 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
     from clipfuse import api
 
     if precision != "int8" and (calibration or data or calibration_count != 256 or calibration_method != "minmax"
-                                or int8_target != "both" or keep_fp32):
-        raise ClipfuseError("--calibration, --calibration-count, --calibration-method, --int8-target, --int8-keep-fp32 "
-                            "and --data apply to --precision int8 only")
+                                or int8_target != "both" or keep_fp32 or cascade_images):
+        raise ClipfuseError("--calibration, --calibration-count, --calibration-method, --int8-target, --int8-keep-fp32, "
+                            "--cascade-images and --data apply to --precision int8 only")
     if engine is not None and precision in ("fp16", "int8"):
         if backbone_list or classes or templates or out or opset:
             raise ClipfuseError(f"`clipfuse export {engine} --precision {precision}` converts the engine's model.onnx; "
@@ -96,7 +100,8 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
                                 f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
         targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
         info = api.export_int8(engine, calibration, count=calibration_count, method=calibration_method,
-                               targets=targets, data=data, quiet=quiet, keep_fp32=keep_fp32)
+                               targets=targets, data=data, quiet=quiet, keep_fp32=keep_fp32,
+                               cascade_images=cascade_images)
         click.echo(present.format_int8(info))
         return
     if engine is None and precision in ("fp16", "int8"):

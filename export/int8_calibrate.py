@@ -44,13 +44,14 @@ MIN_IMAGES = 32                 # fewer than this and the activation ranges are 
 # ----------------------------------------------------------------------------- calibration data
 
 def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int = 8,
-                      min_images: int = MIN_IMAGES) -> list[dict[str, np.ndarray]]:
+                      min_images: int = MIN_IMAGES, what: str = "calibration folder") -> list[dict[str, np.ndarray]]:
     """Calibration batches {input_name: uint8 (n, 3, R, R)} from the images in `folder`.
 
     Up to `count` images, evenly spaced over the folder's sorted list (so a folder sorted by class
     is not calibrated on its first class only), through runtime/images.py's loading and host
     preprocessing. Refuses, one line each: a missing, unreadable or empty folder; fewer than
-    `min_images` readable images (naming a failure when some could not be read).
+    `min_images` readable images (naming a failure when some could not be read). `what` names the folder
+    in those messages (the int8 cascade's --cascade-images reads its folder here too).
     """
     from clipfuse.runtime.images import collect_images, preprocess_paths
 
@@ -59,10 +60,10 @@ def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int =
         raise ClipfuseError(f"--calibration-count {count} is below the minimum of {min_images} images; "
                             f"give at least {min_images}")
     if not folder.is_dir():
-        raise ClipfuseError(f"calibration folder {str(folder)!r} does not exist or is not a folder; "
+        raise ClipfuseError(f"{what} {str(folder)!r} does not exist or is not a folder; "
                             "give a folder of your own images")
     if not os.access(folder, os.R_OK | os.X_OK):    # os.walk would silently see an empty folder
-        raise ClipfuseError(f"calibration folder {str(folder)!r} cannot be read (permission denied); "
+        raise ClipfuseError(f"{what} {str(folder)!r} cannot be read (permission denied); "
                             "fix its permissions")
     paths = collect_images([folder])                 # ClipfuseError when it holds no image files
     if len(paths) > count:
@@ -71,7 +72,7 @@ def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int =
     if len(ok) < min_images:
         why = (f"; {len(failures)} could not be read, e.g. {failures[0].path}: {failures[0].reason}"
                if failures else "")
-        raise ClipfuseError(f"calibration folder {str(folder)!r} has {len(ok)} usable images, "
+        raise ClipfuseError(f"{what} {str(folder)!r} has {len(ok)} usable images, "
                             f"need at least {min_images}{why}; add more images")
     n = len(ok)
     return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)]

@@ -34,6 +34,7 @@ from clipfuse.errors import ClipfuseError
 from clipfuse.log import log, step
 
 from clipfuse.export.int8 import DEFAULT_COUNT, calibrate_ranges, calibration_feeds, quantize_int8
+from clipfuse.export.int8_cascade import CERTIFY_MAX
 from clipfuse.export.int8_validate import format_checks, require_valid, validate_int8
 from clipfuse.runtime.cascade import is_cascade
 from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
@@ -54,7 +55,7 @@ def _read_engine(engine_dir):
 
 def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
                 targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True,
-                keep_fp32=()) -> dict:
+                keep_fp32=(), cascade_images=None) -> dict:
     """Quantize model.onnx for each target, validate each against fp32, write them atomically.
 
     calibration: a folder of the user's images (at least export/int8.py MIN_IMAGES readable); count:
@@ -62,8 +63,9 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     data: a labelled folder for accuracy (int8 - fp32, paired); strict: refuse (nothing written) when
     a validation fails; keep_fp32: backbone names whose towers stay fp32, or ["auto"]: those whose own
     checks (embedding cosine, error-to-spread, own top-1) fail in int8 are re-quantized fp32, once, and
-    the graph validated again (refused when every tower would be fp32: int8 would gain nothing).
-    Returns the manifest's precisions["int8"] entry."""
+    the graph validated again (refused when every tower would be fp32: int8 would gain nothing);
+    cascade_images: on a cascade engine, the unlabelled folder the int8 stages' thresholds are certified
+    on (default `calibration`; export/int8_cascade.py). Returns the manifest's precisions["int8"] entry."""
     from clipfuse.export.engine_folder import update_engine_folder
 
     targets = tuple(targets)
@@ -71,8 +73,14 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         raise ClipfuseError(f"int8 targets {list(targets)}: valid are {', '.join(TARGET_GRAPHS)}")
     m = _read_engine(engine_dir)
     auto, fixed = _keep_fp32(m, keep_fp32)
+    if cascade_images is not None and not is_cascade(m):
+        raise ClipfuseError(f"--cascade-images: engine {str(m.folder)!r} is not a cascade engine (no stages to certify)")
     with step(f"[1/3] reading calibration images from {calibration}", quiet):
         feeds = calibration_feeds(m, calibration, count)
+        if is_cascade(m):        # read now: a bad folder is refused before the slow steps
+            certify_folder = calibration if cascade_images is None else cascade_images
+            certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1,
+                                        what="calibration folder" if cascade_images is None else "--cascade-images folder")
     records = {}
     with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
         # one calibration (tower by tower) for every target: ranges do not depend on the activation type
@@ -124,17 +132,17 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
             info["tensorrt"] = records["tensorrt"]
         info["targets"] = list(records)
         if is_cascade(m):
-            info["cascade"] = _cascade_stages(m, update, records, calibration, data, ref_cache, quiet)
+            info["cascade"] = _cascade_stages(m, update, records, certify, certify_folder, data, ref_cache, quiet)
         update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
         log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}", quiet)
     return info
 
 
-def _cascade_stages(m, update, records: dict, calibration, data, ref_cache: dict, quiet: bool) -> dict:
+def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_cache: dict, quiet: bool) -> dict:
     """A cascade engine's int8 stage towers, cut out of the CPU graph, with thresholds certified again
     (export/int8_cascade.py), or the record of why not. Towers of an earlier int8 export are dropped either way."""
     from clipfuse import iospec
-    from clipfuse.export.int8_cascade import CERTIFY_MAX, format_record, int8_stages
+    from clipfuse.export.int8_cascade import format_record, int8_stages
 
     S = len(m.backbones)
     files = [iospec.tower_file(s, "int8") for s in range(1, S + 1)]
@@ -144,10 +152,9 @@ def _cascade_stages(m, update, records: dict, calibration, data, ref_cache: dict
         rec = {"written": False, "reason": "the cascade's int8 stages are cut out of model.int8.onnx (target cpu), "
                                            "which this export did not write"}
     else:
-        certify = calibration_feeds(m, calibration, CERTIFY_MAX)
         labelled = ref_cache.get(("data", str(data), "feeds")) if data is not None else None
         ref = ref_cache.get(("data", str(data))) if data is not None else None
-        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, calibration,
+        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, folder,
                           data_feeds=labelled[0] if labelled else None, labels=labelled[1] if labelled else None,
                           fp32_logits=ref["logits"] if ref is not None else None, quiet=quiet)
         if not rec["written"]:

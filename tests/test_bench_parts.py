@@ -82,3 +82,15 @@ def test_busy_cpu_is_work_not_waiting_stealing_or_guests_counted_twice():
     assert busy_cpu_seconds(t) != pytest.approx(sum(t) - t.idle - t.iowait)
     Mac = namedtuple("Mac", "user nice system idle")        # platforms without irq/softirq fields
     assert busy_cpu_seconds(Mac(1.0, 0.0, 2.0, 5.0)) == pytest.approx(3.0)
+
+
+def test_openvino_can_run_a_subset_of_the_precisions():
+    """The nine's fp32 graph takes 12 GB on OpenVINO while every configuration's worker is alive: the bench can
+    put only some precisions on OpenVINO."""
+    from clipfuse.bench.configs import precision_configs
+
+    p = ("fp32", "fp16", "int8")
+    assert precision_configs(p) == ["fused-fp16", "fused-int8"]
+    assert precision_configs(p, True) == ["fused-fp16", "fused-int8", "openvino", "openvino-fp16", "openvino-int8"]
+    assert precision_configs(p, ("int8",)) == ["fused-fp16", "fused-int8", "openvino-int8"]
+    assert precision_configs(("fp32",), ("int8",)) == []

@@ -254,3 +254,26 @@ def test_a_tower_that_reads_another_input_is_refused(tmp_path):
     np.testing.assert_array_equal(z, x @ np.eye(4, 3, dtype=np.float32))
     with pytest.raises(ClipfuseError, match="reads input 'image_b'"):
         stage_tower_model(graph(True), 0, tmp_path, "image_a")
+
+
+def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, calib_dir, photo_paths, tiny_vit_engine,
+                                                              tmp_path):
+    folder = tmp_path / "engine"
+    shutil.copytree(int8_cascade, folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    for i, p in enumerate(photo_paths * 3):          # 12 images, none of them the calibration folder's
+        shutil.copy2(p, other / f"x{i}{p.suffix}")
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
+             "--cascade-images", other)
+    assert r.exit_code == 0, r.output
+    rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
+    assert rec["certified_on"]["folder"] == str(other) and rec["certified_on"]["images"] == 12
+    assert rec["written"] and rec["calibration"]["n"] == 12
+    # a missing folder is refused before anything slow, one line, exit 1; so is the option on a plain engine
+    for engine, images, expect in ((folder, tmp_path / "missing", "--cascade-images folder"),
+                                   (tiny_vit_engine, other, "not a cascade engine")):
+        r = _cli("export", engine, "--precision", "int8", "--calibration", calib_dir, "--cascade-images", images, "-q")
+        assert r.exit_code == 1 and expect in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = _cli("export", folder, "--cascade-images", other)
+    assert r.exit_code == 1 and "--precision int8 only" in r.output

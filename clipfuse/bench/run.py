@@ -61,7 +61,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
               memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
-              precisions=("fp32",), openvino: bool = False, singles: bool = True) -> dict:
+              precisions=("fp32",), openvino=False, singles: bool = True) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -72,7 +72,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     controller-overhead profile; memory_batch / memory_infers: batch size (default the largest <= 8) and
     inferences of each memory process; settle: seconds of rest before each timed call (see the module
     docstring); precisions: the fused graph's precisions side by side (fp32, fp16, int8: ONNX Runtime CPU,
-    one worker each); openvino: also each precision on OpenVINO's CPU plugin; singles: also each backbone
+    one worker each); openvino: also each precision on OpenVINO's CPU plugin (True), or only the precisions
+    listed; singles: also each backbone
     alone, their sum and the naive ensemble (False: the fused graph's precisions and PyTorch only, for an
     ensemble whose singles were measured before and cost as much again). Returns the result dict (also
     written as JSON)."""
