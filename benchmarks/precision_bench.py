@@ -164,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--int8-keep-fp32", action="append", default=None, metavar="BACKBONE|auto",
                     help="towers kept fp32 in the int8 graphs (export --int8-keep-fp32)")
     ap.add_argument("--reuse-engine", action="store_true", help="keep the engine if it holds the same backbones")
+    ap.add_argument("--no-arena", action="store_true", help="ONNX Runtime's CPU arena off in the timing workers: each "
+                    "holds its weights between calls, not its peak (the nine at batch 32 on a 24 GB machine)")
     ap.add_argument("--reuse-int8", action="store_true", help="with --reuse-engine: keep the engine's int8 graphs and "
                     "their record (validation, accuracy) when they are current, instead of exporting them again")
     ap.add_argument("--cache", default=None, help="feature cache (default ~/.cache/clipfuse)")
@@ -247,7 +249,7 @@ def main(argv=None):
         bench = run_bench(engine, batches=batches, runs=args.runs, precisions=precisions,
                           openvino=(False if args.no_openvino else
                                     tuple(args.openvino_precisions.split(",")) if args.openvino_precisions else True),
-                          torch=not args.no_torch, out=tmp / "bench", quiet=True,
+                          torch=not args.no_torch, out=tmp / "bench", quiet=True, arena=not args.no_arena,
                           command=command, singles=not args.no_singles)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, manifest: Manifest, provider: str = "cpu", threads: int | None = None,
                  parallel: bool = False, spinning: bool | None = None, device_id: int = 0,
                  trt_cache: str | os.PathLike | None = None, trt_fp16: bool = False, max_batch: int = 64,
-                 opt_batch: int = 8):
+                 opt_batch: int = 8, arena: bool = True):
         super().__init__(manifest)
         if provider not in ORT_PROVIDERS:
             raise ClipfuseError(f"unknown ONNX Runtime provider {provider!r}; valid: {', '.join(ORT_PROVIDERS)}")
@@ -47,6 +47,7 @@ class OnnxRuntimeBackend(Backend):
         self.provider = provider
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.threads, self.parallel, self.spinning, self.device_id = threads, parallel, spinning, device_id
+        self.arena = arena               # False: ORT's CPU arena off (runtime/sessions.py session_options)
         # TensorRT builds engines per shape profile; cache them beside the engine so the
         # minutes-long build happens once per machine, not once per process.
         self.trt_cache = Path(trt_cache) if trt_cache else manifest.folder / "trt_cache"
@@ -68,7 +69,7 @@ class OnnxRuntimeBackend(Backend):
         return f"{self.name} ({self.providers[0]}; {self.device})"
 
     def session_options(self):
-        return session_options(threads=self.threads, parallel=self.parallel, spinning=self.spinning)
+        return session_options(threads=self.threads, parallel=self.parallel, spinning=self.spinning, arena=self.arena)
 
     def _provider_list(self) -> list:
         ep = ORT_PROVIDERS[self.provider]

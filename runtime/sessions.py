@@ -35,13 +35,15 @@ def import_onnxruntime():
 
 def session_options(threads: int | None = None, parallel: bool = False, spinning: bool | None = None,
                     optimized_path: str | os.PathLike | None = None, profile_prefix: str | None = None,
-                    optimization: str = "all"):
+                    optimization: str = "all", arena: bool = True):
     """SessionOptions with clipfuse's measured defaults (see the module docstring).
 
     threads: intra-op threads (None: ORT's default, one per physical core); parallel: ORT_PARALLEL
     (measured slower here); spinning: None leaves ORT's default; optimized_path: where ORT writes
     the optimised graph; profile_prefix: turn on ORT's profiler with this file prefix;
-    optimization: "all" | "basic" | "none".
+    optimization: "all" | "basic" | "none"; arena: False turns ONNX Runtime's CPU memory arena off, so a
+    session gives a run's activations back after it instead of holding its peak (the bench's batch-32 run
+    of the nine: every configuration's worker is alive at once, and the fp32 one alone peaks near 15 GB).
     """
     ort = import_onnxruntime()
     if threads is not None and threads < 1:
@@ -55,6 +57,8 @@ def session_options(threads: int | None = None, parallel: bool = False, spinning
     so.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
     if threads:
         so.intra_op_num_threads = threads
+    if not arena:
+        so.enable_cpu_mem_arena = False
     if spinning is not None:            # idle intra-op threads spin by default, taking cores from decoders
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:

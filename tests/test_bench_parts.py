@@ -94,3 +94,20 @@ def test_openvino_can_run_a_subset_of_the_precisions():
     assert precision_configs(p, True) == ["fused-fp16", "fused-int8", "openvino", "openvino-fp16", "openvino-int8"]
     assert precision_configs(p, ("int8",)) == ["fused-fp16", "fused-int8", "openvino-int8"]
     assert precision_configs(("fp32",), ("int8",)) == []
+
+
+def test_arena_off_reaches_the_sessions(tiny_engine):
+    """bench(arena=False) turns ONNX Runtime's CPU arena off in the fused graphs' sessions, and the report says so."""
+    from clipfuse.bench.configs import open_config
+    from clipfuse.bench.report import format_table  # noqa: F401  (the report module imports cleanly)
+    from clipfuse.runtime.manifest import read_manifest
+    from clipfuse.runtime.sessions import session_options
+
+    assert session_options().enable_cpu_mem_arena and not session_options(arena=False).enable_cpu_mem_arena
+    m = read_manifest(tiny_engine)
+    for arena in (True, False):
+        b = open_config(m, "fused", arena=arena)
+        try:
+            assert b.session.get_session_options().enable_cpu_mem_arena is arena
+        finally:
+            b.close()

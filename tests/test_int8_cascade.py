@@ -277,3 +277,26 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
         assert r.exit_code == 1 and expect in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = _cli("export", folder, "--cascade-images", other)
     assert r.exit_code == 1 and "--precision int8 only" in r.output
+
+
+def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
+    import clipfuse
+    from clipfuse.runtime.serve import check_serving_environment, free_port
+
+    try:
+        check_serving_environment()
+    except ClipfuseError as e:                 # as tests/test_serve.py: not installed, or numpy 2
+        pytest.skip(f"serving needs the `serve` extra with numpy<2: {e}")
+    with clipfuse.load(int8_cascade, quiet=True, precision="int8") as local:
+        want = local.predict(photo_paths)
+    with clipfuse.load(int8_cascade, quiet=True) as fp32:
+        assert [p.probs for p in fp32.predict(photo_paths)] != [p.probs for p in want]    # int8 is not fp32
+    srv = clipfuse.serve(int8_cascade, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), quiet=True, exit_timeout_s=2, precision="int8")
+    try:
+        with clipfuse.connect(srv.http_url) as remote:
+            got = remote.predict(photo_paths)
+    finally:
+        srv.stop()
+    assert [p.stage for p in got] == [p.stage for p in want]
+    np.testing.assert_allclose([p.probs for p in got], [p.probs for p in want], rtol=1e-5, atol=1e-7)

@@ -185,21 +185,24 @@ def config_label(config: str) -> str:
     return f"fused {mt.group(2) or 'fp32'} ({'ONNX Runtime' if mt.group(1) == 'fused' else 'OpenVINO'})"
 
 
-def open_config(m: Manifest, config: str, threads: int | None = None):
+def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True):
     """config: "fused", "single:K", "naive", "torch", or a precision's fused configuration
-    ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened."""
+    ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened. arena: False turns ONNX Runtime's
+    CPU memory arena off in the fused graphs' sessions (runtime/sessions.py)."""
     from clipfuse.runtime.backends import make_backend   # the registry finds torch: no import of export/ here
     from clipfuse.runtime.precisions import with_precision
 
     def ort(manifest):
-        return make_backend(manifest, "onnxruntime", threads=threads).open()
+        return make_backend(manifest, "onnxruntime", threads=threads, arena=arena).open()
 
     if config == "fused":
         return ort(m)
     mt = FUSED.fullmatch(config)
     if mt:
         graph = with_precision(m, mt.group(2) or "fp32")        # ClipfuseError naming the export command
-        return make_backend(graph, "onnxruntime" if mt.group(1) == "fused" else "openvino", threads=threads).open()
+        if mt.group(1) == "fused":
+            return ort(graph)
+        return make_backend(graph, "openvino", threads=threads).open()
     if config.startswith("single:"):
         return ort(read_manifest(single_folder(m, int(config.split(":")[1])), verify=False))
     if config == "naive":

@@ -157,7 +157,9 @@ def format_table(result: dict) -> str:
           f"Runs: {st['runs']} timed rounds after {st['warmup']} warm-up, interleaved (each configuration once per "
           f"batch per round)" + (f"; one worker process per group ({'; '.join(', '.join(g) for g in st['processes'])}), "
                                  f"{1e3 * st['settle_s']:.0f} ms rest before each timed call" if "processes" in st else "")
-          + f"; ORT CPU {st['ort_execution_mode']}, intra-op threads {st['ort_threads']} "
+          + f"; ORT CPU {st['ort_execution_mode']}"
+          + ("" if st.get("ort_cpu_arena", True) else ", CPU memory arena off (each worker gives a run's activations back)")
+          + f", intra-op threads {st['ort_threads']} "
           f"(benchmarks/results/runtime_thin.md); torch threads {st['torch_threads']}."]
     for what, ld in result["load"].items():
         L.append(f"Load during {what}: other processes took {ld['other_processes_cores']:.2f} cores on average "

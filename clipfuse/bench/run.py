@@ -61,7 +61,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
               memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
-              precisions=("fp32",), openvino=False, singles: bool = True) -> dict:
+              precisions=("fp32",), openvino=False, singles: bool = True, arena: bool = True) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -75,7 +75,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     one worker each); openvino: also each precision on OpenVINO's CPU plugin (True), or only the precisions
     listed; singles: also each backbone
     alone, their sum and the naive ensemble (False: the fused graph's precisions and PyTorch only, for an
-    ensemble whose singles were measured before and cost as much again). Returns the result dict (also
+    ensemble whose singles were measured before and cost as much again); arena: False turns ONNX Runtime's
+    CPU memory arena off in the timing workers, so each holds its weights between calls and not its peak
+    (the nine at batch 32 on a 24 GB machine). Returns the result dict (also
     written as JSON)."""
     if backend != "onnxruntime":
         raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
@@ -123,7 +125,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         for group in groups:
             log(f"opening {', '.join(group)} in a worker process"
                 + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), quiet, tag="bench")
-            pool.append(TimingWorker(m.folder, group, batches, threads))
+            pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena))
             workers.update({c: pool[-1] for c in group})
 
         # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
@@ -247,6 +249,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                        "file_bytes": {c: _graph_bytes(m, c) for c in ["fused", *extra]}},
         "settings": {"batches": batches, "runs": runs, "warmup": warmup, "ort_threads": threads or "default",
                      "ort_execution_mode": "sequential", "torch_threads": threads or os.cpu_count(),
+                     "ort_cpu_arena": arena,
                      "processes": groups, "settle_s": settle,
                      "note": "ORT CPU defaults as measured in benchmarks/results/runtime_thin.md"},
         "singles_cache_reused": reused, "agreement_with_fused_rel": agreement,

@@ -56,10 +56,11 @@ class TimingWorker:
     "config": c, "batch": b} are answered {"s": seconds} or {"logits": [[...]]}; {"op": "exit"} ends it.
     The child's stderr goes to a file, quoted when the child fails."""
 
-    def __init__(self, engine: Path, configs: list[str], batches: list[int], threads: int | None = None):
+    def __init__(self, engine: Path, configs: list[str], batches: list[int], threads: int | None = None,
+                 arena: bool = True):
         self.configs = list(configs)
         self._err = tempfile.TemporaryFile(mode="w+")
-        spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads}
+        spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads, "arena": arena}
         self.proc = subprocess.Popen(child_command(__name__, "timing", json.dumps(spec)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
         self.pid = self.proc.pid
@@ -121,7 +122,7 @@ def _timing_child(spec: dict) -> None:
                 return naive
             if naive is not None and c.startswith("single:"):
                 return naive.singles[int(c.split(":")[1])]
-            return open_config(m, c, spec["threads"])
+            return open_config(m, c, spec["threads"], arena=spec.get("arena", True))
 
         opened = {c: opened_config(c) for c in spec["configs"]}
         feeds = {bs: make_feed(m, bs) for bs in spec["batches"]}
