@@ -102,11 +102,11 @@ def markdown(res: dict) -> str:
          + ("; ".join(v["failures"]) if v["failures"] else "every bound met") + ".", ""]
     if c8.get("written"):
         c = c8["calibration"]
-        where = ("the fit's cascade calibration digits (pool outside the shots; the probes never saw them)"
-                 if res["setup"]["certified_on"] == "fit" else
-                 "non-eval digits (the calibration folder; about half of them the probes' own training images)")
+        where = (f"the fit's {c['n']} cascade calibration digits (the pool outside the shots; the probes never saw "
+                 "them)" if res["setup"]["certified_on"] == "fit" else
+                 f"{c['n']} non-eval digits (the calibration folder; about half of them the probes' own training images)")
         L += [f"int8 thresholds {c8['thresholds']} ({c8['score']}; fp32's {c8['fp32_thresholds']}), certified on "
-              f"{c['n']} {where}: {c['disagreements']} disagreements with the int8 full ensemble, "
+              f"{where}: {c['disagreements']} disagreements with the int8 full ensemble, "
               f"Clopper-Pearson bound {c['disagreement_bound']:.2f}% <= {c8['max_drop']:g}; exit rates "
               + ", ".join(f"{r:.1%}" for r in c["exit_rates"]) + ".", ""]
         t = c8.get("test")
@@ -154,7 +154,12 @@ def main(argv=None):
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md again from a results .json")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(res))
+        return res
     from clipfuse.bench.cascade import bench_cascade
     from clipfuse.export.int8_export import export_int8
     from clipfuse.runtime.manifest import read_manifest

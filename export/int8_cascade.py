@@ -26,9 +26,10 @@ configuration is tried) on the int8 stages' outputs for unlabelled images: `--ca
 default the calibration folder (up to CERTIFY_MAX of them, evenly spaced). They must not be the images the
 heads or the controller were fitted on: a probe answers its own training images over-confidently, so
 thresholds certified there exit too early on new images. Measured on the digits pair
-(benchmarks/results/cascade_int8_pair_keep.md): certified on all 1258 non-eval digits (half of them the
-probes' own) the int8 thresholds let 89% of images leave at stage 1 and lost 1.9 points against fp32's
-full ensemble; on the fit's own 590 calibration images (which the probes never saw) see the results file.
+(benchmarks/results/cascade_int8_pair_keep*.md): certified on the fit's own 590 calibration digits (which
+the probes never saw) the int8 threshold was 0.742, 77.0% of eval digits left at stage 1, -0.74 points
+[-1.48, -0.19] against the int8 full ensemble; certified on 1024 non-eval digits, half of them the
+probes' own, it fell to 0.628, 85.3% left at stage 1, -0.93 [-2.23, +0.19] (within that run's intervals).
 The reference is the int8 full ensemble (model.int8.onnx's answers), which is held to fp32 by the int8
 validation (top-1 changed <= 1%, accuracy within 0.5 points with --data): the int8 cascade's loss against
 fp32 is at most the sum of the two. With `--data` (labelled), the int8 cascade's accuracy is reported
