@@ -44,6 +44,9 @@ says which ops ran in fp32 on CPU (read from the session's optimised graph).
 from __future__ import annotations
 
 import collections
+import contextlib
+import tempfile
+import unittest.mock
 from pathlib import Path
 
 from clipfuse import iospec
@@ -111,12 +114,36 @@ def fp32_node_names(model) -> tuple[set, dict]:
 def convert_fp16(src: Path, dst: Path) -> dict:
     """model.onnx -> fp16 graph at dst (external data beside it past 2 GB). Returns facts for the manifest."""
     import onnx
+    from onnx import external_data_helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(src))                       # loads external data too
+    src, dst = Path(src), Path(dst)
+    probe = onnx.load(str(src), load_external_data=False)
+    lean = any(external_data_helper.uses_external_data(t) for t in probe.graph.initializer)
+    if lean:
+        # Past 2 GB (the nine: 6.2 GB) the in-memory way held the weights several times over and was killed
+        # at 24 GB. Here only the graph is in memory: shapes inferred from the file, the converter run on
+        # the structure (a tensor whose data is on disk only has its type flipped to fp16), and the weights
+        # streamed tensor by tensor into the new data file by _stream_weights.
+        del probe
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+            inferred = Path(tmp) / "inferred.onnx"
+            onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+            model = onnx.load(str(inferred), load_external_data=False)
+    else:
+        model = onnx.load(str(src))                   # small: weights in the file
+        del probe
     keep, islands = fp32_node_names(model)
-    model16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep),
-                                       op_block_list=list(FP32_OPS), disable_shape_infer=False)
+    with contextlib.ExitStack() as stack:
+        if lean:     # the converter reads each converted tensor's data just for its shape; its dims say the same
+            from onnx import helper
+            from onnxruntime.transformers import float16
+
+            stack.enter_context(unittest.mock.patch.object(
+                float16, "make_value_info_from_tensor",
+                lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))))
+        model16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep),
+                                           op_block_list=list(FP32_OPS), disable_shape_infer=lean)
     del model
     dedupe_nodes(model16.graph)
     drop_round_trips(model16.graph)
@@ -136,24 +163,72 @@ def convert_fp16(src: Path, dst: Path) -> dict:
         if elem.get(name) != onnx.TensorProto.FLOAT:
             raise RuntimeError(f"fp16 conversion changed output {name!r} to elem type {elem.get(name)}")
     counts = collections.Counter(n.op_type for n in model16.graph.node)
+    data_name = dst.name + ".data"
+    if lean:
+        external = True
+        _stream_weights(model16, src.parent, dst.parent / data_name)
+        onnx.save_model(model16, str(dst))            # the graph; its tensors name the data file written above
+        return _facts(dst, data_name, islands, keep, counts)
     size = sum(t.ByteSize() for t in model16.graph.initializer)
     external = size > EXTERNAL_DATA_BYTES
-    data_name = dst.name + ".data"
     if external:
         onnx.save_model(model16, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_name, size_threshold=1024)
     else:
         onnx.save_model(model16, str(dst))
-    fp32_nodes = len(keep)
+    return _facts(dst, data_name if external else None, islands, keep, counts)
+
+
+def _facts(dst: Path, data_name, islands: dict, keep: set, counts) -> dict:
     return {
         "file": dst.name,
-        "external_data": data_name if external else None,
+        "external_data": data_name,
         "converter": "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)",
         "fp32_islands": islands,
-        "fp32_nodes": fp32_nodes,
+        "fp32_nodes": len(keep),
         "casts": counts.get("Cast", 0),
         "nodes": sum(counts.values()),
     }
+
+
+def _stream_weights(model, src_dir: Path, data_path: Path) -> int:
+    """Write every external tensor of `model` (converted by convert_float_to_float16 without its data) into
+    data_path, one tensor in memory at a time: a tensor the converter made fp16 is read as the fp32 it still
+    is on disk and converted as the converter converts (convert_np_to_float16: clamped to fp16's range);
+    any other is copied. Its external_data then points into data_path. Returns the bytes written."""
+    import numpy as np
+    import onnx
+    from onnx import external_data_helper, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16  # the converter's own rounding
+
+    written = 0
+    with open(data_path, "wb") as out:
+        for t in model.graph.initializer:
+            if not external_data_helper.uses_external_data(t):
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            path = Path(src_dir) / info["location"]
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            with open(path, "rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+            numel = int(np.prod(t.dims)) if len(t.dims) else 1
+            if t.data_type == onnx.TensorProto.FLOAT16 and length == 4 * numel:       # still fp32 on disk
+                raw = convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).astype(np.float16).tobytes()
+            elif length != numel * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize:
+                raise RuntimeError(f"tensor {t.name}: {length} bytes on disk for {numel} x {t.data_type}")
+            pad = (-written) % 4096                   # page-aligned, as onnx writes it
+            out.write(b"\0" * pad)
+            written += pad
+            out.write(raw)
+            del t.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(written)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+            written += len(raw)
+            del raw
+    return written
 
 
 def dedupe_nodes(graph) -> int:

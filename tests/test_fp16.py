@@ -208,3 +208,37 @@ def test_stale_fp16_graph_is_refused(fp16_engine, tmp_path):
     (folder / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ClipfuseError, match=r"earlier model.onnx.*--precision fp16"):
         precision_onnx_path(read_manifest(folder, verify=False), "fp16")
+
+
+def test_a_graph_with_external_weights_converts_tensor_by_tensor_to_the_same_fp16_graph(tiny_engine, tmp_path):
+    """Past 2 GB the weights live in model.onnx.data and the in-memory conversion held them several times over
+    (the nine's 6.2 GB graph was killed at 24 GB). The streaming way must write exactly what the in-memory way
+    writes: the same tensors, bit for bit, and the same outputs."""
+    import onnx
+    from onnx import numpy_helper
+
+    from clipfuse.export.fp16 import convert_fp16
+    from clipfuse.runtime.sessions import open_session
+
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    model = onnx.load(str(tiny_engine / "model.onnx"))
+    onnx.save_model(model, str(ext / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=256)
+    assert (ext / "model.onnx.data").stat().st_size > 0
+    a = convert_fp16(tiny_engine / "model.onnx", tmp_path / "mem.fp16.onnx")
+    b = convert_fp16(ext / "model.onnx", ext / "model.fp16.onnx")
+    assert a["external_data"] is None and b["external_data"] == "model.fp16.onnx.data"
+    assert (a["nodes"], a["casts"], a["fp32_nodes"]) == (b["nodes"], b["casts"], b["fp32_nodes"])
+    ta = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "mem.fp16.onnx")).graph.initializer}
+    tb = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(ext / "model.fp16.onnx")).graph.initializer}
+    assert ta.keys() == tb.keys() and any(v.dtype == np.float16 for v in tb.values())
+    for name in ta:
+        assert ta[name].dtype == tb[name].dtype and np.array_equal(ta[name], tb[name]), name
+    rng = np.random.default_rng(0)
+    s = open_session(ext / "model.fp16.onnx")
+    feed = {i.name: rng.integers(0, 256, (2, *i.shape[1:]), dtype=np.uint8) for i in s.get_inputs()}
+    out_b = s.run(None, feed)
+    out_a = open_session(tmp_path / "mem.fp16.onnx").run(None, feed)
+    for x, y in zip(out_a, out_b):
+        np.testing.assert_array_equal(x, y)
