@@ -116,7 +116,8 @@ def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | 
     open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
     (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
     cascade: on a cascade engine (`fit --cascade`), None or True routes each image through the stages it
-    needs (Prediction.stage says which answered; the stages are fp32); False runs the full graph.
+    needs (Prediction.stage says which answered; fp32 stages, or with precision="int8" the int8 ones that
+    `export --precision int8` cut and certified; fp16 has none); False runs the full graph.
     """
     from clipfuse.runtime.predict import load_predictor
 

@@ -209,10 +209,15 @@ def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feed
     block = cascade_block(manifest)
     S = len(block["stages"])
     inputs = [st["input"] for st in block["stages"]]
-    costs = stage_costs(block)
-    config = CascadeConfig(**{k: v for k, v in (block.get("config") or {}).items()
-                              if k in CascadeConfig.__dataclass_fields__})
     names = [str(p.name) for p in tower_paths]
+    try:                  # a cascade written without the fit's costs (exported by hand) cannot be certified
+        costs = stage_costs(block)
+    except ClipfuseError as e:
+        return {"written": False, "towers": None, "reason": str(e), "files": names}
+    fields = {k: v for k, v in (block.get("config") or {}).items() if k in CascadeConfig.__dataclass_fields__}
+    fields.setdefault("max_drop", block.get("max_drop", CascadeConfig.max_drop))
+    fields.setdefault("constraint", block.get("constraint", CascadeConfig.constraint))
+    config = CascadeConfig(**fields)
     with step(f"cascade: cutting {S} int8 stage towers out of {Path(int8_path).name}", quiet, tag="int8"):
         write_towers(int8_path, tower_paths, inputs)
     sessions = stage_sessions(manifest, tower_paths)
@@ -255,8 +260,8 @@ def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feed
 def format_record(rec: dict) -> list[str]:
     """What the export prints about the int8 cascade."""
     if not rec.get("written"):
-        return [f"cascade: int8 stage graphs not written: {rec['reason']}; int8 runs the full graph "
-                "(--no-cascade) until enough images certify the thresholds"]
+        return [f"cascade: int8 stage graphs not written: {rec['reason']}; with --precision int8 this engine runs "
+                "its full int8 graph (--no-cascade)"]
     c = rec["calibration"]
     lines = [f"cascade: int8 stages {', '.join(rec['towers'])}; thresholds {rec['thresholds']} ({rec['score']}; fp32's "
              f"{rec['fp32_thresholds']}), certified on {c['n']} images: {c['disagreements']} disagreements with the int8 "

@@ -21,6 +21,10 @@ precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). The ca
 runs once, tower by tower (export/int8_calibrate.py), and both graphs are quantized
 from its ranges; the files add ~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
 
+On a cascade engine the export also cuts int8 stage towers out of model.int8.onnx and certifies
+their exit thresholds again (export/int8_cascade.py, on `cascade_images` or the calibration folder);
+when too few images certify them the int8 graph ships without int8 stages and the record says why.
+
 Refused, one line each and nothing written: an engine without model.onnx, a
 calibration folder that is missing, unreadable, empty or has too few images
 (export/int8.py calibration_feeds), and a graph whose validation fails.

@@ -176,7 +176,7 @@ def test_predict_api_and_cli_say_which_stage_answered(cascade_engine, images):
     assert "answered by cascade stage" in r.stdout
     r = CliRunner().invoke(cli, ["predict", str(folder), str(images[0]), "--backend", "torch"])
     assert r.exit_code == 1 and "--no-cascade" in r.output and len(r.output.strip().splitlines()) == 1
-    # the stage graphs are fp32: a reduced precision is refused on the cascade, not served as fp32
+    # fp16 has no stage graphs: refused on the cascade, not served as fp32 (int8: tests/test_int8_cascade.py)
     r = CliRunner().invoke(cli, ["predict", str(folder), str(images[0]), "--precision", "fp16"])
     assert r.exit_code == 1 and "cascade stages" in r.output and "--no-cascade" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1

@@ -300,3 +300,18 @@ def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
         srv.stop()
     assert [p.stage for p in got] == [p.stage for p in want]
     np.testing.assert_allclose([p.probs for p in got], [p.probs for p in want], rtol=1e-5, atol=1e-7)
+
+
+def test_a_cascade_without_the_fits_costs_ships_int8_without_stages(int8_cascade, calib_dir, tmp_path):
+    """A cascade exported by hand (export_engine(cascade=...), no fit) has no stage costs to certify with."""
+    folder = tmp_path / "engine"
+    shutil.copytree(int8_cascade, folder)
+    mf = folder / "manifest.json"
+    d = json.loads(mf.read_text())
+    del d["cascade"]["cum_costs"]
+    mf.write_text(json.dumps(d))
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu", "-q")
+    assert r.exit_code == 0, r.output
+    rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
+    assert not rec["written"] and "cum_costs" in rec["reason"]
+    assert "int8 stage graphs not written" in r.output and (folder / "model.int8.onnx").is_file()
