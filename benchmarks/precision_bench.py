@@ -27,8 +27,17 @@ fp32 kernels between casts: 1.06-1.10x fp32's time on the pair), the CPU graph o
 (slower than ONNX Runtime at every batch on the pair). `--reuse-engine` keeps an engine already
 fitted by the same command (the fit and the 6.2 GB export take ~8 minutes); `--reuse-int8` also keeps
 its int8 graph and record when current (the calibration and the validation over the held-out digits take
-~10 minutes on the nine). A second command adds what the first left out (fp16, OpenVINO, batch 32):
-precision_nine_more.md.
+~10 minutes on the nine). Three more commands add what the first left out, one file each, because
+on 24 GB the nine's workers cannot all be alive at once (fp32 holds ~8 GB at batch 8 and ~15 GB at
+batch 32):
+
+    ... --precisions fp32,fp16 --batch 1,8 --runs 2 --no-openvino --out .../precision_nine_fp16
+    ... --precisions fp32,int8 --reuse-int8 --openvino-precisions int8 --batch 1,8 --runs 2
+        --out .../precision_nine_openvino
+    ... --precisions fp32,int8 --reuse-int8 --no-openvino --no-arena --batch 32 --runs 1
+        --out .../precision_nine_b32
+    (each with --set nine --per-class 30 --shots 4 --calibration-count 32 --int8-target cpu --no-singles
+     --no-torch --reuse-engine; the exact command heads each file)
 
 Writes benchmarks/results/precision_<set>.md and .json, the exact command at the top.
 Random weights have no trained outlier channels, so agreement here is likely better than
