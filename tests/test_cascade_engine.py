@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,6 +20,7 @@ from clipfuse.runtime.manifest import read_manifest
 
 from conftest import TINY
 from imagefactory import make_labelled_folder
+from standins import triton_python_model
 
 FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,), quiet=True)
 
@@ -216,15 +215,7 @@ def test_triton_writes_a_python_backend_model_that_routes(cascade_engine, images
     assert msg.backend == "python" and [o.name for o in msg.output][-1] == "stage"
     assert read_manifest(model / "1" / "engine").data["cascade"]["order"] == read_manifest(folder).backbone_names
     # run the written model.py under a stand-in for Triton's triton_python_backend_utils
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.get_input_tensor_by_name = lambda r, n: SimpleNamespace(as_numpy=lambda: r[n])
-    fake.Tensor = lambda name, array: (name, array)
-    fake.InferenceResponse = lambda output_tensors: dict(output_tensors)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    ns: dict = {}
-    exec(compile((model / "1" / "model.py").read_text(), "model.py", "exec"), ns)
-    tpm = ns["TritonPythonModel"]()
-    tpm.initialize({"model_repository": str(model), "model_version": "1"})
+    tpm = triton_python_model(model, monkeypatch)
     m = read_manifest(folder)
     feed = _feed(m, images[:5])
     responses = tpm.execute([{k: v[:2] for k, v in feed.items()}, {k: v[2:] for k, v in feed.items()}])

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +18,7 @@ from clipfuse.runtime.manifest import read_manifest
 
 from conftest import TINY
 from imagefactory import make_labelled_folder
+from standins import served_predictions, triton_python_model
 
 FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,), quiet=True)
 
@@ -148,15 +146,7 @@ def test_triton_model_py_runs_the_int8_stages(int8_cascade, photo_paths, tmp_pat
 
     model = write_repository(int8_cascade, tmp_path / "repo", precision="int8")
     assert "PRECISION = 'int8'" in (model / "1" / "model.py").read_text()
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.get_input_tensor_by_name = lambda r, n: SimpleNamespace(as_numpy=lambda: r[n])
-    fake.Tensor = lambda name, array: (name, array)
-    fake.InferenceResponse = lambda output_tensors: dict(output_tensors)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    ns: dict = {}
-    exec(compile((model / "1" / "model.py").read_text(), "model.py", "exec"), ns)
-    tpm = ns["TritonPythonModel"]()
-    tpm.initialize({"model_repository": str(model), "model_version": "1"})
+    tpm = triton_python_model(model, monkeypatch)
     m = read_manifest(int8_cascade)
     feed = _feed(m, photo_paths)
     responses = tpm.execute([feed])
@@ -281,7 +271,7 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
 
 def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
     import clipfuse
-    from clipfuse.runtime.serve import check_serving_environment, free_port
+    from clipfuse.runtime.serve import check_serving_environment
 
     try:
         check_serving_environment()
@@ -291,13 +281,7 @@ def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
         want = local.predict(photo_paths)
     with clipfuse.load(int8_cascade, quiet=True) as fp32:
         assert [p.probs for p in fp32.predict(photo_paths)] != [p.probs for p in want]    # int8 is not fp32
-    srv = clipfuse.serve(int8_cascade, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), quiet=True, exit_timeout_s=2, precision="int8")
-    try:
-        with clipfuse.connect(srv.http_url) as remote:
-            got = remote.predict(photo_paths)
-    finally:
-        srv.stop()
+    got = served_predictions(int8_cascade, photo_paths, precision="int8")
     assert [p.stage for p in got] == [p.stage for p in want]
     np.testing.assert_allclose([p.probs for p in got], [p.probs for p in want], rtol=1e-5, atol=1e-7)
 

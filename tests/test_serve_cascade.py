@@ -7,9 +7,10 @@ import pytest
 
 import clipfuse
 from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.serve import check_serving_environment, free_port
+from clipfuse.runtime.serve import check_serving_environment
 
 from conftest import TINY, TINY_CLASSES, TWO_TEMPLATES
+from standins import served_predictions
 
 try:
     check_serving_environment()
@@ -51,13 +52,7 @@ def test_served_cascade_equals_local(cascade_engine, photo_paths):
     with clipfuse.load(cascade_engine, quiet=True) as local:
         want = local.predict(photo_paths)
     assert {p.stage for p in want} == {1, 2}, "the photos must leave at both stages"
-    srv = clipfuse.serve(cascade_engine, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), quiet=True, exit_timeout_s=2)
-    try:
-        with clipfuse.connect(srv.http_url) as remote:
-            got = remote.predict(photo_paths)
-    finally:
-        srv.stop()
+    got = served_predictions(cascade_engine, photo_paths)
     assert [p.stage for p in got] == [p.stage for p in want]
     assert [p.labels for p in got] == [p.labels for p in want]
     np.testing.assert_allclose([p.probs for p in got], [p.probs for p in want], rtol=1e-5, atol=1e-7)
