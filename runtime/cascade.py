@@ -8,6 +8,11 @@ block gives the order, the confidence score and the S - 1 thresholds (null = nev
 
     with CascadeBackend(manifest) as backend:           # a Backend: open, infer, close
         out = backend.infer(feed)    # the five outputs + "stage" (N,) int64, 1-based
+    CascadeBackend(manifest, precision="int8")          # the int8 stages and their own thresholds
+
+int8: `clipfuse export ENGINE --precision int8` cuts stages/tower_<k>.int8.onnx out of model.int8.onnx and
+certifies new thresholds on their outputs (export/int8_cascade.py), recorded in the manifest's
+precisions["int8"]["cascade"]; the combine graphs are shared. fp16 has no stages (refused in one line).
 
 For a batch: every image runs tower_1 and combine_1; those whose confidence (the same
 clipfuse.runtime.routing functions the fit chose the thresholds with) reaches threshold 1 leave
