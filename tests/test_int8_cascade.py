@@ -299,3 +299,14 @@ def test_a_cascade_without_the_fits_costs_ships_int8_without_stages(int8_cascade
     rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
     assert not rec["written"] and "cum_costs" in rec["reason"]
     assert "int8 stage graphs not written" in r.output and (folder / "model.int8.onnx").is_file()
+
+
+def test_clipfuse_bench_with_int8_measures_both_cascades(int8_cascade, data, tmp_path):
+    from clipfuse.bench.run import run_bench
+
+    r = run_bench(int8_cascade, data=data, batches=(1,), runs=1, warmup=0, torch=False, memory=False, profile=False,
+                  singles=False, precisions=("fp32", "int8"), out=tmp_path / "bench", quiet=True)
+    assert r["cascade"]["precision"] == "fp32" and r["cascade_int8"]["precision"] == "int8"
+    assert r["cascade_int8"]["thresholds"] == read_manifest(int8_cascade).data["precisions"]["int8"]["cascade"]["thresholds"]
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "## Cascade (" in md and "## Cascade, int8 stages against int8's full graph" in md
