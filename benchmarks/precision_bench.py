@@ -165,7 +165,7 @@ def main(argv=None):
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-openvino", action="store_true")
     ap.add_argument("--openvino-precisions", default=None, help="only these precisions on OpenVINO too (e.g. int8: "
-                    "the nine's fp32 graph takes 12 GB on OpenVINO and every configuration's worker is alive at once)")
+                    "every configuration's worker is alive at once, and the nine's cannot all be on 24 GB)")
     ap.add_argument("--no-singles", action="store_true", help="skip each backbone alone, their sum and the naive "
                     "ensemble in the bench")
     ap.add_argument("--precisions", default="fp32,fp16,int8", help="graphs made and measured (fp32 always)")

@@ -131,8 +131,7 @@ def convert_fp16(src: Path, dst: Path) -> dict:
             onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
             model = onnx.load(str(inferred), load_external_data=False)
     else:
-        model = onnx.load(str(src))                   # small: weights in the file
-        del probe
+        model = probe                                 # no external data: the weights are in the file, loaded
     keep, islands = fp32_node_names(model)
     with contextlib.ExitStack() as stack:
         if lean:     # the converter reads each converted tensor's data just for its shape; its dims say the same
@@ -165,7 +164,6 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     counts = collections.Counter(n.op_type for n in model16.graph.node)
     data_name = dst.name + ".data"
     if lean:
-        external = True
         _stream_weights(model16, src.parent, dst.parent / data_name)
         onnx.save_model(model16, str(dst))            # the graph; its tensors name the data file written above
         return _facts(dst, data_name, islands, keep, counts)

@@ -92,17 +92,18 @@ def stage_tensors(graph) -> list[tuple[str, str]]:
     return list(zip(feats, logits))
 
 
-def stage_tower_model(model, k: int, base_dir: Path, image_input: str):
+def stage_tower_model(model, k: int, base_dir: Path, image_input: str, tensors=None):
     """Backbone k (0-based) of a fused graph as a stage tower graph: image_input -> features_<k+1>,
     logits_<k+1> (iospec), its nodes and weights only (weights loaded into memory).
 
     The exporter takes the batch size of every tower from one input (a Shape of image_32 feeding the
     class-token Expand of a 48 px tower): such a Shape, of another image input and of its batch
     dimension only (start 0, end 1), is pointed at the tower's own input, which has the same batch by
-    contract. Any other read of another input is refused: the tower would not stand alone."""
+    contract. Any other read of another input is refused: the tower would not stand alone.
+    tensors: stage_tensors(model.graph), when the caller has it already."""
     from clipfuse.export.int8_calibrate import subgraph_model
 
-    f, z = stage_tensors(model.graph)[k]
+    f, z = (tensors or stage_tensors(model.graph))[k]
     sub = subgraph_model(model, {f: iospec.tower_features(k + 1), z: iospec.tower_logits(k + 1)}, base_dir)
     others = {i.name for i in sub.graph.input} - {image_input}
     for node in sub.graph.node:
@@ -130,10 +131,11 @@ def write_towers(graph_path: Path, dsts: list[Path], image_inputs: list[str]) ->
 
     graph_path = Path(graph_path)
     model = onnx.load(str(graph_path), load_external_data=False)
-    if len(dsts) != len(stage_tensors(model.graph)):
-        raise ClipfuseError(f"{graph_path.name} has {len(stage_tensors(model.graph))} backbones, {len(dsts)} stage files asked")
+    tensors = stage_tensors(model.graph)
+    if len(dsts) != len(tensors):
+        raise ClipfuseError(f"{graph_path.name} has {len(tensors)} backbones, {len(dsts)} stage files asked")
     for k, dst in enumerate(dsts):
-        sub = stage_tower_model(model, k, graph_path.parent, image_inputs[k])
+        sub = stage_tower_model(model, k, graph_path.parent, image_inputs[k], tensors)
         Path(dst).parent.mkdir(parents=True, exist_ok=True)
         large = sub.ByteSize() > 1_800_000_000
         onnx.save_model(sub, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,

@@ -250,11 +250,9 @@ def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int |
     precision = precision or "fp32"
     with CascadeBackend(manifest, threads=threads, precision=precision) as cas:
         got = [cas.infer(f) for f in feeds]
-    graph = manifest
-    if precision != "fp32":
-        from clipfuse.runtime.precisions import with_precision
+    from clipfuse.runtime.precisions import with_precision
 
-        graph = with_precision(manifest, precision)
+    graph = with_precision(manifest, precision)         # fp32: the manifest itself
     with make_backend(graph, "onnxruntime", **({"threads": threads} if threads else {})) as full:
         ref = [full.infer(f) for f in feeds]
     got = {k: np.concatenate([o[k] for o in got]) for k in (*iospec.OUTPUT_NAMES, iospec.STAGE)}

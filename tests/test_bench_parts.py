@@ -85,7 +85,7 @@ def test_busy_cpu_is_work_not_waiting_stealing_or_guests_counted_twice():
 
 
 def test_openvino_can_run_a_subset_of_the_precisions():
-    """The nine's fp32 graph takes 12 GB on OpenVINO while every configuration's worker is alive: the bench can
+    """Every configuration's worker is alive at once, and the nine's cannot all be on 24 GB: the bench can
     put only some precisions on OpenVINO."""
     from clipfuse.bench.configs import precision_configs
 

@@ -73,6 +73,7 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
     from clipfuse.runtime.backends import make_backend
     from clipfuse.runtime.cascade import CascadeBackend
     from clipfuse.runtime.load import LoadProbe
+    from clipfuse.runtime.precisions import with_precision
     from clipfuse.runtime.routing import cascade_predict, confidence
 
     if arrays is None:
@@ -81,12 +82,7 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
     S = len(m.backbones)
     opts = {"threads": threads} if threads else {}
     cas = CascadeBackend(m, precision=precision, **opts).open()
-    if precision == "fp32":
-        full = make_backend(m, "onnxruntime", **opts).open()
-    else:
-        from clipfuse.runtime.precisions import with_precision
-
-        full = make_backend(with_precision(m, precision), "onnxruntime", **opts).open()
+    full = make_backend(with_precision(m, precision), "onnxruntime", **opts).open()
     try:
         warm = {n: a[:1] for n, a in arrays.items()}
         for _ in range(2):

@@ -169,8 +169,8 @@ FUSED = re.compile(r"(fused|openvino)(?:-(fp16|int8))?")
 def precision_configs(precisions, openvino=False) -> list[str]:
     """The fused-graph configurations for `precisions` (fp32 first), ONNX Runtime then OpenVINO; "fused"
     (ONNX Runtime fp32) is always run and not listed. openvino: True (every precision) or the precisions
-    to run on OpenVINO too (a subset: the nine's fp32 graph alone takes 12 GB on OpenVINO, and every
-    configuration's worker is alive at once)."""
+    to run on OpenVINO too (a subset: every configuration's worker is alive at once, and the nine's cannot
+    all be on 24 GB)."""
     precisions = [p for p in ("fp32", "fp16", "int8") if p in precisions]
     out = [f"fused-{p}" for p in precisions if p != "fp32"]
     if openvino:

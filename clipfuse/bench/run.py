@@ -225,8 +225,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         else:
             from .cascade import bench_cascade
 
-            cascade = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
-                                    threads=threads, classes=classes, quiet=quiet, settle=settle)
+            cascade_batches = [b for b in batches if b in (1, 8)] or batches[:1]
+            cascade = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes, quiet=quiet,
+                                    settle=settle)
             if "int8" in precisions:        # the int8 stages, when the int8 export certified them
                 from clipfuse.runtime.cascade import int8_stages
 
@@ -235,8 +236,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                 except ClipfuseError as e:
                     log(f"cascade: no int8 stages to measure ({e})", quiet, tag="bench")
                 else:
-                    cascade_int8 = bench_cascade(m, data, batches=[b for b in batches if b in (1, 8)] or batches[:1],
-                                                 threads=threads, classes=classes, quiet=quiet, settle=settle,
+                    cascade_int8 = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes, quiet=quiet, settle=settle,
                                                  precision="int8")
 
     result = {
