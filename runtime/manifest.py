@@ -159,6 +159,9 @@ def file_fields(data: dict) -> list[tuple[str, object]]:
         if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
             raise ClipfuseError(f"{group!r} must be an object of objects")
         out += [(f"{group}.{p}.{k}", e[k]) for p, e in entries.items() for k in keys if e.get(k) is not None]
+    towers = ((data.get("precisions") or {}).get("int8") or {}).get("cascade", {}).get("towers")
+    if isinstance(towers, list):        # a cascade's int8 stage towers (runtime/cascade.py int8_stages)
+        out += [(f"precisions.int8.cascade.towers[{i}]", t) for i, t in enumerate(towers)]
     cascade = data.get("cascade")
     if cascade is not None:     # a cascade engine's stage graphs (runtime/cascade.py opens them)
         stages = cascade.get("stages") if isinstance(cascade, dict) else None

@@ -310,3 +310,30 @@ def test_clipfuse_bench_with_int8_measures_both_cascades(int8_cascade, data, tmp
     assert r["cascade_int8"]["thresholds"] == read_manifest(int8_cascade).data["precisions"]["int8"]["cascade"]["thresholds"]
     md = (tmp_path / "bench" / "bench.md").read_text()
     assert "## Cascade (" in md and "## Cascade, int8 stages against int8's full graph" in md
+
+
+def test_int8_tower_files_must_be_hashed_artefacts(int8_cascade, tmp_path):
+    """The manifest may only name int8 stage towers it hashes: one pointed at an unlisted file is refused on read."""
+    folder = tmp_path / "engine"
+    shutil.copytree(int8_cascade, folder)
+    shutil.copy2(folder / "stages" / "tower_2.int8.onnx", folder / "stages" / "other.onnx")
+    mf = folder / "manifest.json"
+    d = json.loads(mf.read_text())
+    d["precisions"]["int8"]["cascade"]["towers"][0] = "stages/other.onnx"
+    mf.write_text(json.dumps(d))
+    with pytest.raises(ClipfuseError, match=r"precisions\.int8\.cascade\.towers\[0\].*not among 'artefacts'"):
+        read_manifest(folder)
+
+
+def test_a_cut_that_does_not_reproduce_model_int8_is_refused(int8_cascade, photo_paths):
+    """check_last_stage holds the cut towers to model.int8.onnx with the fp32 row: the fp32 towers fail it."""
+    from clipfuse.export.int8_cascade import check_last_stage, stage_sessions
+
+    m = read_manifest(int8_cascade)
+    inputs = [st["input"] for st in m.data["cascade"]["stages"]]
+    feed = _feed(m, photo_paths)
+    int8 = [int8_cascade / iospec.tower_file(k, "int8") for k in (1, 2)]
+    fp32 = [int8_cascade / iospec.tower_file(k) for k in (1, 2)]
+    assert check_last_stage(m, stage_sessions(m, int8), int8_cascade / "model.int8.onnx", feed, inputs)
+    with pytest.raises(ClipfuseError, match="do not reproduce it"):
+        check_last_stage(m, stage_sessions(m, fp32), int8_cascade / "model.int8.onnx", feed, inputs)
