@@ -25,8 +25,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     command = " ".join(["python benchmarks/bench_default.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
+    from clipfuse.cli.present import format_demo
     from clipfuse.demo import run_demo
-    from clipfuse.present import format_demo
 
     print(format_demo(run_demo(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,
                                results=args.out, stem="bench_default", command=command)))

@@ -39,8 +39,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     command = " ".join(["python benchmarks/bench_nine.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
-    from clipfuse.errors import ClipfuseError
     from clipfuse.bench import format_table, run_bench
+    from clipfuse.core.errors import ClipfuseError
 
     try:
         result = run_bench(args.engine, batches=[int(b) for b in args.batch.split(",")], runs=args.runs,

@@ -15,9 +15,9 @@ controller's pool on the other 50%; k = 4 shots per class from the pool. Every c
 shots; the pool images outside the shots SELECT (best single, subsets, the controller that ships, the
 cascade's order and thresholds); the eval split only REPORTS. Figures, each accuracy with its Wilson 95%
 interval, each method's paired difference against the full ensemble (bootstrap 95%, agreement):
-- full ensemble: the controller `clipfuse fit` would ship (export/select.py);
+- full ensemble: the controller `clipfuse fit` would ship (export/fit/select.py);
 - best single: the most accurate single backbone on the pool's held-out images;
-- best subsets (export/subsets.py, C-LOG-AVG per subset, as `fit --budget-gflops`) at 1x, 2x and 4x the
+- best subsets (export/fit/subsets.py, C-LOG-AVG per subset, as `fit --budget-gflops`) at 1x, 2x and 4x the
   best single's GFLOPs;
 - the cascade (export/fit_levers.plan_cascade, as `fit --cascade`): --max-drop is the smallest of
   0.5, 1, 2, 3, 5, 10, 20 points that the calibration images can certify (Clopper-Pearson on agreement,
@@ -60,10 +60,10 @@ def keep_first(folder: Path, per_class: int) -> None:
 
 def arrays(backbones, folder: Path, cache_dir, quiet: bool):
     """Features (cached), linear-probe heads and fit's splits -> a dict of arrays."""
-    from clipfuse.export import backbones as bb
     from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
-    from clipfuse.export.features import FeatureCache, compute_features, head_logits
-    from clipfuse.export.fit import SPLIT_SEED, _select, fit_linear_probe
+    from clipfuse.export.fit.features import FeatureCache, compute_features, head_logits
+    from clipfuse.export.fit.pipeline import SPLIT_SEED, _select, fit_linear_probe
+    from clipfuse.export.graph import backbones as bb
 
     paths, labels, classes = scan_labelled_folder(folder)
     built = [bb.load_backbone(b) for b in backbones]
@@ -90,7 +90,7 @@ def arrays(backbones, folder: Path, cache_dir, quiet: bool):
 
 
 def auto_drop(n_calib: int, tries: int) -> float:
-    from clipfuse.export.cascade import required_calibration_images
+    from clipfuse.export.thresholds import required_calibration_images
 
     for d in DROPS:
         if required_calibration_images(d, 0.95, tries) <= n_calib:
@@ -99,10 +99,10 @@ def auto_drop(n_calib: int, tries: int) -> float:
 
 
 def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
-    from clipfuse.export import nlc, select
-    from clipfuse.export.fit_levers import Levers, check_calibration, fused_logits, plan_cascade
+    from clipfuse.export.fit import nlc, select
+    from clipfuse.export.fit.levers import Levers, check_calibration, fused_logits, plan_cascade
+    from clipfuse.export.fit.subsets import Split, search_subsets, static_fitter
     from clipfuse.export.paired import accuracy_interval, paired_difference
-    from clipfuse.export.subsets import Split, search_subsets, static_fitter
 
     names, y_ev, shots = a["names"], a["y_ev"], a["shots"]
     held = np.setdiff1d(np.arange(len(a["y_pool"])), shots)
@@ -154,7 +154,7 @@ def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
                    "expected_gflops": t["expected_cost"], "cost_fraction": t["cost_fraction"],
                    "accuracy": t["accuracy_cascade"], "vs_full": t["paired_difference"],
                    "calibration": plan["fit"].calibration}
-    from clipfuse.export.diversity import diversity_report
+    from clipfuse.export.fit.diversity import diversity_report
 
     # issue 15: are these backbones diverse? On the same eval images as the accuracies (NLC's temperatures,
     # so its failure signatures are read as fit reads them).
@@ -198,7 +198,7 @@ def markdown(res: dict) -> str:
     if res.get("latency"):
         L += ["", "Latency (clipfuse bench on the cascade engine, eval images):", "", res["latency"]]
     if f.get("diversity"):
-        from clipfuse.export.diversity import to_markdown
+        from clipfuse.export.fit.diversity import to_markdown
 
         L += ["", "## Diversity of the backbones (eval images; issue 15)", "",
               to_markdown(f["diversity"], res.get("heatmap")).rstrip()]
@@ -239,7 +239,7 @@ def main(argv=None):
     out = Path(args.out or ROOT / "results" / f"cascade_{args.set}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if res["figures"].get("diversity"):
-        from clipfuse.export.diversity import save_heatmap
+        from clipfuse.export.fit.diversity import save_heatmap
 
         png = out.parent / f"{out.name}_diversity.png"
         why = save_heatmap(res["figures"]["diversity"], png)
@@ -254,8 +254,8 @@ def main(argv=None):
 def latency(backbones, tmp: Path, a: dict, res: dict, args) -> str:
     """Export the cascade engine (fit --cascade, same splits) and bench it on the eval images."""
     from clipfuse.bench.run import run_bench
-    from clipfuse.export.fit import fit_engine
-    from clipfuse.export.fit_levers import Levers
+    from clipfuse.export.fit.levers import Levers
+    from clipfuse.export.fit.pipeline import fit_engine
 
     engine = tmp / "engine"
     fit_engine(backbones, tmp / "digits", engine, head="linear-probe", eval_fraction=EVAL_FRACTION,

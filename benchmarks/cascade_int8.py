@@ -17,7 +17,7 @@ calibration split certifies: 1 point on 590 images), then:
    is non-strict (what the benchmarks do to measure a refused graph) and the refusal is reported,
    never hidden. `--keep-fp32 RN50:random:0` keeps the collapsed tower fp32, as
    `--int8-keep-fp32` would.
-2. clipfuse.bench.cascade.bench_cascade for fp32 and for int8, each the routed cascade against its
+2. clipfuse.bench.cascade_exits.bench_cascade for fp32 and for int8, each the routed cascade against its
    own full graph on the 539 eval digits, call by call interleaved, batch 1 and 8: latency (mean
    per call, p99), exit rates, accuracy (Wilson 95%) and the paired difference against the full graph.
    The int8 export's record adds the int8 cascade against fp32's full ensemble (paired).
@@ -46,8 +46,8 @@ from nlc_digits import write_digits  # noqa: E402
 def build(backbones, tmp: Path, cache, engine: Path, quiet: bool) -> tuple[Path, Path, Path, dict]:
     """The digits; the calibration (non-eval), eval and fit-calibration folders; the cascade engine (fit unless
     `engine` holds it)."""
-    from clipfuse.export.fit import fit_engine
-    from clipfuse.export.fit_levers import Levers
+    from clipfuse.export.fit.levers import Levers
+    from clipfuse.export.fit.pipeline import fit_engine
     from clipfuse.runtime.manifest import read_manifest
 
     write_digits(tmp / "digits")
@@ -137,7 +137,7 @@ def markdown(res: dict) -> str:
     L += ["", "Load while timing (other processes, cores): "
           + ", ".join(f"{p} {c['load']['other_processes_cores']:.2f}" for p, c in b.items()) + ".",
           "", "Each precision's cascade and full graph were timed call by call interleaved in one process "
-          "(clipfuse.bench.cascade); fp32 and int8 ran one after the other in the same run.", ""]
+          "(clipfuse.bench.cascade_exits); fp32 and int8 ran one after the other in the same run.", ""]
     return "\n".join(L)
 
 
@@ -160,8 +160,8 @@ def main(argv=None):
         res = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(res))
         return res
-    from clipfuse.bench.cascade import bench_cascade
-    from clipfuse.export.int8_export import export_int8
+    from clipfuse.bench.cascade_exits import bench_cascade
+    from clipfuse.export.precision.int8_export import export_int8
     from clipfuse.runtime.manifest import read_manifest
 
     backbones = SETS[args.set][0]

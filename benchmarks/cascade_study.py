@@ -3,12 +3,12 @@
     python benchmarks/cascade_study.py        # a few minutes on 2 cores; writes benchmarks/results/cascade_study.md
 
 For each seed, thresholds are chosen on n_cal calibration images under each
-constraint of export/cascade.py (labelled accuracy: the naive search;
+constraint of export/fit/cascade.py (labelled accuracy: the naive search;
 agreement with the full ensemble; agreement with a one-sided Clopper-Pearson
 bound: the default), then the cascade is scored on 20000 held-out images (a
 stand-in for the population). A violation is a held-out drop against the full
-ensemble above max_drop. Stages: tests/synthetic.py's synthetic_stages (3
-stages costing 1/2/4, errors correlated across stages), as tests/test_cascade.py.
+ensemble above max_drop. Stages: tests/helpers/synthetic.py's synthetic_stages (3
+stages costing 1/2/4, errors correlated across stages), as tests/export/fit/test_cascade.py.
 Also: under the guard, the cost the top-2 margin score needs against max
 softmax probability (10 and 100 classes).
 """
@@ -32,7 +32,8 @@ def score_costs(seeds=range(6), n_cal: int = 2000, n_test: int = 20000, max_drop
     """Expected cost fraction under the guard with each score, per class count and seed."""
     from synthetic import synthetic_stages
 
-    from clipfuse.export.cascade import CascadeConfig, fit_cascade
+    from clipfuse.export.fit.cascade import fit_cascade
+    from clipfuse.export.thresholds import CascadeConfig
 
     rows = []
     for C in (10, 100):

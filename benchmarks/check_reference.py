@@ -55,8 +55,8 @@ def engine_backbone_logits(folder, images):
 
 
 def compare(backbones, out, images):
-    from clipfuse.export.backbones import parse_backbone
-    from clipfuse.export.engine import export_engine
+    from clipfuse.export.graph.backbones import parse_backbone
+    from clipfuse.export.graph.engine import export_engine
 
     specs = [parse_backbone(b) for b in backbones]
     if any(s.kind != "random" for s in specs):
@@ -80,8 +80,9 @@ def main():
     ap.add_argument("backbones", nargs="+")
     ap.add_argument("--out", default="engines/check-reference")
     args = ap.parse_args()
-    import clipfuse
     from PIL import Image
+
+    import clipfuse
 
     images = [Image.open(p) for p in sorted((Path(clipfuse.__file__).parent / "assets").glob("*.jpg"))]
     t0 = time.perf_counter()

@@ -46,7 +46,7 @@ def phase_torch(engine: str, runs: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from clipfuse.bench.configs import make_feed
-    from clipfuse.export.torch_backend import TorchBackend
+    from clipfuse.export.graph.torch_backend import TorchBackend
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
@@ -71,7 +71,7 @@ def _ort_session(manifest, path: str | None = None, parallel: bool = False, thre
     """A session with the runtime's own options (OnnxRuntimeBackend), on `path` (default the engine's graph)."""
     import onnxruntime as ort
 
-    from clipfuse.runtime.backends import OnnxRuntimeBackend
+    from clipfuse.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     so = OnnxRuntimeBackend(manifest, threads=threads, parallel=parallel).session_options()
     if parallel:
@@ -85,8 +85,8 @@ def _ort_session(manifest, path: str | None = None, parallel: bool = False, thre
 def phase_ort(engine: str, runs: int) -> dict:
     import onnxruntime as ort
 
-    from clipfuse.runtime.backends import OnnxRuntimeBackend
     from clipfuse.bench.configs import make_feed
+    from clipfuse.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)
@@ -181,8 +181,9 @@ def main(argv=None) -> None:
         print(json.dumps(fn(args.engine, args.runs)))
         return
 
-    from clipfuse.errors import ClipfuseError
-    from clipfuse.bench.probes import LoadProbe, matmul_peak_gflops
+    from clipfuse.bench.probes import matmul_peak_gflops
+    from clipfuse.core.errors import ClipfuseError
+    from clipfuse.runtime.cpu_load import LoadProbe
     from clipfuse.runtime.manifest import read_manifest
 
     try:

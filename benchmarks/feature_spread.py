@@ -32,8 +32,8 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from nlc_digits import write_digits
 
-    from clipfuse.export.backbones import load_backbone
-    from clipfuse.export.features import compute_features
+    from clipfuse.export.fit.features import compute_features
+    from clipfuse.export.graph.backbones import load_backbone
 
     with tempfile.TemporaryDirectory() as tmp:
         write_digits(Path(tmp))

@@ -30,7 +30,7 @@ seeded random weights: latency and memory do not depend on weight values) and:
    cosine and logit error of autocast fp16 against fp32 on 32 images made
    from the shipped photographs.
 4. where `tensorrt` imports: exports the fused graph, builds plans with 0 and
-   4 auxiliary streams (export/trt.py) and times them through the native
+   4 auxiliary streams (export/precision/trt_plan.py) and times them through the native
    backend; otherwise says why it skipped.
 
 Writes OUT.json and OUT.md with the command at the top.
@@ -106,9 +106,9 @@ class Nvml:
 
 def build_models(specs, torch, device):
     """(fused, {name: single}, backbones) on `device`, eval mode."""
-    from clipfuse.export.backbones import load_backbone
-    from clipfuse.export.fused import ConstantController, FusedEnsemble
-    from clipfuse.export.heads import zero_shot_head
+    from clipfuse.export.graph.backbones import load_backbone
+    from clipfuse.export.graph.fused import ConstantController, FusedEnsemble
+    from clipfuse.export.graph.heads import zero_shot_head
 
     built, heads = [], []
     for s in specs:
@@ -195,11 +195,11 @@ def fp16_accuracy(fused, built, torch, device) -> dict:
     """Autocast fp16 against fp32 on the same 32 images: real fp16 arithmetic on this device."""
     import numpy as np
 
-    from clipfuse import iospec
-    from clipfuse.export.fp16 import validation_images
+    from clipfuse.core import iospec
+    from clipfuse.runtime.compare import photo_variants
     from clipfuse.runtime.preprocess import PreprocessSpec, preprocess_image
 
-    images = validation_images()
+    images = photo_variants()
     specs = {}
     for b in built:
         specs[b.image_size] = PreprocessSpec(b.image_size, b.preprocess.get("interpolation", "bicubic"),
@@ -237,9 +237,9 @@ def tensorrt_part(built, heads, torch, device, batches, rounds, iters, warmup) -
                            "'clipfuse[tensorrt]' on this GPU machine"}
     if device.type != "cuda":
         return {"skipped": "no CUDA device"}
-    from clipfuse.export.engine import export_engine
-    from clipfuse.export.trt import build_engine
-    from clipfuse.runtime.backends import open_backend
+    from clipfuse.export.graph.engine import export_engine
+    from clipfuse.export.precision.trt_plan import build_engine
+    from clipfuse.runtime.backends.registry import open_backend
 
     out = {"tensorrt": tensorrt.__version__, "plans": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
               "nvml": {"driver": getattr(nvml, "driver", None), "error": getattr(nvml, "error", None),
                        "used_mib_before": nvml.used_mib()}}
     say(f"environment: {json.dumps(result['environment'])}")
-    from clipfuse.errors import ClipfuseError
+    from clipfuse.core.errors import ClipfuseError
 
     try:
         fused, singles, built, heads = build_models(specs, torch, device)

@@ -29,7 +29,7 @@ def kernel_counts(path: Path) -> dict:
     """Op types of ORT's optimised graph (all levels) that matter here."""
     import onnx
 
-    from clipfuse.runtime.sessions import open_session, session_options
+    from clipfuse.runtime.backends.sessions import open_session, session_options
 
     with tempfile.TemporaryDirectory() as tmp:
         so = session_options(optimized_path=Path(tmp) / "opt.onnx")
@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "int8_activations")
     args = ap.parse_args(argv)
     from clipfuse.bench.configs import make_feed
-    from clipfuse.runtime.load import LoadProbe
-    from clipfuse.errors import ClipfuseError
+    from clipfuse.core.errors import ClipfuseError
+    from clipfuse.runtime.backends.sessions import open_session
+    from clipfuse.runtime.cpu_load import LoadProbe
     from clipfuse.runtime.manifest import read_manifest
-    from clipfuse.runtime.sessions import open_session
 
     try:
         m = read_manifest(args.engine)

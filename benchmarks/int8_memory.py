@@ -6,9 +6,9 @@ Each way runs in its own process on the same calibration images (the first N dig
 by benchmarks/nlc_digits.write_digits) and the engine's model.onnx, and reports the child's
 peak RSS (getrusage ru_maxrss) and wall time:
 
-    whole graph   what export/int8.py did before: the fused model loaded with its weights and
+    whole graph   what export/precision/int8.py did before: the fused model loaded with its weights and
                   handed to quantize_static, which calibrates the whole graph in one session
-    tower by tower  export/int8.quantize_int8 now: ranges from export/int8_calibrate.py, one
+    tower by tower  export/int8.quantize_int8 now: ranges from export/precision/calibrate.py, one
                   tower at a time, then quantize_static from the ranges (the calibration cache)
 
 Both write the U8 CPU graph. Writes benchmarks/results/int8_memory.md (and .json) with the command.
@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent
 def child(way: str, engine: str, images: str, n: int, out: str) -> None:
     import onnx
 
-    from clipfuse.export.int8 import calibration_feeds, quantization_plan, quantize_int8
-    from clipfuse.export.int8_calibrate import _reader, quiet_root_logger
+    from clipfuse.export.precision.calibrate import _reader, calibration_feeds, quiet_root_logger
+    from clipfuse.export.precision.int8 import quantization_plan, quantize_int8
     from clipfuse.runtime.manifest import read_manifest
 
     m = read_manifest(engine)

@@ -8,7 +8,7 @@ engine's model.onnx from the same 32 calibration images (evenly spaced over the 
 engine was fitted on, benchmarks/precision_bench.py's split), MinMax ("max") ranges, with the
 islands (feature norm, heads, controller, combination) excluded:
 
-    ort-u8      clipfuse's CPU graph (export/int8.py: U8 asymmetric activations, S8 per-channel weights)
+    ort-u8      clipfuse's CPU graph (export/precision/int8.py: U8 asymmetric activations, S8 per-channel weights)
     ort-s8      clipfuse's TensorRT graph (S8 symmetric activations)
     modelopt    modelopt.onnx.quantization.quantize(quantize_mode="int8", calibration_method="max",
                 calibration_eps=["cpu"], high_precision_dtype="fp32", dq_only=True: int8 weights in
@@ -69,7 +69,7 @@ def _qdq_summary(path: Path, island: set) -> dict:
 
 
 def _time(paths: dict, feeds_by_batch: dict, rounds: int) -> dict:
-    from clipfuse.runtime.sessions import open_session
+    from clipfuse.runtime.backends.sessions import open_session
 
     sessions = {k: open_session(p) for k, p in paths.items()}
     times = {(k, b): [] for k in paths for b in feeds_by_batch}
@@ -101,8 +101,9 @@ def main(argv=None):
     import onnx
     from precision_bench import split_digits
 
-    from clipfuse.export.int8 import calibrate_ranges, calibration_feeds, quantization_plan, quantize_int8
-    from clipfuse.export.int8_validate import validate_int8
+    from clipfuse.export.precision.calibrate import calibrate_ranges, calibration_feeds
+    from clipfuse.export.precision.int8 import quantization_plan, quantize_int8
+    from clipfuse.export.precision.int8_validate import validate_int8
     from clipfuse.runtime.manifest import read_manifest
 
     command = "python benchmarks/int8_quantizers.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -145,7 +146,7 @@ def main(argv=None):
                 # ModelOpt, like quantize_static, hands the islands (feature norm, heads) the DQ copy of a tower's
                 # quantized output; clipfuse feeds them the float tensor (export/int8.float_island_inputs).
                 # The same done to ModelOpt's graph separates its placement inside the towers from that.
-                from clipfuse.export.int8 import float_island_inputs
+                from clipfuse.export.precision.int8 import float_island_inputs
 
                 q = onnx.load(str(tmp / "modelopt.onnx"))
                 res["graphs"]["modelopt, islands fed float"] = {

@@ -1,10 +1,10 @@
-"""The study behind FitConfig's defaults (export/nlc.py's docstring quotes it): each choice the paper
+"""The study behind FitConfig's defaults (export/fit/nlc.py's docstring quotes it): each choice the paper
 leaves open (optimiser, positivity map, start, step budget, standardisation, batch) changed one at a
 time from the default, on two synthetic worlds whose behaviour is known by construction.
 
     python benchmarks/nlc_choices.py          # ~5 min on 2 cores; writes benchmarks/results/nlc_choices.md
 
-The worlds (tests/synthetic.py) are the ones tests/test_nlc.py runs on.
+The worlds (tests/helpers/synthetic.py) are the ones tests/export/fit/test_nlc.py runs on.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ sys.path.insert(0, str(ROOT / "tests"))          # the synthetic worlds live bes
 
 from synthetic import synthetic_ensemble  # noqa: E402
 
-from clipfuse.errors import ClipfuseError  # noqa: E402
-from clipfuse.export.baselines import evaluate  # noqa: E402
+from clipfuse.core.errors import ClipfuseError  # noqa: E402
 from clipfuse.export.data import sample_k_shot  # noqa: E402
-from clipfuse.export.nlc import FitConfig, fit_nlc, fit_static, predict_controller  # noqa: E402
+from clipfuse.export.fit.baselines import evaluate  # noqa: E402
+from clipfuse.export.fit.nlc import FitConfig, fit_nlc, fit_static, predict_controller  # noqa: E402
 
 
 def study_fit_choices(shots=(1, 4, 16), seeds=(0, 1, 2), budgets=(100, 300, 1000, 3000),

@@ -13,7 +13,7 @@ seeds 0, 1, 2. Writes benchmarks/results/nlc_digits.{md,json}.
 
 Expect little: random towers' features barely vary in the directions that
 tell which backbone to trust, so NLC may only match C-LOG-AVG here; the
-synthetic tests (tests/test_nlc.py) are where the mechanism proves itself.
+synthetic tests (tests/export/fit/test_nlc.py) are where the mechanism proves itself.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def main():
     args = ap.parse_args()
     backbones = args.backbone or ["RN50:random:0", "ViT-B-32:random:1"]
 
-    from clipfuse.export.fit import fit_engine
+    from clipfuse.export.fit.pipeline import fit_engine
 
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-digits-"))
@@ -63,7 +63,7 @@ def main():
                                study_seeds=tuple(args.seeds), force=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    from clipfuse.export.fit import render_report
+    from clipfuse.export.fit.report import render_report
 
     command = "python benchmarks/nlc_digits.py" + "".join(f" --backbone {b}" for b in (args.backbone or [])) \
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0, 1, 2] else "")

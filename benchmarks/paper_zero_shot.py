@@ -40,7 +40,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args(argv)
 
-    from clipfuse.export.fit import fit_engine, render_report
+    from clipfuse.export.fit.pipeline import fit_engine
+    from clipfuse.export.fit.report import render_report
 
     t0 = time.perf_counter()
     backbones = args.backbone or [f"{a}:openai" for a in NINE]

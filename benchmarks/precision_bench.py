@@ -84,7 +84,7 @@ def split_digits(tmp: Path, per_class: int | None = None) -> tuple[Path, Path, i
 
 
 def _same_engine(engine: Path, backbones) -> bool:
-    from clipfuse.errors import ClipfuseError
+    from clipfuse.core.errors import ClipfuseError
     from clipfuse.runtime.manifest import read_manifest
 
     try:
@@ -190,11 +190,11 @@ def main(argv=None):
     command = "python benchmarks/precision_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     from clipfuse.bench.run import run_bench
-    from clipfuse.errors import ClipfuseError
-    from clipfuse.export.fit import fit_engine
-    from clipfuse.export.fp16 import export_fp16
-    from clipfuse.export.int8_export import export_int8
-    from clipfuse.export.int8_validate import paired_accuracy, require_valid
+    from clipfuse.core.errors import ClipfuseError
+    from clipfuse.export.fit.pipeline import fit_engine
+    from clipfuse.export.precision.fp16 import export_fp16
+    from clipfuse.export.precision.int8_export import export_int8
+    from clipfuse.export.precision.int8_validate import paired_accuracy, require_valid
     from clipfuse.runtime.manifest import read_manifest
 
     t0 = time.perf_counter()

@@ -55,7 +55,7 @@ def say(msg: str) -> None:
 def ensure_engine(folder: Path):
     """Reuse the engine when it is complete and is the one this benchmark wants; else export it
     in a subprocess (the exporter imports torch; this process stays as lean as a server)."""
-    from clipfuse.errors import ClipfuseError
+    from clipfuse.core.errors import ClipfuseError
     from clipfuse.runtime.manifest import read_manifest
 
     try:
@@ -68,11 +68,11 @@ def ensure_engine(folder: Path):
     with tempfile.TemporaryDirectory() as tmp:
         templates = Path(tmp) / "templates.txt"
         templates.write_text("\n".join(TEMPLATES) + "\n")
-        from clipfuse.bench.worker import child_command    # the installed clipfuse, whatever the folder
+        from clipfuse.bench.worker import child_command  # the installed clipfuse, whatever the folder
 
         args = ["export", *[a for b in BACKBONES for a in ("-b", b)],
                 "-c", CLASSES, "--templates", str(templates), "--out", str(folder), "--force", "-q"]
-        cmd = child_command("clipfuse.cli", *args)
+        cmd = child_command("clipfuse.cli.main", *args)
         say("exporting clipfuse " + " ".join(args))
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return read_manifest(folder, verify=True)
@@ -139,7 +139,7 @@ def fmt_rate(s: dict) -> str:
 # ----------------------------------------------------------------------------- 1. session options
 
 def bench_session_options(manifest, feeds: dict[int, dict], rounds: int) -> list[dict]:
-    from clipfuse.runtime.backends import OnnxRuntimeBackend
+    from clipfuse.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     configs = [("sequential", 1), ("sequential", 2), ("parallel", 1), ("parallel", 2)]
     backends = {c: OnnxRuntimeBackend(manifest, threads=c[1], parallel=c[0] == "parallel").open() for c in configs}
@@ -169,7 +169,7 @@ def bench_session_options(manifest, feeds: dict[int, dict], rounds: int) -> list
 # ----------------------------------------------------------------------------- 2. pipeline
 
 def bench_pipeline(manifest, paths: list[Path], batch: int, rounds: int, variants: list[dict]) -> dict:
-    from clipfuse.runtime.backends import OnnxRuntimeBackend
+    from clipfuse.runtime.backends.onnxruntime import OnnxRuntimeBackend
     from clipfuse.runtime.images import preprocess_paths
     from clipfuse.runtime.predict import Predictor
 

@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     import tritonclient.http as httpclient
 
     import clipfuse
-    from clipfuse.runtime.serve import free_port
+    from clipfuse.runtime.serving.server import free_port
 
     manifest = ensure_engine(Path(args.engine))
     local = clipfuse.load(manifest.folder, backend="onnxruntime", verify=False, quiet=True)

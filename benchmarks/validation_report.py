@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("engine", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="write OUT.md and OUT.json")
     args = ap.parse_args(argv)
-    from clipfuse.errors import ClipfuseError
+    from clipfuse.core.errors import ClipfuseError
 
     try:
         text = report(args.engine)

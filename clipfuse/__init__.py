@@ -24,7 +24,9 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.connect("http://127.0.0.1:8000") -> Predictor  the same Predictor, the engine on a Triton server
     clipfuse.ClipfuseError                                 every error a user can cause
 """
-from clipfuse.errors import ClipfuseError
+
+
+from clipfuse.core.errors import ClipfuseError
 
 __version__ = "0.1.0"
 
@@ -43,7 +45,7 @@ _LAZY = {
     "export_int8": ("clipfuse.api", "export_int8"),
     "build_engine": ("clipfuse.api", "build_engine"),
     "compare_backends": ("clipfuse.api", "compare_backends"),
-    "parse_backbone": ("clipfuse.export.backbones", "parse_backbone"),
+    "parse_backbone": ("clipfuse.export.graph.backbones", "parse_backbone"),
     "write_triton_repository": ("clipfuse.api", "write_triton_repository"),
     "serve": ("clipfuse.api", "serve"),
     "connect": ("clipfuse.api", "connect"),

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse.log import log
+from clipfuse.bench.run import run_bench
+from clipfuse.core.log import log
+from clipfuse.runtime.predict import load_predictor
 
 DEMO_BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
 
@@ -43,9 +45,7 @@ def run_demo(out="engines/demo", backbones=DEMO_BACKBONES, train_per_class: int 
     "backbone_names": [...], "bench": the bench result, "seconds": wall time}; the CLI shows them."""
     from threadpoolctl import threadpool_limits
 
-    from clipfuse.bench.run import run_bench
-    from clipfuse.export.fit import fit_engine
-    from clipfuse.runtime.predict import load_predictor
+    from clipfuse.export.fit.pipeline import fit_engine
 
     t0 = time.perf_counter()
     out = Path(out)

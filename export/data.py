@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from clipfuse.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.images import IMAGE_EXTENSIONS, image_files, is_image_file
 
 

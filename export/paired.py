@@ -31,7 +31,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from clipfuse.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError
 
 BOOTSTRAP_RESAMPLES = 10000
 

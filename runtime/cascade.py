@@ -1,7 +1,7 @@
 """Run a cascade engine: each image pays for exactly the stages it reaches.
 
 A cascade engine (`clipfuse fit --cascade`) holds, beside model.onnx (the full ensemble, backbones
-in stage order), one graph per stage under stages/ (clipfuse.iospec): tower_<k>.onnx (backbone k:
+in stage order), one graph per stage under stages/ (clipfuse.core.iospec): tower_<k>.onnx (backbone k:
 image -> features_k, logits_k) and combine_<s>.onnx (the controller fitted for the first s
 backbones: features, backbone_logits -> logits, probs, temperatures). The manifest's `cascade`
 block gives the order, the confidence score and the S - 1 thresholds (null = never leave there).
@@ -11,7 +11,7 @@ block gives the order, the confidence score and the S - 1 thresholds (null = nev
     CascadeBackend(manifest, precision="int8")          # the int8 stages and their own thresholds
 
 int8: `clipfuse export ENGINE --precision int8` cuts stages/tower_<k>.int8.onnx out of model.int8.onnx and
-certifies new thresholds on their outputs (export/int8_cascade.py), recorded in the manifest's
+certifies new thresholds on their outputs (export/precision/int8_stages.py), recorded in the manifest's
 precisions["int8"]["cascade"]; the combine graphs are shared. fp16 has no stages (refused in one line).
 
 For a batch: every image runs tower_1 and combine_1; those whose confidence (the same
@@ -29,7 +29,7 @@ Why one graph per stage with the routing here, and not an ONNX graph with an `If
 - TensorRT handles `If` poorly (both branches built, conditions evaluated on the host, no
   per-sample skipping), while per-stage graphs build as ordinary TensorRT engines one by one.
 - Triton's dynamic batcher forms batches across requests, so per-sample early exit must happen
-  after batching: in this router (served by a Python-backend model, runtime/triton.py, or by
+  after batching: in this router (served by a Python-backend model, runtime/serving/repository.py, or by
   pytriton through clipfuse.serve), not inside one graph.
 The price: one ONNX Runtime call per stage reached, plus the gathering of rows (measured by
 `clipfuse bench` on a cascade engine: "cascade overhead" for images leaving at stage 1).
@@ -40,12 +40,18 @@ from collections import Counter
 
 import numpy as np
 
-from clipfuse import iospec
-from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.backends import Backend
-from clipfuse.runtime.manifest import Manifest, check_onnxruntime_can_run, confined_path, rebuild_hint
-from clipfuse.runtime.routing import SCORES, confidence, route
-from clipfuse.runtime.sessions import open_session, session_options
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.iospec import tolerance
+from clipfuse.core.log import log
+
+from .agreement import compare_outputs
+from .backends.base import Backend
+from .backends.registry import make_backend
+from .backends.sessions import open_session, session_options
+from .manifest import Manifest, check_onnxruntime_can_run, confined_path, rebuild_hint
+from .precisions import precision_onnx_path, with_precision
+from .routing import SCORES, confidence, route
 
 
 def is_cascade(manifest: Manifest) -> bool:
@@ -87,7 +93,7 @@ class CascadeBackend(Backend):
         self.threads = threads
         self.score = self.block["score"]
         self.precision = precision or "fp32"
-        # int8: towers cut out of model.int8.onnx and thresholds certified on their outputs (export/int8_cascade.py)
+        # int8: towers cut out of model.int8.onnx and thresholds certified on their outputs (export/precision/int8_stages.py)
         stages = int8_stages(manifest) if self.precision == "int8" else None
         if self.precision not in ("fp32", "int8"):
             check_cascade_precision(manifest, True, self.precision)        # raises: fp16 has no stages
@@ -171,11 +177,9 @@ class CascadeBackend(Backend):
         super().close()
 
 
-
 def int8_stages(manifest: Manifest) -> dict:
     """The manifest's precisions["int8"]["cascade"] record, checked: the int8 tower files and the thresholds
-    certified on them (export/int8_cascade.py). One line naming the reason when there is none."""
-    from clipfuse.runtime.precisions import precision_onnx_path
+    certified on them (export/precision/int8_stages.py). One line naming the reason when there is none."""
 
     where = f"engine {str(manifest.folder)!r}"
     precision_onnx_path(manifest, "int8")             # the int8 graph they were cut from exists and is current
@@ -194,6 +198,25 @@ def int8_stages(manifest: Manifest) -> dict:
         raise ClipfuseError(f"{where}: 'precisions.int8.cascade' needs {K} tower files and {K - 1} thresholds; "
                             f"{rebuild_hint(manifest)}")
     return rec
+
+
+def run_stage_graphs(sessions: dict, feed: dict, inputs: list[str], S: int) -> list[dict]:
+    """Every image through every stage: -> S dicts of the five iospec outputs (stage s: first s backbones).
+
+    sessions: {"tower_k" / "combine_s": ONNX Runtime session or a callable with the same run()}.
+    inputs: the graph input (image_<R>) of each backbone, in stage order."""
+    feats, zs, out = [], [], []
+    for s in range(1, S + 1):
+        f, z = sessions[f"tower_{s}"].run([iospec.tower_features(s), iospec.tower_logits(s)],
+                                          {inputs[s - 1]: feed[inputs[s - 1]]})
+        feats.append(f)
+        zs.append(z)
+        X, Z = np.concatenate(feats, axis=1), np.stack(zs, axis=1)
+        logits, probs, t = sessions[f"combine_{s}"].run(list(iospec.COMBINE_OUTPUTS),
+                                                         {iospec.FEATURES: X, iospec.BACKBONE_LOGITS: Z})
+        out.append({iospec.LOGITS: logits, iospec.PROBS: probs, iospec.TEMPERATURES: t,
+                    iospec.BACKBONE_LOGITS: Z, iospec.FEATURES: X})
+    return out
 
 
 def check_cascade_precision(manifest: Manifest, cascade: bool | None, precision: str | None) -> None:
@@ -226,7 +249,6 @@ def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None
     if backend not in ("auto", "onnxruntime"):
         raise ClipfuseError(f"the cascade of engine {str(manifest.folder)!r} runs its stage graphs on ONNX Runtime "
                             f"(CPU); backend {backend!r} runs only the full graph: pass --no-cascade (cascade=False)")
-    from clipfuse.log import log
 
     opened = CascadeBackend(manifest, threads=options.get("threads"), precision=precision).open()
     log(f"backend -> {opened.describe()}", quiet)
@@ -242,15 +264,10 @@ def compare_cascade(manifest: Manifest, feeds: list[dict], norms, threads: int |
     (agreement, stage counts), not failed. Images that reach the last stage have run every tower and
     the shipped controller, so their five outputs must match model.onnx within the fp32 tolerance
     (the one comparator): that is the pass/fail check."""
-    from clipfuse.runtime.backends import make_backend
-    from clipfuse.runtime.comparator import compare_outputs
-
-    from clipfuse.iospec import tolerance
 
     precision = precision or "fp32"
     with CascadeBackend(manifest, threads=threads, precision=precision) as cas:
         got = [cas.infer(f) for f in feeds]
-    from clipfuse.runtime.precisions import with_precision
 
     graph = with_precision(manifest, precision)         # fp32: the manifest itself
     with make_backend(graph, "onnxruntime", **({"threads": threads} if threads else {})) as full:
@@ -278,7 +295,7 @@ def model_py(precision: str | None = None) -> str:
     return MODEL_PY.replace("PRECISION = None ", f"PRECISION = {precision if precision != 'fp32' else None!r} ", 1)
 
 
-# The Python-backend model `clipfuse triton` writes for a cascade engine (runtime/triton.py says why).
+# The Python-backend model `clipfuse triton` writes for a cascade engine (runtime/serving/repository.py says why).
 MODEL_PY = '''"""clipfuse cascade for Triton's Python backend (written by `clipfuse triton`; needs clipfuse installed
 in the server's Python). Requests batched by Triton are routed together: each image runs only the
 stages it reaches (clipfuse.runtime.cascade)."""
@@ -287,7 +304,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from clipfuse import iospec
+from clipfuse.core import iospec
 from clipfuse.runtime.cascade import CascadeBackend
 from clipfuse.runtime.manifest import read_manifest
 

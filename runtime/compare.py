@@ -9,8 +9,8 @@ suffix to every backend that has that form (ONNX Runtime and OpenVINO: the graph
 runtime/precisions.py; TensorRT: the plan); torch stays the fp32
 reference (it rebuilds the network from open_clip, not from a graph).
 
-The comparison itself is runtime/comparator.py's (the one comparator, also used by export
-validation and fp16 validation), with the precision's row of clipfuse.iospec.TOLERANCES:
+The comparison itself is runtime/agreement.py's (the one comparator, also used by export
+validation and fp16 validation), with the precision's row of clipfuse.core.iospec.TOLERANCES:
 per output max |got - ref| <= atol + rtol * max|ref| (+ the head-propagated term on logits
 and backbone_logits; probs at most half the measured logit error more), embedding cosine
 per backbone, and the share of changed top-1 answers, fused and per backbone. Every bound
@@ -30,16 +30,21 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse import iospec
-from clipfuse.errors import ClipfuseError
-from clipfuse.runtime import comparator
+import clipfuse
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
 
-# the files per precision and the check that a graph belongs to this model.onnx: runtime/precisions.py
-from clipfuse.runtime.precisions import MODEL_FP16, MODEL_INT8, precision_onnx_path, with_precision  # noqa: F401,E402
+from . import agreement
+from .backends.registry import make_backend
+from .cascade import compare_cascade, int8_stages, is_cascade
+from .images import collect_images
+from .manifest import read_manifest
+from .precisions import with_precision
+from .preprocess import preprocess_image
 
 
 def tolerance(precision: str) -> dict:
-    """The precision's row of the one tolerance table (clipfuse.iospec.TOLERANCES)."""
+    """The precision's row of the one tolerance table (clipfuse.core.iospec.TOLERANCES)."""
     return iospec.tolerance(precision)
 
 
@@ -47,9 +52,6 @@ def photo_variants() -> list:
     """The photographs shipped in clipfuse/assets, each whole and at three crops (centre 60%, top-left
     70%, bottom-right 70%), each also mirrored: 4 x 8 = 32 images from real photographs."""
     from PIL import Image, ImageOps
-
-    import clipfuse
-
     files = sorted((Path(clipfuse.__file__).parent / "assets").glob("*.jpg"))
     if not files:
         raise ClipfuseError("the photographs in clipfuse/assets are missing: reinstall clipfuse")
@@ -65,7 +67,7 @@ def photo_variants() -> list:
 
 
 def head_row_norms(folder, num_backbones: int) -> list[float]:
-    """max_c ||W_k[c]|| per head, from heads.safetensors (export/heads.py's naming): how far a logit
+    """max_c ||W_k[c]|| per head, from heads.safetensors (export/graph/heads.py's naming): how far a logit
     moves per unit of feature error."""
     from safetensors.numpy import load_file
 
@@ -109,7 +111,6 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
 
 def open_one(manifest, name: str, precision: str, **options):
     """An opened runtime backend for (name, precision)."""
-    from clipfuse.runtime.backends import make_backend
 
     if precision != "fp32" and name != "tensorrt":
         # the same backend, pointed at the precision's graph (ClipfuseError naming the command if absent);
@@ -127,8 +128,6 @@ def default_images() -> list:
 
 
 def load_images(paths) -> list:
-    from clipfuse.runtime.images import collect_images
-
     from PIL import Image
 
     files = collect_images(paths)
@@ -145,8 +144,8 @@ def load_images(paths) -> list:
 
 
 def compare_outputs(ref: dict, got: dict, manifest, tol: dict, norms: list[float]) -> dict:
-    """Figures and failures for one backend against the reference outputs (runtime/comparator.py)."""
-    return comparator.compare_outputs(ref, got, backbone_slices(manifest.backbones), tol, norms)
+    """Figures and failures for one backend against the reference outputs (runtime/agreement.py)."""
+    return agreement.compare_outputs(ref, got, backbone_slices(manifest.backbones), tol, norms)
 
 
 def backbone_slices(backbones) -> list[tuple[str, int]]:
@@ -159,8 +158,6 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
     """Run the same images through every backend; compare each with the first. Returns the report
     (report["ok"] False when any backend is out of tolerance). On a cascade engine (unless cascade=False)
     also the routed stage graphs against model.onnx: report["cascade"] (runtime/cascade.compare_cascade)."""
-    from clipfuse.runtime.manifest import read_manifest
-    from clipfuse.runtime.preprocess import preprocess_image
 
     m = read_manifest(engine_dir, verify=verify)
     pairs = parse_backends(backends, precision)
@@ -191,10 +188,8 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
         report["comparisons"].append(c)
     report["backends"] = [{"name": r.name, "describe": r.describe, "precision": r.precision} for r in results]
     report["ok"] = all(c["ok"] for c in report["comparisons"])
-    from clipfuse.runtime.cascade import compare_cascade, is_cascade
 
     if is_cascade(m) and cascade:       # the routed stage graphs against model.onnx on the same batches
-        from clipfuse.runtime.cascade import int8_stages
 
         stages = "fp32"
         if precision == "int8":            # the int8 stages against model.int8.onnx, when the export wrote them
@@ -208,14 +203,14 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
     return report
 
 
-def format_report(report: dict) -> str:
+def format_comparison(report: dict) -> str:
     lines = [f"engine {report['engine']}: {report['images']} images, reference {report['reference']}"]
     for b in report["backends"]:
         lines.append(f"  {b['name']}: {b['describe']}")
     for c in report["comparisons"]:
         lines += ["", f"{c['backend']} vs {report['reference']} ({c['tolerance_set']} tolerances: "
-                  + comparator.describe_bounds(c["bounds"]) + ")"]
-        lines += comparator.format_lines(c)
+                  + agreement.describe_bounds(c["bounds"]) + ")"]
+        lines += agreement.format_lines(c)
     cas = report.get("cascade")
     if cas:
         counts = ", ".join(f"stage {s}: {n}" for s, n in cas["stage_counts"].items())
@@ -225,7 +220,7 @@ def format_report(report: dict) -> str:
         if cas["last_stage"] is None:
             lines.append("  no image reached the last stage: nothing to hold to the fp32 tolerance")
         else:
-            lines += ["  images at the last stage (fp32 tolerances: " + comparator.describe_bounds(cas["last_stage"]["bounds"]) + ")"]
-            lines += ["  " + x for x in comparator.format_lines(cas["last_stage"])]
+            lines += ["  images at the last stage (fp32 tolerances: " + agreement.describe_bounds(cas["last_stage"]["bounds"]) + ")"]
+            lines += ["  " + x for x in agreement.format_lines(cas["last_stage"])]
     lines += ["", "agree: all within tolerance" if report["ok"] else "DISAGREE: out of tolerance (see FAIL lines)"]
     return "\n".join(lines)

@@ -44,8 +44,9 @@ from typing import IO, Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.preprocess import PreprocessSpec, ResizeTooLarge, check_resize, preprocess_for_inputs
+from clipfuse.core.errors import ClipfuseError
+
+from .preprocess import PreprocessSpec, ResizeTooLarge, check_resize, preprocess_for_inputs
 
 PIXEL_LIMIT_ENV = "CLIPFUSE_MAX_IMAGE_PIXELS"
 RAISE_LIMIT = (f"if you trust the file, raise the limit: `clipfuse predict --max-image-pixels N`, "

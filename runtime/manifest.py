@@ -41,7 +41,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from clipfuse.errors import ClipfuseError
+import clipfuse
+from clipfuse.core.errors import ClipfuseError
+
+from .preprocess import _RESAMPLE, PreprocessSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -97,7 +100,6 @@ class Manifest:
 
     def preprocess_specs(self) -> dict:
         """{input_name: PreprocessSpec} in graph-input order."""
-        from clipfuse.runtime.preprocess import PreprocessSpec
 
         return {i["name"]: PreprocessSpec.from_json(i["preprocess"]) for i in self.inputs}
 
@@ -203,7 +205,6 @@ def _check_types(data: dict, where: str) -> None:
         v = data[key]
         need(isinstance(v, list) and v and all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in v),
              f"{key!r} must be a non-empty list of objects with a 'name', got {_kind(v)}")
-    from clipfuse.runtime.preprocess import _RESAMPLE
 
     for i, t in enumerate(data["inputs"]):
         shape, pre = t.get("shape"), t.get("preprocess")
@@ -363,8 +364,6 @@ def check_clipfuse_version(manifest: Manifest, installed: str | None = None) -> 
     """An engine made by another major version of clipfuse may use conventions this one does not know
     (the schema version covers the manifest's layout, not the graph's meaning)."""
     if installed is None:
-        import clipfuse
-
         installed = clipfuse.__version__
     made_by = (manifest.data.get("versions") or {}).get("clipfuse")
     if made_by and _major(made_by) != _major(installed):

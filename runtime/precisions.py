@@ -6,7 +6,7 @@
 An engine folder holds model.onnx (fp32) and, when exported with `--precision`, one graph per
 reduced precision, recorded in the manifest's `precisions` entry:
 
-    fp16                model.fp16.onnx       fp16 towers, fp32 islands (export/fp16.py)
+    fp16                model.fp16.onnx       fp16 towers, fp32 islands (export/precision/fp16.py)
     int8, target cpu    model.int8.onnx       QDQ, U8 asymmetric activations, S8 per-channel weights:
                                               what ONNX Runtime CPU and OpenVINO fuse into int8 kernels
     int8, target        model.int8-trt.onnx   QDQ, S8 symmetric activations (zero point 0), S8 per-channel
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipfuse.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.iospec import PRECISIONS
 
-from clipfuse.iospec import PRECISIONS  # noqa: E402  (fp32, fp16, int8: the tolerance table's rows)
+from .manifest import Manifest
+
 MODEL_FP16 = "model.fp16.onnx"
 MODEL_INT8 = "model.int8.onnx"
 MODEL_INT8_TRT = "model.int8-trt.onnx"
@@ -73,7 +75,6 @@ def precision_onnx_path(manifest, precision: str, target: str = "cpu") -> Path:
 
 def with_precision(manifest, precision: str, target: str = "cpu"):
     """The same engine (a Manifest) pointed at the precision's graph: what every ONNX backend opens."""
-    from clipfuse.runtime.manifest import Manifest
 
     path = precision_onnx_path(manifest, precision, target)
     if precision == "fp32":

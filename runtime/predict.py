@@ -31,12 +31,16 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from clipfuse import iospec
-from clipfuse.errors import ClipfuseError
-from clipfuse.runtime.backends import BACKEND_NAMES, Backend, open_backend
-from clipfuse.runtime.images import LOWER_LIMIT, RAISE_LIMIT, iter_batches
-from clipfuse.runtime.manifest import Manifest, read_manifest
-from clipfuse.runtime.preprocess import ResizeTooLarge, preprocess_for_inputs
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+
+from .backends.base import Backend
+from .backends.registry import BACKEND_NAMES, open_backend
+from .cascade import check_cascade_precision, open_cascade
+from .images import LOWER_LIMIT, RAISE_LIMIT, iter_batches
+from .manifest import Manifest, read_manifest
+from .precisions import check_precision
+from .preprocess import ResizeTooLarge, preprocess_for_inputs
 
 FORMATS = ("table", "jsonl", "csv")
 
@@ -251,12 +255,10 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
     if workers is not None and workers < 1:
         raise ClipfuseError(f"workers must be at least 1, got {workers}")
     if precision is not None:
-        from clipfuse.runtime.precisions import check_precision
 
         check_precision(precision)
     manifest = read_manifest(engine_dir, verify=verify)
     options = {"threads": threads} if threads else {}
-    from clipfuse.runtime.cascade import check_cascade_precision, open_cascade
 
     check_cascade_precision(manifest, cascade, precision)
     routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from clipfuse.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError
 
 MAX_PROB = "max-prob"     # largest softmax probability (Wang et al., "Wisdom of Committees")
 MARGIN = "margin"         # top-1 minus top-2 softmax probability

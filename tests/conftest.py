@@ -1,16 +1,19 @@
 """Shared fixtures: tiny seeded towers, one tiny engine per session, the shipped photographs.
 
 Nothing here downloads anything: every backbone is `ARCH:random:SEED`. The tiny towers
-(tests/tiny_towers.py) are registered here, through CLIPFUSE_MODEL_CONFIGS, before any test runs.
+(tests/helpers/tiny_towers.py) are registered here, through CLIPFUSE_MODEL_CONFIGS, before any test runs.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from tiny_towers import use_tiny_towers
+# The shared helpers (tiny towers, image factory, stand-ins, synthetic stages) import by bare name.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+from tiny_towers import use_tiny_towers  # noqa: E402
 
 # Never let a test reach a model hub, even by mistake.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +37,7 @@ def photo_paths() -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_engine(tmp_path_factory):
     """A 3-backbone tiny engine (32, 48 and 64 px inputs), exported once per session."""
-    from clipfuse.export.engine import export_engine
+    from clipfuse.export.graph.engine import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
     return export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
@@ -46,8 +49,8 @@ def tiny_vit_engine(tmp_path_factory):
     Random ResNet towers embed every image nearly alike (random RN50: two digits at cosine 0.99996,
     benchmarks/results/feature_spread.md): the tiny RN tower's median distance between two unit
     embeddings is 0.0065 on the photo variants (0.0009 on noise, 0.015 on flat colours), and int8 moves
-    them 2x that, which the comparator's error-to-spread bound refuses (tests/test_int8.py)."""
-    from clipfuse.export.engine import export_engine
+    them 2x that, which the comparator's error-to-spread bound refuses (tests/export/precision/test_int8.py)."""
+    from clipfuse.export.graph.engine import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny_vit"
     return export_engine([TINY[0], TINY[2]], TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
@@ -58,7 +61,7 @@ def fp16_engine(tiny_engine, tmp_path_factory):
     """A copy of the tiny engine with model.fp16.onnx added (the shared engine stays untouched)."""
     import shutil
 
-    from clipfuse.export.fp16 import export_fp16
+    from clipfuse.export.precision.fp16 import export_fp16
 
     folder = tmp_path_factory.mktemp("fp16") / "tiny"
     shutil.copytree(tiny_engine, folder)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 _LAZY = {
     "run_bench": "run", "format_table": "report", "write_outputs": "report", "plot_points": "report",
-    "verdict": "report", "ensure_singles": "configs", "make_feed": "configs", "LoadProbe": "probes",
+    "verdict": "report", "ensure_singles": "configs", "make_feed": "configs",
     "matmul_peak_gflops": "probes", "timed": "probes",
 }
 

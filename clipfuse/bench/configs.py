@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse import iospec
-from clipfuse.errors import ClipfuseError
-from clipfuse.log import log
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import log
+from clipfuse.runtime.backends.registry import make_backend
 from clipfuse.runtime.manifest import Manifest, read_manifest
+from clipfuse.runtime.precisions import with_precision
 
 SINGLES = "singles"
 
@@ -74,9 +76,10 @@ def ensure_singles(manifest: Manifest, quiet: bool = False) -> tuple[list[Manife
 def _export_single(manifest: Manifest, k: int, folder: Path, quiet: bool) -> Manifest:
     # export/ (torch, open_clip) is imported here, not at the top: the worker processes import this
     # module, and the memory probes' baseline must not hold torch for configurations that never use it.
-    from clipfuse.export.backbones import load_backbone
-    from clipfuse.export.engine import export_engine
-    from clipfuse.export.heads import load_heads
+
+    from clipfuse.export.graph.backbones import load_backbone
+    from clipfuse.export.graph.engine import export_engine
+    from clipfuse.export.graph.heads import load_heads
 
     b = manifest.backbones[k]
     spec = f"{b['arch']}:{b['weights']}"
@@ -188,9 +191,7 @@ def config_label(config: str) -> str:
 def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True):
     """config: "fused", "single:K", "naive", "torch", or a precision's fused configuration
     ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened. arena: False turns ONNX Runtime's
-    CPU memory arena off in the fused graphs' sessions (runtime/sessions.py)."""
-    from clipfuse.runtime.backends import make_backend   # the registry finds torch: no import of export/ here
-    from clipfuse.runtime.precisions import with_precision
+    CPU memory arena off in the fused graphs' sessions (runtime/backends/sessions.py)."""
 
     def ort(manifest):
         return make_backend(manifest, "onnxruntime", threads=threads, arena=arena).open()

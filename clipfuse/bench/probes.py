@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse.runtime.load import LoadProbe, busy_cpu_seconds  # noqa: F401  (the one "busy CPU" formula)
+from clipfuse.runtime.backends.registry import nvidia_gpu_visible
 
 
 def timed(fn) -> float:
@@ -39,7 +39,6 @@ def matmul_peak_gflops(n: int = 2048, tries: int = 5) -> dict:
 
 def gpu_memory() -> dict | None:
     """Device memory in use per GPU through NVML, or None where no NVIDIA GPU / pynvml is present."""
-    from clipfuse.runtime.backends import nvidia_gpu_visible
 
     if not nvidia_gpu_visible():
         return None

@@ -7,9 +7,9 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from clipfuse import iospec
+from clipfuse.core import iospec
+from clipfuse.runtime.backends.sessions import open_session, session_options
 from clipfuse.runtime.manifest import Manifest
-from clipfuse.runtime.sessions import open_session, session_options
 
 from .configs import make_feed
 

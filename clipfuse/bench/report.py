@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from .cascade_exits import format_cascade
 from .profile import describe_nodes
 
 STATIC_METHODS = ("LOG-AVG", "PROB-AVG", "VOTE", "C-LOG-AVG")
@@ -216,7 +217,6 @@ def format_table(result: dict) -> str:
         L += [f"| {k} | {v:.1f} |" for k, v in a["methods"].items()]
     for key in ("cascade", "cascade_int8"):
         if result.get(key):
-            from .cascade import format_cascade
 
             L += format_cascade(result[key])
     L += ["", f"Bench wall time {result['wall_s']:.0f} s."]

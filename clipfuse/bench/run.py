@@ -34,12 +34,17 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse.errors import ClipfuseError
-from clipfuse.log import log
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import log
+from clipfuse.runtime.backends.registry import unavailable_reason
+from clipfuse.runtime.cascade import int8_stages, is_cascade
+from clipfuse.runtime.cpu_load import LoadProbe
 from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.precisions import with_precision
 
+from .cascade_exits import bench_cascade
 from .configs import SINGLES, config_label, ensure_singles, precision_configs
-from .probes import LoadProbe, gpu_memory, malloc_trim, matmul_peak_gflops
+from .probes import gpu_memory, malloc_trim, matmul_peak_gflops
 from .profile import profile_overhead
 from .report import write_outputs
 from .worker import TimingWorker, measure_memory, worker_groups
@@ -79,6 +84,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     CPU memory arena off in the timing workers, so each holds its weights between calls and not its peak
     (the nine at batch 32 on a 24 GB machine). Returns the result dict (also
     written as JSON)."""
+    from clipfuse.export.fit.pipeline import eval_engine
+
     if backend != "onnxruntime":
         raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
                             "(backend onnxruntime); GPU backends are measured by their own issue's tools")
@@ -95,8 +102,6 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     t_start = time.perf_counter()
     m = read_manifest(engine)
     extra = precision_configs(precisions, openvino)
-    from clipfuse.runtime.backends import unavailable_reason
-    from clipfuse.runtime.precisions import with_precision
 
     for p in precisions:
         with_precision(m, p)            # refuse a missing graph now, not after minutes of singles and peaks
@@ -210,12 +215,10 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         mem_load = mem_load.stop()
     accuracy = None
     if data is not None:
-        from clipfuse.export.fit import eval_engine
 
         log(f"accuracy on {data}", quiet, tag="bench")
         ev = eval_engine(m.folder, data, classes=classes, quiet=quiet)
         accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"]}
-    from clipfuse.runtime.cascade import is_cascade
 
     cascade = cascade_int8 = None
     if is_cascade(m):               # over the real distribution of exits: needs labelled images
@@ -223,13 +226,11 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
             log("cascade engine: pass --data to measure the cascade over real images (exits depend on them)",
                 quiet, tag="bench")
         else:
-            from .cascade import bench_cascade
 
             cascade_batches = [b for b in batches if b in (1, 8)] or batches[:1]
             cascade = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes, quiet=quiet,
                                     settle=settle)
             if "int8" in precisions:        # the int8 stages, when the int8 export certified them
-                from clipfuse.runtime.cascade import int8_stages
 
                 try:
                     int8_stages(m)
@@ -269,15 +270,12 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
 
 def _graph_file(m, config: str) -> str:
-    from clipfuse.runtime.precisions import with_precision
-
     p = config.rsplit("-", 1)[1] if config.endswith(("-fp16", "-int8")) else "fp32"
     return with_precision(m, p).onnx_path.name
 
 
 def _graph_bytes(m, config: str) -> int:
     """The graph file's size plus its external data: what a precision costs on disk."""
-    from clipfuse.runtime.precisions import with_precision
 
     p = config.rsplit("-", 1)[1] if config.endswith(("-fp16", "-int8")) else "fp32"
     g = with_precision(m, p)

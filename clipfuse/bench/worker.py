@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse import iospec
-from clipfuse.errors import ClipfuseError
+import clipfuse
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.manifest import read_manifest
 
 from .configs import feed_for, make_feed, open_config
@@ -144,8 +145,6 @@ def _timing_child(spec: dict) -> None:
 
 def _package_dir() -> str:
     """Where the child's clipfuse came from (tests check it is the installed one)."""
-    import clipfuse
-
     return str(Path(clipfuse.__file__).resolve().parent)
 
 
@@ -154,9 +153,8 @@ def _package_dir() -> str:
 def memory_probe(engine: str, config: str, batch: int, threads: int | None = None, infers: int = 2) -> dict:
     """Run in a child process (see measure_memory): load one configuration, run a few inferences,
     report peak RSS. `net` = peak minus the RSS after imports, i.e. what the session itself adds."""
-    import psutil
-
     import onnxruntime  # noqa: F401  (imported before the baseline: it is there in every configuration)
+    import psutil
 
     if config == "torch":
         import open_clip  # noqa: F401

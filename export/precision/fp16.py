@@ -1,0 +1,343 @@
+"""Reduced precision written into the graph: model.onnx (fp32, validated) -> model.fp16.onnx.
+
+TensorRT 11 builds strongly typed networks only (no FP16 builder flag, no
+per-layer precision constraints), so the precision of every tensor must be in
+the ONNX graph itself. This module converts the exported, validated fp32 graph
+(never a re-export) with ONNX Runtime's float16 converter
+(`onnxruntime.transformers.float16.convert_float_to_float16`, the same code as
+onnxconverter-common, already installed with onnxruntime: no new dependency),
+keeping these in fp32 by explicit Cast islands:
+
+    LayerNormalization   after attention it overflows in fp16 (TensorRT's own warning)
+    Softmax              attention and the final probabilities: exp() overflows at 11.1
+    ReduceMean           the RN attention pool's token mean (a reduction over 50 tokens)
+    ReduceL2 and downstream
+                         the feature L2 normalisation, the heads, the controller MLP and
+                         the combination: everything from the raw embeddings to the outputs
+
+The heads stay fp32: a zero-shot head's logits are ~100 x cosine, and fp16 keeps
+11 bits, so an fp16 head alone would add ~0.05 absolute error to logits whose
+top-2 margins on real data are often below that; the heads are (C x D) GEMMs,
+nothing next to the towers, so fp32 costs nothing measurable.
+
+Nodes are found by op type and by position (the exporter names nodes after
+the aten op, e.g. node_linalg_vector_norm_1, but names are not a contract):
+the feature normalisation is the K ReduceL2 nodes, the towers are the ancestors
+of their inputs (the raw embeddings), and every node outside the towers is kept
+fp32. Graph inputs stay uint8 and outputs
+float32 (keep_io_types).
+
+`export_fp16(engine_dir)` converts, validates against the fp32 graph on ONNX
+Runtime CPU (export/precision/validate.py: the one comparator with the fp16
+tolerance row; every bound printed), and adds model.fp16.onnx to the folder
+through the one engine-folder writer (export/graph/engine_folder.py: staged, fsync,
+os.replace, the manifest last with the new file's sha256 and a "precisions"
+entry, under the folder's writer lock). The committed report and its command
+(`python -m clipfuse.export.precision.fp16_report ENGINE --out ...`) live in export/precision/fp16_report.py.
+
+ONNX Runtime CPU has fp16 kernels for only some ops; for the others its
+InsertCastTransformer wraps the node in Casts and computes it in fp32. So the
+CPU validation measures the fp16 weights and the fp16 storage of activations
+between ops, but not every op's fp16 arithmetic: `cpu_fp32_fallback_ops`
+says which ops ran in fp32 on CPU (read from the session's optimised graph).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import tempfile
+import unittest.mock
+from pathlib import Path
+
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import log, step
+from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.precisions import MODEL_FP16
+
+from ..graph.engine_folder import update_engine_folder
+from .validate import cpu_fp32_fallback_ops, validate_precision
+
+# Ops kept in fp32 wherever they occur in the towers.
+FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean")
+# The feature normalisation: F.normalize exports as ReduceL2 -> Clip -> Expand -> Div.
+FEATURE_NORM_OP = "ReduceL2"
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+# The bounds are the fp16 row of clipfuse.core.iospec.TOLERANCES (embedding cosine, per-output error,
+# share of changed top-1) and, since everything from the raw embeddings on is fp32, the
+# head-propagated logit bound of clipfuse.runtime.agreement (heads_exact).
+
+
+def ancestor_nodes(graph, tensors) -> set:
+    """Names of the nodes the given tensors depend on (walking producers back to inputs and constants)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    seen, todo = set(), list(tensors)
+    while todo:
+        p = producer.get(todo.pop())
+        if p is None or p.name in seen:
+            continue
+        seen.add(p.name)
+        todo.extend(p.input)
+    return seen
+
+
+def fp32_node_names(model) -> tuple[set, dict]:
+    """Names of the nodes to keep in fp32, and {island kind: {op type: count}} for the manifest."""
+    graph = model.graph
+    for i, n in enumerate(graph.node):        # the converter blocks by name: every node needs one
+        if not n.name:
+            n.name = f"clipfuse_unnamed_{i}"
+    keep: set = set()
+    islands = {"ops": collections.Counter(), "feature_norm_and_downstream": collections.Counter()}
+    for n in graph.node:
+        if n.op_type in FP32_OPS:
+            keep.add(n.name)
+            islands["ops"][n.op_type] += 1
+    norms = [n for n in graph.node if n.op_type == FEATURE_NORM_OP]
+    if not norms:
+        raise ClipfuseError("the fused graph has no ReduceL2 (feature normalisation) node: it was not made by "
+                            "this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
+    # The towers are the ancestors of the raw embeddings (the ReduceL2 inputs); every other node is
+    # the feature normalisation or downstream of it (heads, controller, combination, softmax), or
+    # feeds only those, like the constant controller's temperatures, whose Expand takes its batch
+    # size from an image input's shape and so is not downstream of the features at all.
+    tower = ancestor_nodes(graph, [t for n in norms for t in n.input[:1]])
+    for n in graph.node:
+        if n.name not in tower:
+            if n.name not in keep:
+                islands["feature_norm_and_downstream"][n.op_type] += 1
+            keep.add(n.name)
+    return keep, {k: dict(sorted(v.items())) for k, v in islands.items()}
+
+
+def convert_fp16(src: Path, dst: Path) -> dict:
+    """model.onnx -> fp16 graph at dst (external data beside it past 2 GB). Returns facts for the manifest."""
+    import onnx
+    from onnx import external_data_helper
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src, dst = Path(src), Path(dst)
+    probe = onnx.load(str(src), load_external_data=False)
+    lean = any(external_data_helper.uses_external_data(t) for t in probe.graph.initializer)
+    if lean:
+        # Past 2 GB (the nine: 6.2 GB) the in-memory way held the weights several times over and was killed
+        # at 24 GB. Here only the graph is in memory: shapes inferred from the file, the converter run on
+        # the structure (a tensor whose data is on disk only has its type flipped to fp16), and the weights
+        # streamed tensor by tensor into the new data file by _stream_weights.
+        del probe
+        with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+            inferred = Path(tmp) / "inferred.onnx"
+            onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+            model = onnx.load(str(inferred), load_external_data=False)
+    else:
+        model = probe                                 # no external data: the weights are in the file, loaded
+    keep, islands = fp32_node_names(model)
+    with contextlib.ExitStack() as stack:
+        if lean:     # the converter reads each converted tensor's data just for its shape; its dims say the same
+            from onnx import helper
+            from onnxruntime.transformers import float16
+
+            stack.enter_context(unittest.mock.patch.object(
+                float16, "make_value_info_from_tensor",
+                lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))))
+        model16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=sorted(keep),
+                                           op_block_list=list(FP32_OPS), disable_shape_infer=lean)
+    del model
+    dedupe_nodes(model16.graph)
+    drop_round_trips(model16.graph)
+    topological_sort(model16.graph)      # the converter appends its Casts at the end; TensorRT's parser
+    # and onnx.checker need producers before consumers.
+    # The converter writes value_info for initializers too, typed fp16 even where the initializer
+    # stays fp32 because only kept nodes use it (the heads, LayerNorm weights); onnx.checker's full
+    # check refuses the mismatch. Drop the initializers' entries. (Dropping every value_info entry
+    # instead made ONNX Runtime 1.32 crash while loading the graph: seen here, a segfault.)
+    inits = {t.name for t in model16.graph.initializer}
+    kept_vi = [v for v in model16.graph.value_info if v.name not in inits]
+    del model16.graph.value_info[:]
+    model16.graph.value_info.extend(kept_vi)
+    # Outputs must stay float32 and inputs uint8: the runtime's contract does not change with precision.
+    elem = {i.name: i.type.tensor_type.elem_type for i in list(model16.graph.input) + list(model16.graph.output)}
+    for name in iospec.OUTPUT_NAMES:
+        if elem.get(name) != onnx.TensorProto.FLOAT:
+            raise RuntimeError(f"fp16 conversion changed output {name!r} to elem type {elem.get(name)}")
+    counts = collections.Counter(n.op_type for n in model16.graph.node)
+    data_name = dst.name + ".data"
+    if lean:
+        _stream_weights(model16, src.parent, dst.parent / data_name)
+        onnx.save_model(model16, str(dst))            # the graph; its tensors name the data file written above
+        return _facts(dst, data_name, islands, keep, counts)
+    size = sum(t.ByteSize() for t in model16.graph.initializer)
+    external = size > EXTERNAL_DATA_BYTES
+    if external:
+        onnx.save_model(model16, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_name, size_threshold=1024)
+    else:
+        onnx.save_model(model16, str(dst))
+    return _facts(dst, data_name if external else None, islands, keep, counts)
+
+
+def _facts(dst: Path, data_name, islands: dict, keep: set, counts) -> dict:
+    return {
+        "file": dst.name,
+        "external_data": data_name,
+        "converter": "onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)",
+        "fp32_islands": islands,
+        "fp32_nodes": len(keep),
+        "casts": counts.get("Cast", 0),
+        "nodes": sum(counts.values()),
+    }
+
+
+def _stream_weights(model, src_dir: Path, data_path: Path) -> int:
+    """Write every external tensor of `model` (converted by convert_float_to_float16 without its data) into
+    data_path, one tensor in memory at a time: a tensor the converter made fp16 is read as the fp32 it still
+    is on disk and converted as the converter converts (convert_np_to_float16: clamped to fp16's range);
+    any other is copied. Its external_data then points into data_path. Returns the bytes written."""
+    import numpy as np
+    import onnx
+    from onnx import external_data_helper, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16  # the converter's own rounding
+
+    written = 0
+    with open(data_path, "wb") as out:
+        for t in model.graph.initializer:
+            if not external_data_helper.uses_external_data(t):
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            path = Path(src_dir) / info["location"]
+            offset, length = int(info.get("offset", 0)), int(info["length"])
+            with open(path, "rb") as f:
+                f.seek(offset)
+                raw = f.read(length)
+            numel = int(np.prod(t.dims)) if len(t.dims) else 1
+            if t.data_type == onnx.TensorProto.FLOAT16 and length == 4 * numel:       # still fp32 on disk
+                raw = convert_np_to_float16(np.frombuffer(raw, dtype=np.float32)).astype(np.float16).tobytes()
+            elif length != numel * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize:
+                raise RuntimeError(f"tensor {t.name}: {length} bytes on disk for {numel} x {t.data_type}")
+            pad = (-written) % 4096                   # page-aligned, as onnx writes it
+            out.write(b"\0" * pad)
+            written += pad
+            out.write(raw)
+            del t.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(written)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = onnx.TensorProto.EXTERNAL
+            written += len(raw)
+            del raw
+    return written
+
+
+def dedupe_nodes(graph) -> int:
+    """Remove repeated identical nodes and give every node a unique name; returns how many were removed.
+
+    onnxruntime's converter before 1.32 adds one Cast per consumer when a tensor feeds several kept
+    nodes, all with the same node name and the same output name: an invalid graph (seen with
+    onnxruntime 1.30 on the GPU machine: "two nodes with same node name"). Identical copies (same
+    op, inputs, outputs, attributes) are dropped; any other repeated name gets a suffix."""
+    seen_outputs, names, kept, removed = {}, collections.Counter(), [], 0
+    for n in graph.node:
+        key = (n.op_type, tuple(n.input), tuple(n.output), tuple(a.SerializeToString() for a in n.attribute))
+        if n.output and n.output[0] in seen_outputs and seen_outputs[n.output[0]] == key:
+            removed += 1
+            continue
+        for o in n.output:
+            seen_outputs[o] = key
+        names[n.name] += 1
+        if names[n.name] > 1:
+            n.name = f"{n.name}_{names[n.name] - 1}"
+        kept.append(n)
+    if removed or any(c > 1 for c in names.values()):
+        del graph.node[:]
+        graph.node.extend(kept)
+    return removed
+
+
+def drop_round_trips(graph) -> int:
+    """Rewire Cast(to fp32) <- Cast(to fp16) <- x into Cast(to fp32) <- x; returns how many.
+
+    With keep_io_types the converter assumes every graph output comes out of an fp16 node: it
+    casts the (fp32, kept) producer's result to fp16 and then back to fp32 for the output, which
+    rounds logits, probs, temperatures and features to fp16 for nothing (seen on the constant
+    controller's temperatures: 1/3 came out as 0.33325). Skipping the fp16 leg is exact either way:
+    if x was already fp16 the first Cast was an identity."""
+    import onnx
+
+    producer = {o: n for n in graph.node for o in n.output}
+    uses = collections.Counter(t for n in graph.node for t in n.input)
+    outputs = {o.name for o in graph.output}
+
+    def cast_to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None) if n is not None and n.op_type == "Cast" else None
+
+    dropped = 0
+    for b in graph.node:
+        a = producer.get(b.input[0]) if b.input else None
+        if cast_to(b) == onnx.TensorProto.FLOAT and cast_to(a) == onnx.TensorProto.FLOAT16:
+            uses[b.input[0]] -= 1
+            b.input[0] = a.input[0]
+            uses[a.input[0]] += 1
+            dropped += 1
+    dead = [n for n in graph.node if n.op_type == "Cast" and all(uses[o] == 0 and o not in outputs for o in n.output)]
+    for n in dead:
+        graph.node.remove(n)
+    return dropped
+
+
+def topological_sort(graph) -> None:
+    """Reorder graph.node in place so every node comes after the producers of its inputs (stable)."""
+    produced = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {""}
+    nodes, ordered = list(graph.node), []
+    pending = nodes
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in produced for i in n.input):
+                ordered.append(n)
+                produced.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise RuntimeError(f"graph has a cycle or a dangling input at node {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def validate_fp16(manifest, fp16_path: Path, images=None, batch: int = 8) -> dict:
+    """model.fp16.onnx against model.onnx on ORT CPU (export/precision/validate.py): figures + verdict."""
+    return validate_precision(manifest, fp16_path, "fp16", images=images, batch=batch)
+
+
+def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
+    """Add model.fp16.onnx to an engine folder: convert, validate against fp32 on ORT CPU, write atomically.
+
+    strict: raise ClipfuseError (and leave the folder as it was) when the validation fails.
+    Returns the manifest's precisions["fp16"] entry.
+    """
+    import datetime as _dt
+
+    m = read_manifest(engine_dir)
+    folder = m.folder
+    with update_engine_folder(folder, what=MODEL_FP16, quiet=quiet) as update:
+        dst = update.path(MODEL_FP16)
+        with step(f"[1/3] converting {m.onnx_path.name} to fp16 (LayerNorm, softmax, feature norm, heads, "
+                  "controller, combination kept fp32)", quiet):
+            info = convert_fp16(m.onnx_path, dst)
+        with step("[2/3] validating fp16 against fp32 on ONNX Runtime CPU (32 images from the shipped photographs)",
+                  quiet):
+            info["validation"] = validate_fp16(m, dst)
+            info["ort_cpu_fp32_fallback_ops"] = cpu_fp32_fallback_ops(dst)
+        if strict and not info["validation"]["ok"]:
+            raise ClipfuseError(f"fp16 graph of {str(folder)!r} fails validation: "
+                                + "; ".join(info["validation"]["failures"]) + " (nothing written)")
+        info["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        info["source"] = m.onnx_path.name
+        info["source_sha256"] = m.data["artefacts"][m.onnx_path.name]["sha256"]   # staleness check
+        if not info["external_data"]:
+            update.remove(MODEL_FP16 + ".data")
+        update.edit_manifest(lambda data: data.setdefault("precisions", {}).__setitem__("fp16", info))
+        log(f"[3/3] writing {MODEL_FP16} and the manifest into {folder}", quiet)
+    return info
+

@@ -1,0 +1,220 @@
+"""`clipfuse export ENGINE --precision int8 --calibration DIR`: add the int8 graphs to an engine folder.
+
+    info = export_int8("engines/pets", "my_photos/", count=256, method="minmax")
+
+Two files, one per target, because no single QDQ graph is fast on both (RN50 + ViT-B-32,
+random weights, onnxruntime 1.32, 2-core AVX-512 VNNI machine:
+benchmarks/results/int8_activations.md, `python benchmarks/int8_activations.py ENGINE`):
+
+    model.int8.onnx       U8 asymmetric activations, S8 per-channel weights: ONNX Runtime CPU
+                          fuses all 56 of RN50's Convs into QLinearConv; 0.40x fp32's latency
+                          at batch 1, 0.42x at batch 8. OpenVINO's CPU plugin runs the same file.
+    model.int8-trt.onnx   S8 symmetric activations (zero point 0, what TensorRT's explicit
+                          quantization requires), S8 per-channel weights. On ONNX Runtime CPU
+                          only 38 of 56 Convs fuse (0.82x / 0.69x fp32's latency): kept for
+                          `clipfuse build --precision int8` and onnxruntime-tensorrt.
+
+Both are calibrated on the same images (the user's folder through the engine's host
+preprocessing), both validated against fp32 by the one comparator with the int8
+tolerance row (export/precision/int8_validate.py), both recorded in the manifest's
+precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). The calibration
+runs once, tower by tower (export/precision/calibrate.py), and both graphs are quantized
+from its ranges; the files add ~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
+
+On a cascade engine the export also cuts int8 stage towers out of model.int8.onnx and certifies
+their exit thresholds again (export/precision/int8_stages.py, on `cascade_images` or the calibration folder);
+when too few images certify them the int8 graph ships without int8 stages and the record says why.
+
+Refused, one line each and nothing written: an engine without model.onnx, a
+calibration folder that is missing, unreadable, empty or has too few images
+(export/precision/int8.py calibration_feeds), and a graph whose validation fails.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import log, step
+from clipfuse.runtime.cascade import is_cascade
+from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
+
+from ..graph.engine_folder import update_engine_folder
+from .calibrate import DEFAULT_COUNT, calibrate_ranges, calibration_feeds
+from .int8 import quantize_int8
+from .int8_stages import CERTIFY_MAX, format_record, int8_stages
+from .int8_validate import format_checks, require_valid, validate_int8
+
+# target -> (file, activations, activation_symmetric)
+TARGET_GRAPHS = {"cpu": (MODEL_INT8, "u8", False), "tensorrt": (MODEL_INT8_TRT, "s8", True)}
+
+
+def _read_engine(engine_dir):
+    m = read_manifest(engine_dir)
+    if not m.onnx_path.is_file():
+        raise ClipfuseError(f"engine {str(m.folder)!r} has no {m.onnx_path.name}: int8 is quantized from the fp32 "
+                            f"graph; export it first (`clipfuse export {m.folder}`)")
+    return m
+
+
+def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
+                targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True,
+                keep_fp32=(), cascade_images=None) -> dict:
+    """Quantize model.onnx for each target, validate each against fp32, write them atomically.
+
+    calibration: a folder of the user's images (at least export/precision/int8.py MIN_IMAGES readable); count:
+    images used at most; method: minmax | entropy | percentile; targets: "cpu" and/or "tensorrt";
+    data: a labelled folder for accuracy (int8 - fp32, paired); strict: refuse (nothing written) when
+    a validation fails; keep_fp32: backbone names whose towers stay fp32, or ["auto"]: those whose own
+    checks (embedding cosine, error-to-spread, own top-1) fail in int8 are re-quantized fp32, once, and
+    the graph validated again (refused when every tower would be fp32: int8 would gain nothing);
+    cascade_images: on a cascade engine, the unlabelled folder the int8 stages' thresholds are certified
+    on (default `calibration`; export/precision/int8_stages.py). Returns the manifest's precisions["int8"] entry."""
+
+    targets = tuple(targets)
+    if not targets or any(t not in TARGET_GRAPHS for t in targets):
+        raise ClipfuseError(f"int8 targets {list(targets)}: valid are {', '.join(TARGET_GRAPHS)}")
+    m = _read_engine(engine_dir)
+    auto, fixed = _keep_fp32(m, keep_fp32)
+    if cascade_images is not None and not is_cascade(m):
+        raise ClipfuseError(f"--cascade-images: engine {str(m.folder)!r} is not a cascade engine (no stages to certify)")
+    with step(f"[1/3] reading calibration images from {calibration}", quiet):
+        feeds = calibration_feeds(m, calibration, count)
+        if is_cascade(m):        # read now: a bad folder is refused before the slow steps
+            certify_folder = calibration if cascade_images is None else cascade_images
+            certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1,
+                                        what="calibration folder" if cascade_images is None else "--cascade-images folder")
+    records = {}
+    with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
+        # one calibration (tower by tower) for every target: ranges do not depend on the activation type
+        ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage, quiet=quiet)
+        ref_cache = {}            # fp32's outputs on the validation images, computed once for both graphs
+        for i, target in enumerate(targets):
+            name, act, sym = TARGET_GRAPHS[target]
+            dst = update.path(name)
+            def attempt(float_towers):
+                rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
+                                    activation_symmetric=sym, quiet=quiet, ranges=ranges, float_towers=float_towers)
+                with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
+                    rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
+                                                      ref_cache=ref_cache)
+                return rec
+
+            float_towers = fixed
+            rec = attempt(float_towers)
+            failing = failing_backbones(rec["validation"]) if auto else []
+            keep = tuple(sorted(set(fixed) | set(failing)))
+            if len(keep) == len(m.backbones) and strict:
+                raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 ("
+                                    + "; ".join(_own_failure(rec["validation"], b) for b in m.backbone_names)
+                                    + "); with all towers fp32, "
+                                    "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
+            if failing and len(keep) < len(m.backbones):      # else (not strict) the first graph is measured
+                log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
+                    f"failed in int8) and validating again", quiet, tag="int8")
+                float_towers = keep
+                rec = attempt(float_towers)
+            rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]
+            for line in format_checks(rec["validation"]):
+                log(line, quiet, tag="int8")
+            if strict:
+                require_valid(rec["validation"], f"{name} of {str(m.folder)!r}")
+            data_files = rec.get("external_data") or []       # one file (all_tensors_to_one_file) past 2 GB
+            rec["external_data"] = data_files[0] if len(data_files) == 1 else (data_files or None)
+            rec["target"] = target
+            rec["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            rec["source"] = m.onnx_path.name
+            rec["source_sha256"] = m.data["artefacts"][m.onnx_path.name]["sha256"]     # staleness check
+            rec["calibration"]["folder"] = str(Path(calibration))
+            records[target] = rec
+        for target, (name, _, _) in TARGET_GRAPHS.items():
+            if target not in records:      # not asked this time: an older file would belong to another calibration
+                update.remove(name)
+        info = dict(records.get("cpu") or {"file": None, "target": None})
+        if "tensorrt" in records:
+            info["tensorrt"] = records["tensorrt"]
+        info["targets"] = list(records)
+        if is_cascade(m):
+            info["cascade"] = _cascade_stages(m, update, records, certify, certify_folder, data, ref_cache, quiet)
+        update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
+        log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}", quiet)
+    return info
+
+
+def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_cache: dict, quiet: bool) -> dict:
+    """A cascade engine's int8 stage towers, cut out of the CPU graph, with thresholds certified again
+    (export/precision/int8_stages.py), or the record of why not. Towers of an earlier int8 export are dropped either way."""
+
+    S = len(m.backbones)
+    files = [iospec.tower_file(s, "int8") for s in range(1, S + 1)]
+    for f in files:
+        update.remove(f)                      # replaced below when written
+    if "cpu" not in records:
+        rec = {"written": False, "reason": "the cascade's int8 stages are cut out of model.int8.onnx (target cpu), "
+                                           "which this export did not write"}
+    else:
+        labelled = ref_cache.get(("data", str(data), "feeds")) if data is not None else None
+        ref = ref_cache.get(("data", str(data))) if data is not None else None
+        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, folder,
+                          data_feeds=labelled[0] if labelled else None, labels=labelled[1] if labelled else None,
+                          fp32_logits=ref["logits"] if ref is not None else None, quiet=quiet)
+        if not rec["written"]:
+            for f in files:
+                update.path(f).unlink(missing_ok=True)
+    for line in format_record(rec):
+        log(line, quiet, tag="int8")
+    return rec
+
+
+def _keep_fp32(m, keep_fp32) -> tuple[bool, tuple]:
+    """(auto, backbone indices named) from --int8-keep-fp32 values; unknown names refused, naming the valid ones."""
+    names = [str(x) for x in (keep_fp32 or ())]
+    auto = "auto" in names
+    idx = []
+    for x in names:
+        if x == "auto":
+            continue
+        if x not in m.backbone_names:
+            raise ClipfuseError(f"--int8-keep-fp32 {x!r} is not a backbone of {str(m.folder)!r}; its backbones: "
+                                f"{', '.join(m.backbone_names)} (or auto)")
+        idx.append(m.backbone_names.index(x))
+    if len(set(idx)) == len(m.backbones):
+        raise ClipfuseError(f"--int8-keep-fp32 names every backbone of {str(m.folder)!r}: int8 would gain nothing")
+    return auto, tuple(sorted(set(idx)))
+
+
+def _own_failure(report: dict, backbone: str) -> str:
+    """The first failure line that names `backbone` (what its own checks said), or its name alone."""
+    return next((f for f in report.get("failures", []) if f.startswith(f"{backbone}: ")), backbone)
+
+
+def failing_backbones(report: dict) -> list[int]:
+    """Indices of the backbones whose own checks failed: embedding cosine, error-to-spread, own top-1 changed."""
+    bad = []
+    for k, b in enumerate(report.get("backbones") or []):
+        ratio = b.get("error_to_spread")
+        if (b["cosine_min"] < b["cosine_bound"] or (ratio is not None and ratio > b["error_to_spread_bound"])
+                or b["top1_changed"] > b["top1_changed_bound"] * report["images"]):
+            bad.append(k)
+    return bad
+
+
+def format_int8_summary(info: dict) -> str:
+    """What `clipfuse export ENGINE --precision int8` prints: per graph, what was quantized and its figures."""
+    lines = []
+    for rec in [info] * bool(info.get("file")) + ([info["tensorrt"]] if info.get("tensorrt") else []):
+        s, c = rec["settings"], rec["calibration"]
+        lines += [f"{rec['file']} (target {rec['target']}): {sum(rec['quantized'].values())} tower ops quantized "
+                  f"{rec['quantized']}, activations {s['activation_type']} "
+                  f"({'symmetric' if s['extra_options']['ActivationSymmetric'] else 'asymmetric'}), weights "
+                  f"{s['weight_type']} per-channel; {c['images']} calibration images ({s['calibrate_method']}, "
+                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}"
+                  + (f"; towers kept fp32: {', '.join(rec['float_backbones'])}" if rec.get("float_backbones") else ""),
+                  f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
+        lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
+    if info.get("cascade"):
+
+        lines += format_record(info["cascade"])
+    return "\n".join(lines)

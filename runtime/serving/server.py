@@ -1,0 +1,381 @@
+"""Serve an engine folder with a real Triton Inference Server, through nvidia-pytriton.
+
+    with start_server("engines/pets", http_port=8000) as server:     # returns once the model is ready
+        print(server.http_url, server.grpc_url, server.metrics_url)
+        ...                                                          # clients: runtime/serving/client.py
+    # `clipfuse serve engines/pets` does the same and blocks until Ctrl-C
+
+pytriton bundles Triton 2.51 (CPU-capable, with its Python backend) and binds a
+Python callable as a Triton model: here one OnnxRuntimeBackend per instance runs
+the fused graph on what Triton's dynamic batcher gathered. So this is Triton's
+own HTTP/gRPC front end, health and readiness (/v2/health/live, /ready), the
+per-model statistics (/v2/models/<m>/stats, batch sizes included) and the
+Prometheus metrics endpoint (/metrics), with clipfuse's runtime behind it.
+For a fleet, write a model repository instead (`clipfuse triton`, runtime/serving/repository.py)
+and run stock Triton images on it; both carry the same `clipfuse` model-config
+parameter, so runtime/serving/client.py talks to either.
+
+Triton checks each request's dtype and shape against the model config before it
+reaches Python, so a malformed request gets an error response and never touches
+the engine. The server binds to 127.0.0.1 unless told otherwise.
+
+pytriton's statistics, model-repository, shared-memory, trace and logging endpoints
+need an access token (pytriton's default, kept): `server.access_token`, sent as the
+`triton-access-token` header. clipfuse never prints or logs it. tritonserver accepts
+it only on its command line, so users of the same machine can read it (`ps`): the
+token keeps network clients out of those endpoints, not local users. On a shared
+machine, serve as a dedicated user or in a container, or mount /proc with hidepid=2.
+Inference itself is unauthenticated (as in Triton): bind to loopback (the default)
+or put an authenticating reverse proxy in front.
+
+Clients find the model without a token: the server's id (`GET /v2`, gRPC
+ServerMetadata) is `clipfuse:<model name>`, which `clipfuse.connect(url)` reads.
+
+Shutting down (stop(), leaving the `with` block, Ctrl-C, or SIGTERM to `clipfuse
+serve`): pytriton stops tritonserver, then clipfuse waits for tritonserver and its
+Python-backend stubs to exit, kills what is left after a grace period (a stub
+ignores SIGTERM), and removes the shared-memory regions named with this server's
+prefix from /dev/shm, so the ports are free and nothing is left when stop() returns.
+
+Environment facts (measured here, pytriton 0.7.0): the bundled Python-backend stub
+embeds libpython, so its folder must be on LD_LIBRARY_PATH (set below for the
+server's process); and the stub is built against numpy 1.x: under numpy 2 every
+output reaches the client EMPTY (no error, zero bytes), which is why the `serve`
+extra pins numpy<2 and why start_server refuses numpy 2 instead of serving nothing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+
+from ..backends.onnxruntime import OnnxRuntimeBackend
+from ..cascade import CascadeBackend, cascade_block, check_cascade_precision, is_cascade
+from ..manifest import Manifest, read_manifest
+from ..precisions import with_precision
+from .repository import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_QUEUE_DELAY_US,
+    INSTALL_SERVE,
+    METADATA_KEY,
+    SERVER_ID_PREFIX,
+    default_model_name,
+    model_spec,
+)
+
+LOOPBACK = "127.0.0.1"
+ACCESS_HEADER = "triton-access-token"
+STOP_GRACE_S = 5.0                  # after pytriton's stop, how long children may take before SIGKILL
+SHM_DIR = Path("/dev/shm")
+
+
+def log(msg: str) -> None:
+    print(f"[clipfuse serve] {msg}", file=sys.stderr, flush=True)
+
+
+def check_serving_environment() -> None:
+    """Refuse, with what to do, an environment where pytriton would not serve correctly."""
+    try:
+        import pytriton  # noqa: F401
+    except ImportError as e:
+        raise ClipfuseError(f"`clipfuse serve` needs nvidia-pytriton ({e}): {INSTALL_SERVE} "
+                            "(Linux x86-64 with glibc >= 2.35)") from None
+    major = int(np.__version__.split(".", 1)[0])
+    if major >= 2:
+        raise ClipfuseError(f"pytriton 0.7.0's Python-backend stub is built against numpy 1.x; with numpy "
+                            f"{np.__version__} it returns every output empty. Install numpy<2 in this environment "
+                            f"({INSTALL_SERVE} pins it), or serve the repository of `clipfuse triton` with a Triton image")
+
+
+def _libpython_on_path() -> None:
+    """The stub Triton runs for Python models links libpython dynamically; with pyenv/venv Pythons its
+    folder is not on the loader's path. The server process inherits our environment, so set it here."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+        if libdir not in paths:
+            os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free right now on `host` (for tests and benchmarks: ask the OS, never guess)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _make_infer(manifest: Manifest, threads: int | None, opened: list, cascade: bool = False,
+                precision: str | None = None):
+    """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs
+    (cascade: routed through the stage graphs of `precision`, runtime/cascade.py, + stage (N, 1)).
+    manifest: the graph to run (with_precision's) or, for a cascade, the engine's own manifest."""
+    from pytriton.decorators import batch
+
+    backend = (CascadeBackend(manifest, threads=threads, precision=precision) if cascade
+               else OnnxRuntimeBackend(manifest, threads=threads)).open()
+    opened.append(backend)
+    names = [i["name"] for i in manifest.inputs]
+
+    @batch
+    def infer(**inputs):
+        out = backend.infer({n: inputs[n] for n in names})
+        if cascade:
+            out[iospec.STAGE] = out[iospec.STAGE].reshape(-1, 1)
+        return out
+
+    return infer
+
+
+@dataclass
+class Server:
+    """A running Triton server for one engine; stop() (or leaving the `with` block) shuts it down."""
+
+    model_name: str
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    access_token: str | None
+    _triton: object = field(repr=False, default=None)
+    _backends: list = field(repr=False, default_factory=list)
+    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
+    _shm_prefix: str | None = field(repr=False, default=None)
+    _shm_before: frozenset = field(repr=False, default=frozenset())
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    @property
+    def headers(self) -> dict:
+        """Headers for the token-protected endpoints (statistics, ...)."""
+        return {ACCESS_HEADER: self.access_token} if self.access_token else {}
+
+    def serve_forever(self) -> None:
+        """Block until the server dies, Ctrl-C or SIGTERM; then stop (children waited for, shared memory freed)."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            self._triton.serve()
+        except _Terminated:
+            pass
+        finally:
+            self.stop()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def stop(self) -> None:
+        """Stop Triton and return once tritonserver and its stubs are gone and our shared memory is freed."""
+        with self._lock:
+            triton, self._triton = self._triton, None
+        if triton is None:
+            return
+        children = _server_processes(triton)
+        try:
+            triton.stop()
+        finally:
+            _reap(children, STOP_GRACE_S)
+            for b in self._backends:
+                b.close()
+            _free_shared_memory(self._shm_prefix, self._shm_before)
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so that serve_forever's clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
+def _server_processes(triton) -> list:
+    """tritonserver and its descendants (the Python-backend stubs), as psutil processes."""
+    try:
+        import psutil
+
+        pid = triton._triton_server._tritonserver_running_cmd.pid
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except Exception:       # not started, already gone, or no psutil: nothing of ours to wait for
+        return []
+
+
+def _reap(processes: list, grace_s: float) -> None:
+    """Wait for `processes` to exit; SIGKILL what is left after grace_s (stubs ignore SIGTERM), wait again."""
+    if not processes:
+        return
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
+def _shm_entries() -> frozenset:
+    try:
+        return frozenset(os.listdir(SHM_DIR))
+    except OSError:
+        return frozenset()
+
+
+def _free_shared_memory(prefix: str | None, before: frozenset) -> None:
+    """Remove the /dev/shm regions this server made: the Python backend's (named with our prefix) and
+    pytriton's tensor store (psm_*) that appeared while it ran and outlived it."""
+    try:        # a region still mapped here belongs to another live server of this process: kept
+        with open("/proc/self/maps") as f:
+            mapped = {line.rsplit("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line}
+    except OSError:
+        mapped = set()
+    for name in _shm_entries() - before - mapped:
+        if (prefix and name.startswith(prefix)) or name.startswith("psm_"):
+            try:
+                st = (SHM_DIR / name).stat()
+                if st.st_uid == os.getuid():
+                    (SHM_DIR / name).unlink()
+            except OSError:
+                pass
+
+
+def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, max_batch: int = DEFAULT_MAX_BATCH,
+                 queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
+                 threads: int | None = None, model_name: str | None = None, verify: bool = True,
+                 quiet: bool = False, exit_timeout_s: int = 10, precision: str | None = None,
+                 cascade: bool | None = None) -> Server:
+    """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
+
+    max_batch / queue_delay_us / preferred: Triton's dynamic batcher. instances: model instances, each
+    with its own ONNX Runtime session (on a small CPU, 1: instances share the cores). threads: each
+    session's intra-op threads (default ONNX Runtime's, one per physical core). precision: fp16 or int8
+    serves model.fp16.onnx / model.int8.onnx (runtime/precisions.py; refused when the engine lacks it).
+    cascade: on a cascade engine, None or True serves the routed stage graphs (outputs + stage), False
+    the full graph."""
+    check_serving_environment()
+    manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
+
+    if cascade and not is_cascade(manifest):
+        cascade_block(manifest)                  # one line: not a cascade engine
+    check_cascade_precision(manifest, cascade, precision)
+    cascade = is_cascade(manifest) and cascade is not False
+    graph = manifest
+    if precision not in (None, "fp32"):
+
+        graph = with_precision(manifest, precision)
+    # the same checks (and the same names) as the repository writer
+    spec = model_spec(manifest, "onnxruntime", max_batch=max_batch, instances=instances, preferred=preferred,
+                      queue_delay_us=queue_delay_us, name=model_name or default_model_name(manifest), cascade=cascade)
+    for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ClipfuseError(f"{label} must be a TCP port (1-65535), got {port!r}")
+    if len({http_port, grpc_port, metrics_port}) != 3:
+        raise ClipfuseError(f"--port, --grpc-port and --metrics-port must differ, got {http_port}, {grpc_port}, "
+                            f"{metrics_port}")
+    for label, port in (("--port", http_port), ("--grpc-port", grpc_port), ("--metrics-port", metrics_port)):
+        with socket.socket() as s:
+            # as Triton binds (SO_REUSEADDR): connections of a just-stopped server in TIME_WAIT do not count
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+                s.listen()
+            except OSError as e:
+                raise ClipfuseError(f"cannot listen on {host}:{port} ({label}): {e.strerror}; choose another port "
+                                    "or stop what holds it") from None
+    _libpython_on_path()
+    if quiet:       # pytriton narrates every step at INFO and echoes Triton's log
+        logging.getLogger("pytriton").setLevel(logging.WARNING)
+
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
+                          exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
+    backends: list = []
+    try:
+        infer_fns = [_make_infer(manifest if cascade else graph, threads, backends, cascade, precision)
+                     for _ in range(spec.instances)]
+    except BaseException:
+        for b in backends:
+            b.close()
+        raise
+    shm_before = _shm_entries()
+    triton = Triton(config=config)
+    server = Server(spec.name, host, http_port, grpc_port, metrics_port,
+                    getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends,
+                    _shm_prefix=_python_backend_shm_prefix(triton), _shm_before=shm_before)
+    try:
+        triton.bind(
+            model_name=spec.name,
+            infer_func=infer_fns,
+            inputs=[Tensor(name=n, dtype=np.dtype(d), shape=tuple(dims)) for n, d, dims in spec.inputs],
+            outputs=[Tensor(name=n, dtype=np.dtype(d), shape=tuple(dims)) for n, d, dims in spec.outputs],
+            config=ModelConfig(max_batch_size=spec.max_batch,
+                               batcher=DynamicBatcher(max_queue_delay_microseconds=spec.queue_delay_us,
+                                                      preferred_batch_size=spec.preferred or None)),
+            strict=True,
+        )
+        _add_metadata_parameter(triton, spec.name, spec.metadata)
+        triton.run()
+    except BaseException as e:
+        server.stop()
+        if isinstance(e, ClipfuseError):
+            raise
+        raise ClipfuseError(f"Triton did not start serving {spec.name!r} on {host}: {type(e).__name__}: "
+                            f"{str(e)[:500]}") from None
+    if not quiet:
+        log(f"serving {spec.name!r} ({', '.join(manifest.backbone_names)}): HTTP {server.http_url}, "
+            f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
+            f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)")
+    return server
+
+
+def _python_backend_shm_prefix(triton) -> str | None:
+    try:
+        return str(triton._python_backend_config["shm-region-prefix-name"])
+    except Exception:       # another pytriton: fall back to the psm_ regions only
+        return None
+
+
+def _add_metadata_parameter(triton, model_name: str, metadata: dict) -> None:
+    """Put the clipfuse JSON in the model config's parameters, as `clipfuse triton` does, so one client
+    reads both. pytriton 0.7.0 has no public hook for config parameters; its generated config is built
+    from the model's TritonModelConfig.backend_parameters (which pytriton itself uses for its workspace
+    path), so the entry is added there before the server loads the model."""
+    import json
+
+    try:
+        model = next(m for m in triton._model_manager.models if m.model_name == model_name)
+        model._get_triton_model_config().backend_parameters[METADATA_KEY] = json.dumps(metadata, separators=(",", ":"))
+    except (AttributeError, StopIteration) as e:
+        raise ClipfuseError(f"this pytriton ({type(e).__name__}: {e}) has no place for the model's clipfuse "
+                            f"parameter; install the pinned version: {INSTALL_SERVE}") from None
