@@ -37,11 +37,9 @@ Python-backend stubs to exit, kills what is left after a grace period (a stub
 ignores SIGTERM), and removes the shared-memory regions named with this server's
 prefix from /dev/shm, so the ports are free and nothing is left when stop() returns.
 
-Environment facts (measured here, pytriton 0.7.0): the bundled Python-backend stub
-embeds libpython, so its folder must be on LD_LIBRARY_PATH (set below for the
-server's process); and the stub is built against numpy 1.x: under numpy 2 every
-output reaches the client EMPTY (no error, zero bytes), which is why the `serve`
-extra pins numpy<2 and why start_server refuses numpy 2 instead of serving nothing.
+pytriton 0.7.0's Python-backend stub embeds libpython (its folder goes on LD_LIBRARY_PATH
+for the server's process) and is built against numpy 1.x: under numpy 2 every output
+reaches the client empty, so the `serve` extra pins numpy<2 and start_server refuses numpy 2.
 """
 from __future__ import annotations
 
