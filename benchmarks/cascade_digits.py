@@ -1,4 +1,4 @@
-"""Committed results of issue 14: the cascade and budget subsets beside the full ensemble, on scikit-learn's digits.
+"""Committed results: the cascade and budget subsets beside the full ensemble, on scikit-learn's digits.
 
     python benchmarks/cascade_digits.py --set five     # ViT-B-32, RN50, RN101, ViT-B-16, RN50x4; all 1797 images
     python benchmarks/cascade_digits.py --set nine     # the nine OpenAI architectures; first 30 images per class (300)
@@ -156,7 +156,7 @@ def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
                    "calibration": plan["fit"].calibration}
     from clipfuse.export.fit.diversity import diversity_report
 
-    # issue 15: are these backbones diverse? On the same eval images as the accuracies (NLC's temperatures,
+    # Are these backbones diverse? On the same eval images as the accuracies (NLC's temperatures,
     # so its failure signatures are read as fit reads them).
     div = diversity_report(a["Z_ev"], y_ev, names, list(a["classes"]),
                            temperatures=nlc.controller_temperatures(nlc_module, a["X_ev"]))
@@ -200,7 +200,7 @@ def markdown(res: dict) -> str:
     if f.get("diversity"):
         from clipfuse.export.fit.diversity import to_markdown
 
-        L += ["", "## Diversity of the backbones (eval images; issue 15)", "",
+        L += ["", "## Diversity of the backbones (eval images)", "",
               to_markdown(f["diversity"], res.get("heatmap")).rstrip()]
     return "\n".join(L) + "\n"
 

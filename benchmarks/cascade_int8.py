@@ -1,4 +1,4 @@
-"""The cascade with int8 stages beside the fp32 cascade and both full graphs: issue 16.5's committed results.
+"""The cascade with int8 stages beside the fp32 cascade and both full graphs: the committed results.
 
     python benchmarks/cascade_int8.py --set pair --keep-fp32 RN50:random:0
     python benchmarks/cascade_int8.py --set pair                 # every tower int8

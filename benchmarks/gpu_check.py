@@ -23,8 +23,7 @@ seeded random weights: latency and memory do not depend on weight values) and:
    torch.cuda.max_memory_allocated per configuration (the allocator's peak).
    cudnn.benchmark tries algorithms with large scratch buffers the first
    time it meets a shape; every configuration runs once before the peaks are
-   taken, so they show what a configuration needs, not those trials (the
-   first committed run had ~4.6 GB fp32 "peaks" at batch 1 and 8 from them).
+   taken, so they show what a configuration needs, not those trials.
 3. fp16 accuracy with real fp16 arithmetic (which ONNX Runtime CPU cannot
    show, see benchmarks/results/fp16_validation.md): per-backbone embedding
    cosine and logit error of autocast fp16 against fp32 on 32 images made

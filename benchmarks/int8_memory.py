@@ -1,4 +1,4 @@
-"""Peak host memory of int8 quantization: the whole graph at once vs tower by tower (issue 16).
+"""Peak host memory of int8 quantization: the whole graph at once vs tower by tower.
 
     python benchmarks/int8_memory.py engines/precision-default [--images 32]
 

@@ -3,7 +3,7 @@
     python -m venv /tmp/mo && /tmp/mo/bin/pip install "nvidia-modelopt[onnx]==0.47.0"
     python benchmarks/int8_quantizers.py engines/precision-default --modelopt-python /tmp/mo/bin/python
 
-Issue 16 asks to choose between the two on measured agreement and speed. Both quantize the
+The choice between the two is made on measured agreement and speed. Both quantize the
 engine's model.onnx from the same 32 calibration images (evenly spaced over the digits the
 engine was fitted on, benchmarks/precision_bench.py's split), MinMax ("max") ranges, with the
 islands (feature norm, heads, controller, combination) excluded:

@@ -1,4 +1,4 @@
-"""The study behind FitConfig's defaults (export/fit/nlc.py's docstring quotes it): each choice the paper
+"""The study behind FitConfig's defaults (docs/decisions.md, "NLC fit choices", quotes it): each choice the paper
 leaves open (optimiser, positivity map, start, step budget, standardisation, batch) changed one at a
 time from the default, on two synthetic worlds whose behaviour is known by construction.
 

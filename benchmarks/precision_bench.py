@@ -1,4 +1,4 @@
-"""fp32 / fp16 / int8 side by side, on ONNX Runtime and OpenVINO: issue 16's committed results.
+"""fp32 / fp16 / int8 side by side, on ONNX Runtime and OpenVINO: the committed precision results.
 
     python benchmarks/precision_bench.py --set default     # RN50:random:0 + ViT-B-32:random:1
     python benchmarks/precision_bench.py --set nine --per-class 30 --shots 4 --calibration-count 32 \

@@ -22,7 +22,19 @@ from clipfuse.runtime.serving.server import start_server
 
 
 def export_engine(backbones, classes, out, templates=None, force=False, opset=None, quiet=False):
-    """Build engines/<name>/: fused ONNX graph validated against PyTorch, heads, controller, manifest."""
+    """Build engines/<name>/: the fused ONNX graph validated against PyTorch, heads, controller, manifest.
+
+    Args:
+        backbones: `ARCH[:WEIGHTS]` strings (e.g. "RN50:openai", "ViT-B-32:random:1").
+        classes: class names, or the --classes string (a file, or a comma-separated list).
+        out: the engine folder to write (atomically).
+        templates: prompt templates, a file of them, or None for open_clip's 80.
+        force: replace an existing engine folder.
+        opset: ONNX opset (default: the exporter's).
+
+    Returns:
+        ExportResult: `folder` (Path) and `manifest` (dict, as written to manifest.json).
+    """
 
     from clipfuse.export.graph.engine import export_engine as _export
 
@@ -30,7 +42,15 @@ def export_engine(backbones, classes, out, templates=None, force=False, opset=No
 
 
 def reexport_engine(folder, opset=None, quiet=False):
-    """Rebuild an existing engine's graph from its manifest (keeps heads, fitted controller, reports)."""
+    """Rebuild an existing engine's graph from its manifest, keeping heads, fitted controller and reports.
+
+    Args:
+        folder: an engine folder.
+        opset: ONNX opset (default: the exporter's).
+
+    Returns:
+        ExportResult: `folder` and the new `manifest`.
+    """
 
     from clipfuse.export.graph.engine import reexport_engine as _reexport
 
@@ -38,7 +58,18 @@ def reexport_engine(folder, opset=None, quiet=False):
 
 
 def fit_engine(backbones, data, out, **kwargs):
-    """Few-shot NLC + every baseline on a labelled folder -> engine folder with report (see export.fit.pipeline)."""
+    """Few-shot NLC and every baseline on a labelled folder -> an engine folder with its report.
+
+    Args:
+        backbones: `ARCH[:WEIGHTS]` strings.
+        data: labelled images, DATA/<class>/<images>.
+        out: the engine folder to write.
+        **kwargs: export.fit.pipeline.fit_engine's options (shots, head, controller, eval_data,
+            levers for a budget or a cascade, ...).
+
+    Returns:
+        (ExportResult, report): the engine written, and the fit's report as a dict (what report.md shows).
+    """
 
     from clipfuse.export.fit.pipeline import fit_engine as _fit
 
@@ -56,7 +87,16 @@ def fit_levers(**kwargs):
 
 
 def eval_engine(engine, data, **kwargs):
-    """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit.pipeline)."""
+    """Accuracy of the exported graph and every baseline on a labelled folder.
+
+    Args:
+        engine: an engine folder.
+        data: labelled images, DATA/<class>/<images>.
+        **kwargs: classes, batch_size, report_dir (also write eval.md, eval.json, diversity.png).
+
+    Returns:
+        dict: accuracy per method (the shipped row marked) and the diversity figures.
+    """
 
     from clipfuse.export.fit.pipeline import eval_engine as _eval
 
@@ -64,7 +104,14 @@ def eval_engine(engine, data, **kwargs):
 
 
 def list_backbones(measure: bool = False) -> list[dict]:
-    """The nine OpenAI CLIP backbones: input size, image-tower parameters, GFLOPs, embedding width."""
+    """The nine OpenAI CLIP backbones.
+
+    Args:
+        measure: rebuild each at random weights and count its parameters and GFLOPs here.
+
+    Returns:
+        list of dicts, one per backbone: arch, input size, image-tower parameters, GFLOPs, embedding width.
+    """
 
     from clipfuse.export.graph.backbones import OPENAI_BACKBONES, load_backbone
 
@@ -89,7 +136,14 @@ class EngineInfo(dict):
 
 def inspect_engine(folder, verify: bool = True) -> EngineInfo:
     """What an engine folder holds: backbones, classes, IO, files, parameters, GFLOPs, validation.
-    A dict (EngineInfo); print() it for the table `clipfuse inspect` shows."""
+
+    Args:
+        folder: an engine folder.
+        verify: check every artefact's sha256 first.
+
+    Returns:
+        EngineInfo: a plain dict; print() it for the table `clipfuse inspect` shows.
+    """
 
     m = read_manifest(folder, verify=verify)
     d = m.data
@@ -124,17 +178,25 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
          threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None,
          cascade: bool | None = None):
-    """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
+    """Open an engine folder for prediction.
 
-    backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
-    "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
-    workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
-    (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
-    open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
-    (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
-    cascade: on a cascade engine (`fit --cascade`), None or True routes each image through the stages it
-    needs (Prediction.stage says which answered; fp32 stages, or with precision="int8" the int8 ones that
-    `export --precision int8` cut and certified; fp16 has none); False runs the full graph.
+    Args:
+        engine_dir: an engine folder.
+        backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "openvino",
+            "onnxruntime-cuda", "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt".
+        batch_size: images per engine call.
+        workers: image-decoding threads (default min(4, CPUs)).
+        threads: the backend's intra-op threads (default: the measured best, docs/decisions.md).
+        verify: check every artefact's sha256 first.
+        precision: "fp32", "fp16" or "int8": runs that graph (TensorRT: its plan), made by
+            `clipfuse export ENGINE --precision`.
+        cascade: on a cascade engine, None or True routes each image through the stages it needs
+            (Prediction.stage says which answered; int8 uses the stages `export --precision int8`
+            certified; fp16 has none); False runs the full graph.
+
+    Returns:
+        Predictor: `predict(images, top_k)`, `predict_batches(paths)`, `predict_arrays(feed)`; a context
+        manager. Needs neither torch nor open_clip unless a torch backend is asked for.
     """
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
@@ -142,25 +204,48 @@ def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | 
 
 
 def available_backends() -> list[str]:
-    """Backends that can run here, fastest first (the order `backend="auto"` tries)."""
+    """Backends that can run here, fastest first (the order `backend="auto"` tries).
+
+    Returns:
+        list of backend names.
+    """
 
     return _available()
 
 
 def export_fp16(engine_dir, quiet: bool = False) -> dict:
-    """Add model.fp16.onnx to an engine folder (fp32 islands by explicit casts), validated against
-    model.onnx on ONNX Runtime CPU; returns the manifest's precisions["fp16"] entry (see export.precision.fp16)."""
+    """Add model.fp16.onnx to an engine folder (fp32 islands by explicit casts), validated against model.onnx.
+
+    Args:
+        engine_dir: an engine folder with a validated model.onnx.
+
+    Returns:
+        dict: the manifest's precisions["fp16"] entry (file, islands, validation figures).
+    """
 
     return _fp16(engine_dir, quiet=quiet)
 
 
 def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
                 data=None, classes=None, quiet: bool = False, keep_fp32=(), cascade_images=None) -> dict:
-    """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
-    folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
-    paired); keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks);
-    cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on (default
-    `calibration`; export/precision/int8_stages.py); returns the manifest's precisions["int8"] entry (see export.precision.int8_export)."""
+    """Add model.int8.onnx (ONNX Runtime CPU, OpenVINO) and model.int8-trt.onnx (TensorRT), calibrated and validated.
+
+    Args:
+        engine_dir: an engine folder.
+        calibration: a folder of the user's images to calibrate on.
+        count: calibration images used.
+        method: "minmax", "entropy" or "percentile".
+        targets: which graphs to write: "cpu", "tensorrt".
+        data: labelled images (DATA/<class>/<images>): also measure accuracy against fp32, paired.
+        classes: class-name mapping for `data`.
+        keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks).
+        cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on
+            (default `calibration`).
+
+    Returns:
+        dict: the manifest's precisions["int8"] entry. A graph that fails its validation is refused
+        (ClipfuseError) and nothing is written.
+    """
 
     return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes,
                  quiet=quiet, keep_fp32=keep_fp32, cascade_images=cascade_images)
@@ -168,7 +253,20 @@ def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax
 
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,
                  opt_level: int = 3, workspace=None, quiet: bool = False) -> dict:
-    """Build model.<precision>.plan with TensorRT (needs TensorRT and a GPU; see export.precision.trt_plan)."""
+    """Build model.<precision>.plan with TensorRT (needs TensorRT and an NVIDIA GPU; never executed yet).
+
+    Args:
+        engine_dir: an engine folder holding the graph of that precision.
+        precision: "fp32", "fp16" or "int8".
+        batch: the batch sizes of the optimisation profile (min, opt, max).
+        aux_streams: TensorRT's max_aux_streams.
+        timing_cache: a timing-cache file, read and updated.
+        opt_level: the builder optimisation level.
+        workspace: workspace limit in bytes (default TensorRT's).
+
+    Returns:
+        dict: the manifest's plans entry (TensorRT version, GPU, profile, options).
+    """
 
     return _build(engine_dir, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
                   opt_level=opt_level, workspace=workspace, quiet=quiet)
@@ -176,8 +274,20 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,
                      verify: bool = True, cascade: bool = True) -> dict:
-    """Identical inputs through each backend, each compared with the first; report["ok"] says whether all
-    agree within the precision's tolerance (see runtime.compare)."""
+    """Identical inputs through each backend, each compared with the first by the one comparator.
+
+    Args:
+        engine_dir: an engine folder.
+        backends: comma-separated backend names (a precision suffix such as "onnxruntime-fp16" allowed).
+        images: image sources (default: the photographs shipped with clipfuse and their variants).
+        precision: apply "fp16" or "int8" to every backend that has that form.
+        batch: images per call.
+        verify: check every artefact's sha256 first.
+        cascade: on a cascade engine, route through the stages (False: the full graph).
+
+    Returns:
+        dict: the report; report["ok"] is False when any backend is out of the precision's tolerance.
+    """
 
     return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify,
                     cascade=cascade)
@@ -190,15 +300,29 @@ def collect_images(sources, stdin=None) -> list[Path]:
 
 
 def bench_engine(engine, **kwargs) -> dict:
-    """The fused graph vs each backbone alone, their sum, the naive ensemble and PyTorch eager, side by
-    side; writes bench.md/.json/.png (see clipfuse.bench.run.run_bench for the options)."""
+    """The fused graph vs each backbone alone, their sum, the naive ensemble and PyTorch eager, side by side.
+
+    Args:
+        engine: an engine folder.
+        **kwargs: clipfuse.bench.run.run_bench's options (data, batches, runs, out, precisions, ...).
+
+    Returns:
+        dict: the result that bench.json holds; bench.md (and bench.png with data) are written beside it.
+    """
 
     return run_bench(engine, **kwargs)
 
 
 def run_demo(out="engines/demo", **kwargs) -> dict:
-    """The whole offline flow: fit on a digits subset -> export -> predict -> bench (see clipfuse.demo.run_demo)
-    -> {"fit", "predictions", "backbone_names", "bench", "seconds"}."""
+    """The whole offline flow: fit on a digits subset -> export -> predict -> bench.
+
+    Args:
+        out: the engine folder to write.
+        **kwargs: clipfuse.demo.run_demo's options (backbones, per-class counts, batches, runs).
+
+    Returns:
+        dict: {"fit", "predictions", "backbone_names", "bench", "seconds"}.
+    """
 
     return _demo(out, **kwargs)
 
@@ -209,21 +333,50 @@ TRITON_ACCESS_HEADER = "triton-access-token"
 
 
 def write_triton_repository(engine, out, **kwargs):
-    """Triton model repository OUT/<model>/{config.pbtxt, 1/model.onnx|plan} -> the model folder
-    (options: backend, max_batch, instances, kind, queue_delay_us, model_name, precision, force)."""
+    """Write a Triton model repository OUT/<model>/{config.pbtxt, 1/model.onnx|model.plan}.
+
+    Args:
+        engine: an engine folder.
+        out: the repository folder.
+        **kwargs: backend ("onnxruntime" or "tensorrt"), max_batch, instances, kind ("cpu" or "gpu"),
+            queue_delay_us, model_name, precision, force.
+
+    Returns:
+        Path: the model's folder, OUT/<model>. The config is checked against Triton's schema first.
+    """
 
     return write_repository(engine, out, **kwargs)
 
 
 def serve(engine, **kwargs):
-    """Start a Triton server (pytriton) for an engine folder -> Server (stop() or `with`; serve_forever())."""
+    """Start a Triton server (pytriton) for an engine folder; returns once the model is ready.
+
+    Args:
+        engine: an engine folder.
+        **kwargs: runtime.serving.server.start_server's options (host, http_port, grpc_port,
+            metrics_port, max_batch, instances, precision, ...). Binds to 127.0.0.1 by default.
+
+    Returns:
+        Server: its http_url, grpc_url, metrics_url; stop() (or use it in `with`), serve_forever().
+    """
 
     return start_server(engine, **kwargs)
 
 
 def connect(url: str, model: str | None = None, batch_size: int = 8, workers: int | None = None,
             timeout_s: float = 60.0):
-    """A Predictor (predict, predict_batches, predict_arrays) whose engine runs on a Triton server."""
+    """The same Predictor as load(), with the engine on a Triton server.
+
+    Args:
+        url: "http://host:port" or "grpc://host:port".
+        model: the model name (default: the one `clipfuse serve` names, or the only one served).
+        batch_size: images per request (larger batches are split to the model's max_batch_size).
+        workers: image-decoding threads.
+        timeout_s: per-request timeout.
+
+    Returns:
+        Predictor: preprocesses on this side exactly as local predict does and sends uint8.
+    """
 
     return _connect(url, model=model, batch_size=batch_size, workers=workers, timeout_s=timeout_s)
 

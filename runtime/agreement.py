@@ -1,8 +1,8 @@
 """The one comparator: do two runs of the same ensemble agree within a precision's tolerance?
 
-Used by export validation (ONNX Runtime against PyTorch, export/graph/onnx_export.py), fp16 validation
-(model.fp16.onnx against model.onnx, export/precision/validate.py) and `clipfuse compare`
-(runtime/compare.py). Pure numpy: it sees outputs, never a backend.
+Used by export validation (ONNX Runtime against PyTorch, export/graph/onnx_export.py), fp16 and int8
+validation (export/precision/validate.py) and `clipfuse compare` (runtime/compare.py). Pure numpy: it
+sees outputs, never a backend.
 
     report = compare_outputs(ref, got, backbones=[("RN50:openai", 1024), ...],
                              tol=iospec.tolerance("fp16"), head_norms=head_row_norms(folder, K))
@@ -13,40 +13,24 @@ Bounds (every one printed with the figure it bounds, every one able to fail):
                       backbone_logits: the head-propagated term, max_k ||W_k|| * max ||df_k||
                       logits:          sum_k max t_k * ||W_k|| * ||df_k|| + |dt_k| * max |z_k|
                       probs:           half the measured logit error, at most half the logits' term
-                                       and at most max_probs_shift (softmax moves no probability further
-                                       than half the largest logit move; the cap keeps the bound a check
-                                       on values in [0, 1]: an fp16 engine with a linear probe once
-                                       printed 74.4 here, and 1.6 with the half-logit rule alone)
-    per backbone    embedding cosine >= min_cosine, and the share of changed top-1 <= max_top1_changed
-                    error-to-spread <= max_error_to_spread (below)
+                                       and at most max_probs_shift (softmax moves no probability
+                                       further than half the largest logit move; the cap keeps the
+                                       bound a check on values in [0, 1])
+    per backbone    embedding cosine >= min_cosine; share of changed top-1 <= max_top1_changed;
+                    error-to-spread <= max_error_to_spread
     fused top-1     share of changed top-1 <= max_top1_changed
 
-The earlier rule "no changed answer where the reference's top-2 margin exceeds twice the logit
-error" is gone: it could not fail (swapping two logits takes an error of at least half their
-margin), so fp16 validation once passed with 6.2% of answers changed. The share bound replaced it.
+Error-to-spread sees what an absolute cosine bound cannot: an error larger than the signal that
+tells two images apart. With u_i, v_i the reference and compared embeddings scaled to unit norm,
+error = max_i ||v_i - u_i||, spread = the median over pairs i < j of distinct reference embeddings
+of ||u_i - u_j|| (all pairs up to 512 images, beyond that a seeded sample of 130,816 pairs).
+With fewer than two images, or when every image embeds the same, it is recorded as not measured
+(None, with the reason), not failed; the other bounds still apply.
 
-Error relative to the spread between images: the cosine bound is absolute, and cannot see an error
-larger than all the signal that tells two images apart. Seeded random RN50 towers embed two different
-digits at cosine 0.99996 (benchmarks/results/feature_spread.md), so the pair's int8 graph at cosine
->= 0.9997 with fp32 passed min_cosine 0.99 and changed 457 of 539 fused answers (RN50's error: 1.19x the
-median distance between two digits, benchmarks/results/precision_default.md). With u_i, v_i the reference and
-compared embeddings of image i scaled to unit norm (an all-zero embedding stays zero):
-
-    error  = max_i ||v_i - u_i||
-    spread = median over pairs i < j of ||u_i - u_j||, on the reference run only, over the pairs of
-             distinct embeddings (a pair with ||u_i - u_j|| == 0 is the same image twice: it says
-             nothing about between-image signal); all pairs up to 512 images, beyond that a seeded
-             sample of as many pairs (130,816)
-    ratio  = error / spread <= max_error_to_spread
-
-Not measured (recorded as None with the reason, not failed) with fewer than two images or when every
-image embeds the same in the reference run: a validation set of copies of one image carries no
-between-image signal to compare an error with; the other bounds still apply to it.
-
-||W_k|| is max_c ||W_k[c]||, the largest head row norm: z_k = f_k @ W_k.T + b_k, so a logit moves at
-most that times the feature error (Cauchy-Schwarz). A zero-shot head has unit rows times the logit
-scale (~100); a linear probe fitted on standardised features can have rows of 1e3-1e4 on random
-towers, where fp32 differences of 1e-7 in the features legitimately move logits by 1e-4 relative.
+||W_k|| is the largest head row norm, max_c ||W_k[c]||: z_k = f_k @ W_k.T + b_k, so a logit moves at
+most that times the feature error (Cauchy-Schwarz). Linear probes on random towers can have rows of
+1e3-1e4, where fp32 feature differences legitimately move logits by 1e-4 relative. Why these bounds,
+with the figures that showed each was needed: docs/decisions.md, "The comparator's bounds".
 """
 from __future__ import annotations
 

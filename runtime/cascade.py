@@ -22,17 +22,10 @@ is row by row; a test checks that a mixed batch gives exactly what each image al
 Outputs for backbones an image never reached are NaN (temperatures, backbone_logits, features):
 not run, so not known. `calls` counts the images each stage graph ran on.
 
-Why one graph per stage with the routing here, and not an ONNX graph with an `If` per stage:
-- `If` takes one branch for the whole batch: it cannot send the confident images of a batch out
-  and the rest on; a batch would run every stage any of its images needs (at batch 8 with 70%
-  leaving at stage 1, nearly always all of them).
-- TensorRT handles `If` poorly (both branches built, conditions evaluated on the host, no
-  per-sample skipping), while per-stage graphs build as ordinary TensorRT engines one by one.
-- Triton's dynamic batcher forms batches across requests, so per-sample early exit must happen
-  after batching: in this router (served by a Python-backend model, runtime/serving/repository.py, or by
-  pytriton through clipfuse.serve), not inside one graph.
-The price: one ONNX Runtime call per stage reached, plus the gathering of rows (measured by
-`clipfuse bench` on a cascade engine: "cascade overhead" for images leaving at stage 1).
+One graph per stage with the routing here, not one graph with an ONNX `If` per stage: an `If` takes
+one branch for a whole batch, TensorRT cannot skip work per sample inside it, and Triton's dynamic
+batcher mixes requests, so per-sample exit must happen after batching (docs/cascade.md). The price: one
+ONNX Runtime call per stage reached, plus gathering rows (`clipfuse bench`: "cascade overhead").
 """
 from __future__ import annotations
 

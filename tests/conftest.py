@@ -69,7 +69,7 @@ def fp16_engine(tiny_engine, tmp_path_factory):
     return folder
 
 
-# ----------------------------------------------------------------------------- no process left behind (issue 13.4)
+# ----------------------------------------------------------------------------- no process left behind
 # multiprocessing's helpers live as long as the interpreter by design (pytriton's shared memory starts the
 # resource tracker): they are not processes a test started.
 _INTERPRETER_HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")

@@ -122,7 +122,7 @@ def verdict(s: dict, limit: float, at_least: bool = False) -> str:
 
 
 def precision_rows(result: dict) -> list[str]:
-    """Target rows of the precision configurations (issue 16): int8 on ONNX Runtime at most 0.5x fp32's
+    """Target rows of the precision configurations: int8 on ONNX Runtime at most 0.5x fp32's
     latency at batch 1 and 8, PyTorch eager at least 3x int8's at batch 1; the rest reported."""
     t, labels, L = result["targets"], result["labels"], []
     for c in (result.get("precisions") or {}).get("configs", []):

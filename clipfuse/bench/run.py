@@ -17,12 +17,9 @@ No timing is asserted anywhere: the numbers are reported, never tested.
 
 Each configuration group (fused; the singles and the naive ensemble; PyTorch eager) lives in its own
 worker process (clipfuse.bench.worker), and the parent waits `settle` seconds (default 50 ms) before
-each timed call. Both because an idle runtime does not leave the cores alone: ONNX Runtime's intra-op
-threads and PyTorch's OpenMP threads spin after a run. Timed back to back in one process, on 2 cores,
-the configuration that ran next paid for it: single RN50 took 95.6 ms instead of 57.6 ms, PyTorch
-eager 208 ms instead of 166 ms, which made fusing look 1.6x cheaper than running the singles and eager
-look 1.8x slower than fused. With worker processes and the pause, each configuration measures what
-it measures alone (fused 108.9 vs 108.5 ms, singles 58.2/51.9 vs 57.6/51.0 ms, eager 170 vs 166 ms).
+each timed call. Both because an idle runtime does not leave the cores alone: ONNX Runtime's intra-op threads and
+PyTorch's OpenMP threads spin after a run, so timed back to back in one process the configuration that
+ran next paid for it (measured: docs/decisions.md, "The bench").
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ PyTorch's OpenMP threads spin after a run), so each configuration group is timed
 and each memory figure comes from a fresh address space.
 
 Children are started by `child_command`, which imports the INSTALLED clipfuse whatever the working
-folder (issue 13: `python -c` puts the current folder first on sys.path, so a folder holding the
+folder (`python -c` puts the current folder first on sys.path, so a folder holding the
 clone shadowed the package). Run as `python -m clipfuse.bench.worker timing|memory SPEC_JSON`.
 """
 from __future__ import annotations

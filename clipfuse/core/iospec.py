@@ -99,45 +99,13 @@ def io_spec(resolutions, num_backbones: int, num_classes: int, feature_dim: int)
 # cosine >= min_cosine, every backbone's feature error over the median distance between two
 # images <= max_error_to_spread, and the share of changed top-1 answers <= max_top1_changed
 # (clipfuse.runtime.agreement applies them).
-#   fp32: measured ~2e-6 relative between ORT CPU and PyTorch on RN50 + ViT-B-32
-#         (benchmarks/results/bench_default.md's engine), so 1e-4 leaves ~50x headroom and a
-#         head 1% off still fails.
-#   fp16: fp16 keeps 11 bits (eps 9.8e-4) and errors grow over ~12-24 layers; measured
-#         8.5e-4 relative on ViT-B-32's logits and 3.8e-2 on RN50's behind a linear probe with
-#         rows of norm ~1e3 (benchmarks/results/fp16_validation.md): per element 1e-2, and the
-#         heads' propagated term on logits.
-#   max_top1_changed (share of images, fused and per backbone): fp32 runs differ by ~1e-6
-#         relative, so a changed answer means a bug: 0. fp16: 5% lets one near tie in 32 images
-#         flip and fails two (6.2%, which once passed unannounced; fp16_validation.md's engine,
-#         linear probes fitted on digits and checked on photos, fails it now).
-#   max_probs_shift: what the measured logit error may add to the probs bound (half of it:
-#         softmax moves no probability further than half the largest logit move), capped so the
-#         bound stays a check on values in [0, 1]: a probability may move 5 points in fp16/int8,
-#         1 point in fp32. Uncapped, a linear probe's logit error once gave probs a tolerance
-#         of 74.4, and then 1.6. fp32's cap was 0.1 point until it refused a correct export:
-#         precision-default's RN50 single (a probe with rows of norm ~1e4 on nearly collapsed
-#         random features) turns fp32 rounding into a 0.0065 logit move, which moves a
-#         probability by 0.0033, within the half-logit rule and past a 0.001 cap. A broken
-#         softmax or combination moves probabilities by far more than a point, and the logits
-#         keep their own bound.
-#   int8: the deciding figures are issue 16's targets: embedding cosine >= 0.99 per backbone and
-#         top-1 changed <= 1% (on the 32 validation images: none); with heads_exact the logits are
-#         held to what the float heads carry from the features. rtol/atol only bound each output
-#         element: measured on the tiny test towers 1.8-2.0% relative on the features and 1.3-1.7%
-#         on the backbone logits (U8 and S8 activations), RN50 + ViT-B-32 cosine >= 0.9996, so 5e-2
-#         leaves ~2.5x; a cosine of 0.99 allows a feature error of 0.14, more than any element bound.
-#         max_accuracy_drop (points, int8 minus fp32 on the same labelled images, with --data):
-#         issue 16's "accuracy within 0.5 points".
-#   max_error_to_spread (per backbone): max_i ||v_i - u_i|| over the median ||u_i - u_j|| between
-#         two images, unit-norm embeddings (u reference, v compared; runtime/agreement.py). The
-#         cosine bound is absolute: seeded random RN50 towers embed two different digits at cosine
-#         0.99996 (benchmarks/results/feature_spread.md), so the pair's int8 graph, RN50 at cosine
-#         0.99994 with fp32, passed min_cosine and changed 457 of 539 fused answers: its feature error
-#         is 1.19x the median distance between two digits (benchmarks/results/precision_default.md).
-#         Trained CLIP embeds unrelated photos at cosine ~0.5-0.8 (distance ~0.6-1.0); int8 at the
-#         cosine bound 0.99 is a distance of 0.14, a ratio of ~0.15-0.25: int8 and fp16 0.25 pass
-#         that and refuse an error a quarter of the way to another image. fp32: runs differ by ~1e-6
-#         relative, so 0.01 is a bug detector with a wide margin.
+#   fp32: runs differ by ~1e-6 relative, so its bounds are bug detectors (a head 1% off fails).
+#   fp16: 11 bits, errors grow over ~12-24 layers: per element 1e-2 plus the heads' term.
+#   int8: the deciding figures are cosine >= 0.99 per backbone, top-1 changed <= 1% and, with
+#         --data, accuracy within max_accuracy_drop points of fp32 (paired, same images).
+#   max_probs_shift caps the probs bound so it stays a check on values in [0, 1];
+#   max_error_to_spread sees an error the absolute cosine bound cannot (runtime/agreement.py).
+# Each value, and the measurement behind it: docs/decisions.md, "The tolerance table".
 TOLERANCES = {
     "fp32": {"rtol": 1e-4, "atol": 1e-6, "min_cosine": 0.99999, "max_top1_changed": 0.0, "max_probs_shift": 1e-2,
              "max_error_to_spread": 0.01},

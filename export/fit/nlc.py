@@ -17,53 +17,12 @@ itself, so the exported graph computes exactly what was fitted. The other method
 (singles, LOG-AVG, PROB-AVG, VOTE, ORACLE) and evaluate() are in export/fit/baselines.py; the
 k-shot x seeds study of fit's report in export/fit/study.py.
 
-Choices the paper (Appendix A: width 128, Adam, lr 2e-4, weight decay 0.01)
-leaves open. The study in benchmarks/nlc_choices.py (`python
-benchmarks/nlc_choices.py`, ~5 min on 2 cores; output committed in benchmarks/results/nlc_choices.md) gives the numbers below: accuracy %, mean over 3 seeds, 10 classes,
-K = 3, at 1/4/16 shots, in two synthetic worlds: "complementary" (each
-backbone reliable in its own region; best single 47.9, LOG-AVG 58.1, ORACLE
-93.8) and "one-good" (backbone 0 right everywhere: 89.1; LOG-AVG 58.1).
-
-- Start as the fitted static ensemble (init "static"): fit C-LOG-AVG first,
-  then zero fc2's weight and set its bias to softplus^-1(t_static - eps), so
-  NLC begins as C-LOG-AVG for every image and moves away only where the
-  shots say so. At 300 steps, one-good: 81.4/89.5/90.4 against 78.7/88.6/90.0
-  starting at LOG-AVG (t = 1/K) and 77.0/88.4/89.9 from PyTorch's random fc2;
-  complementary: 76.5/86.1/90.5 against 76.3/86.8/90.1 and 75.7/85.9/90.1.
-- A fixed budget of 300 optimiser steps, no early stopping: few-shot data
-  has no validation set (k = 1 leaves nothing to hold out) and leave-one-out
-  costs N fits. 100/300/1000/3000 steps score, complementary,
-  79.8/84.4/84.1/82.8 and, one-good, 89.2/87.1/86.2/85.8 (mean over k):
-  300 is the best over both worlds; longer runs overfit (one-good 1-shot
-  falls from 87.2 at 100 steps to 80.1 at 3000). Known cost: at 1 shot in
-  the one-good world NLC (81.4) ends below its own start (C-LOG-AVG 87.2) and
-  the good backbone (89.1); from 4 shots it is within 0.5 of C-LOG-AVG.
-- Adam with coupled L2 (torch.optim.Adam(weight_decay=0.01)), the literal
-  reading of "Adam with weight decay". AdamW's decoupled decay shrinks a
-  weight by lr * wd = 2e-6 a step, i.e. not at all in 300 steps, whereas
-  coupled L2 drives weights the data does not use towards zero at up to lr
-  a step. Measured at 300 steps: AdamW 76.3/86.3/90.3 (complementary) and
-  80.1/88.9/89.9 (one-good): from 0.2 above to 1.3 points below Adam.
-- Decay on fc1/fc2 weights only, not biases: decay then pulls towards an
-  input-independent ensemble set by fc2's bias (where NLC started), not
-  towards t = softplus(0) = 0.69 for every backbone.
-- softplus + eps: exp scores the same within noise (300 steps: 76.8/85.9/90.4
-  and 81.9/89.7/90.2) and softplus grows linearly, so one large
-  pre-activation cannot blow a temperature up; it is also what
-  NLCController exports.
-- Batch: full batch up to 256 examples, shuffled mini-batches beyond (one
-  fresh permutation per epoch). Batch 32 scores the same at 300 steps
-  (86.5/90.5 and 89.6/90.9 at 4/16 shots, where it differs from full batch);
-  full batch is simpler and independent of the shuffling.
-- Features centred per dimension, divided by one pooled std ("global"). The
-  synthetic worlds cannot tell it from per-dimension std (76.5/85.7/90.2 and
-  82.4/89.7/90.5); the reason is structural: with 10-160 examples a
-  per-dimension std is noise, and one scale keeps each backbone's unit-norm
-  block at equal weight (per-dimension scaling favours the widest embedding).
-- C-LOG-AVG uses Adam at lr 1e-2 for 1000 steps (no decay): at the paper's
-  2e-4 its K numbers barely leave 1/K (one-good: 66-68 against 87-91).
-- One CPU thread per fit (restored after): the MLP is too small for threads
-  to pay, and on a busy 2-core machine a second thread stalled steps ~25 ms.
+Choices the paper (Appendix A: width 128, Adam, lr 2e-4, weight decay 0.01) leaves
+open, as FitConfig's defaults: start NLC as the fitted C-LOG-AVG, a fixed budget of 300
+steps (few-shot data has no validation set), Adam with coupled L2 on the weights only,
+softplus + eps, full batch up to 256, features centred and scaled by one pooled std,
+C-LOG-AVG at lr 1e-2 for 1000 steps, one CPU thread per fit. Why each, with the study's
+figures (benchmarks/nlc_choices.py): docs/decisions.md, "NLC fit choices".
 """
 from __future__ import annotations
 
@@ -87,7 +46,7 @@ class FitConfig:
 
     hidden: int = 128              # MLP width (paper, Appendix A)
     lr: float = 2e-4               # Adam learning rate for NLC (paper)
-    weight_decay: float = 0.01     # L2 on fc1/fc2 weights, not biases (paper's value; see module doc)
+    weight_decay: float = 0.01     # L2 on fc1/fc2 weights, not biases (paper's value; docs/decisions.md)
     optimizer: str = "adam"        # "adam": coupled L2 (paper's wording); "adamw": decoupled
     steps: int = 300               # fixed optimisation budget; no validation set in few-shot
     batch_size: int = 256          # full batch when N <= batch_size, else shuffled mini-batches

@@ -16,8 +16,7 @@ linear probes), in the first mode that the data allow:
 3. "default": k = 1 and a class has a single image in the pool: nothing is
    left to choose on. FALLBACK (C-LOG-AVG) ships: its K fitted numbers cannot
    overfit one image per class the way NLC's MLP can, and NLC starts from it
-   (in nlc.py's study, NLC at one shot ended 6 points below C-LOG-AVG in the
-   world where one backbone is right everywhere). The best single backbone is
+   (docs/decisions.md, "What ships when nothing is left to choose on"). The best single backbone is
    then the one most accurate on the whole pool (no candidate but the fitted
    two uses those images).
 

@@ -3,23 +3,19 @@
     feeds = calibration_feeds(manifest, "my_photos/", count=256)
     ranges = calibrate_ranges(manifest.onnx_path, feeds, method="minmax", workdir=tmp)
 
-Why tower by tower: `onnxruntime.quantization`'s calibrator runs an augmented copy of the
-whole graph (a ReduceMin/ReduceMax pair, or a histogram, on every Conv/MatMul/Gemm input and
-output) in one ONNX Runtime session, after loading, shape-inferring and copying the model in
-Python. Measured here, quantize_static on the default pair's 0.5 GB graph peaked at 4.5 GB of
-host memory, so the nine's 6.2 GB graph would need far more than a 24 GB machine has. A
-tower's activations depend only on its own image input, so each tower is cut out (the
-ancestors of its raw embedding, the feature norm's input), calibrated alone with its own
-weights loaded, and the ranges are merged: the same ranges as the whole graph's, with one
-tower in memory at a time (tests/export/precision/test_int8_calibrate.py checks the QDQ graphs are identical).
+Why tower by tower: `onnxruntime.quantization`'s calibrator runs an augmented copy of the whole graph
+in one session, after loading and copying the model in Python, so its peak memory grows with the whole
+graph (docs/decisions.md, "int8: calibrated tower by tower"). A tower's activations depend only on its
+own image input, so each tower is cut out (the ancestors of its raw embedding), calibrated alone with
+its own weights loaded, and the ranges are merged: the same ranges as the whole graph's, one tower in
+memory at a time (tests/export/precision/test_int8_calibrate.py checks the QDQ graphs are identical).
 
-Why once: the ranges do not depend on the activation type or symmetry (the quantizer turns
-a range into a scale and zero point), so both graphs of `export --precision int8` (U8 for
-ONNX Runtime CPU, S8 symmetric for TensorRT) are quantized from one calibration, through
-quantize_static's calibration cache (a JSON file of ranges), instead of calibrating twice.
+Why once: the ranges do not depend on the activation type or symmetry, so both graphs of `export
+--precision int8` (U8 for ONNX Runtime CPU, S8 for TensorRT) are quantized from one calibration,
+through quantize_static's calibration cache (a JSON file of ranges).
 
-`calibration_feeds(manifest, folder, count)` makes the calibration batches from an image
-folder through the runtime's host preprocessing (the same bytes the engine sees).
+`calibration_feeds(manifest, folder, count)` makes the calibration batches from an image folder
+through the runtime's host preprocessing (the same bytes the engine sees).
 """
 from __future__ import annotations
 

@@ -1,45 +1,27 @@
 """Reduced precision written into the graph: model.onnx (fp32, validated) -> model.fp16.onnx.
 
-TensorRT 11 builds strongly typed networks only (no FP16 builder flag, no
-per-layer precision constraints), so the precision of every tensor must be in
-the ONNX graph itself. This module converts the exported, validated fp32 graph
-(never a re-export) with ONNX Runtime's float16 converter
-(`onnxruntime.transformers.float16.convert_float_to_float16`, the same code as
-onnxconverter-common, already installed with onnxruntime: no new dependency),
+TensorRT 11 builds strongly typed networks only (no FP16 builder flag, no per-layer precision
+constraints), so the precision of every tensor must be in the ONNX graph itself. This module
+converts the exported, validated fp32 graph (never a re-export) with ONNX Runtime's float16
+converter (`onnxruntime.transformers.float16.convert_float_to_float16`: no new dependency),
 keeping these in fp32 by explicit Cast islands:
 
-    LayerNormalization   after attention it overflows in fp16 (TensorRT's own warning)
-    Softmax              attention and the final probabilities: exp() overflows at 11.1
-    ReduceMean           the RN attention pool's token mean (a reduction over 50 tokens)
+    LayerNormalization   overflows in fp16 after attention
+    Softmax              attention and the final probabilities: exp() overflows
+    ReduceMean           the RN attention pool's token mean
     ReduceL2 and downstream
-                         the feature L2 normalisation, the heads, the controller MLP and
-                         the combination: everything from the raw embeddings to the outputs
+                         feature L2 norm, heads, controller MLP and combination
 
-The heads stay fp32: a zero-shot head's logits are ~100 x cosine, and fp16 keeps
-11 bits, so an fp16 head alone would add ~0.05 absolute error to logits whose
-top-2 margins on real data are often below that; the heads are (C x D) GEMMs,
-nothing next to the towers, so fp32 costs nothing measurable.
+Nodes are found by op type and position, not by name (names are not a contract): the towers
+are the ancestors of the K ReduceL2 inputs, and every node outside them stays fp32. Graph
+inputs stay uint8, outputs float32 (keep_io_types). A graph with external weights is converted
+as structure only and its weights streamed tensor by tensor, so memory stays flat.
 
-Nodes are found by op type and by position (the exporter names nodes after
-the aten op, e.g. node_linalg_vector_norm_1, but names are not a contract):
-the feature normalisation is the K ReduceL2 nodes, the towers are the ancestors
-of their inputs (the raw embeddings), and every node outside the towers is kept
-fp32. Graph inputs stay uint8 and outputs
-float32 (keep_io_types).
-
-`export_fp16(engine_dir)` converts, validates against the fp32 graph on ONNX
-Runtime CPU (export/precision/validate.py: the one comparator with the fp16
-tolerance row; every bound printed), and adds model.fp16.onnx to the folder
-through the one engine-folder writer (export/graph/engine_folder.py: staged, fsync,
-os.replace, the manifest last with the new file's sha256 and a "precisions"
-entry, under the folder's writer lock). The committed report and its command
-(`python -m clipfuse.export.precision.fp16_report ENGINE --out ...`) live in export/precision/fp16_report.py.
-
-ONNX Runtime CPU has fp16 kernels for only some ops; for the others its
-InsertCastTransformer wraps the node in Casts and computes it in fp32. So the
-CPU validation measures the fp16 weights and the fp16 storage of activations
-between ops, but not every op's fp16 arithmetic: `cpu_fp32_fallback_ops`
-says which ops ran in fp32 on CPU (read from the session's optimised graph).
+`export_fp16(engine_dir)` converts, validates against fp32 on ONNX Runtime CPU
+(export/precision/validate.py, the fp16 tolerance row) and adds model.fp16.onnx through the one
+engine-folder writer. ORT CPU computes some fp16 ops in fp32 between Casts, so that validation
+covers fp16 weights and storage, not all fp16 arithmetic (`cpu_fp32_fallback_ops` lists them).
+Why these islands and the figures: docs/decisions.md, "fp16".
 """
 from __future__ import annotations
 
@@ -121,8 +103,8 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     probe = onnx.load(str(src), load_external_data=False)
     lean = any(external_data_helper.uses_external_data(t) for t in probe.graph.initializer)
     if lean:
-        # Past 2 GB (the nine: 6.2 GB) the in-memory way held the weights several times over and was killed
-        # at 24 GB. Here only the graph is in memory: shapes inferred from the file, the converter run on
+        # Past 2 GB, converting in memory holds the weights several times over (docs/decisions.md,
+        # "fp16"). Here only the graph is in memory: shapes inferred from the file, the converter run on
         # the structure (a tensor whose data is on disk only has its type flipped to fp16), and the weights
         # streamed tensor by tensor into the new data file by _stream_weights.
         del probe

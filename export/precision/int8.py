@@ -1,48 +1,24 @@
 """INT8 written into the graph: model.onnx (fp32) -> a QDQ graph calibrated on the user's images.
 
-Static post-training quantization with `onnxruntime.quantization.quantize_static`
-(ships with onnxruntime: no new dependency), in QDQ form: QuantizeLinear ->
-DequantizeLinear pairs around the quantized ops' inputs, so ONNX Runtime fuses
-them into int8 kernels on CPU (VNNI) and TensorRT builds an explicitly
-quantized engine from the same file (the only INT8 path TensorRT 10.1+ keeps).
+Static post-training quantization with `onnxruntime.quantization.quantize_static` (ships with
+onnxruntime: no new dependency), in QDQ form: QuantizeLinear -> DequantizeLinear pairs around the
+quantized ops' inputs, so ONNX Runtime fuses them into int8 kernels on CPU (VNNI) and TensorRT builds
+an explicitly quantized engine from the same file (the only INT8 path TensorRT 10.1+ keeps).
 
-Settings, from the ONNX Runtime docs for x86 and the documented pitfalls of
-quantized ViT/CLIP:
+    format        QDQ, weights S8 per-channel symmetric; no reduce_range (that is for pre-VNNI CPUs)
+    activations   S8 symmetric by default (zero point 0, what TensorRT requires); `activations="u8"`
+                  (asymmetric) for ONNX Runtime CPU, whose S8->U8 rewrite leaves some Convs float
+    ops           only the towers' weighted ops: Conv, Gemm, and MatMul with a constant second input;
+                  the attention products Q.K^T and A.V stay float
+    float         LayerNorm, Softmax, GELU/Erf, residual Adds and every other op, and, by node, the
+                  islands export/precision/fp16.py's `fp32_node_names` finds (feature L2 norm, heads,
+                  controller, combination)
+    calibration   MinMax by default, Entropy and Percentile as options; tower by tower, once per
+                  export (export/precision/calibrate.py)
 
-    format        QDQ, weights S8 per-channel symmetric; no reduce_range (that is for
-                  pre-VNNI CPUs)
-    activations   S8 symmetric by default ("S8S8", the docs' x86 default; zero point 0
-                  is what TensorRT requires); `activations="u8"` with
-                  activation_symmetric=False for ONNX Runtime CPU, because measured
-                  here (onnxruntime 1.32, RN50 + ViT-B-32, AVX-512 VNNI;
-                  benchmarks/results/int8_activations.md): with S8 activations ORT
-                  fuses only 38 of RN50's 56 Convs into QLinearConv (0.82x / 0.69x
-                  fp32's latency at batch 1 / 8); with U8 all 56 (0.40x / 0.42x).
-                  The 18 left float read a tensor that also feeds a residual Add or a
-                  second tower: its QuantizeLinear has two DequantizeLinear
-                  consumers, and ORT's S8->U8 rewrite (its x86 kernels take U8
-                  activations) skips such a Q; splitting the Q in the file does not
-                  help (ORT's common-subexpression pass merges the copies back).
-    ops           only the towers' weighted ops: Conv, Gemm, and MatMul whose second
-                  input is a constant (MatMulConstBOnly). The attention products
-                  Q.K^T and A.V (both inputs activations) stay float.
-    float         LayerNorm, Softmax, GELU/Erf, residual Adds and every other op
-                  (not in op_types_to_quantize), and, by node, the islands that
-                  export/precision/fp16.py's `fp32_node_names` finds: the feature L2 norm,
-                  heads, controller and combination.
-    calibration   MinMax by default; Entropy and Percentile as options, tower by tower
-                  and once per export (export/precision/calibrate.py: the whole-graph calibration
-                  peaked at 4.5 GB for the pair's 0.5 GB graph). The histogram methods keep
-                  every calibration batch's activations of a tower until its end (seen once,
-                  whole graph, not committed: Percentile on 48 images of RN50 + ViT-B-32
-                  peaked at 9.2 GB, MinMax at 4.5 GB).
-
-No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and
-renames nodes, and the islands are named by node; quantize_static's own shape
-inference runs on the exported graph as it is.
-
-Calibration data and ranges: export/precision/calibrate.py. Validation against fp32:
-export/precision/int8_validate.py.
+No `quant_pre_process` (ORT's recommended pre-pass): its optimiser fuses and renames nodes, and the
+islands are named by node. Validation against fp32: export/precision/int8_validate.py. Why U8 for the
+CPU, and why not NVIDIA Model Optimizer, with the measurements: docs/decisions.md, "int8".
 """
 from __future__ import annotations
 

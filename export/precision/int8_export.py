@@ -2,32 +2,25 @@
 
     info = export_int8("engines/pets", "my_photos/", count=256, method="minmax")
 
-Two files, one per target, because no single QDQ graph is fast on both (RN50 + ViT-B-32,
-random weights, onnxruntime 1.32, 2-core AVX-512 VNNI machine:
-benchmarks/results/int8_activations.md, `python benchmarks/int8_activations.py ENGINE`):
+Two files, one per target, because no single QDQ graph is fast on both (docs/decisions.md, "int8: U8
+activations for the CPU, S8 for TensorRT"):
 
-    model.int8.onnx       U8 asymmetric activations, S8 per-channel weights: ONNX Runtime CPU
-                          fuses all 56 of RN50's Convs into QLinearConv; 0.40x fp32's latency
-                          at batch 1, 0.42x at batch 8. OpenVINO's CPU plugin runs the same file.
+    model.int8.onnx       U8 asymmetric activations, S8 per-channel weights: ONNX Runtime CPU and
+                          OpenVINO's CPU plugin
     model.int8-trt.onnx   S8 symmetric activations (zero point 0, what TensorRT's explicit
-                          quantization requires), S8 per-channel weights. On ONNX Runtime CPU
-                          only 38 of 56 Convs fuse (0.82x / 0.69x fp32's latency): kept for
-                          `clipfuse build --precision int8` and onnxruntime-tensorrt.
+                          quantization requires), S8 per-channel weights: `clipfuse build
+                          --precision int8` and onnxruntime-tensorrt
 
-Both are calibrated on the same images (the user's folder through the engine's host
-preprocessing), both validated against fp32 by the one comparator with the int8
-tolerance row (export/precision/int8_validate.py), both recorded in the manifest's
-precisions["int8"] (the TensorRT graph's record nested under "tensorrt"). The calibration
-runs once, tower by tower (export/precision/calibrate.py), and both graphs are quantized
-from its ranges; the files add ~0.25x model.onnx each. `targets=("cpu",)` writes only the CPU graph.
+Both are calibrated once, tower by tower, on the same images (export/precision/calibrate.py), both
+validated against fp32 by the one comparator with the int8 tolerance row
+(export/precision/int8_validate.py), both recorded in the manifest's precisions["int8"] (the TensorRT
+graph's record nested under "tensorrt"). `targets=("cpu",)` writes only the CPU graph. On a cascade
+engine the export also cuts int8 stage towers and certifies their exit thresholds again
+(export/precision/int8_stages.py); when too few images certify them the int8 graph ships without them
+and the record says why.
 
-On a cascade engine the export also cuts int8 stage towers out of model.int8.onnx and certifies
-their exit thresholds again (export/precision/int8_stages.py, on `cascade_images` or the calibration folder);
-when too few images certify them the int8 graph ships without int8 stages and the record says why.
-
-Refused, one line each and nothing written: an engine without model.onnx, a
-calibration folder that is missing, unreadable, empty or has too few images
-(export/precision/int8.py calibration_feeds), and a graph whose validation fails.
+Refused, one line each and nothing written: an engine without model.onnx, a calibration folder that is
+missing, unreadable, empty or has too few images, and a graph whose validation fails.
 """
 from __future__ import annotations
 

@@ -2,42 +2,29 @@
 
     record = int8_stages(manifest, int8_path, tower_paths, certify_feeds, ...)   # export_int8 calls it
 
-A cascade engine (`clipfuse fit --cascade`) routes each image through stage graphs: stages/tower_k.onnx
-(backbone k: image -> unit-norm features, class logits) and stages/combine_s.onnx (the controller for the
-first s backbones). `clipfuse export ENGINE --precision int8 --calibration DIR` on such an engine also
-writes, when it can certify them,
+On a cascade engine (`clipfuse fit --cascade`), `clipfuse export ENGINE --precision int8` also writes,
+when it can certify them,
 
     stages/tower_k.int8.onnx   backbone k's path cut out of model.int8.onnx: its image input, its
                                quantized tower, the fp32 feature norm and head, nothing else
 
-and records in the manifest's precisions["int8"]["cascade"] the files and NEW thresholds. The combine
-graphs stay the fp32 ones (the controller and the weighted sum are fp32 islands in model.int8.onnx too).
+and records the files and NEW thresholds in the manifest's precisions["int8"]["cascade"]. The combine
+graphs stay the fp32 ones (the controller is an fp32 island in model.int8.onnx too).
 
-Why cut, not quantize each stage tower again: the cut towers are model.int8.onnx's own nodes, QDQ and
-ranges included, so the int8 cascade's last stage computes what the validated int8 graph computes
-(checked here on the first certification batch, against model.int8.onnx, with the fp32 tolerance row),
-and kept-fp32 towers (--int8-keep-fp32) stay fp32 in the cascade too.
+Cut, not quantized again: the cut towers are model.int8.onnx's own nodes and ranges, so the int8
+cascade's last stage computes what the validated int8 graph computes (checked here on the first
+certification batch), and towers kept fp32 (--int8-keep-fp32) stay fp32.
 
-Why new thresholds: fp32's were chosen so that the cascade's disagreement with the full ensemble has a
-Clopper-Pearson upper bound <= max_drop on fp32's confidences. int8 moves every stage's confidence and
-answer, so that bound no longer describes the int8 stages. They are chosen again (export/fit/cascade.py
-certify_thresholds: the same greedy search and bound; the fit's order and score are kept, so one
-configuration is tried) on the int8 stages' outputs for unlabelled images: `--cascade-images DIR`, by
-default the calibration folder (up to CERTIFY_MAX of them, evenly spaced). They must not be the images the
-heads or the controller were fitted on: a probe answers its own training images over-confidently, so
-thresholds certified there exit too early on new images. Measured on the digits pair
-(benchmarks/results/cascade_int8_pair_keep*.md): certified on the fit's own 590 calibration digits (which
-the probes never saw) the int8 threshold was 0.742, 77.0% of eval digits left at stage 1, -0.74 points
-[-1.48, -0.19] against the int8 full ensemble; certified on 1024 non-eval digits, half of them the
-probes' own, it fell to 0.628, 85.3% left at stage 1, -0.93 [-2.23, +0.19] (within that run's intervals).
-The reference is the int8 full ensemble (model.int8.onnx's answers), which is held to fp32 by the int8
-validation (top-1 changed <= 1%, accuracy within 0.5 points with --data): the int8 cascade's loss against
-fp32 is at most the sum of the two. With `--data` (labelled), the int8 cascade's accuracy is reported
-beside fp32's full ensemble and int8's, as paired differences on the same images.
+New thresholds: int8 moves every stage's confidence, so fp32's bound no longer describes the int8
+stages. They are certified again (export/thresholds.py certify_thresholds, the fit's order and score
+kept) against the int8 full ensemble, on `--cascade-images DIR` or the calibration folder (up to
+CERTIFY_MAX, evenly spaced). They must not be images the heads or controller were fitted on: a probe
+answers its own training images over-confidently (measured: docs/decisions.md, "int8 cascade stages").
+The int8 cascade's loss against fp32 is at most the int8 graph's plus the cascade's. With `--data`, its
+accuracy is reported beside both full ensembles as paired differences.
 
-Too few images to certify max_drop (598 for 0.5 points at 95%): model.int8.onnx is still written, the
-int8 stages are not, and the record says why; the runtime then refuses int8 with the cascade in one line
-naming that reason (runtime/cascade.py) and serves int8 with --no-cascade.
+Too few images to certify max_drop: model.int8.onnx is still written, the int8 stages are not, the
+record says why, and the runtime refuses int8 with the cascade in one line (--no-cascade serves it).
 """
 from __future__ import annotations
 

@@ -16,9 +16,8 @@ is) with the "int8" row of clipfuse.core.iospec.TOLERANCES and `heads_exact`:
                    share of changed top-1 of the backbone's own logits <= max_top1_changed (1%)
                    feature error over the median distance between two images (unit-norm
                    embeddings; max_i ||v_i - u_i|| / median_{i<j} ||u_i - u_j||) <= max_error_to_spread
-                   (0.25): the cosine bound is absolute, and random RN towers embed two images
-                   at cosine 0.99996, so an int8 graph at cosine 0.9997 changed 457 of 539 answers;
-                   not measured (and not failed) on one image or when every image embeds the same
+                   (0.25; why: docs/decisions.md, "The comparator's bounds"); not measured (and
+                   not failed) on one image or when every image embeds the same
     fused          share of changed top-1                            <= max_top1_changed (1%)
                    logit error <= sum_k max t_k * bound_k + 1e-4
     per output     max |err| <= atol + rtol * max|ref| (+ the head-propagated term)

@@ -2,45 +2,27 @@
 
     build_engine("engines/pets", "fp16", batch=(1, 8, 32), aux_streams=4, timing_cache="trt.cache")
 
-writes, atomically (temp file, fsync, os.replace; the manifest last):
+writes, through the one engine-folder writer (atomic; the manifest last):
 
     model.<precision>.plan          the serialised engine
     model.<precision>.layers.json   the engine inspector's layer information (detailed verbosity)
 
-and records in the manifest's "plans" entry the TensorRT version, the GPU name and
-compute capability, the batch profile and the build options: a plan only runs on
-the TensorRT version and GPU it was built with (runtime/backends/tensorrt.py refuses others).
+and records in the manifest's "plans" entry the TensorRT version, the GPU name and compute
+capability, the batch profile and the build options: a plan runs only on the TensorRT version and
+GPU it was built with (runtime/backends/tensorrt.py refuses others).
 
-Precision. TensorRT 11 builds strongly typed networks only: the precision of every
-tensor comes from the ONNX graph. So fp16 is built from model.fp16.onnx (made by
-`clipfuse export ENGINE --precision fp16`, with LayerNorm, softmax, feature norm,
-heads, controller and combination in fp32 by explicit casts) as a strongly typed
-network, on TensorRT 10 as on 11: the same graph gives the same precisions on
-both, which the FP16 builder flag would not (weak typing lets the builder pick
-fp16 per layer, LayerNorm after attention included; weak typing is deprecated
-since 10.12). On TensorRT 10 `fp16_flag=True` offers the old path for comparison:
-fp32 graph + BuilderFlag.FP16, with LayerNorm/softmax/reductions pinned to fp32
-by per-layer precision and OBEY_PRECISION_CONSTRAINTS.
+Precision comes from the graph: TensorRT 11 builds strongly typed networks only. fp16 is built from
+model.fp16.onnx and int8 from model.int8-trt.onnx (explicit Q/DQ, the only INT8 path TensorRT 10.1+
+keeps), both strongly typed on TensorRT 10 as on 11, so the same graph gives the same precisions on
+both; no FP16/INT8 builder flag, no calibrator. On TensorRT 10 `fp16_flag=True` offers the old weakly
+typed path (fp32 graph + BuilderFlag.FP16, LayerNorm/softmax/reductions pinned to fp32) for comparison.
 
-int8 is built the same way, strongly typed, from model.int8-trt.onnx (made by
-`clipfuse export ENGINE --precision int8 --calibration DIR`: QuantizeLinear /
-DequantizeLinear pairs with S8 symmetric activations and S8 per-channel weights
-around the towers' Conv/MatMul/Gemm, everything else float). This is TensorRT's
-explicit quantization, the only INT8 path TensorRT 10.1+ keeps (the implicit
-calibrator is deprecated): the Q/DQ scales come from the graph, so no INT8
-builder flag and no calibrator are set (a strongly typed network refuses them).
-Never executed, like the rest of this module.
+TensorRT is imported lazily, inside the functions, and everything a user can get wrong (folder,
+precision, missing ONNX file, batch profile) is checked before, so the messages are the same on a
+machine without it.
 
-TensorRT is imported lazily, inside the functions: the package and its tests
-import without it. Everything a user can get wrong (folder, precision, missing
-ONNX file, batch profile) is checked before TensorRT is imported, so the messages
-are the same on a machine without it.
-
-Status: never executed. Written against the TensorRT 10/11 Python API documentation;
-no machine this project ran on had TensorRT, so no plan has ever been built by this
-code (tests/runtime/test_trt.py and benchmarks/gpu_check.py skip it where TensorRT is absent).
-The plan and its layer file go into the folder through the one engine-folder writer
-(export/graph/engine_folder.py), like every other artefact.
+Status: never executed. Written against the TensorRT 10/11 Python API documentation; no machine this
+project ran on had TensorRT (tests/runtime/test_trt.py and benchmarks/gpu_check.py skip it there).
 """
 from __future__ import annotations
 

@@ -3,28 +3,22 @@
     with open_backend("engines/pets", "openvino", precision="int8") as b:
         outputs = b.infer({"image_224": uint8 (N, 3, 224, 224)})
 
-The CPU peer a user would pick instead of ONNX Runtime (issue 16.4): `pip install
-'clipfuse[openvino]'` (the openvino wheel, 59 MB download, 180 MB installed, no other
-dependency but numpy). OpenVINO reads ONNX directly (no conversion step, no IR files
-beside the engine); a QDQ graph (model.int8.onnx) is turned into int8 kernels by its
-low-precision transformations, as ONNX Runtime fuses it into QLinear ops.
+The CPU peer a user would pick instead of ONNX Runtime (`pip install 'clipfuse[openvino]'`, no other
+dependency but numpy). OpenVINO reads ONNX directly (no IR files beside the engine); its low-precision
+transformations turn a QDQ graph (model.int8.onnx) into int8 kernels.
 
 Facts that shape the code:
-- INFERENCE_PRECISION_HINT is set to f32. OpenVINO's CPU plugin otherwise picks the
-  fastest precision the CPU offers, and on this machine (AVX-512 BF16) the default is
-  bf16: the "fp32" graph would silently run in bf16 (read from the plugin here:
-  `core.get_property("CPU", "INFERENCE_PRECISION_HINT")` -> bfloat16). The precision is
-  the graph's, never the plugin's choice; int8 comes from the QDQ graph.
-- PERFORMANCE_HINT LATENCY (one stream, the cores on one request): what predict wants,
-  and what ONNX Runtime's session does; threads= sets INFERENCE_NUM_THREADS.
-- The results of an infer request live in the request's own buffers, reused by the next
-  call: they are copied out.
-- The checks the runtime makes of an ONNX Runtime session are made here too: inputs by
-  name, outputs in iospec order, every fixed dimension against the manifest.
+- INFERENCE_PRECISION_HINT is set to f32: otherwise the plugin picks the fastest precision the CPU
+  offers (bf16 on AVX-512 BF16 machines) and the "fp32" graph would silently run in bf16. The
+  precision is the graph's, never the plugin's (docs/decisions.md, "OpenVINO").
+- PERFORMANCE_HINT LATENCY (one stream, the cores on one request), as ONNX Runtime's session;
+  threads= sets INFERENCE_NUM_THREADS.
+- An infer request's results live in buffers the next call reuses: they are copied out.
+- The checks made of an ONNX Runtime session are made here too: inputs by name, outputs in iospec
+  order, every fixed dimension against the manifest.
 
 Registered as backend `openvino` through the entry points of group `clipfuse.backends`
-(pyproject.toml), like torch and tensorrt. Imported lazily: the module imports openvino
-only in open().
+(pyproject.toml). openvino is imported only in open().
 """
 from __future__ import annotations
 

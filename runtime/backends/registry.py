@@ -1,42 +1,28 @@
 """Backends: one small interface over every runtime that can execute an engine folder.
 
-The idea is Polygraphy's runner: a backend is opened, fed, and closed,
+Polygraphy's runner: a backend is opened, fed, and closed, so predict, benchmarks and the comparison
+tests never care which one runs:
 
     with open_backend(manifest, "onnxruntime") as backend:
         outputs = backend.infer({"image_224": uint8 (N, 3, 224, 224)})   # {name: array}, all 5 outputs
 
-and every backend has the same three calls, so predict, benchmarks and the
-comparison tests never care which one runs. Backends:
+    onnxruntime            ONNX Runtime CPU (built in; the default)
+    onnxruntime-cuda       ONNX Runtime CUDA EP (built in; onnxruntime-gpu)          never executed
+    onnxruntime-tensorrt   ONNX Runtime TensorRT EP (built in; clipfuse[tensorrt])   never executed
+    torch / torch-cuda     the PyTorch reference (entry point: clipfuse.export.graph.torch_backend)
+    tensorrt               native TensorRT on a `clipfuse build` plan (entry point)   never executed
+    openvino               OpenVINO's CPU plugin on the same graphs (entry point; clipfuse[openvino])
 
-    onnxruntime            ONNX Runtime, CPU execution provider (built in; the default)
-    onnxruntime-cuda       ONNX Runtime, CUDA execution provider        (built in; pip install onnxruntime-gpu)
-                           never executed: no run of it on a GPU is recorded anywhere
-    onnxruntime-tensorrt   ONNX Runtime, TensorRT execution provider    (built in; pip install 'clipfuse[tensorrt]')
-                           never executed, as onnxruntime-cuda
-    torch / torch-cuda     the PyTorch reference, rebuilt from the manifest (registered: clipfuse.export.graph.torch_backend)
-    tensorrt               native TensorRT on a plan from `clipfuse build` (registered: clipfuse.runtime.backends.tensorrt);
-                           never executed
-    openvino               OpenVINO's CPU plugin on the same ONNX graphs (registered:
-                           clipfuse.runtime.backends.openvino; pip install 'clipfuse[openvino]')
+The ONNX Runtime backends are built in: a serving machine runs them, so they must not depend on
+installed metadata. Every other backend is found through the entry points of group
+`clipfuse.backends` (pyproject.toml), never through an import: the runtime does not import
+clipfuse.export (an import contract keeps it so), and another package can add a backend the same way.
+An entry point names a Backend subclass, constructed as Class(manifest, **options); its optional
+classmethod `unavailable_reason()` says cheaply (importing nothing heavy) why it cannot run here.
 
-The registry. The ONNX Runtime backends (runtime/backends/onnxruntime.py) are built in: they
-are what a serving machine runs, so they must not depend on the package's
-installed metadata. Every other backend is found through Python entry points,
-group `clipfuse.backends` (pyproject.toml), never through an import: the
-runtime does not import clipfuse.export (an import contract in the tests keeps
-it so), and another package can add a backend the same way. An entry point
-names a Backend subclass, constructed as Class(manifest, **options); its
-classmethod `unavailable_reason()` says cheaply (importing nothing heavy) why
-it cannot run here, or None.
-
-backend="auto" picks only what has run somewhere: the never-executed GPU
-backends are named explicitly or not at all, except native TensorRT on an
-engine whose manifest records a plan built by `clipfuse build` (the user ran
-TensorRT on this engine, so it is theirs to trust).
-
-Heavy libraries are imported lazily: this module imports neither torch nor
-open_clip, and the ONNX Runtime path never does (a test checks it), so a
-serving machine needs only onnxruntime, numpy and Pillow.
+backend="auto" picks only what has run somewhere: the never-executed GPU backends are named explicitly
+or not at all, except native TensorRT on an engine whose manifest records a plan `clipfuse build` made.
+This module imports neither torch nor open_clip, and the ONNX Runtime path never does (tested).
 """
 from __future__ import annotations
 
@@ -65,14 +51,9 @@ NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
 # What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
 # (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
-# openvino, when installed, comes before onnxruntime for int8 only. In the committed side-by-side run
-# on a quiet machine (benchmarks/results/precision_default.md, RN50 + ViT-B-32, other processes 0.01
-# cores; medians of per-round ratios to ONNX Runtime fp32) OpenVINO int8 took 0.389 / 0.367 / 0.319
-# at batch 1 / 8 / 32 where ONNX Runtime int8 took 0.397 / 0.424 / 0.433: 0.98x / 0.87x / 0.74x its
-# latency. fp32 and fp16 were within the rounds' spread of ONNX Runtime (0.90-0.99x), so they stay on
-# ONNX Runtime, which needs no extra package. The run before (other processes took 0.45 cores)
-# had OpenVINO slower everywhere (fp32 3.4x at batch 1, int8 0.98x vs ONNX Runtime int8's 0.44x):
-# its advantage needs the CPU to itself; `--backend onnxruntime` on a shared machine.
+# openvino, when installed, comes before onnxruntime for int8 only: faster there on a quiet machine,
+# within the spread for fp32 and fp16, which stay on ONNX Runtime (no extra package). The figures, and
+# why a shared machine should pass `--backend onnxruntime`: docs/decisions.md, "OpenVINO".
 AUTO_ORDER = ("torch-cuda", "onnxruntime", "torch")
 AUTO_ORDER_INT8 = ("openvino", "onnxruntime")
 

@@ -1,16 +1,13 @@
 """The one ONNX Runtime session loader, with the measured defaults.
 
-Every ONNX Runtime session in clipfuse (the runtime's backends, export
-validation, fp16 and int8 validation, the bench's profiler) is made here, so a
-setting measured once applies everywhere.
+Every ONNX Runtime session in clipfuse (the runtime's backends, export validation, fp16 and int8
+validation, the bench's profiler) is made here, so a setting measured once applies everywhere.
 
-CPU defaults come from measurement (benchmarks/runtime_thin.py, results in
-benchmarks/results/runtime_thin.md; RN50 + ViT-B-32 on 2 cores, batch 8):
-sequential execution with ORT's own intra-op thread count (one per physical
-core, here 2): 816 ms; 1 thread: 1619 ms; ORT_PARALLEL: 1651-1767 ms (its
-inter-op pool competes with the intra-op one for the same cores). Graph
-optimisation level ALL. `spinning=False` stops idle intra-op threads from
-spinning; measured no gain for predict here, so it is left to ORT unless asked.
+CPU defaults: sequential execution with ORT's own intra-op thread count (one per physical core);
+ORT_PARALLEL's inter-op pool competes with the intra-op one for the same cores. Graph optimisation
+level ALL. `spinning=False` stops idle intra-op threads from spinning; it gained nothing for predict,
+so it is left to ORT unless asked. The measurements: docs/decisions.md, "ONNX Runtime CPU session
+settings" (benchmarks/results/runtime_thin.md).
 """
 from __future__ import annotations
 

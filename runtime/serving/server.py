@@ -5,43 +5,26 @@
         ...                                                          # clients: runtime/serving/client.py
     # `clipfuse serve engines/pets` does the same and blocks until Ctrl-C
 
-pytriton bundles Triton 2.51 (CPU-capable, with its Python backend) and binds a
-Python callable as a Triton model: here one OnnxRuntimeBackend per instance runs
-the fused graph on what Triton's dynamic batcher gathered. So this is Triton's
-own HTTP/gRPC front end, health and readiness (/v2/health/live, /ready), the
-per-model statistics (/v2/models/<m>/stats, batch sizes included) and the
-Prometheus metrics endpoint (/metrics), with clipfuse's runtime behind it.
-For a fleet, write a model repository instead (`clipfuse triton`, runtime/serving/repository.py)
-and run stock Triton images on it; both carry the same `clipfuse` model-config
-parameter, so runtime/serving/client.py talks to either.
+pytriton bundles Triton 2.51 (CPU-capable, with its Python backend) and binds a Python callable as a
+Triton model: one OnnxRuntimeBackend per instance runs the fused graph on what Triton's dynamic batcher
+gathered. So this is Triton's own HTTP/gRPC front end, health, per-model statistics and Prometheus
+metrics, with clipfuse's runtime behind it. Triton checks each request's dtype and shape against the
+model config before it reaches Python. For a fleet, `clipfuse triton` (runtime/serving/repository.py)
+writes a repository for stock Triton images; both carry the same `clipfuse` model-config parameter, and
+the server's id (`GET /v2`) is `clipfuse:<model name>`, so the client finds the model without a token.
 
-Triton checks each request's dtype and shape against the model config before it
-reaches Python, so a malformed request gets an error response and never touches
-the engine. The server binds to 127.0.0.1 unless told otherwise.
+Security: binds to 127.0.0.1 unless told otherwise; inference is unauthenticated (as in Triton). The
+admin endpoints need pytriton's access token (`server.access_token`, header `triton-access-token`),
+which clipfuse never prints; tritonserver takes it on its command line, readable by local users, so it
+keeps network clients out, not local users (docs/serving.md).
 
-pytriton's statistics, model-repository, shared-memory, trace and logging endpoints
-need an access token (pytriton's default, kept): `server.access_token`, sent as the
-`triton-access-token` header. clipfuse never prints or logs it. tritonserver accepts
-it only on its command line, so users of the same machine can read it (`ps`): the
-token keeps network clients out of those endpoints, not local users. On a shared
-machine, serve as a dedicated user or in a container, or mount /proc with hidepid=2.
-Inference itself is unauthenticated (as in Triton): bind to loopback (the default)
-or put an authenticating reverse proxy in front.
+Shutting down (stop(), leaving the `with` block, Ctrl-C, SIGTERM): pytriton stops tritonserver, then
+clipfuse waits for it and its Python-backend stubs, kills what is left after a grace period (a stub
+ignores SIGTERM) and removes this server's shared-memory regions from /dev/shm.
 
-Clients find the model without a token: the server's id (`GET /v2`, gRPC
-ServerMetadata) is `clipfuse:<model name>`, which `clipfuse.connect(url)` reads.
-
-Shutting down (stop(), leaving the `with` block, Ctrl-C, or SIGTERM to `clipfuse
-serve`): pytriton stops tritonserver, then clipfuse waits for tritonserver and its
-Python-backend stubs to exit, kills what is left after a grace period (a stub
-ignores SIGTERM), and removes the shared-memory regions named with this server's
-prefix from /dev/shm, so the ports are free and nothing is left when stop() returns.
-
-Environment facts (measured here, pytriton 0.7.0): the bundled Python-backend stub
-embeds libpython, so its folder must be on LD_LIBRARY_PATH (set below for the
-server's process); and the stub is built against numpy 1.x: under numpy 2 every
-output reaches the client EMPTY (no error, zero bytes), which is why the `serve`
-extra pins numpy<2 and why start_server refuses numpy 2 instead of serving nothing.
+pytriton 0.7.0's Python-backend stub embeds libpython (its folder goes on LD_LIBRARY_PATH for the
+server's process) and is built against numpy 1.x: under numpy 2 every output reaches the client
+empty, so the `serve` extra pins numpy<2 and start_server refuses numpy 2.
 """
 from __future__ import annotations
 

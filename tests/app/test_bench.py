@@ -67,7 +67,7 @@ def test_json_has_every_configuration_and_figure(full_run, engine):
     assert saved["latency"]["single:1"]["1"]["gflops"] == pytest.approx(m.backbones[1]["gflops"])
     # the sum is the per-round sum of the singles, never a separate timing: every round's sum lies between
     # the sum of the singles' fastest rounds and the sum of their slowest (a separate timing, or a mean or
-    # max of the singles, falls outside; the old check, sum p50 >= one single's min, held for any of them)
+    # max of the singles, falls outside; sum p50 >= one single's min would hold for any of them)
     for bs in ("1", "2"):
         lo = sum(saved["latency"][f"single:{k}"][bs]["latency_ms"]["min"] for k in range(K))
         hi = sum(saved["latency"][f"single:{k}"][bs]["latency_ms"]["max"] for k in range(K))

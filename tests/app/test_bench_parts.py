@@ -1,5 +1,5 @@
 """The bench's parts that need no full run: worker processes import the installed clipfuse from any
-working folder (issue 13), the overhead said in words, and the one "busy CPU" formula."""
+working folder, the overhead said in words, and the one "busy CPU" formula."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,7 @@ def decoy_cwd(request, tmp_path, monkeypatch):
 
 
 def test_plain_python_c_is_shadowed_by_the_decoy(decoy_cwd):
-    """The failure this guards against, shown: what the workers used to run breaks in this folder."""
+    """The failure this guards against, shown: plain `python -c` breaks in this folder."""
     p = subprocess.run([sys.executable, "-c", "import clipfuse; print(clipfuse.__version__)"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode != 0 and "__version__" in p.stderr

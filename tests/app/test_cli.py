@@ -44,7 +44,7 @@ def test_export_then_inspect(tmp_path, tiny_engine):
 
 
 def test_inspect_engine_prints_as_the_table_and_stays_data(tiny_engine, capsys):
-    """Issue 13: the README prints clipfuse.inspect_engine(...); it showed a raw dict."""
+    """The README prints clipfuse.inspect_engine(...): a table, not a raw dict."""
     import clipfuse
     from clipfuse.cli import present
     info = clipfuse.inspect_engine(tiny_engine, verify=False)

@@ -19,7 +19,7 @@ def test_write_digits_subsets_are_disjoint(tmp_path):
 
 
 def test_demo_stages_are_tagged_demo_and_it_returns_data(tmp_path, monkeypatch, capsys):
-    """Issue 13: the demo's stages were prefixed [bench]. Fit, predictor and bench are stand-ins here."""
+    """The demo's stages are not prefixed [bench]. Fit, predictor and bench are stand-ins here."""
     import clipfuse.bench.run
     import clipfuse.export.fit.pipeline
     import clipfuse.runtime.predict
@@ -61,4 +61,4 @@ def test_demo_stages_are_tagged_demo_and_it_returns_data(tmp_path, monkeypatch, 
     text = present.format_demo(got)
     assert "- NLC: 70.0% [54.6, 81.9] (95%, 40 images)" in text and "- LOG-AVG (shipped): 60.0%" in text
     assert "digit_1" in text
-    assert "The engine ships LOG-AVG: LOG-AVG scored best on held-out pool images" in text  # issue 13 and "BENCH TABLE" in text and "plot: p.png" in text
+    assert "The engine ships LOG-AVG: LOG-AVG scored best on held-out pool images" in text and "BENCH TABLE" in text and "plot: p.png" in text

@@ -152,7 +152,7 @@ def test_missing_image_path_is_named(tiny_engine, tmp_path):
 
 
 def test_missing_path_among_others_is_a_failed_row(tiny_engine, photo_paths, tmp_path):
-    """Issue 13.6: the rest is predicted, the missing one named, exit 1 (it used to abort the run)."""
+    """The rest is predicted, the missing one named, exit 1 (the run is not aborted)."""
     gone = tmp_path / "gone.jpg"
     r = run("predict", tiny_engine, photo_paths[0], gone, photo_paths[1], "--format", "jsonl")
     assert r.exit_code == 1

@@ -340,7 +340,7 @@ def test_bad_arguments_fail_eagerly(mixed):
         iter_batches(mixed[0], SPECS, workers=0)
 
 
-# ----------------------------------------------------------------------------- bounded work (issue 12.3)
+# ----------------------------------------------------------------------------- bounded work
 
 @pytest.fixture
 def forbid_big_resize(monkeypatch):

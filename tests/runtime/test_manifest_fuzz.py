@@ -1,4 +1,4 @@
-"""The manifest as hostile input: wrong types, missing keys, hostile file names (issue 12, items 4-6).
+"""The manifest as hostile input: wrong types, missing keys, hostile file names.
 
 Every case must end in a ClipfuseError with a one-line message, and nothing outside the engine folder
 may be opened while reading it (an audit hook records every `open`). Names that point outside are
@@ -193,7 +193,7 @@ def test_symlinks_inside_the_folder_are_followed(box, original):
 
 
 def test_edited_class_name_is_refused(box, original):
-    """Issue 12.5: same count, one name changed -> refused (it used to be answered under the new name)."""
+    """Same count, one name changed -> refused, not answered under the new name."""
     data = copy.deepcopy(original)
     data["classes"][1] = "tiger"
     assert "the classes in manifest.json are not those heads.safetensors was exported with" in attempt(box, data)

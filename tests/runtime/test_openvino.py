@@ -1,4 +1,4 @@
-"""The openvino backend (issue 16.4): registered through the entry points, the runtime's checks, and the same
+"""The openvino backend: registered through the entry points, the runtime's checks, and the same
 answers as onnxruntime by the one comparator, fp32 and int8."""
 from __future__ import annotations
 

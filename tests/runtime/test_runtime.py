@@ -494,7 +494,7 @@ def test_onnxruntime_backend_opens_through_the_one_session_loader(engine_copy, m
 
 
 def test_pil_strip_is_refused_before_resizing_and_the_rest_is_classified(tiny_engine, photo_paths, monkeypatch):
-    """Issue 12.3 for in-memory images: a 1,000,000 x 8 image would be 4,000,000 x 32 after resizing (128 Mpx)."""
+    """Bounded work for in-memory images: a 1,000,000 x 8 image would be 4,000,000 x 32 after resizing (128 Mpx)."""
     real = Image.Image.resize
 
     def resize(self, size, *a, **kw):

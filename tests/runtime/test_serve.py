@@ -202,7 +202,7 @@ def test_bad_serve_arguments_are_named(tiny_engine):
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_connect_without_a_model_name_finds_the_served_one(protocol, server, photo_paths, local):
-    """The README's `clipfuse.connect(url)`: the server's id names its model, no token needed."""
+    """docs/serving.md's `clipfuse.connect(url)`: the server's id names its model, no token needed."""
     url = server.http_url if protocol == "http" else server.grpc_url
     with clipfuse.connect(url) as remote:
         assert remote.backend.model == server.model_name

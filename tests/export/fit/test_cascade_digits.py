@@ -1,4 +1,4 @@
-"""benchmarks/cascade_digits.py (issue 14.5's committed-results script) on tiny towers and a few digits."""
+"""benchmarks/cascade_digits.py (a committed-results script) on tiny towers and a few digits."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,5 +37,5 @@ def test_the_script_writes_every_figure_with_its_interval(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert md.startswith("<!-- made by: python benchmarks/cascade_digits.py --set pair --backbones")
     assert "| cascade (--max-drop" in md and json.loads(out.with_suffix(".json").read_text())["set"] == "pair"
-    assert "## Diversity of the backbones" in md and "kappa" in md                    # issue 15
+    assert "## Diversity of the backbones" in md and "kappa" in md
     assert res["figures"]["diversity"]["pairwise"]["disagreement"][0][0] == 0       # a backbone agrees with itself

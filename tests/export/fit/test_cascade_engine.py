@@ -1,4 +1,4 @@
-"""Cascade engines end to end on tiny towers (issue 14): fit --cascade writes hashed, validated stage graphs;
+"""Cascade engines end to end on tiny towers: fit --cascade writes hashed, validated stage graphs;
 the router runs only the stages an image reaches (counted, never timed); a mixed batch answers as each image
 alone; predict/compare/triton/bench work on it; fit --budget-* holds the chosen subset; bad options: one line."""
 from __future__ import annotations

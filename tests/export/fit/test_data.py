@@ -62,7 +62,7 @@ def test_every_image_extension_in_any_case_is_listed(tmp_path, ext):
 
 
 def test_a_single_class_is_refused(tmp_path):
-    """Issue 12.8: fit on one class used to succeed and report 100%."""
+    """fit on one class is refused, not reported as 100%."""
     touch(tmp_path / "cat" / "a.png")
     with pytest.raises(ClipfuseError, match=r"has 1 class folder \('cat'\); a classifier needs at least two classes"):
         scan_labelled_folder(tmp_path)

@@ -1,4 +1,4 @@
-"""Export inputs that used to be refused wrongly or accepted wrongly (issue 12, items 6 and 8)."""
+"""Export inputs that are easy to refuse wrongly or accept wrongly."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from clipfuse.export.graph.heads import parse_templates
 
 
 def test_templates_from_a_pipe_are_read(tmp_path):
-    """`--templates /dev/stdin` or `<(...)`: not a regular file, readable once; it used to be 'does not exist'."""
+    """`--templates /dev/stdin` or `<(...)`: not a regular file, readable once; not 'does not exist'."""
     r, w = os.pipe()
     os.write(w, b"a photo of a {}.\n\na sketch of a {}.\n")
     os.close(w)

@@ -211,8 +211,8 @@ def test_stale_fp16_graph_is_refused(fp16_engine, tmp_path):
 
 
 def test_a_graph_with_external_weights_converts_tensor_by_tensor_to_the_same_fp16_graph(tiny_engine, tmp_path):
-    """Past 2 GB the weights live in model.onnx.data and the in-memory conversion held them several times over
-    (the nine's 6.2 GB graph was killed at 24 GB). The streaming way must write exactly what the in-memory way
+    """Past 2 GB the weights live in model.onnx.data and the in-memory conversion holds them several times over
+    (docs/decisions.md). The streaming way must write exactly what the in-memory way
     writes: the same tensors, bit for bit, and the same outputs."""
     import onnx
     from onnx import numpy_helper

@@ -1,4 +1,4 @@
-"""model.int8.onnx core (issue 16): Q/DQ on the tower weighted ops only, validation that refuses, calibration input."""
+"""model.int8.onnx core: Q/DQ on the tower weighted ops only, validation that refuses, calibration input."""
 from __future__ import annotations
 
 import collections

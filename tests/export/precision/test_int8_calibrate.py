@@ -119,7 +119,7 @@ def test_the_qdq_graph_is_the_one_quantize_static_makes_on_the_whole_graph(engin
 
 
 def test_both_graphs_of_an_export_come_from_one_calibration(engine, calib_dir, tmp_path, monkeypatch):
-    """export_int8 calibrates once for the cpu and tensorrt graphs (it used to calibrate inside each quantize)."""
+    """export_int8 calibrates once for the cpu and tensorrt graphs (not inside each quantize)."""
     from clipfuse.export.precision import calibrate, int8_export
     m, _ = engine
     folder = tmp_path / "e"

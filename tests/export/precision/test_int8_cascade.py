@@ -1,4 +1,4 @@
-"""int8 stages for a cascade engine (issue 16.5): `export --precision int8` on a cascade engine cuts each
+"""int8 stages for a cascade engine: `export --precision int8` on a cascade engine cuts each
 backbone's stage tower out of model.int8.onnx, certifies new thresholds on the int8 stages' outputs, and
 every consumer runs them; too few images to certify: the full int8 graph ships, the stages do not, and
 the runtime says why in one line."""

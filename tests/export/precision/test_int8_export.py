@@ -1,4 +1,4 @@
-"""`clipfuse export ENGINE --precision int8` (issue 16.1-16.3): both graphs written through the one writer and
+"""`clipfuse export ENGINE --precision int8`: both graphs written through the one writer and
 recorded, bad input refused in one line with a non-zero exit, and every consumer runs the int8 graph."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""benchmarks/precision_bench.py (issue 16.5) on tiny towers: it runs end to end and writes its results with the
+"""benchmarks/precision_bench.py on tiny towers: it runs end to end and writes its results with the
 exact command at the top. Never at real size in tests; no timing is asserted."""
 from __future__ import annotations
 
