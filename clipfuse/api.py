@@ -21,20 +21,20 @@ from clipfuse.runtime.serving.repository import default_model_name, write_reposi
 from clipfuse.runtime.serving.server import start_server
 
 
-def export_engine(backbones, classes, out, templates=None, force=False, opset=None, quiet=False):
+def export_engine(backbones, classes, out, templates=None, force=False, opset=None):
     """Build engines/<name>/: fused ONNX graph validated against PyTorch, heads, controller, manifest."""
 
     from clipfuse.export.graph.engine import export_engine as _export
 
-    return _export(backbones, classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
+    return _export(backbones, classes, out, templates=templates, force=force, opset=opset)
 
 
-def reexport_engine(folder, opset=None, quiet=False):
+def reexport_engine(folder, opset=None):
     """Rebuild an existing engine's graph from its manifest (keeps heads, fitted controller, reports)."""
 
     from clipfuse.export.graph.engine import reexport_engine as _reexport
 
-    return _reexport(folder, opset=opset, quiet=quiet)
+    return _reexport(folder, opset=opset)
 
 
 def fit_engine(backbones, data, out, **kwargs):
@@ -122,7 +122,7 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-         threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None,
+         threads: int | None = None, verify: bool = True, precision: str | None = None,
          cascade: bool | None = None):
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
 
@@ -138,7 +138,7 @@ def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | 
     """
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, quiet=quiet, precision=precision, cascade=cascade)
+                          threads=threads, verify=verify, precision=precision, cascade=cascade)
 
 
 def available_backends() -> list[str]:
@@ -147,31 +147,30 @@ def available_backends() -> list[str]:
     return _available()
 
 
-def export_fp16(engine_dir, quiet: bool = False) -> dict:
+def export_fp16(engine_dir) -> dict:
     """Add model.fp16.onnx to an engine folder (fp32 islands by explicit casts), validated against
     model.onnx on ONNX Runtime CPU; returns the manifest's precisions["fp16"] entry (see export.precision.fp16)."""
 
-    return _fp16(engine_dir, quiet=quiet)
+    return _fp16(engine_dir)
 
 
 def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
-                data=None, classes=None, quiet: bool = False, keep_fp32=(), cascade_images=None) -> dict:
+                data=None, classes=None, keep_fp32=(), cascade_images=None) -> dict:
     """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
     folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
     paired); keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks);
     cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on (default
     `calibration`; export/precision/int8_stages.py); returns the manifest's precisions["int8"] entry (see export.precision.int8_export)."""
 
-    return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes,
-                 quiet=quiet, keep_fp32=keep_fp32, cascade_images=cascade_images)
+    return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes, keep_fp32=keep_fp32, cascade_images=cascade_images)
 
 
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,
-                 opt_level: int = 3, workspace=None, quiet: bool = False) -> dict:
+                 opt_level: int = 3, workspace=None) -> dict:
     """Build model.<precision>.plan with TensorRT (needs TensorRT and a GPU; see export.precision.trt_plan)."""
 
     return _build(engine_dir, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
-                  opt_level=opt_level, workspace=workspace, quiet=quiet)
+                  opt_level=opt_level, workspace=workspace)
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,

@@ -154,7 +154,7 @@ def backbone_slices(backbones) -> list[tuple[str, int]]:
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision: str | None = None,
-                     batch: int = 8, quiet: bool = True, verify: bool = True, cascade: bool = True) -> dict:
+                     batch: int = 8, verify: bool = True, cascade: bool = True) -> dict:
     """Run the same images through every backend; compare each with the first. Returns the report
     (report["ok"] False when any backend is out of tolerance). On a cascade engine (unless cascade=False)
     also the routed stage graphs against model.onnx: report["cascade"] (runtime/cascade.compare_cascade)."""

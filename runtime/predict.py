@@ -243,7 +243,7 @@ class Predictor:
 
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-                   threads: int | None = None, verify: bool = True, quiet: bool = False,
+                   threads: int | None = None, verify: bool = True,
                    precision: str | None = None, cascade: bool | None = None) -> Predictor:
     """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
     (slow) backend opens, so a typo fails at once. cascade: on a cascade engine, None or True routes
@@ -261,10 +261,10 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
     options = {"threads": threads} if threads else {}
 
     check_cascade_precision(manifest, cascade, precision)
-    routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)
+    routed = open_cascade(manifest, backend, cascade, precision=precision, **options)
     if routed is not None:
         return Predictor(manifest, routed, batch_size, workers)
-    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
+    return Predictor(manifest, open_backend(manifest, backend, precision=precision, **options),
                      batch_size, workers)
 
 

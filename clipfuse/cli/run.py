@@ -15,7 +15,7 @@ from clipfuse.runtime.images import collect_images, set_pixel_limit
 from clipfuse.runtime.predict import printable
 
 from . import present
-from .group import cli, int_list
+from .group import cli, int_list, quiet_option
 
 
 @cli.command()
@@ -129,9 +129,9 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
                    "ENGINE --precision ...`).")
 @click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@quiet_option("No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          precisions, openvino, quiet):
+          precisions, openvino):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -150,7 +150,7 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                               settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              openvino=openvino, stem=name, quiet=quiet, command=command)
+                              openvino=openvino, stem=name, command=command)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
