@@ -29,11 +29,7 @@ def backbones(measure, show_all, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"{'backbone':<14} {'input':>6} {'embed':>6} {'image params':>13} {'GFLOPs':>8}")
-        for r in rows:
-            click.echo(f"{r['arch']:<14} {r['image_size']:>6} {r['embed_dim']:>6} {r['visual_params'] / 1e6:>12.1f}M {r['gflops']:>8.2f}")
-        click.echo("\nWrite a backbone as ARCH[:WEIGHTS]; WEIGHTS = openai (default), a checkpoint path, or random:SEED.")
-        click.echo("GFLOPs: image tower, batch 1, multiply-add = 2 (torch.utils.flop_counter).")
+        click.echo(present.format_backbones(rows))
     if show_all:
 
         click.echo("\nall open_clip architectures:\n" + " ".join(sorted(known_architectures())))

@@ -12,7 +12,6 @@ import click
 from clipfuse import api
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.images import collect_images, set_pixel_limit
-from clipfuse.runtime.predict import printable
 
 from . import present
 from .group import cli, int_list, quiet_option
@@ -76,7 +75,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
             click.echo(present.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
             for p in preds:
                 if not p.ok:
-                    click.echo(f"failed: {printable(p.name)}: {printable(p.error)}", err=True)
+                    click.echo(f"failed: {present.printable(p.name)}: {present.printable(p.error)}", err=True)
             total += len(preds)
             failed += sum(not p.ok for p in preds)
     if failed and not allow_failures:
@@ -202,11 +201,7 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
     model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
                                         kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
                                         precision=precision, force=force, cascade=False if no_cascade else None)
-    click.echo(f"wrote {model} (config.pbtxt checked against Triton's ModelConfig schema)")
-    if (model / "1" / "model.py").is_file():
-        click.echo("cascade: a Python-backend model (1/model.py routes each image through the stages it needs); "
-                   "the server's Python needs clipfuse installed")
-    click.echo(f"run:  tritonserver --model-repository {model.parent}")
+    click.echo(present.format_triton(model))
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -235,8 +230,5 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
                        model_name=model_name, verify=not no_verify, precision=precision,
                        cascade=False if no_cascade else None)
-    click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
-    # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
-    click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
-               "front; statistics, repository and shared-memory endpoints are token-protected", err=True)
+    click.echo(present.format_serving(server), err=True)
     server.serve_forever()

@@ -199,22 +199,3 @@ def failing_backbones(report: dict) -> list[int]:
                 or b["top1_changed"] > b["top1_changed_bound"] * report["images"]):
             bad.append(k)
     return bad
-
-
-def format_int8_summary(info: dict) -> str:
-    """What `clipfuse export ENGINE --precision int8` prints: per graph, what was quantized and its figures."""
-    lines = []
-    for rec in [info] * bool(info.get("file")) + ([info["tensorrt"]] if info.get("tensorrt") else []):
-        s, c = rec["settings"], rec["calibration"]
-        lines += [f"{rec['file']} (target {rec['target']}): {sum(rec['quantized'].values())} tower ops quantized "
-                  f"{rec['quantized']}, activations {s['activation_type']} "
-                  f"({'symmetric' if s['extra_options']['ActivationSymmetric'] else 'asymmetric'}), weights "
-                  f"{s['weight_type']} per-channel; {c['images']} calibration images ({s['calibrate_method']}, "
-                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}"
-                  + (f"; towers kept fp32: {', '.join(rec['float_backbones'])}" if rec.get("float_backbones") else ""),
-                  f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
-        lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
-    if info.get("cascade"):
-
-        lines += format_record(info["cascade"])
-    return "\n".join(lines)
