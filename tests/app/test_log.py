@@ -66,3 +66,19 @@ def test_a_library_call_outside_the_cli_reports_on_stderr(tiny_engine):
     # the program configured the logger itself: clipfuse adds no handler of its own
     r = _library_call(tiny_engine, "logging.getLogger('clipfuse').addHandler(logging.NullHandler())")
     assert r.returncode == 0 and "backend auto" not in r.stderr, r.stderr
+
+
+def test_no_library_function_takes_quiet():
+    """The library (all but the CLI) only logs: whether a line is seen is the logger's business."""
+    import ast
+    from pathlib import Path
+
+    import importlib
+
+    roots = [Path(importlib.import_module(m).__file__).parent for m in ("clipfuse", "clipfuse.export", "clipfuse.runtime")]
+    cli = roots[0] / "cli"                  # the CLI's -q/--quiet options set the logger's level
+    sources = {p for d in roots for p in d.rglob("*.py") if cli not in p.parents}
+    takers = [f"{p.name}:{f.name}" for p in sorted(sources) for f in ast.walk(ast.parse(p.read_text()))
+              if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and "quiet" in [a.arg for a in f.args.args + f.args.kwonlyargs]]
+    assert takers == [] and len(sources) > 50
