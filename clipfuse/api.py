@@ -1,48 +1,13 @@
-"""The Python API behind the CLI: every command is one call here, returning data (the CLI parses the
-arguments and shows the result through clipfuse.cli.present)."""
+"""The public API's own functions: the ones that add something to a library call (clipfuse/__init__.py
+points every other public name straight at its home, e.g. clipfuse.export_engine at
+clipfuse.export.graph.engine.export_engine). They return data; the CLI shows it through clipfuse.cli.present."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from clipfuse.bench.run import run_bench
 from clipfuse.cli.present import format_inspect
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.demo import run_demo as _demo
-from clipfuse.export.precision.fp16 import export_fp16 as _fp16
-from clipfuse.export.precision.int8_export import export_int8 as _int8
-from clipfuse.export.precision.trt_plan import build_engine as _build
-from clipfuse.runtime.backends.registry import available_backends as _available
-from clipfuse.runtime.compare import compare_backends as _compare
-from clipfuse.runtime.images import collect_images as _collect
 from clipfuse.runtime.manifest import read_manifest
-from clipfuse.runtime.predict import load_predictor
-from clipfuse.runtime.serving.client import connect as _connect
-from clipfuse.runtime.serving.repository import default_model_name, write_repository
-from clipfuse.runtime.serving.server import start_server
-
-
-def export_engine(backbones, classes, out, templates=None, force=False, opset=None):
-    """Build engines/<name>/: fused ONNX graph validated against PyTorch, heads, controller, manifest."""
-
-    from clipfuse.export.graph.engine import export_engine as _export
-
-    return _export(backbones, classes, out, templates=templates, force=force, opset=opset)
-
-
-def reexport_engine(folder, opset=None):
-    """Rebuild an existing engine's graph from its manifest (keeps heads, fitted controller, reports)."""
-
-    from clipfuse.export.graph.engine import reexport_engine as _reexport
-
-    return _reexport(folder, opset=opset)
-
-
-def fit_engine(backbones, data, out, **kwargs):
-    """Few-shot NLC + every baseline on a labelled folder -> engine folder with report (see export.fit.pipeline)."""
-
-    from clipfuse.export.fit.pipeline import fit_engine as _fit
-
-    return _fit(backbones, data, out, **kwargs)
 
 
 def fit_levers(**kwargs):
@@ -53,14 +18,6 @@ def fit_levers(**kwargs):
     if not kwargs.get("cascade") and kwargs.get("max_drop", 0.5) < 0:      # a bad value is refused even unused
         raise ClipfuseError(f"--max-drop must be a number of accuracy points >= 0 (e.g. 0.5), got {kwargs['max_drop']!r}")
     return Levers(**kwargs)
-
-
-def eval_engine(engine, data, **kwargs):
-    """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit.pipeline)."""
-
-    from clipfuse.export.fit.pipeline import eval_engine as _eval
-
-    return _eval(engine, data, **kwargs)
 
 
 def list_backbones(measure: bool = False) -> list[dict]:
@@ -119,121 +76,3 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
         "onnx": d["onnx"],
         "versions": d.get("versions", {}),
     })
-
-
-def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-         threads: int | None = None, verify: bool = True, precision: str | None = None,
-         cascade: bool | None = None):
-    """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
-
-    backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
-    "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
-    workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
-    (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
-    open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
-    (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
-    cascade: on a cascade engine (`fit --cascade`), None or True routes each image through the stages it
-    needs (Prediction.stage says which answered; fp32 stages, or with precision="int8" the int8 ones that
-    `export --precision int8` cut and certified; fp16 has none); False runs the full graph.
-    """
-
-    return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, precision=precision, cascade=cascade)
-
-
-def available_backends() -> list[str]:
-    """Backends that can run here, fastest first (the order `backend="auto"` tries)."""
-
-    return _available()
-
-
-def export_fp16(engine_dir) -> dict:
-    """Add model.fp16.onnx to an engine folder (fp32 islands by explicit casts), validated against
-    model.onnx on ONNX Runtime CPU; returns the manifest's precisions["fp16"] entry (see export.precision.fp16)."""
-
-    return _fp16(engine_dir)
-
-
-def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
-                data=None, classes=None, keep_fp32=(), cascade_images=None) -> dict:
-    """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
-    folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
-    paired); keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks);
-    cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on (default
-    `calibration`; export/precision/int8_stages.py); returns the manifest's precisions["int8"] entry (see export.precision.int8_export)."""
-
-    return _int8(engine_dir, calibration, count=count, method=method, targets=targets, data=data, classes=classes, keep_fp32=keep_fp32, cascade_images=cascade_images)
-
-
-def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams=None, timing_cache=None,
-                 opt_level: int = 3, workspace=None) -> dict:
-    """Build model.<precision>.plan with TensorRT (needs TensorRT and a GPU; see export.precision.trt_plan)."""
-
-    return _build(engine_dir, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
-                  opt_level=opt_level, workspace=workspace)
-
-
-def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision=None, batch: int = 8,
-                     verify: bool = True, cascade: bool = True) -> dict:
-    """Identical inputs through each backend, each compared with the first; report["ok"] says whether all
-    agree within the precision's tolerance (see runtime.compare)."""
-
-    return _compare(engine_dir, backends, images=images, precision=precision, batch=batch, verify=verify,
-                    cascade=cascade)
-
-
-def collect_images(sources, stdin=None) -> list[Path]:
-    """Image paths from files, folders (recursive), globs and "-" (a list on stdin)."""
-
-    return _collect(sources, stdin=stdin)
-
-
-def bench_engine(engine, **kwargs) -> dict:
-    """The fused graph vs each backbone alone, their sum, the naive ensemble and PyTorch eager, side by
-    side; writes bench.md/.json/.png (see clipfuse.bench.run.run_bench for the options)."""
-
-    return run_bench(engine, **kwargs)
-
-
-def run_demo(out="engines/demo", **kwargs) -> dict:
-    """The whole offline flow: fit on a digits subset -> export -> predict -> bench (see clipfuse.demo.run_demo)
-    -> {"fit", "predictions", "backbone_names", "bench", "seconds"}."""
-
-    return _demo(out, **kwargs)
-
-
-# ----------------------------------------------------------------------------- Triton (runtime/triton, serve, client)
-
-TRITON_ACCESS_HEADER = "triton-access-token"
-
-
-def write_triton_repository(engine, out, **kwargs):
-    """Triton model repository OUT/<model>/{config.pbtxt, 1/model.onnx|plan} -> the model folder
-    (options: backend, max_batch, instances, kind, queue_delay_us, model_name, precision, force)."""
-
-    return write_repository(engine, out, **kwargs)
-
-
-def serve(engine, **kwargs):
-    """Start a Triton server (pytriton) for an engine folder -> Server (stop() or `with`; serve_forever())."""
-
-    return start_server(engine, **kwargs)
-
-
-def connect(url: str, model: str | None = None, batch_size: int = 8, workers: int | None = None,
-            timeout_s: float = 60.0):
-    """A Predictor (predict, predict_batches, predict_arrays) whose engine runs on a Triton server."""
-
-    return _connect(url, model=model, batch_size=batch_size, workers=workers, timeout_s=timeout_s)
-
-
-def remote_predict_args(engine, images, model):
-    """`clipfuse predict --url`: ENGINE is optional. An engine folder names the model (unless --model);
-    anything else is the first image source. -> (engine or None, images, model)."""
-    engine_dir = Path(engine)
-    if (engine_dir / "manifest.json").is_file():
-        if model is None:
-
-            model = default_model_name(read_manifest(engine_dir, verify=False))
-        return engine, tuple(images), model
-    return None, (engine, *images), model

@@ -240,9 +240,21 @@ class Predictor:
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
                    threads: int | None = None, verify: bool = True,
                    precision: str | None = None, cascade: bool | None = None) -> Predictor:
-    """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
-    (slow) backend opens, so a typo fails at once. cascade: on a cascade engine, None or True routes
-    images through its stage graphs (runtime/cascade.py), False runs the full graph (model.onnx)."""
+    """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays);
+    `clipfuse.load`. The folder and the arguments are checked before the (slow) backend opens, so a typo
+    fails at once.
+
+    backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
+    "onnxruntime-tensorrt", "openvino", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine
+    call. workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
+    (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
+    open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
+    (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
+    cascade: on a cascade engine, None or True routes each image through the stages it needs
+    (Prediction.stage says which answered; fp32 stages, or with precision="int8" the int8 ones that
+    `export --precision int8` cut and certified; fp16 has none; runtime/cascade.py); False runs the full
+    graph (model.onnx).
+    """
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ClipfuseError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKEND_NAMES)}")
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -1,7 +1,8 @@
 """`clipfuse` commands that make and examine engine folders: backbones, export, fit, eval, inspect, build.
 
-Each parses its arguments, calls clipfuse.api, and shows the result (clipfuse.cli.present); they are
-registered on the group of clipfuse/cli/group.py.
+Each parses its arguments, calls the library (the functions `clipfuse.<name>` names; export/ modules that
+load torch are imported by the command that needs them), and shows the result (clipfuse.cli.present);
+they are registered on the group of clipfuse/cli/group.py.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import click
 
 from clipfuse import api
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.precision.fp16 import export_fp16
+from clipfuse.export.precision.int8_export import export_int8
+from clipfuse.export.precision.trt_plan import build_engine
 
 from . import present
 from .group import cli, int_list, quiet_option
@@ -90,31 +94,33 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
             raise ClipfuseError(f"`clipfuse export {engine} --precision {precision}` converts the engine's model.onnx; "
                                 "drop --backbone/--classes/--templates/--out/--opset")
         if precision == "fp16":
-            click.echo(present.format_fp16(api.export_fp16(engine)))
+            click.echo(present.format_fp16(export_fp16(engine)))
             return
         if calibration is None:
             raise ClipfuseError(f"--precision int8 needs --calibration DIR: a folder of your own images (at least 32) "
                                 f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
         targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
-        info = api.export_int8(engine, calibration, count=calibration_count, method=calibration_method,
-                               targets=targets, data=data, keep_fp32=keep_fp32,
-                               cascade_images=cascade_images)
+        info = export_int8(engine, calibration, count=calibration_count, method=calibration_method,
+                           targets=targets, data=data, keep_fp32=keep_fp32,
+                           cascade_images=cascade_images)
         click.echo(present.format_int8(info))
         return
     if engine is None and precision in ("fp16", "int8"):
         raise ClipfuseError(f"--precision {precision} applies to an existing engine: export it first, then run "
                             f"`clipfuse export engines/NAME --precision {precision}`")
+    from clipfuse.export.graph.engine import export_engine, reexport_engine
+
     if engine is not None:
         if backbone_list or classes or templates or out:
             raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
                                 "drop --backbone/--classes/--templates/--out, or drop ENGINE to make a new one")
-        result = api.reexport_engine(engine, opset=opset)
+        result = reexport_engine(engine, opset=opset)
     else:
         missing = [f"--{n}" for n, v in (("backbone", backbone_list), ("classes", classes), ("out", out)) if not v]
         if missing:
             raise ClipfuseError(f"a new engine needs {', '.join(missing)} "
                                 "(e.g. -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME)")
-        result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset)
+        result = export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset)
     click.echo(present.format_inspect(api.inspect_engine(result.folder, verify=False)))
 
 @cli.command()
@@ -168,14 +174,16 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 
     if budget_ms is not None and budget_gflops is not None:
         raise ClipfuseError("give one budget: --budget-ms or --budget-gflops, not both")
+    from clipfuse.export.fit.pipeline import fit_engine
+
     levers = api.fit_levers(budget=budget_ms if budget_ms is not None else budget_gflops,
                             budget_unit="GFLOPs" if budget_gflops is not None else "ms", cascade=cascade,
                             max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs")
-    result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
-                                    seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
-                                    probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
-                                    cache_dir=cache, batch_size=batch, force=force, controller=controller,
-                                    levers=levers)
+    result, report = fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
+                                seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
+                                probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
+                                cache_dir=cache, batch_size=batch, force=force, controller=controller,
+                                levers=levers)
     click.echo((result.folder / "report.md").read_text())
 
 @cli.command(name="eval")
@@ -191,9 +199,10 @@ def eval_(engine, data, classes, batch, as_json, report_dir):
     """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder, the row the
     engine ships marked, and the backbones' diversity with the controller's failure signatures."""
 
+    from clipfuse.export.fit.pipeline import eval_engine
     from clipfuse.export.fit.report import format_eval
 
-    res = api.eval_engine(engine, data, classes=classes, batch_size=batch, report_dir=report_dir)
+    res = eval_engine(engine, data, classes=classes, batch_size=batch, report_dir=report_dir)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -230,6 +239,6 @@ def build(engine, precision, batch, aux_streams, timing_cache, opt_level, worksp
 
     if len(batch) != 3:
         raise ClipfuseError(f"--batch must be MIN,OPT,MAX (three integers), got {','.join(map(str, batch))}")
-    entry = api.build_engine(engine, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
-                             opt_level=opt_level, workspace=workspace * 2**20 if workspace else None)
+    entry = build_engine(engine, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
+                         opt_level=opt_level, workspace=workspace * 2**20 if workspace else None)
     click.echo(json.dumps(entry, indent=2))

@@ -1,7 +1,7 @@
 """`clipfuse` commands that run an engine: predict, compare, bench, demo, and serving it (triton, serve).
 
-Each parses its arguments, calls clipfuse.api, and shows the result (clipfuse.cli.present); they are
-registered on the group of clipfuse/cli/group.py.
+Each parses its arguments, calls the library (the functions `clipfuse.<name>` names), and shows the
+result (clipfuse.cli.present); they are registered on the group of clipfuse/cli/group.py.
 """
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ import json
 
 import click
 
-from clipfuse import api
+from pathlib import Path
+
+from clipfuse.bench.run import run_bench
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.demo import run_demo
+from clipfuse.runtime.compare import compare_backends
 from clipfuse.runtime.images import collect_images, set_pixel_limit
+from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.predict import load_predictor
+from clipfuse.runtime.serving.client import connect
+from clipfuse.runtime.serving.repository import default_model_name, write_repository
+from clipfuse.runtime.serving.server import start_server
 
 from . import present
 from .group import cli, int_list, quiet_option
@@ -54,7 +63,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
         if precision is not None:
             raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
                                 "with (`clipfuse serve ENGINE --precision ...`)")
-        engine, images, model_name = api.remote_predict_args(engine, images, model_name)
+        engine, images, model_name = _remote_predict_args(engine, images, model_name)
     if not images:
         raise click.UsageError("Missing argument 'IMAGES...'.")
 
@@ -65,9 +74,9 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
     if not paths:
         raise ClipfuseError("no images to classify: the list on stdin was empty")
     total = failed = 0
-    opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
-              api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
+    opened = (connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
+              load_predictor(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
+                             verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
@@ -83,6 +92,16 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
                             "fix or remove them, or pass --allow-failures to exit 0 anyway")
     if failed:
         click.echo(f"{failed} of {total} images could not be classified (allowed by --allow-failures)", err=True)
+
+
+def _remote_predict_args(engine, images, model):
+    """`clipfuse predict --url`: ENGINE is optional. An engine folder names the model (unless --model);
+    anything else is the first image source. -> (engine or None, images, model)."""
+    if (Path(engine) / "manifest.json").is_file():
+        if model is None:
+            model = default_model_name(read_manifest(engine, verify=False))
+        return engine, tuple(images), model
+    return None, (engine, *images), model
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -101,8 +120,8 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
     """Run identical inputs through each backend: max abs/rel error per output and top-1 agreement
     against the first backend. Exit 1 when any is out of tolerance."""
 
-    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
-                                  cascade=not no_cascade)
+    report = compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
+                              cascade=not no_cascade)
     click.echo(json.dumps(report, indent=2) if as_json else present.format_compare(report))
     if not report["ok"]:
         raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")
@@ -146,10 +165,10 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
                         *(["--openvino"] if openvino else [])])
-    result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
-                              warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
-                              settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              openvino=openvino, stem=name, command=command)
+    result = run_bench(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
+                       warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
+                       settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                       openvino=openvino, stem=name, command=command)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
@@ -171,7 +190,7 @@ def demo(out, per_class, batches, runs):
     RN50:openai and ViT-B-32:openai through `clipfuse fit` and `clipfuse bench`.
     """
 
-    click.echo(present.format_demo(api.run_demo(out, train_per_class=per_class, batches=batches, runs=runs)))
+    click.echo(present.format_demo(run_demo(out, train_per_class=per_class, batches=batches, runs=runs)))
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -198,9 +217,9 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
     (`clipfuse predict --url`); see docs/triton.md for running it on a fleet.
     """
 
-    model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
-                                        kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
-                                        precision=precision, force=force, cascade=False if no_cascade else None)
+    model = write_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
+                             kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
+                             precision=precision, force=force, cascade=False if no_cascade else None)
     click.echo(present.format_triton(model))
 
 @cli.command()
@@ -226,9 +245,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
     """
 
-    server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
-                       max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify, precision=precision,
-                       cascade=False if no_cascade else None)
+    server = start_server(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
+                          model_name=model_name, verify=not no_verify, precision=precision,
+                          cascade=False if no_cascade else None)
     click.echo(present.format_serving(server), err=True)
     server.serve_forever()
