@@ -58,16 +58,17 @@ def keep_first(folder: Path, per_class: int) -> None:
             f.unlink()
 
 
-def arrays(backbones, folder: Path, cache_dir, quiet: bool):
+def arrays(backbones, folder: Path, cache_dir):
     """Features (cached), linear-probe heads and fit's splits -> a dict of arrays."""
     from clipfuse.export.data import sample_k_shot, scan_labelled_folder, seeded_split
     from clipfuse.export.fit.features import FeatureCache, compute_features, head_logits
+    from clipfuse.core.log import progress_shown
     from clipfuse.export.fit.pipeline import SPLIT_SEED, _select, fit_linear_probe
     from clipfuse.export.graph import backbones as bb
 
     paths, labels, classes = scan_labelled_folder(folder)
     built = [bb.load_backbone(b) for b in backbones]
-    fs = compute_features(built, paths, FeatureCache(cache_dir), progress=not quiet)
+    fs = compute_features(built, paths, FeatureCache(cache_dir), progress=progress_shown())
     ok = set(fs.paths)
     keep = [i for i, p in enumerate(paths) if p in ok]
     paths, labels = [paths[i] for i in keep], labels[keep]
@@ -98,7 +99,7 @@ def auto_drop(n_calib: int, tries: int) -> float:
     raise SystemExit(f"{n_calib} calibration images cannot certify even {DROPS[-1]} points: use more images")
 
 
-def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
+def figures(a: dict, max_drop: float | None) -> dict:
     from clipfuse.export.fit import nlc, select
     from clipfuse.export.fit.levers import Levers, check_calibration, fused_logits, plan_cascade
     from clipfuse.export.fit.subsets import Split, search_subsets, static_fitter
@@ -145,9 +146,9 @@ def figures(a: dict, max_drop: float | None, quiet: bool) -> dict:
         tries = 2 * 2                     # at most two candidate orders x two scores
         drop = max_drop if max_drop is not None else auto_drop(held.size, tries)
         levers = Levers(cascade=True, max_drop=drop)
-        costs = check_calibration(levers, a["built"], a["heads"], a["Z_pool"], a["y_pool"], shots, quiet)
+        costs = check_calibration(levers, a["built"], a["heads"], a["Z_pool"], a["y_pool"], shots)
         plan = plan_cascade(levers, a["built"], a["heads"], a["X_pool"], a["Z_pool"], a["y_pool"], a["X_ev"],
-                            a["Z_ev"], y_ev, shots, shipped, cfg, quiet, costs=costs)
+                            a["Z_ev"], y_ev, shots, shipped, cfg, costs=costs)
         t = plan["fit"].test
         cascade = {"max_drop": drop, "order": plan["fit"].names, "score": plan["fit"].score,
                    "thresholds": plan["block"]["thresholds"], "exit_rates": t["exit_rates"],
@@ -216,6 +217,16 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default benchmarks/results/cascade_<set>")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    import logging
+    from contextlib import nullcontext
+
+    from clipfuse.core.log import at_level
+
+    with at_level(logging.WARNING) if args.quiet else nullcontext():     # --quiet: warnings only
+        return _run(args, argv)
+
+
+def _run(args, argv):
     backbones, per_class = SETS[args.set]
     backbones = args.backbones or backbones
     per_class = args.images or per_class
@@ -228,9 +239,9 @@ def main(argv=None):
         if per_class:
             keep_first(tmp / "digits", per_class)
             n = sum(1 for _ in (tmp / "digits").rglob("*.png"))
-        a = arrays(backbones, tmp / "digits", args.cache, args.quiet)
+        a = arrays(backbones, tmp / "digits", args.cache)
         res = {"set": args.set, "command": command, "backbones": backbones, "images": n,
-               "figures": figures(a, args.max_drop, args.quiet)}
+               "figures": figures(a, args.max_drop)}
         if args.latency:
             res["latency"] = latency(backbones, tmp, a, res, args)
     finally:
@@ -260,12 +271,12 @@ def latency(backbones, tmp: Path, a: dict, res: dict, args) -> str:
     engine = tmp / "engine"
     fit_engine(backbones, tmp / "digits", engine, head="linear-probe", eval_fraction=EVAL_FRACTION,
                probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=args.cache,
-               levers=Levers(cascade=True, max_drop=res["figures"]["cascade"]["max_drop"]), quiet=args.quiet)
+               levers=Levers(cascade=True, max_drop=res["figures"]["cascade"]["max_drop"]))
     ev = tmp / "eval"
     for p in a["ev_paths"]:
         (ev / Path(p).parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, ev / Path(p).parent.name / Path(p).name)
-    r = run_bench(engine, data=ev, batches=(1, 8), runs=3, torch=False, memory=False, out=tmp / "bench", quiet=args.quiet)
+    r = run_bench(engine, data=ev, batches=(1, 8), runs=3, torch=False, memory=False, out=tmp / "bench")
     return (tmp / "bench" / "bench.md").read_text() if r else ""
 
 

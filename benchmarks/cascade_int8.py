@@ -43,7 +43,7 @@ from cascade_digits import EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, arrays, a
 from nlc_digits import write_digits  # noqa: E402
 
 
-def build(backbones, tmp: Path, cache, engine: Path, quiet: bool) -> tuple[Path, Path, Path, dict]:
+def build(backbones, tmp: Path, cache, engine: Path) -> tuple[Path, Path, Path, dict]:
     """The digits; the calibration (non-eval), eval and fit-calibration folders; the cascade engine (fit unless
     `engine` holds it)."""
     from clipfuse.export.fit.levers import Levers
@@ -51,7 +51,7 @@ def build(backbones, tmp: Path, cache, engine: Path, quiet: bool) -> tuple[Path,
     from clipfuse.runtime.manifest import read_manifest
 
     write_digits(tmp / "digits")
-    a = arrays(backbones, tmp / "digits", cache, quiet)
+    a = arrays(backbones, tmp / "digits", cache)
     ev = set(map(str, a["ev_paths"]))
     calib, evald = tmp / "calib", tmp / "eval"
     for p in sorted((tmp / "digits").rglob("*.png")):
@@ -76,7 +76,7 @@ def build(backbones, tmp: Path, cache, engine: Path, quiet: bool) -> tuple[Path,
         shutil.rmtree(engine, ignore_errors=True)
         fit_engine(backbones, tmp / "digits", engine, head="linear-probe", eval_fraction=EVAL_FRACTION,
                    probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=cache,
-                   levers=Levers(cascade=True, max_drop=max_drop), quiet=quiet)
+                   levers=Levers(cascade=True, max_drop=max_drop))
     return calib, evald, fitcal, {"max_drop": max_drop, "calibration_images": n_cal, "fitted_now": fresh,
                           "eval_images": len(ev), "non_eval_images": sum(1 for _ in calib.rglob("*.png"))}
 
@@ -156,6 +156,16 @@ def main(argv=None):
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md again from a results .json")
     args = ap.parse_args(argv)
+    import logging
+    from contextlib import nullcontext
+
+    from clipfuse.core.log import at_level
+
+    with at_level(logging.WARNING) if args.quiet else nullcontext():     # --quiet: warnings only
+        return _run(args, argv)
+
+
+def _run(args, argv):
     if args.render:
         res = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text(markdown(res))
@@ -172,15 +182,15 @@ def main(argv=None):
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-cascade-int8-"))
     try:
         engine = Path(args.engine) if args.engine else tmp / "engine"
-        calib, evald, fitcal, setup = build(backbones, tmp, args.cache, engine, args.quiet)
+        calib, evald, fitcal, setup = build(backbones, tmp, args.cache, engine)
         setup["certified_on"] = args.certify_on
         info = export_int8(engine, calib, count=256, targets=("cpu",), data=evald, strict=False,
-                           keep_fp32=args.keep_fp32, quiet=args.quiet,
+                           keep_fp32=args.keep_fp32,
                            cascade_images=fitcal if args.certify_on == "fit" else calib)
         m = read_manifest(engine)
-        bench = {"fp32": bench_cascade(m, evald, batches=batches, quiet=args.quiet)}
+        bench = {"fp32": bench_cascade(m, evald, batches=batches)}
         if info["cascade"].get("written"):
-            bench["int8"] = bench_cascade(m, evald, batches=batches, quiet=args.quiet, precision="int8")
+            bench["int8"] = bench_cascade(m, evald, batches=batches, precision="int8")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"set": args.set, "command": command, "backbones": backbones, "order": m.backbone_names, "setup": setup,

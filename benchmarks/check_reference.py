@@ -61,7 +61,7 @@ def compare(backbones, out, images):
     specs = [parse_backbone(b) for b in backbones]
     if any(s.kind != "random" for s in specs):
         raise SystemExit("check_reference needs random:SEED weights (the reference rebuilds them by seed)")
-    export_engine(backbones, CLASSES, out, templates=TEMPLATES, force=True, quiet=True)
+    export_engine(backbones, CLASSES, out, templates=TEMPLATES, force=True)
     bb = engine_backbone_logits(out, images)
     rows = []
     for k, s in enumerate(specs):

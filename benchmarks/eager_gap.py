@@ -114,7 +114,7 @@ def phase_ort(engine: str, runs: int) -> dict:
     from clipfuse.bench.configs import ensure_singles
 
     best = []
-    for k, single in enumerate(ensure_singles(m, quiet=True)[0]):
+    for k, single in enumerate(ensure_singles(m)[0]):
         sb = OnnxRuntimeBackend(single).open()
         big = make_feed(single, 32)
         sb.infer(big)

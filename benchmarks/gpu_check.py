@@ -246,14 +246,14 @@ def tensorrt_part(built, heads, torch, device, batches, rounds, iters, warmup) -
         for b in built:           # the exporter traces on the CPU; the timings above are done with these towers
             b.model.cpu()
         # the towers are already image-only (text towers dropped): pass the zero-shot heads made above
-        export_engine([b for b in built], CLASSES, folder, templates=TEMPLATES, heads=heads, quiet=True)
+        export_engine([b for b in built], CLASSES, folder, templates=TEMPLATES, heads=heads)
         cache = Path(tmp) / "timing.cache"
         rng = __import__("numpy").random.default_rng(0)
         for aux in (0, 4):
             t = time.perf_counter()
             info = build_engine(folder, "fp32", batch=(1, 8, max(batches)), aux_streams=aux, timing_cache=cache)
             build_s = time.perf_counter() - t
-            backend = open_backend(folder, "tensorrt", quiet=True)
+            backend = open_backend(folder, "tensorrt")
             for bs in batches:
                 feed = {i["name"]: rng.integers(0, 256, (bs, 3, i["shape"][2], i["shape"][3]), dtype="uint8")
                         for i in backend.manifest.inputs}

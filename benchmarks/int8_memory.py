@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent
 def child(way: str, engine: str, images: str, n: int, out: str) -> None:
     import onnx
 
-    from clipfuse.export.precision.calibrate import _reader, calibration_feeds, quiet_root_logger
+    from clipfuse.export.precision.calibrate import _reader, calibration_feeds, muted_root_logger
     from clipfuse.export.precision.int8 import quantization_plan, quantize_int8
     from clipfuse.runtime.manifest import read_manifest
 
@@ -45,7 +45,7 @@ def child(way: str, engine: str, images: str, n: int, out: str) -> None:
 
         model = onnx.load(str(m.onnx_path))
         island, _, to_quantize, _ = quantization_plan(model)
-        with quiet_root_logger():
+        with muted_root_logger():
             quantize_static(model, out, _reader(feeds), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True, reduce_range=False,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -205,15 +205,15 @@ def main(argv=None):
         if not (args.reuse_engine and _same_engine(engine, backbones)):
             fit_engine(backbones, train, engine, eval_data=evald, head="linear-probe", probe_fraction=0.8,
                        shots=args.shots, seed=0, study_shots=(args.shots,), study_seeds=(0,), cache_dir=args.cache,
-                       force=True, quiet=True)
+                       force=True)
         refused, graphs = {}, {}
         # a graph the validation refuses is still measured (strict=False), and the refusal is said at the top
         if "fp16" in precisions:
             try:
-                export_fp16(engine, quiet=True)
+                export_fp16(engine)
             except ClipfuseError as e:
                 refused["fp16"] = str(e)
-                export_fp16(engine, quiet=True, strict=False)
+                export_fp16(engine, strict=False)
             m = read_manifest(engine)
             graphs["model.fp16.onnx"] = m.data["precisions"]["fp16"]
             graphs["model.fp16.onnx"]["accuracy"] = paired_accuracy(m, engine / "model.fp16.onnx", evald, key="fp16")
@@ -241,7 +241,7 @@ def main(argv=None):
         elif "int8" in precisions:
             # one export, not strict: the refusal it would have made is read from its validation (an export
             # of the nine takes ~20 minutes; exporting again after a refusal would double it)
-            int8 = export_int8(engine, train, count=args.calibration_count, data=evald, quiet=True, targets=targets,
+            int8 = export_int8(engine, train, count=args.calibration_count, data=evald, targets=targets,
                                keep_fp32=args.int8_keep_fp32 or (), strict=False)
             graphs["model.int8.onnx"] = int8
             if "tensorrt" in int8:
@@ -258,7 +258,7 @@ def main(argv=None):
         bench = run_bench(engine, batches=batches, runs=args.runs, precisions=precisions,
                           openvino=(False if args.no_openvino else
                                     tuple(args.openvino_precisions.split(",")) if args.openvino_precisions else True),
-                          torch=not args.no_torch, out=tmp / "bench", quiet=True, arena=not args.no_arena,
+                          torch=not args.no_torch, out=tmp / "bench", arena=not args.no_arena,
                           command=command, singles=not args.no_singles)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

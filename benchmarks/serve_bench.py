@@ -142,11 +142,11 @@ def main(argv=None) -> None:
     from clipfuse.runtime.serving.server import free_port
 
     manifest = ensure_engine(Path(args.engine))
-    local = clipfuse.load(manifest.folder, backend="onnxruntime", verify=False, quiet=True)
+    local = clipfuse.load(manifest.folder, backend="onnxruntime", verify=False)
     feeds = feeds_from_photos(local.specs)
     server = clipfuse.serve(manifest.folder, host=HOST, http_port=free_port(), grpc_port=free_port(),
                             metrics_port=free_port(), max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
-                            verify=False, quiet=True, exit_timeout_s=3)
+                            verify=False, exit_timeout_s=3)
     # tritonclient's HTTP client is gevent-based and belongs to the thread that made it: one per
     # worker thread, made on first use; the pool's threads live for the whole run.
     pool = ThreadPoolExecutor(max(levels), thread_name_prefix="serve-bench")

@@ -30,25 +30,25 @@ from clipfuse.core.errors import ClipfuseError
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "export_engine": ("clipfuse.api", "export_engine"),
+_LAZY = {      # public name -> (its home, its name there)
+    "export_engine": ("clipfuse.export.graph.engine", "export_engine"),
+    "reexport_engine": ("clipfuse.export.graph.engine", "reexport_engine"),
+    "fit_engine": ("clipfuse.export.fit.pipeline", "fit_engine"),
+    "eval_engine": ("clipfuse.export.fit.pipeline", "eval_engine"),
     "inspect_engine": ("clipfuse.api", "inspect_engine"),
-    "reexport_engine": ("clipfuse.api", "reexport_engine"),
-    "fit_engine": ("clipfuse.api", "fit_engine"),
-    "eval_engine": ("clipfuse.api", "eval_engine"),
     "list_backbones": ("clipfuse.api", "list_backbones"),
-    "load": ("clipfuse.api", "load"),
-    "available_backends": ("clipfuse.api", "available_backends"),
-    "bench_engine": ("clipfuse.api", "bench_engine"),
-    "run_demo": ("clipfuse.api", "run_demo"),
-    "export_fp16": ("clipfuse.api", "export_fp16"),
-    "export_int8": ("clipfuse.api", "export_int8"),
-    "build_engine": ("clipfuse.api", "build_engine"),
-    "compare_backends": ("clipfuse.api", "compare_backends"),
+    "load": ("clipfuse.runtime.predict", "load_predictor"),
+    "available_backends": ("clipfuse.runtime.backends.registry", "available_backends"),
+    "bench_engine": ("clipfuse.bench.run", "run_bench"),
+    "run_demo": ("clipfuse.demo", "run_demo"),
+    "export_fp16": ("clipfuse.export.precision.fp16", "export_fp16"),
+    "export_int8": ("clipfuse.export.precision.int8_export", "export_int8"),
+    "build_engine": ("clipfuse.export.precision.trt_plan", "build_engine"),
+    "compare_backends": ("clipfuse.runtime.compare", "compare_backends"),
     "parse_backbone": ("clipfuse.export.graph.backbones", "parse_backbone"),
-    "write_triton_repository": ("clipfuse.api", "write_triton_repository"),
-    "serve": ("clipfuse.api", "serve"),
-    "connect": ("clipfuse.api", "connect"),
+    "write_triton_repository": ("clipfuse.runtime.serving.repository", "write_repository"),
+    "serve": ("clipfuse.runtime.serving.server", "start_server"),
+    "connect": ("clipfuse.runtime.serving.client", "connect"),
 }
 
 __all__ = ["ClipfuseError", "__version__", *_LAZY]

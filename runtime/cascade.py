@@ -225,7 +225,7 @@ def check_cascade_precision(manifest: Manifest, cascade: bool | None, precision:
                         f"(cascade=False) with --precision {precision}")
 
 
-def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None = None, quiet: bool = False,
+def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None = None,
                  precision: str | None = None, **options):
     """An opened CascadeBackend when the engine is a cascade and the caller wants it, else None.
 
@@ -244,7 +244,7 @@ def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None
                             f"(CPU); backend {backend!r} runs only the full graph: pass --no-cascade (cascade=False)")
 
     opened = CascadeBackend(manifest, threads=options.get("threads"), precision=precision).open()
-    log(f"backend -> {opened.describe()}", quiet)
+    log(f"backend -> {opened.describe()}")
     return opened
 
 

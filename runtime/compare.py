@@ -154,7 +154,7 @@ def backbone_slices(backbones) -> list[tuple[str, int]]:
 
 
 def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, precision: str | None = None,
-                     batch: int = 8, quiet: bool = True, verify: bool = True, cascade: bool = True) -> dict:
+                     batch: int = 8, verify: bool = True, cascade: bool = True) -> dict:
     """Run the same images through every backend; compare each with the first. Returns the report
     (report["ok"] False when any backend is out of tolerance). On a cascade engine (unless cascade=False)
     also the routed stage graphs against model.onnx: report["cascade"] (runtime/cascade.compare_cascade)."""
@@ -201,26 +201,3 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
         report["cascade"] = compare_cascade(m, feeds, norms, precision=stages)
         report["ok"] = report["ok"] and report["cascade"]["ok"]
     return report
-
-
-def format_comparison(report: dict) -> str:
-    lines = [f"engine {report['engine']}: {report['images']} images, reference {report['reference']}"]
-    for b in report["backends"]:
-        lines.append(f"  {b['name']}: {b['describe']}")
-    for c in report["comparisons"]:
-        lines += ["", f"{c['backend']} vs {report['reference']} ({c['tolerance_set']} tolerances: "
-                  + agreement.describe_bounds(c["bounds"]) + ")"]
-        lines += agreement.format_lines(c)
-    cas = report.get("cascade")
-    if cas:
-        counts = ", ".join(f"stage {s}: {n}" for s, n in cas["stage_counts"].items())
-        lines += ["", f"cascade ({cas.get('precision', 'fp32')} stage graphs, routed) vs the full graph "
-                      f"{cas.get('full_graph', 'model.onnx')}: {cas['images']} images ({counts}); "
-                      f"top-1 agreement {100 * cas['top1_agreement']:.1f}% (early exits may differ by design)"]
-        if cas["last_stage"] is None:
-            lines.append("  no image reached the last stage: nothing to hold to the fp32 tolerance")
-        else:
-            lines += ["  images at the last stage (fp32 tolerances: " + agreement.describe_bounds(cas["last_stage"]["bounds"]) + ")"]
-            lines += ["  " + x for x in agreement.format_lines(cas["last_stage"])]
-    lines += ["", "agree: all within tolerance" if report["ok"] else "DISAGREE: out of tolerance (see FAIL lines)"]
-    return "\n".join(lines)

@@ -18,8 +18,6 @@ engine's own throughput on ready-made tensors this gets.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import time
 from collections import deque
@@ -41,9 +39,6 @@ from .images import LOWER_LIMIT, RAISE_LIMIT, iter_batches
 from .manifest import Manifest, read_manifest
 from .precisions import check_precision
 from .preprocess import ResizeTooLarge, preprocess_for_inputs
-
-FORMATS = ("table", "jsonl", "csv")
-
 
 @dataclass
 class Prediction:
@@ -243,11 +238,23 @@ class Predictor:
 
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
-                   threads: int | None = None, verify: bool = True, quiet: bool = False,
+                   threads: int | None = None, verify: bool = True,
                    precision: str | None = None, cascade: bool | None = None) -> Predictor:
-    """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
-    (slow) backend opens, so a typo fails at once. cascade: on a cascade engine, None or True routes
-    images through its stage graphs (runtime/cascade.py), False runs the full graph (model.onnx)."""
+    """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays);
+    `clipfuse.load`. The folder and the arguments are checked before the (slow) backend opens, so a typo
+    fails at once.
+
+    backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
+    "onnxruntime-tensorrt", "openvino", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine
+    call. workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
+    (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
+    open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
+    (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
+    cascade: on a cascade engine, None or True routes each image through the stages it needs
+    (Prediction.stage says which answered; fp32 stages, or with precision="int8" the int8 ones that
+    `export --precision int8` cut and certified; fp16 has none; runtime/cascade.py); False runs the full
+    graph (model.onnx).
+    """
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ClipfuseError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKEND_NAMES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -261,60 +268,8 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
     options = {"threads": threads} if threads else {}
 
     check_cascade_precision(manifest, cascade, precision)
-    routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)
+    routed = open_cascade(manifest, backend, cascade, precision=precision, **options)
     if routed is not None:
         return Predictor(manifest, routed, batch_size, workers)
-    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
+    return Predictor(manifest, open_backend(manifest, backend, precision=precision, **options),
                      batch_size, workers)
-
-
-# ----------------------------------------------------------------------------- output formats
-
-def printable(text: str) -> str:
-    """`text` for a terminal: unchanged unless it holds a control character (a newline in a file name
-    would otherwise forge a row of the table); then repr's escapes, without the quotes."""
-    if text.isprintable():
-        return text
-    return repr(text)[1:-1]
-
-
-def csv_columns(top_k: int, backbone_names: list[str], stages: bool = False) -> list[str]:
-    return (["path", "error"] + [c for r in range(1, top_k + 1) for c in (f"label_{r}", f"prob_{r}")]
-            + [f"temperature:{b}" for b in backbone_names] + (["stage"] if stages else []))
-
-
-def format_predictions(preds: list[Prediction], fmt: str, top_k: int, backbone_names: list[str],
-                       header: bool = False, stages: bool | None = None) -> str:
-    """Text for a list of predictions: table (for people), jsonl or csv (for programs).
-    stages: show which cascade stage answered (None: when any prediction says)."""
-    if stages is None:
-        stages = any(p.stage is not None for p in preds)
-    if fmt not in FORMATS:
-        raise ClipfuseError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    if fmt == "jsonl":
-        import json
-
-        return "".join(json.dumps(p.to_dict()) + "\n" for p in preds)
-    if fmt == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        if header:
-            w.writerow(csv_columns(top_k, backbone_names, stages))
-        for p in preds:
-            pairs = [v for lab, pr in zip(p.labels, p.probs) for v in (lab, f"{pr:.6f}")]
-            pairs += [""] * (2 * top_k - len(pairs))
-            temps = [f"{p.temperatures[b]:.6f}" if b in p.temperatures else "" for b in backbone_names]
-            w.writerow([p.name, p.error or ""] + pairs + temps + ([p.stage if p.stage is not None else ""] if stages else []))
-        return buf.getvalue()
-    lines = []
-    for p in preds:
-        if not p.ok:
-            lines.append(f"{printable(p.name)}\n    FAILED: {printable(p.error)}")
-            continue
-        width = max(len(lab) for lab in p.labels)
-        lines.append(printable(p.name))
-        lines += [f"  {r}. {lab:<{width}}  {pr:7.2%}" for r, (lab, pr) in enumerate(zip(p.labels, p.probs), 1)]
-        lines.append("    temperatures: " + ", ".join(f"{b} {t:.3f}" for b, t in p.temperatures.items()))
-        if p.stage is not None:
-            lines.append(f"    answered by cascade stage {p.stage} of {len(backbone_names)}")
-    return "".join(line + "\n" for line in lines)

@@ -40,7 +40,7 @@ def tiny_engine(tmp_path_factory):
     from clipfuse.export.graph.engine import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
+    return export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES).folder
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +53,7 @@ def tiny_vit_engine(tmp_path_factory):
     from clipfuse.export.graph.engine import export_engine
 
     out = tmp_path_factory.mktemp("engines") / "tiny_vit"
-    return export_engine([TINY[0], TINY[2]], TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True).folder
+    return export_engine([TINY[0], TINY[2]], TINY_CLASSES, out, templates=TWO_TEMPLATES).folder
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +65,7 @@ def fp16_engine(tiny_engine, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("fp16") / "tiny"
     shutil.copytree(tiny_engine, folder)
-    export_fp16(folder, quiet=True)
+    export_fp16(folder)
     return folder
 
 

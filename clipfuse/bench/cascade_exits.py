@@ -67,7 +67,7 @@ def _timed(fn):
     return out, 1e3 * (time.perf_counter() - t0)
 
 
-def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=None, quiet: bool = False,
+def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=None,
                   arrays=None, labels=None, settle: float = 0.05, precision: str = "fp32") -> dict:
     """precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
     when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
@@ -90,7 +90,7 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
         probe = LoadProbe()
         latency, preds = {}, {}
         for bs in sorted(set(batches)):
-            log(f"cascade vs full graph ({precision}): {N} images at batch {bs}", quiet, tag="bench")
+            log(f"cascade vs full graph ({precision}): {N} images at batch {bs}", tag="bench")
             t_cas, t_full, p_cas, p_full, stage = [], [], [], [], []
             for lo in range(0, N, bs):
                 feed = {n: a[lo:lo + bs] for n, a in arrays.items()}

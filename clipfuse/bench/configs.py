@@ -25,7 +25,7 @@ import numpy as np
 
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log
+from clipfuse.core.log import detail, log
 from clipfuse.runtime.backends.registry import make_backend
 from clipfuse.runtime.manifest import Manifest, read_manifest
 from clipfuse.runtime.precisions import with_precision
@@ -49,7 +49,7 @@ def _single_matches(single: Manifest, manifest: Manifest, k: int) -> bool:
             and single.classes == manifest.classes and single.data.get("head_kind") == manifest.data.get("head_kind"))
 
 
-def ensure_singles(manifest: Manifest, quiet: bool = False) -> tuple[list[Manifest], list[bool]]:
+def ensure_singles(manifest: Manifest) -> tuple[list[Manifest], list[bool]]:
     """Each backbone alone, exported the same way as the engine, cached in <engine>/singles/.
 
     A cached single is reused when its manifest names the same weights (sha256), classes and head
@@ -64,16 +64,16 @@ def ensure_singles(manifest: Manifest, quiet: bool = False) -> tuple[list[Manife
             if _single_matches(m, manifest, k):
                 singles.append(m)
                 reused.append(True)
-                log(f"single {k} {b['arch']}: reusing {folder}", quiet, tag="bench")
+                log(f"single {k} {b['arch']}: reusing {folder}", tag="bench")
                 continue
         except ClipfuseError:
             pass
-        singles.append(_export_single(manifest, k, folder, quiet))
+        singles.append(_export_single(manifest, k, folder))
         reused.append(False)
     return singles, reused
 
 
-def _export_single(manifest: Manifest, k: int, folder: Path, quiet: bool) -> Manifest:
+def _export_single(manifest: Manifest, k: int, folder: Path) -> Manifest:
     # export/ (torch, open_clip) is imported here, not at the top: the worker processes import this
     # module, and the memory probes' baseline must not hold torch for configurations that never use it.
 
@@ -84,7 +84,7 @@ def _export_single(manifest: Manifest, k: int, folder: Path, quiet: bool) -> Man
     b = manifest.backbones[k]
     spec = f"{b['arch']}:{b['weights']}"
     t0 = time.perf_counter()
-    log(f"single {k} {spec}: exporting alone into {folder} (once; cached)", quiet, tag="bench")
+    log(f"single {k} {spec}: exporting alone into {folder} (once; cached)", tag="bench")
     built = load_backbone(spec)
     if built.weights_sha256 != b["weights_sha256"]:
         raise ClipfuseError(f"backbone {spec} rebuilt here does not have the weights engine {str(manifest.folder)!r} "
@@ -93,10 +93,11 @@ def _export_single(manifest: Manifest, k: int, folder: Path, quiet: bool) -> Man
     heads = load_heads(manifest.folder / manifest.data.get("heads_file", "heads.safetensors"),
                        num_backbones=len(manifest.backbones))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    export_engine([built], manifest.classes, folder, templates=manifest.data.get("templates"), force=True,
-                  heads=[heads[k]], quiet=True, opset=manifest.data["onnx"].get("opset"))
+    with detail():          # the bench's two lines say it; the export's own steps show with -v
+        export_engine([built], manifest.classes, folder, templates=manifest.data.get("templates"), force=True,
+                      heads=[heads[k]], opset=manifest.data["onnx"].get("opset"))
     del built
-    log(f"single {k} {spec}: exported in {time.perf_counter() - t0:.0f} s", quiet, tag="bench")
+    log(f"single {k} {spec}: exported in {time.perf_counter() - t0:.0f} s", tag="bench")
     return read_manifest(folder, verify=False)
 
 

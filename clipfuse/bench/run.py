@@ -61,7 +61,7 @@ def ratio_stats(a, b) -> dict:
 
 def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1, out=None, backend: str = "onnxruntime",
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
-              classes=None, quiet: bool = False, command: str | None = None, stem: str = "bench",
+              classes=None, command: str | None = None, stem: str = "bench",
               memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
               precisions=("fp32",), openvino=False, singles: bool = True, arena: bool = True) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
@@ -107,11 +107,11 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     out = Path(out) if out else m.folder / "bench"
     K = len(m.backbones)
     names = m.backbone_names
-    _, reused = ensure_singles(m, quiet) if singles else (None, None)
+    _, reused = ensure_singles(m) if singles else (None, None)
 
     import onnxruntime
 
-    log("measuring this machine's fp32 matmul peak", quiet, tag="bench")
+    log("measuring this machine's fp32 matmul peak", tag="bench")
     peak_info = matmul_peak_gflops()
     peak = peak_info["gflops_per_s"]
     malloc_trim()                       # exporting the singles may have left GBs in this process's heap
@@ -126,7 +126,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     try:
         for group in groups:
             log(f"opening {', '.join(group)} in a worker process"
-                + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), quiet, tag="bench")
+                + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), tag="bench")
             pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena))
             workers.update({c: pool[-1] for c in group})
 
@@ -150,7 +150,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                     if r >= warmup:
                         times[(c, bs)].append(dt)
             what = "warm-up" if r < warmup else f"round {r - warmup + 1}/{runs}"
-            log(f"{what} done in {time.perf_counter() - t_round:.1f} s", quiet, tag="bench")
+            log(f"{what} done in {time.perf_counter() - t_round:.1f} s", tag="bench")
         timing_load = load.stop()
         gpu_after = gpu_memory()
     finally:
@@ -191,7 +191,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
     overhead = None
     if profile:
-        log("profiling the fused graph: controller + combination", quiet, tag="bench")
+        log("profiling the fused graph: controller + combination", tag="bench")
         overhead = profile_overhead(m, batches[0], max(3, min(runs, 10)), threads)
         overhead["fused_p50_ms"] = latency["fused"][str(batches[0])]["latency_ms"]["p50"]
         overhead["pct_of_fused_p50"] = 100.0 * overhead["controller_combination_ms"] / overhead["fused_p50_ms"]
@@ -201,7 +201,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         mem_load = LoadProbe()
         bs = memory_batch or (max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0])
         for c in ["fused", *extra, *single_configs, *(["naive"] if singles else [])] + (["torch"] if torch else []):
-            log(f"peak memory: {labels[c]} in its own process (batch {bs})", quiet, tag="bench")
+            log(f"peak memory: {labels[c]} in its own process (batch {bs})", tag="bench")
             mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers)
         if singles:
             for key in ("peak_rss_bytes", "net_peak_bytes"):
@@ -213,29 +213,29 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     accuracy = None
     if data is not None:
 
-        log(f"accuracy on {data}", quiet, tag="bench")
-        ev = eval_engine(m.folder, data, classes=classes, quiet=quiet)
+        log(f"accuracy on {data}", tag="bench")
+        ev = eval_engine(m.folder, data, classes=classes)
         accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"]}
 
     cascade = cascade_int8 = None
     if is_cascade(m):               # over the real distribution of exits: needs labelled images
         if data is None:
             log("cascade engine: pass --data to measure the cascade over real images (exits depend on them)",
-                quiet, tag="bench")
+                tag="bench")
         else:
 
             cascade_batches = [b for b in batches if b in (1, 8)] or batches[:1]
-            cascade = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes, quiet=quiet,
+            cascade = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes,
                                     settle=settle)
             if "int8" in precisions:        # the int8 stages, when the int8 export certified them
 
                 try:
                     int8_stages(m)
                 except ClipfuseError as e:
-                    log(f"cascade: no int8 stages to measure ({e})", quiet, tag="bench")
+                    log(f"cascade: no int8 stages to measure ({e})", tag="bench")
                 else:
-                    cascade_int8 = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes, quiet=quiet, settle=settle,
-                                                 precision="int8")
+                    cascade_int8 = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes,
+                                                 settle=settle, precision="int8")
 
     result = {
         "command": command, "engine": str(m.folder), "backbones": names, "classes": len(m.classes),
@@ -262,7 +262,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
         result["machine"]["openvino"] = _ov.__version__
     paths = write_outputs(result, out, stem)
-    log("wrote " + ", ".join(str(p) for p in paths.values()), quiet, tag="bench")
+    log("wrote " + ", ".join(str(p) for p in paths.values()), tag="bench")
     return result
 
 

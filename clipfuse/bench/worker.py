@@ -12,6 +12,7 @@ clone shadowed the package). Run as `python -m clipfuse.bench.worker timing|memo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import numpy as np
 import clipfuse
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import set_level
 from clipfuse.runtime.manifest import read_manifest
 
 from .configs import feed_for, make_feed, open_config
@@ -186,6 +188,7 @@ def main(argv=None) -> None:
     if len(argv) != 2 or argv[0] not in ("timing", "memory"):
         sys.exit("usage: python -m clipfuse.bench.worker timing|memory SPEC_JSON")
     spec = json.loads(argv[1])
+    set_level(logging.WARNING)     # a child measures; its parent does the talking
     if argv[0] == "timing":
         _timing_child(spec)
     else:

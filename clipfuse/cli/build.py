@@ -1,7 +1,8 @@
 """`clipfuse` commands that make and examine engine folders: backbones, export, fit, eval, inspect, build.
 
-Each parses its arguments, calls clipfuse.api, and shows the result (clipfuse.cli.present); they are
-registered on the group of clipfuse/cli/group.py.
+Each parses its arguments, calls the library (the functions `clipfuse.<name>` names; export/ modules that
+load torch are imported by the command that needs them), and shows the result (clipfuse.cli.present);
+they are registered on the group of clipfuse/cli/group.py.
 """
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import click
 
 from clipfuse import api
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.precision.fp16 import export_fp16
+from clipfuse.export.precision.int8_export import export_int8
+from clipfuse.export.precision.trt_plan import build_engine
 
 from . import present
-from .group import cli, int_list
+from .group import cli, int_list, quiet_option
 
 
 @cli.command()
@@ -29,11 +33,7 @@ def backbones(measure, show_all, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        click.echo(f"{'backbone':<14} {'input':>6} {'embed':>6} {'image params':>13} {'GFLOPs':>8}")
-        for r in rows:
-            click.echo(f"{r['arch']:<14} {r['image_size']:>6} {r['embed_dim']:>6} {r['visual_params'] / 1e6:>12.1f}M {r['gflops']:>8.2f}")
-        click.echo("\nWrite a backbone as ARCH[:WEIGHTS]; WEIGHTS = openai (default), a checkpoint path, or random:SEED.")
-        click.echo("GFLOPs: image tower, batch 1, multiply-add = 2 (torch.utils.flop_counter).")
+        click.echo(present.format_backbones(rows))
     if show_all:
 
         click.echo("\nall open_clip architectures:\n" + " ".join(sorted(known_architectures())))
@@ -72,9 +72,9 @@ def backbones(measure, show_all, as_json):
               help="int8 on a cascade engine: unlabelled images to certify the int8 stages' exit thresholds on "
                    "(default: --calibration). Not the images the heads or controller were fitted on: those answer "
                    "over-confidently.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@quiet_option("No progress on stderr.")
 def export(engine, backbone_list, classes, templates, out, force, opset, precision, calibration, calibration_count,
-           calibration_method, int8_target, data, keep_fp32, cascade_images, quiet):
+           calibration_method, int8_target, data, keep_fp32, cascade_images):
     """Build ONE validated ONNX graph of all backbones, heads, controller and combination.
 
     \b
@@ -94,31 +94,33 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
             raise ClipfuseError(f"`clipfuse export {engine} --precision {precision}` converts the engine's model.onnx; "
                                 "drop --backbone/--classes/--templates/--out/--opset")
         if precision == "fp16":
-            click.echo(present.format_fp16(api.export_fp16(engine, quiet=quiet)))
+            click.echo(present.format_fp16(export_fp16(engine)))
             return
         if calibration is None:
             raise ClipfuseError(f"--precision int8 needs --calibration DIR: a folder of your own images (at least 32) "
                                 f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
         targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
-        info = api.export_int8(engine, calibration, count=calibration_count, method=calibration_method,
-                               targets=targets, data=data, quiet=quiet, keep_fp32=keep_fp32,
-                               cascade_images=cascade_images)
+        info = export_int8(engine, calibration, count=calibration_count, method=calibration_method,
+                           targets=targets, data=data, keep_fp32=keep_fp32,
+                           cascade_images=cascade_images)
         click.echo(present.format_int8(info))
         return
     if engine is None and precision in ("fp16", "int8"):
         raise ClipfuseError(f"--precision {precision} applies to an existing engine: export it first, then run "
                             f"`clipfuse export engines/NAME --precision {precision}`")
+    from clipfuse.export.graph.engine import export_engine, reexport_engine
+
     if engine is not None:
         if backbone_list or classes or templates or out:
             raise ClipfuseError(f"`clipfuse export {engine}` rebuilds an existing engine from its manifest; "
                                 "drop --backbone/--classes/--templates/--out, or drop ENGINE to make a new one")
-        result = api.reexport_engine(engine, opset=opset, quiet=quiet)
+        result = reexport_engine(engine, opset=opset)
     else:
         missing = [f"--{n}" for n, v in (("backbone", backbone_list), ("classes", classes), ("out", out)) if not v]
         if missing:
             raise ClipfuseError(f"a new engine needs {', '.join(missing)} "
                                 "(e.g. -b RN50:openai -b ViT-B-32:openai -c classes.txt -o engines/NAME)")
-        result = api.export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset, quiet=quiet)
+        result = export_engine(list(backbone_list), classes, out, templates=templates, force=force, opset=opset)
     click.echo(present.format_inspect(api.inspect_engine(result.folder, verify=False)))
 
 @cli.command()
@@ -160,10 +162,10 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
               help="--cascade: confidence score; auto = both, keep the cheaper on calibration images.")
 @click.option("--cascade-cost", type=click.Choice(["gflops", "ms"]), default="gflops", show_default=True,
               help="--cascade: how stages are priced when choosing their order.")
-@click.option("--quiet", "-q", is_flag=True)
+@quiet_option()
 def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
         study_shots, study_seeds, cache, batch, out, force, controller, budget_ms, budget_gflops, cascade, max_drop,
-        cascade_score, cascade_cost, quiet):
+        cascade_score, cascade_cost):
     """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
 
     Writes the engine folder with the controller that ships inside the graph (--controller; auto: the best
@@ -172,14 +174,16 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 
     if budget_ms is not None and budget_gflops is not None:
         raise ClipfuseError("give one budget: --budget-ms or --budget-gflops, not both")
+    from clipfuse.export.fit.pipeline import fit_engine
+
     levers = api.fit_levers(budget=budget_ms if budget_ms is not None else budget_gflops,
                             budget_unit="GFLOPs" if budget_gflops is not None else "ms", cascade=cascade,
                             max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs")
-    result, report = api.fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
-                                    seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
-                                    probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
-                                    cache_dir=cache, batch_size=batch, force=force, quiet=quiet, controller=controller,
-                                    levers=levers)
+    result, report = fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
+                                seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
+                                probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,
+                                cache_dir=cache, batch_size=batch, force=force, controller=controller,
+                                levers=levers)
     click.echo((result.folder / "report.md").read_text())
 
 @cli.command(name="eval")
@@ -190,14 +194,15 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image predictions).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Also write eval.md, eval.json and the diversity heat map diversity.png into this folder.")
-@click.option("--quiet", "-q", is_flag=True)
-def eval_(engine, data, classes, batch, as_json, report_dir, quiet):
+@quiet_option()
+def eval_(engine, data, classes, batch, as_json, report_dir):
     """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder, the row the
     engine ships marked, and the backbones' diversity with the controller's failure signatures."""
 
+    from clipfuse.export.fit.pipeline import eval_engine
     from clipfuse.export.fit.report import format_eval
 
-    res = api.eval_engine(engine, data, classes=classes, batch_size=batch, quiet=quiet, report_dir=report_dir)
+    res = eval_engine(engine, data, classes=classes, batch_size=batch, report_dir=report_dir)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
@@ -228,12 +233,12 @@ def inspect(engine, as_json, no_verify):
               help="Timing cache file, read before and written after the build (rebuilds skip kernel timing).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimisation level.")
 @click.option("--workspace", type=click.IntRange(min=1), default=None, help="Workspace memory limit, MiB.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-def build(engine, precision, batch, aux_streams, timing_cache, opt_level, workspace, quiet):
+@quiet_option("No progress on stderr.")
+def build(engine, precision, batch, aux_streams, timing_cache, opt_level, workspace):
     """Build a TensorRT plan (model.<precision>.plan + layer info JSON) from ENGINE's ONNX graph."""
 
     if len(batch) != 3:
         raise ClipfuseError(f"--batch must be MIN,OPT,MAX (three integers), got {','.join(map(str, batch))}")
-    entry = api.build_engine(engine, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
-                             opt_level=opt_level, workspace=workspace * 2**20 if workspace else None, quiet=quiet)
+    entry = build_engine(engine, precision, batch=batch, aux_streams=aux_streams, timing_cache=timing_cache,
+                         opt_level=opt_level, workspace=workspace * 2**20 if workspace else None)
     click.echo(json.dumps(entry, indent=2))

@@ -1,7 +1,7 @@
 """`clipfuse` commands that run an engine: predict, compare, bench, demo, and serving it (triton, serve).
 
-Each parses its arguments, calls clipfuse.api, and shows the result (clipfuse.cli.present); they are
-registered on the group of clipfuse/cli/group.py.
+Each parses its arguments, calls the library (the functions `clipfuse.<name>` names), and shows the
+result (clipfuse.cli.present); they are registered on the group of clipfuse/cli/group.py.
 """
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ import json
 
 import click
 
-from clipfuse import api
+from pathlib import Path
+
+from clipfuse.bench.run import run_bench
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.demo import run_demo
+from clipfuse.runtime.compare import compare_backends
 from clipfuse.runtime.images import collect_images, set_pixel_limit
-from clipfuse.runtime.predict import printable
+from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.predict import load_predictor
+from clipfuse.runtime.serving.client import connect
+from clipfuse.runtime.serving.repository import default_model_name, write_repository
+from clipfuse.runtime.serving.server import start_server
 
 from . import present
-from .group import cli, int_list
+from .group import cli, int_list, quiet_option
 
 
 @cli.command()
@@ -55,7 +63,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
         if precision is not None:
             raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
                                 "with (`clipfuse serve ENGINE --precision ...`)")
-        engine, images, model_name = api.remote_predict_args(engine, images, model_name)
+        engine, images, model_name = _remote_predict_args(engine, images, model_name)
     if not images:
         raise click.UsageError("Missing argument 'IMAGES...'.")
 
@@ -66,9 +74,9 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
     if not paths:
         raise ClipfuseError("no images to classify: the list on stdin was empty")
     total = failed = 0
-    opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
-              api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
+    opened = (connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
+              load_predictor(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
+                             verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
@@ -76,7 +84,7 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
             click.echo(present.format_predictions(shown, fmt, k, predictor.backbone_names, header=total == 0), nl=False)
             for p in preds:
                 if not p.ok:
-                    click.echo(f"failed: {printable(p.name)}: {printable(p.error)}", err=True)
+                    click.echo(f"failed: {present.printable(p.name)}: {present.printable(p.error)}", err=True)
             total += len(preds)
             failed += sum(not p.ok for p in preds)
     if failed and not allow_failures:
@@ -84,6 +92,16 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
                             "fix or remove them, or pass --allow-failures to exit 0 anyway")
     if failed:
         click.echo(f"{failed} of {total} images could not be classified (allowed by --allow-failures)", err=True)
+
+
+def _remote_predict_args(engine, images, model):
+    """`clipfuse predict --url`: ENGINE is optional. An engine folder names the model (unless --model);
+    anything else is the first image source. -> (engine or None, images, model)."""
+    if (Path(engine) / "manifest.json").is_file():
+        if model is None:
+            model = default_model_name(read_manifest(engine, verify=False))
+        return engine, tuple(images), model
+    return None, (engine, *images), model
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -102,8 +120,8 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
     """Run identical inputs through each backend: max abs/rel error per output and top-1 agreement
     against the first backend. Exit 1 when any is out of tolerance."""
 
-    report = api.compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
-                                  cascade=not no_cascade)
+    report = compare_backends(engine, backends, images=list(images) or None, precision=precision, batch=batch,
+                              cascade=not no_cascade)
     click.echo(json.dumps(report, indent=2) if as_json else present.format_compare(report))
     if not report["ok"]:
         raise ClipfuseError("backends disagree beyond tolerance (see the FAIL lines above)")
@@ -129,9 +147,9 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
                    "ENGINE --precision ...`).")
 @click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@quiet_option("No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          precisions, openvino, quiet):
+          precisions, openvino):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -147,10 +165,10 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
                         *(["--openvino"] if openvino else [])])
-    result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
-                              warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
-                              settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              openvino=openvino, stem=name, quiet=quiet, command=command)
+    result = run_bench(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
+                       warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
+                       settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
+                       openvino=openvino, stem=name, command=command)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
@@ -172,7 +190,7 @@ def demo(out, per_class, batches, runs):
     RN50:openai and ViT-B-32:openai through `clipfuse fit` and `clipfuse bench`.
     """
 
-    click.echo(present.format_demo(api.run_demo(out, train_per_class=per_class, batches=batches, runs=runs)))
+    click.echo(present.format_demo(run_demo(out, train_per_class=per_class, batches=batches, runs=runs)))
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -199,14 +217,10 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
     (`clipfuse predict --url`); see docs/triton.md for running it on a fleet.
     """
 
-    model = api.write_triton_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
-                                        kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
-                                        precision=precision, force=force, cascade=False if no_cascade else None)
-    click.echo(f"wrote {model} (config.pbtxt checked against Triton's ModelConfig schema)")
-    if (model / "1" / "model.py").is_file():
-        click.echo("cascade: a Python-backend model (1/model.py routes each image through the stages it needs); "
-                   "the server's Python needs clipfuse installed")
-    click.echo(f"run:  tritonserver --model-repository {model.parent}")
+    model = write_repository(engine, out, backend=backend, max_batch=max_batch, instances=instances,
+                             kind=kind, queue_delay_us=queue_delay_us, model_name=model_name,
+                             precision=precision, force=force, cascade=False if no_cascade else None)
+    click.echo(present.format_triton(model))
 
 @cli.command()
 @click.argument("engine", type=click.Path(file_okay=False))
@@ -231,12 +245,9 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
     """
 
-    server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
-                       max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
-                       model_name=model_name, verify=not no_verify, precision=precision,
-                       cascade=False if no_cascade else None)
-    click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
-    # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
-    click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "
-               "front; statistics, repository and shared-memory endpoints are token-protected", err=True)
+    server = start_server(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                          max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
+                          model_name=model_name, verify=not no_verify, precision=precision,
+                          cascade=False if no_cascade else None)
+    click.echo(present.format_serving(server), err=True)
     server.serve_forever()

@@ -95,7 +95,7 @@ def _visual(b):
     return b.model.visual if hasattr(b.model, "visual") else b.model
 
 
-def measure_costs(built, heads, unit: str, quiet: bool = False) -> tuple[list[float], dict]:
+def measure_costs(built, heads, unit: str) -> tuple[list[float], dict]:
     """Per-backbone cost in `unit`: GFLOPs as counted, or ms at batch 1 on ONNX Runtime CPU (the
     backbone's own tower graph: normalise, tower, norm, head; median of TIMING_RUNS after
     TIMING_WARMUP). -> (costs, {unit, method, per_backbone, load})."""
@@ -109,7 +109,7 @@ def measure_costs(built, heads, unit: str, quiet: bool = False) -> tuple[list[fl
     probe = LoadProbe()
     with tempfile.TemporaryDirectory(prefix="clipfuse-cost-") as tmp:
         for i, (b, h) in enumerate(zip(built, heads)):
-            with step(f"cost {i + 1}/{len(built)} {b.spec}: tower graph at batch 1, ONNX Runtime CPU", quiet):
+            with step(f"cost {i + 1}/{len(built)} {b.spec}: tower graph at batch 1, ONNX Runtime CPU"):
                 fused = FusedEnsemble([_visual(b)], [h], [b.image_size], [b.preprocess["mean"]], [b.preprocess["std"]]).eval()
                 path = Path(tmp) / f"tower_{i}.onnx"
                 _export(TowerStage(fused, 0), (torch.zeros(2, 3, b.image_size, b.image_size, dtype=torch.uint8),),
@@ -135,7 +135,7 @@ def _split(feats, Z, y, rows):
 
 
 def choose_budget_subset(levers: Levers, built, heads, pool_feats, Z_pool, y_pool, ev_feats, Z_ev, y_ev, shot_idx,
-                         config, quiet: bool = False) -> dict:
+                         config) -> dict:
     """The best subset within the budget -> {"members", "frontier", "chosen", "costs", ...} (JSON-able)."""
 
     names = [str(b.spec) for b in built]
@@ -143,7 +143,7 @@ def choose_budget_subset(levers: Levers, built, heads, pool_feats, Z_pool, y_poo
     if held.size == 0:
         raise ClipfuseError("too few labelled images for the budget search: every pool image is one of the k shots, "
                             "so none is left to choose the subset on; label more images or lower --shots")
-    costs, cost_info = measure_costs(built, heads, levers.budget_unit, quiet)
+    costs, cost_info = measure_costs(built, heads, levers.budget_unit)
     frontier = search_subsets(static_fitter(config), _split(pool_feats, Z_pool, y_pool, shot_idx),
                               _split(pool_feats, Z_pool, y_pool, held), costs, names, cost_unit=levers.budget_unit,
                               test=Split(list(ev_feats), Z_ev, y_ev))
@@ -214,13 +214,13 @@ def permute_controller(controller, order, dims):
     raise ClipfuseError(f"cannot reorder a controller of kind {getattr(controller, 'kind', type(controller).__name__)!r}")
 
 
-def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx, quiet: bool = False):
+def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx):
     """Before any fitting: the candidate orders, and refuse (one line, the number needed) a pool whose
     images outside the shots cannot certify --max-drop. -> (orders, costs, cost_info)."""
 
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
-    costs, cost_info = measure_costs(built, heads, levers.cascade_cost, quiet)
+    costs, cost_info = measure_costs(built, heads, levers.cascade_cost)
     single_acc = [float((Z_pool[calib, k].argmax(1) == y_pool[calib]).mean()) if calib.size else 0.0
                   for k in range(len(built))]
     orders = candidate_orders(costs, single_acc)
@@ -235,7 +235,7 @@ def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx, qu
 
 
 def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, y_ev, shot_idx, shipped,
-                 config, quiet: bool = False, costs=None) -> dict:
+                 config, costs=None) -> dict:
     """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
     `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}.
     costs: check_calibration's result when fit already ran it."""
@@ -244,7 +244,7 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
     K = len(names)
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
-    orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx, quiet)
+    orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx)
     full_cal = fused_logits(shipped, X_pool[calib], Z_pool[calib])
     full_ev = fused_logits(shipped, X_ev, Z_ev)
     statics, candidates = {}, {}
@@ -273,7 +273,7 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
 
 
 def apply_budget(levers: Levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels, shots: int, seed: int,
-                 num_classes: int, config, quiet: bool = False) -> dict:
+                 num_classes: int, config) -> dict:
     """Run the budget search on fit's arrays (all backbones) -> choose_budget_subset's dict."""
 
     y_pool = labels[pool]
@@ -282,7 +282,7 @@ def apply_budget(levers: Levers, built, heads, tr_feats, ev_feats, pool, labels,
     Z_ev = np.stack([head_logits(f, h) for f, h in zip(ev_feats, heads)], axis=1)
     idx = sample_k_shot(y_pool, shots, seed, num_classes=num_classes)
     return choose_budget_subset(levers, built, heads, pool_feats, Z_pool, y_pool, ev_feats, Z_ev, ev_labels, idx,
-                                config, quiet)
+                                config)
 
 
 def report_markdown(report: dict) -> str:

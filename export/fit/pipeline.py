@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log, step
+from clipfuse.core.log import log, progress_shown, step, warn
 from clipfuse.runtime.backends.registry import open_backend
 from clipfuse.runtime.images import iter_batches
 from clipfuse.runtime.manifest import read_manifest
@@ -121,7 +121,7 @@ def feasible_shots(labels: np.ndarray, num_classes: int, shots) -> tuple[list[in
 def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction: float = 0.3, shots: int = 1,
                seed: int = 0, head: str = "zero-shot", templates=None, probe_fraction: float = 0.9,
                study_shots=(1, 2, 4, 8, 16), study_seeds=(0, 1, 2), cache_dir=None, batch_size: int = 32,
-               force: bool = False, quiet: bool = False, config=None, controller: str = "auto", levers=None):
+               force: bool = False, config=None, controller: str = "auto", levers=None):
     """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the graph of the method
     that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single.
     levers: export/fit_levers.Levers: a budget-chosen subset (the engine holds it) or a cascade engine."""
@@ -143,21 +143,21 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if head == hd.ZERO_SHOT:
         templates = hd.parse_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)
     C = len(class_names)
-    log(f"{len(paths)} images in {C} classes from {data}" + (f"; eval: {len(ev_paths)} images from {eval_data}" if eval_data else ""), quiet)
+    log(f"{len(paths)} images in {C} classes from {data}" + (f"; eval: {len(ev_paths)} images from {eval_data}" if eval_data else ""))
 
     built = []
     for i, spec in enumerate(specs):
-        with step(f"backbone {i + 1}/{len(specs)} {spec}: building", quiet):
+        with step(f"backbone {i + 1}/{len(specs)} {spec}: building"):
             built.append(bb.load_backbone(spec))
 
     cache = FeatureCache(cache_dir)
     all_paths = list(paths) + (list(ev_paths) if eval_data is not None else [])
-    fs = compute_features(built, all_paths, cache, batch_size=batch_size, progress=not quiet)
-    log(cache.stats.line(), quiet)
+    fs = compute_features(built, all_paths, cache, batch_size=batch_size, progress=progress_shown())
+    log(cache.stats.line())
     if fs.failures:
-        log(f"{len(fs.failures)} unreadable image(s) skipped:", quiet)
+        log(f"{len(fs.failures)} unreadable image(s) skipped:")
         for f in fs.failures:
-            log(f"  {f.path}: {f.reason}", quiet)
+            log(f"  {f.path}: {f.reason}")
     ok = set(fs.paths)
     keep = [i for i, p in enumerate(paths) if p in ok]
     paths, labels = [paths[i] for i in keep], labels[keep]
@@ -177,14 +177,14 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if head == hd.ZERO_SHOT:
         heads = []
         for i, b in enumerate(built):
-            with step(f"backbone {i + 1}/{len(built)} {b.spec}: zero-shot head, {C} classes x {len(templates)} templates", quiet):
+            with step(f"backbone {i + 1}/{len(built)} {b.spec}: zero-shot head, {C} classes x {len(templates)} templates"):
                 heads.append(hd.zero_shot_head(b.model, b.spec.arch, class_names, templates))
         pool = np.arange(len(paths))
     else:
         probe_idx, pool = seeded_split(labels, 1.0 - probe_fraction, SPLIT_SEED + 1)
         heads = []
         for i, b in enumerate(built):
-            with step(f"backbone {i + 1}/{len(built)} {b.spec}: linear probe on {len(probe_idx)} images", quiet):
+            with step(f"backbone {i + 1}/{len(built)} {b.spec}: linear probe on {len(probe_idx)} images"):
                 heads.append(fit_linear_probe(tr_feats[i][probe_idx], labels[probe_idx], C, seed=seed))
     names = [str(s) for s in specs]
 
@@ -195,11 +195,11 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     lever_report = {}
     if levers.budget is not None:      # the engine holds the chosen subset: everything below sees only it
         lever_report["budget"] = fl.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels,
-                                                 shots, seed, C, config, quiet)
+                                                 shots, seed, C, config)
         keep = lever_report["budget"]["members"]
         built, heads, tr_feats, ev_feats = ([x[k] for k in keep] for x in (built, heads, tr_feats, ev_feats))
         names = [str(b.spec) for b in built]
-        log(f"budget {levers.budget:g} {levers.budget_unit}: chose {' + '.join(names)}", quiet)
+        log(f"budget {levers.budget:g} {levers.budget_unit}: chose {' + '.join(names)}")
     X_pool, Z_pool = arrays([f[pool] for f in tr_feats])
     y_pool = labels[pool]
     X_ev, Z_ev = arrays(ev_feats)
@@ -212,8 +212,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     cascade_costs = None
     if levers.cascade:                 # refuse too few calibration images before any fitting
         cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
-                                             sample_k_shot(y_pool, shots, seed, num_classes=C), quiet)
-    with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
+                                             sample_k_shot(y_pool, shots, seed, num_classes=C))
+    with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}"):
         study_table = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
                               seeds=study_seeds, config=config, class_names=class_names)
     # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
@@ -231,24 +231,24 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             losses.append(float(torch.nn.functional.cross_entropy(nlc.fuse(module(Xs), Zs), ys)))
 
     controller_nlc = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg, on_step=record)
-    with step(f"choosing the controller to ship (--controller {controller})", quiet):
+    with step(f"choosing the controller to ship (--controller {controller})"):
         choice = select.choose(X_pool, Z_pool, y_pool, names, shots, seed, run_cfg, forced=controller)
     shipped_module = select.shipped_controller(choice, names, static, controller_nlc)
     shipped = baselines.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller_nlc)
-    log(f"shipping {choice['row']}: {choice['reason']}", quiet)
+    log(f"shipping {choice['row']}: {choice['reason']}")
 
     div = dv.diversity_report(Z_ev, ev_labels, names, class_names,
                               temperatures=nlc.controller_temperatures(controller_nlc, X_ev), accuracy=shipped, losses=losses)
     for line in div["signatures"]:
-        log(f"warning: {line}", quiet)
+        warn(f"warning: {line}")
     heat = heatmap_bytes(div)
     same_draws = identical_draws(y_pool, C, ok_shots, study_seeds)
 
     cascade = None
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
-        with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})", quiet):
+        with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})"):
             plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                   shipped_module, run_cfg, quiet, costs=cascade_costs)
+                                   shipped_module, run_cfg, costs=cascade_costs)
         order, dims = plan["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
         static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))
@@ -256,7 +256,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         cascade = {"controllers": plan["controllers"], "block": plan["block"]}
         lever_report["cascade"] = plan["block"]
         log(f"cascade: {' -> '.join(plan['block']['order'])}, eval exit rates "
-            f"{[round(r, 3) for r in plan['block']['test']['exit_rates']]}", quiet)
+            f"{[round(r, 3) for r in plan['block']['test']['exit_rates']]}")
     report = {
         "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
         "head": head, "classes": class_names, "backbones": names,
@@ -294,9 +294,9 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if "budget" in lever_report:
         fit_info["budget"] = {k: lever_report["budget"][k] for k in ("budget", "unit", "chosen", "costs")}
     result = export_engine(built, class_names, out, templates=templates if head == hd.ZERO_SHOT else None,
-                           force=force, heads=heads, controller=shipped_module, quiet=quiet,
+                           force=force, heads=heads, controller=shipped_module,
                            extra_files=extra, extra_manifest=fit_info, cascade=cascade)
-    log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {choice['row']} (report.md says why)", quiet)
+    log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {choice['row']} (report.md says why)")
     return result, report
 
 
@@ -311,7 +311,7 @@ def identical_draws(y_pool, num_classes: int, shots, seeds) -> list[int]:
     return same
 
 
-def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = False, report_dir=None) -> dict:
+def eval_engine(engine, data, classes=None, batch_size: int = 32, report_dir=None) -> dict:
     """Accuracy of every method from the exported graph's own outputs on a labelled folder, the row the
     engine ships marked, and the diversity figures; report_dir: also write eval.md, eval.json, diversity.png."""
 
@@ -319,12 +319,12 @@ def eval_engine(engine, data, classes=None, batch_size: int = 32, quiet: bool = 
     paths, labels, names = scan_labelled_folder(data, classes)
     _check_same_classes(names, m.classes, f"--data {data}", f"engine {engine}")
     # The runtime's own ONNX Runtime backend (its measured session options): eval scores what predict serves.
-    backend = open_backend(m, "onnxruntime", quiet=True)
+    backend = open_backend(m, "onnxruntime")
     outs = {"backbone_logits": [], "logits": [], "temperatures": [], "features": []}
     kept, failures = [], []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(paths), desc="eval", unit="img", disable=quiet, file=sys.stderr)
+    bar = tqdm(total=len(paths), desc="eval", unit="img", disable=not progress_shown(), file=sys.stderr)
     label_of = dict(zip(paths, labels))
     for batch in iter_batches(paths, m.preprocess_specs(), batch_size=batch_size):
         failures += batch.failures

@@ -24,7 +24,7 @@ from pathlib import Path
 import clipfuse
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log, step
+from clipfuse.core.log import log, progress_shown, step
 from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, label_binding, read_manifest
 from clipfuse.runtime.preprocess import preprocess_image, preprocess_spec
 
@@ -94,7 +94,7 @@ class ExportResult:
 
 
 def export_engine(backbones, classes, out, templates=None, force: bool = False, opset: int | None = None,
-                  heads=None, controller=None, quiet: bool = False, extra_files: dict | None = None,
+                  heads=None, controller=None, extra_files: dict | None = None,
                   extra_manifest: dict | None = None, cascade: dict | None = None) -> ExportResult:
     """Build and validate engines/<name>/ for the given backbone strings and classes.
 
@@ -131,15 +131,14 @@ def export_engine(backbones, classes, out, templates=None, force: bool = False, 
     opset = opset or DEFAULT_OPSET
 
     # The writer's lock is held from here to the swap: a second export to `out` is refused at once.
-    with new_engine_folder(out, force, quiet) as tmp:
-        manifest = _build_into(tmp, out, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
+    with new_engine_folder(out, force) as tmp:
+        manifest = _build_into(tmp, out, specs, prebuilt, classes, templates, heads, controller, opset,
                                extra_files, extra_manifest, t_start, cascade)
-    if not quiet:
-        log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s", quiet)
+    log(f"wrote {out} in {time.perf_counter() - t_start:.1f} s")
     return ExportResult(out, manifest)
 
 
-def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads, controller, opset, quiet,
+def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads, controller, opset,
                 extra_files, extra_manifest, t_start, cascade=None) -> dict:
     """Build, export, validate and write everything into the temporary folder `tmp`; returns the manifest."""
 
@@ -154,12 +153,12 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
             b = prebuilt[i]
             next(done)
         else:
-            with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: building", quiet):
+            with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: building"):
                 b = bb.load_backbone(spec)
         if heads is None:
             with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: zero-shot head, {len(classes)} classes x "
-                      f"{len(templates)} templates", quiet):
-                head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates, progress=not quiet))
+                      f"{len(templates)} templates"):
+                head_list.append(hd.zero_shot_head(b.model, spec.arch, classes, templates, progress=progress_shown()))
         else:
             head_list.append(heads[i])
         if head_list[-1].weight.shape != (len(classes), b.embed_dim):
@@ -178,15 +177,15 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
     feature_dim = sum(b.embed_dim for b in built)
     inputs, outputs = iospec.io_spec([b.image_size for b in built], len(built), len(classes), feature_dim)
 
-    with step(f"[{next(done)}/{total}] exporting the fused graph ({len(built)} backbones, opset {opset})", quiet):
+    with step(f"[{next(done)}/{total}] exporting the fused graph ({len(built)} backbones, opset {opset})"):
         onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
     with step(f"[{next(done)}/{total}] validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on "
-              "real photographs", quiet):
+              "real photographs"):
         validation = validate_onnx(fused, tmp / MODEL_ONNX, feeds_by_batch(shipped_photos(), in_specs),
                                    names=[str(b.spec) for b in built], where=out)
     if cascade is not None:
 
-        with step(f"cascade: exporting and validating {2 * len(built)} stage graphs (towers, combine steps)", quiet):
+        with step(f"cascade: exporting and validating {2 * len(built)} stage graphs (towers, combine steps)"):
             stage_info = export_stages(tmp, fused, cascade["controllers"], feeds_by_batch(shipped_photos(), in_specs),
                                        [str(b.spec) for b in built], out, opset)
         extra_manifest = dict(extra_manifest or {}, cascade=dict(cascade["block"], **stage_info))
@@ -201,7 +200,7 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
             (tmp / name).write_bytes(content)
         else:
             (tmp / name).write_text(content)
-    with step(f"[{next(done)}/{total}] writing and hashing artefacts", quiet):
+    with step(f"[{next(done)}/{total}] writing and hashing artefacts"):
         artefacts = hash_artefacts(tmp)
     manifest = {
         "format": "clipfuse-engine",
@@ -245,7 +244,7 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
     return manifest
 
 
-def reexport_engine(folder, opset: int | None = None, quiet: bool = False) -> ExportResult:
+def reexport_engine(folder, opset: int | None = None) -> ExportResult:
     """Rebuild model.onnx of an existing engine folder from its manifest, heads and controller.
 
     Used after `clipfuse fit` or to change the opset: backbones are rebuilt from their recorded
@@ -257,7 +256,7 @@ def reexport_engine(folder, opset: int | None = None, quiet: bool = False) -> Ex
     built = []
     for i, rec in enumerate(m.backbones):
         spec = f"{rec['arch']}:{rec['weights']}"
-        with step(f"backbone {i + 1}/{len(m.backbones)} {spec}: rebuilding", quiet):
+        with step(f"backbone {i + 1}/{len(m.backbones)} {spec}: rebuilding"):
             b = bb.load_backbone(spec)
         if b.weights_sha256 != rec["weights_sha256"]:
             raise ClipfuseError(f"backbone {spec} no longer has the weights engine {str(m.folder)!r} was built with "
@@ -272,5 +271,5 @@ def reexport_engine(folder, opset: int | None = None, quiet: bool = False) -> Ex
              "export_seconds"}
     extra_manifest = {k: v for k, v in m.data.items() if k not in known}
     return export_engine(built, m.classes, m.folder, templates=m.data.get("templates"), force=True,
-                         opset=opset or m.data["onnx"]["opset"], heads=heads, controller=controller, quiet=quiet,
+                         opset=opset or m.data["onnx"]["opset"], heads=heads, controller=controller,
                          extra_files=carried, extra_manifest=extra_manifest)

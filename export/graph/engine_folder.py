@@ -111,7 +111,7 @@ def is_locked(folder: Path) -> bool:
         os.close(fd)
 
 
-def clean_leftovers(folder: Path, quiet: bool = False) -> list[str]:
+def clean_leftovers(folder: Path) -> list[str]:
     """Remove temporary folders and staged files of killed writers of `folder`. Call with its lock held:
     every writer holds it, so whatever these are, their writer is dead. Returns what was removed."""
     folder = Path(folder)
@@ -132,7 +132,7 @@ def clean_leftovers(folder: Path, quiet: bool = False) -> list[str]:
                 removed.append(str(p))
     if removed:
         log(f"removed {len(removed)} leftover temporary item(s) of an interrupted writer of {folder}: "
-            + ", ".join(removed), quiet)
+            + ", ".join(removed))
     return removed
 
 
@@ -245,7 +245,7 @@ def hash_artefacts(folder: Path, names=None) -> dict:
 
 
 @contextmanager
-def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
+def new_engine_folder(out: Path, force: bool = False):
     """Yield a temporary folder to fill; on success it replaces `out` in one rename, on failure it vanishes.
 
     Holds `out`'s writer lock throughout; re-checks the output under the lock (another writer may have
@@ -253,7 +253,7 @@ def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
     """
     out = check_output_folder(Path(out), force)
     with folder_lock(out):
-        clean_leftovers(out, quiet)
+        clean_leftovers(out)
         check_output_folder(out, force)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
@@ -332,7 +332,7 @@ class EngineUpdate:
 
 
 @contextmanager
-def update_engine_folder(folder: Path, what: str = "files", quiet: bool = False):
+def update_engine_folder(folder: Path, what: str = "files"):
     """Yield an EngineUpdate for the engine folder; on success its files go in and the manifest is
     updated (artefact hashes included), under the folder's writer lock; on failure nothing changes."""
     folder = Path(folder)
@@ -342,7 +342,7 @@ def update_engine_folder(folder: Path, what: str = "files", quiet: bool = False)
         raise ClipfuseError(f"engine folder {str(folder)!r} is read-only: cannot add {what}; make it writable "
                             "or copy the engine somewhere writable")
     with folder_lock(folder, inside_ok=True):
-        clean_leftovers(folder, quiet)
+        clean_leftovers(folder)
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
         except OSError as e:

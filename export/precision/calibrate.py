@@ -115,7 +115,7 @@ def _reader(feeds: list[dict[str, np.ndarray]], inputs=None):
 
 
 @contextlib.contextmanager
-def quiet_root_logger():
+def muted_root_logger():
     """quantize_static warns on the root logger to run quant_pre_process (not used: see export/precision/int8.py)."""
     root = logging.getLogger()
     level = root.level
@@ -225,7 +225,7 @@ def subgraph_model(model, outputs: dict, base_dir: Path, name: str = "stage"):
 # ----------------------------------------------------------------------------- calibration
 
 def calibrate_ranges(src_onnx: Path, feeds: list[dict[str, np.ndarray]], method: str = "minmax",
-                     percentile: float = 99.999, workdir: Path | None = None, quiet: bool = True):
+                     percentile: float = 99.999, workdir: Path | None = None):
     """Activation ranges (onnxruntime.quantization TensorsData) of every Conv/MatMul/Gemm input and
     output in the towers of the fp32 graph at src_onnx, calibrated tower by tower on `feeds`.
     workdir: where each tower's temporary model goes (removed after)."""
@@ -260,8 +260,8 @@ def calibrate_ranges(src_onnx: Path, feeds: list[dict[str, np.ndarray]], method:
                             location="tower.onnx.data", size_threshold=1024)
             inputs = {i.name for i in sub.graph.input}
             del sub
-            with quiet_root_logger(), step(f"calibrating tower {k + 1}/{len(outputs)} ({method}, "
-                                           f"{feeds_images(feeds)} images)", quiet, tag="int8"):
+            with muted_root_logger(), step(f"calibrating tower {k + 1}/{len(outputs)} ({method}, "
+                                           f"{feeds_images(feeds)} images)", tag="int8"):
                 cal = create_calibrator(path, list(QUANT_OPS), augmented_model_path=str(tmp / "augmented.onnx"),
                                         calibrate_method=cal_method, use_external_data_format=True,
                                         extra_options=extra)

@@ -292,7 +292,7 @@ def validate_fp16(manifest, fp16_path: Path, images=None, batch: int = 8) -> dic
     return validate_precision(manifest, fp16_path, "fp16", images=images, batch=batch)
 
 
-def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
+def export_fp16(engine_dir, strict: bool = True) -> dict:
     """Add model.fp16.onnx to an engine folder: convert, validate against fp32 on ORT CPU, write atomically.
 
     strict: raise ClipfuseError (and leave the folder as it was) when the validation fails.
@@ -302,13 +302,12 @@ def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
 
     m = read_manifest(engine_dir)
     folder = m.folder
-    with update_engine_folder(folder, what=MODEL_FP16, quiet=quiet) as update:
+    with update_engine_folder(folder, what=MODEL_FP16) as update:
         dst = update.path(MODEL_FP16)
         with step(f"[1/3] converting {m.onnx_path.name} to fp16 (LayerNorm, softmax, feature norm, heads, "
-                  "controller, combination kept fp32)", quiet):
+                  "controller, combination kept fp32)"):
             info = convert_fp16(m.onnx_path, dst)
-        with step("[2/3] validating fp16 against fp32 on ONNX Runtime CPU (32 images from the shipped photographs)",
-                  quiet):
+        with step("[2/3] validating fp16 against fp32 on ONNX Runtime CPU (32 images from the shipped photographs)"):
             info["validation"] = validate_fp16(m, dst)
             info["ort_cpu_fp32_fallback_ops"] = cpu_fp32_fallback_ops(dst)
         if strict and not info["validation"]["ok"]:
@@ -320,6 +319,6 @@ def export_fp16(engine_dir, quiet: bool = False, strict: bool = True) -> dict:
         if not info["external_data"]:
             update.remove(MODEL_FP16 + ".data")
         update.edit_manifest(lambda data: data.setdefault("precisions", {}).__setitem__("fp16", info))
-        log(f"[3/3] writing {MODEL_FP16} and the manifest into {folder}", quiet)
+        log(f"[3/3] writing {MODEL_FP16} and the manifest into {folder}")
     return info
 

@@ -1,6 +1,6 @@
-"""The fp16 report: the committed benchmarks/results/fp16_validation.{md,json} and its command, and the
-short summary `clipfuse export ENGINE --precision fp16` prints. Both write the validation figures
-through `validation_lines`, once, each figure next to the bound that decides pass/fail.
+"""The fp16 report: the committed benchmarks/results/fp16_validation.{md,json} and its command. It and the
+summary `clipfuse export ENGINE --precision fp16` prints (clipfuse/cli/present.py) write the validation
+figures through `validation_lines`, once, each figure next to the bound that decides pass/fail.
 
     python -m clipfuse.export.precision.fp16_report ENGINE [--out benchmarks/results/fp16_validation] [--rounds 5] [--note ...]
 """
@@ -64,14 +64,6 @@ def validation_lines(v: dict) -> list[str]:
                      + ("" if o["ok"] else " FAIL"))
     lines.append("verdict: " + ("PASS" if v["ok"] else "FAIL: " + "; ".join(v["failures"])))
     return lines
-
-
-def format_fp16_summary(info: dict) -> str:
-    """What `clipfuse export ENGINE --precision fp16` prints."""
-    v = info["validation"]
-    return "\n".join([f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
-                      f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
-                     + [f"  {x}" for x in validation_lines(v)])
 
 
 def format_fp16_report(info: dict, manifest, command: str, note: str | None = None) -> str:

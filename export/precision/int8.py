@@ -42,7 +42,7 @@ from .calibrate import (
     calibration_feeds,
     feeds_images,
     feeds_sha256,
-    quiet_root_logger,
+    muted_root_logger,
     save_ranges,
     tower_nodes,
 )
@@ -65,7 +65,7 @@ def _constants(graph) -> set:
 
 def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]],
                   method: str = "minmax", per_channel: bool = True, activations: str = "s8",
-                  activation_symmetric: bool = True, percentile: float = 99.999, quiet: bool = True,
+                  activation_symmetric: bool = True, percentile: float = 99.999,
                   ranges=None, float_towers=()) -> dict:
     """Quantize the fp32 graph at src_onnx into a QDQ graph at dst_onnx (atomically); returns the
     manifest record: quantizer, version and settings, calibration count and sha256, nodes quantized
@@ -105,7 +105,7 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
     try:
         n_images = feeds_images(calibration_feeds)
         if ranges is None:
-            ranges = calibrate_ranges(src_onnx, calibration_feeds, method, percentile, workdir=tmpdir, quiet=quiet)
+            ranges = calibrate_ranges(src_onnx, calibration_feeds, method, percentile, workdir=tmpdir)
         if ranges.calibration_method != cal_method:
             raise ValueError(f"ranges calibrated with {ranges.calibration_method}, asked {method}")
         cache = save_ranges(ranges, tmpdir / "ranges.json")
@@ -116,8 +116,8 @@ def quantize_int8(src_onnx: Path, dst_onnx: Path, calibration_feeds: list[dict[s
         outdir = tmpdir / "out"
         outdir.mkdir()
         out = outdir / dst_onnx.name
-        with quiet_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
-                                       f"Conv/MatMul/Gemm, {method} ranges from {n_images} images)", quiet):
+        with muted_root_logger(), step(f"quantizing {src_onnx.name} to int8 ({len(to_quantize)} tower "
+                                       f"Conv/MatMul/Gemm, {method} ranges from {n_images} images)"):
             quantize_static(
                 str(src), str(out), None, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(QUANT_OPS), per_channel=per_channel, reduce_range=False,

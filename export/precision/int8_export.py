@@ -29,7 +29,7 @@ from pathlib import Path
 
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log, step
+from clipfuse.core.log import detail, log, step
 from clipfuse.runtime.cascade import is_cascade
 from clipfuse.runtime.manifest import read_manifest
 from clipfuse.runtime.precisions import MODEL_INT8, MODEL_INT8_TRT, TARGETS
@@ -53,7 +53,7 @@ def _read_engine(engine_dir):
 
 
 def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
-                targets=TARGETS, data=None, classes=None, quiet: bool = False, strict: bool = True,
+                targets=TARGETS, data=None, classes=None, strict: bool = True,
                 keep_fp32=(), cascade_images=None) -> dict:
     """Quantize model.onnx for each target, validate each against fp32, write them atomically.
 
@@ -73,25 +73,25 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     auto, fixed = _keep_fp32(m, keep_fp32)
     if cascade_images is not None and not is_cascade(m):
         raise ClipfuseError(f"--cascade-images: engine {str(m.folder)!r} is not a cascade engine (no stages to certify)")
-    with step(f"[1/3] reading calibration images from {calibration}", quiet):
+    with step(f"[1/3] reading calibration images from {calibration}"):
         feeds = calibration_feeds(m, calibration, count)
         if is_cascade(m):        # read now: a bad folder is refused before the slow steps
             certify_folder = calibration if cascade_images is None else cascade_images
             certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1,
                                         what="calibration folder" if cascade_images is None else "--cascade-images folder")
     records = {}
-    with update_engine_folder(m.folder, what=MODEL_INT8, quiet=quiet) as update:
+    with update_engine_folder(m.folder, what=MODEL_INT8) as update:
         # one calibration (tower by tower) for every target: ranges do not depend on the activation type
-        ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage, quiet=quiet)
+        ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage)
         ref_cache = {}            # fp32's outputs on the validation images, computed once for both graphs
         for i, target in enumerate(targets):
             name, act, sym = TARGET_GRAPHS[target]
             dst = update.path(name)
             def attempt(float_towers):
                 rec = quantize_int8(m.onnx_path, dst, feeds, method=method, activations=act,
-                                    activation_symmetric=sym, quiet=quiet, ranges=ranges, float_towers=float_towers)
-                with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU", quiet):
-                    rec["validation"] = validate_int8(m, dst, quiet=True, data=data, classes=classes,
+                                    activation_symmetric=sym, ranges=ranges, float_towers=float_towers)
+                with step(f"[2/3] validating {name} against fp32 on ONNX Runtime CPU"), detail():
+                    rec["validation"] = validate_int8(m, dst, data=data, classes=classes,
                                                       ref_cache=ref_cache)
                 return rec
 
@@ -106,12 +106,12 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
                                     "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
             if failing and len(keep) < len(m.backbones):      # else (not strict) the first graph is measured
                 log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
-                    f"failed in int8) and validating again", quiet, tag="int8")
+                    f"failed in int8) and validating again", tag="int8")
                 float_towers = keep
                 rec = attempt(float_towers)
             rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]
             for line in format_checks(rec["validation"]):
-                log(line, quiet, tag="int8")
+                log(line, tag="int8")
             if strict:
                 require_valid(rec["validation"], f"{name} of {str(m.folder)!r}")
             data_files = rec.get("external_data") or []       # one file (all_tensors_to_one_file) past 2 GB
@@ -130,13 +130,13 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
             info["tensorrt"] = records["tensorrt"]
         info["targets"] = list(records)
         if is_cascade(m):
-            info["cascade"] = _cascade_stages(m, update, records, certify, certify_folder, data, ref_cache, quiet)
+            info["cascade"] = _cascade_stages(m, update, records, certify, certify_folder, data, ref_cache)
         update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
-        log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}", quiet)
+        log(f"[3/3] writing {', '.join(r['file'] for r in records.values())} and the manifest into {m.folder}")
     return info
 
 
-def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_cache: dict, quiet: bool) -> dict:
+def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_cache: dict) -> dict:
     """A cascade engine's int8 stage towers, cut out of the CPU graph, with thresholds certified again
     (export/precision/int8_stages.py), or the record of why not. Towers of an earlier int8 export are dropped either way."""
 
@@ -152,12 +152,12 @@ def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_c
         ref = ref_cache.get(("data", str(data))) if data is not None else None
         rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, folder,
                           data_feeds=labelled[0] if labelled else None, labels=labelled[1] if labelled else None,
-                          fp32_logits=ref["logits"] if ref is not None else None, quiet=quiet)
+                          fp32_logits=ref["logits"] if ref is not None else None)
         if not rec["written"]:
             for f in files:
                 update.path(f).unlink(missing_ok=True)
     for line in format_record(rec):
-        log(line, quiet, tag="int8")
+        log(line, tag="int8")
     return rec
 
 
@@ -192,22 +192,3 @@ def failing_backbones(report: dict) -> list[int]:
                 or b["top1_changed"] > b["top1_changed_bound"] * report["images"]):
             bad.append(k)
     return bad
-
-
-def format_int8_summary(info: dict) -> str:
-    """What `clipfuse export ENGINE --precision int8` prints: per graph, what was quantized and its figures."""
-    lines = []
-    for rec in [info] * bool(info.get("file")) + ([info["tensorrt"]] if info.get("tensorrt") else []):
-        s, c = rec["settings"], rec["calibration"]
-        lines += [f"{rec['file']} (target {rec['target']}): {sum(rec['quantized'].values())} tower ops quantized "
-                  f"{rec['quantized']}, activations {s['activation_type']} "
-                  f"({'symmetric' if s['extra_options']['ActivationSymmetric'] else 'asymmetric'}), weights "
-                  f"{s['weight_type']} per-channel; {c['images']} calibration images ({s['calibrate_method']}, "
-                  f"sha256 {c['sha256'][:12]}); float: {rec['float']['islands']}"
-                  + (f"; towers kept fp32: {', '.join(rec['float_backbones'])}" if rec.get("float_backbones") else ""),
-                  f"{rec['file']} vs fp32 on ONNX Runtime CPU, {rec['validation']['images']} images:"]
-        lines += [f"  {x.strip()}" for x in format_checks(rec["validation"])]
-    if info.get("cascade"):
-
-        lines += format_record(info["cascade"])
-    return "\n".join(lines)

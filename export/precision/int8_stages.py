@@ -185,7 +185,7 @@ def stage_costs(block: dict) -> list[float]:
 
 
 def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feeds: list[dict], folder,
-                data_feeds=None, labels=None, fp32_logits=None, quiet: bool = True) -> dict:
+                data_feeds=None, labels=None, fp32_logits=None) -> dict:
     """Cut the int8 stage towers into tower_paths, certify thresholds on certify_feeds, and return the
     record for precisions["int8"]["cascade"] ({"written": False, "reason"} when too few images certify).
 
@@ -204,13 +204,13 @@ def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feed
     fields.setdefault("max_drop", block.get("max_drop", CascadeConfig.max_drop))
     fields.setdefault("constraint", block.get("constraint", CascadeConfig.constraint))
     config = CascadeConfig(**fields)
-    with step(f"cascade: cutting {S} int8 stage towers out of {Path(int8_path).name}", quiet, tag="int8"):
+    with step(f"cascade: cutting {S} int8 stage towers out of {Path(int8_path).name}", tag="int8"):
         write_towers(int8_path, tower_paths, inputs)
     sessions = stage_sessions(manifest, tower_paths)
     check = check_last_stage(manifest, sessions, int8_path, certify_feeds[0], inputs)
     n = feeds_images(certify_feeds)
     with step(f"cascade: certifying int8 thresholds on {n} images (max-drop {config.max_drop}, "
-              f"{block['score']})", quiet, tag="int8"):
+              f"{block['score']})", tag="int8"):
         outs = stage_outputs(sessions, certify_feeds, inputs)
     Z = np.stack([o[iospec.LOGITS] for o in outs])
     record = {"towers": [iospec.tower_file(s, "int8") for s in range(1, S + 1)],

@@ -74,7 +74,7 @@ def accuracy_line(acc: dict) -> str:
             f"{'PASS' if ok else 'FAIL'}")
 
 
-def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, quiet: bool = True, data=None,
+def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, data=None,
                   classes=None, ref_cache: dict | None = None) -> dict:
     """Run fp32 (manifest.onnx_path) and int8 graphs on ORT CPU on the same images; figures + verdict
     (printed through the logger; no raise: see `require_valid`).
@@ -106,7 +106,7 @@ def validate_int8(manifest, int8_path: Path, images=None, batch: int = 8, quiet:
             report["failures"].append(accuracy_line(report["accuracy"]).strip())
             report["ok"] = False
     for line in format_checks(report):
-        log(line, quiet, tag="int8")
+        log(line, tag="int8")
     return report
 
 

@@ -64,8 +64,8 @@ def check_batch(batch) -> tuple[int, int, int]:
 
 
 def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_streams: int | None = None,
-                 timing_cache=None, opt_level: int = 3, workspace: int | None = None, fp16_flag: bool = False,
-                 quiet: bool = False) -> dict:
+                 timing_cache=None, opt_level: int = 3, workspace: int | None = None,
+                 fp16_flag: bool = False) -> dict:
     """Build model.<precision>.plan for an engine folder; returns the manifest's plans[precision] entry.
 
     batch: (min, opt, max) of the one optimisation profile, applied to every image_<R> input.
@@ -103,7 +103,7 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
         flags |= 1 << int(st)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    with step(f"TensorRT {trt.__version__}: parsing {onnx_path.name}", quiet):
+    with step(f"TensorRT {trt.__version__}: parsing {onnx_path.name}"):
         # parse_from_file, not parse(bytes): it resolves external data (model.onnx.data) beside the file
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -138,7 +138,7 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
 
     t0 = time.perf_counter()
     with step(f"TensorRT: building {precision} plan, batch {lo},{opt},{hi}, aux streams "
-              f"{'default' if aux_streams is None else aux_streams}, opt level {opt_level}", quiet):
+              f"{'default' if aux_streams is None else aux_streams}, opt level {opt_level}"):
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ClipfuseError(f"TensorRT {trt.__version__} failed to build {str(onnx_path)!r} (see its log above); "
@@ -166,7 +166,7 @@ def build_engine(engine_dir, precision: str = "fp32", batch=(1, 8, 32), aux_stre
         "build_seconds": round(build_s, 1),
         "built": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    with update_engine_folder(m.folder, what=plan_name(precision), quiet=quiet) as update:
+    with update_engine_folder(m.folder, what=plan_name(precision)) as update:
         update.path(layers_name(precision)).write_bytes(layers.encode() if isinstance(layers, str) else bytes(layers))
         update.path(plan_name(precision)).write_bytes(plan)
         update.edit_manifest(lambda data: data.setdefault("plans", {}).__setitem__(precision, entry))

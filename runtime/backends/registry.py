@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def for_precision(manifest: Manifest, name: str, precision: str | None, options:
     return with_precision(manifest, precision, "tensorrt" if name == "onnxruntime-tensorrt" else "cpu"), options
 
 
-def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", quiet: bool = False,
+def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto",
                  precision: str | None = None, **options) -> Backend:
     """An opened backend for the engine. name="auto" tries auto_candidates() and logs its pick on
     stderr; a named backend that cannot run raises ClipfuseError saying what to install.
@@ -182,7 +183,9 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", qui
         manifest = read_manifest(manifest)
     if name != "auto":
         m, kw = for_precision(manifest, name, precision, options)
-        return make_backend(m, name, **kw).open()
+        backend = make_backend(m, name, **kw).open()
+        log(f"backend {name} -> {backend.describe()}", level=logging.DEBUG)     # asked for: a detail (-v)
+        return backend
     skipped = []
     plans = built_plans(manifest)
     for candidate in auto_candidates(manifest, precision):
@@ -199,9 +202,9 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", qui
                 backend = make_backend(m, candidate, **kw).open()
             except ClipfuseError as e:      # e.g. a plan built on another GPU: say so, try the next
                 reason = str(e)
-                log(f"backend auto: {candidate} cannot run: {reason}", quiet)
+                log(f"backend auto: {candidate} cannot run: {reason}")
             else:
-                log(f"backend auto -> {backend.describe()}", quiet)
+                log(f"backend auto -> {backend.describe()}")
                 return backend
         if candidate in ("onnxruntime", "torch") or nvidia_gpu_visible():
             skipped.append(f"{candidate}: {reason}")   # GPU backends on a machine without one: not news

@@ -32,7 +32,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import numpy as np
 
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.log import get_logger, log
 
 from ..backends.onnxruntime import OnnxRuntimeBackend
 from ..cascade import CascadeBackend, cascade_block, check_cascade_precision, is_cascade
@@ -61,10 +61,6 @@ LOOPBACK = "127.0.0.1"
 ACCESS_HEADER = "triton-access-token"
 STOP_GRACE_S = 5.0                  # after pytriton's stop, how long children may take before SIGKILL
 SHM_DIR = Path("/dev/shm")
-
-
-def log(msg: str) -> None:
-    print(f"[clipfuse serve] {msg}", file=sys.stderr, flush=True)
 
 
 def check_serving_environment() -> None:
@@ -253,7 +249,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                  metrics_port: int = 8002, max_batch: int = DEFAULT_MAX_BATCH,
                  queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
                  threads: int | None = None, model_name: str | None = None, verify: bool = True,
-                 quiet: bool = False, exit_timeout_s: int = 10, precision: str | None = None,
+                 exit_timeout_s: int = 10, precision: str | None = None,
                  cascade: bool | None = None) -> Server:
     """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
 
@@ -294,8 +290,8 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                 raise ClipfuseError(f"cannot listen on {host}:{port} ({label}): {e.strerror}; choose another port "
                                     "or stop what holds it") from None
     _libpython_on_path()
-    if quiet:       # pytriton narrates every step at INFO and echoes Triton's log
-        logging.getLogger("pytriton").setLevel(logging.WARNING)
+    if not get_logger().isEnabledFor(logging.DEBUG):   # pytriton narrates every step at INFO and echoes
+        logging.getLogger("pytriton").setLevel(logging.WARNING)   # Triton's log: for -v only
 
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
@@ -335,10 +331,9 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
             raise
         raise ClipfuseError(f"Triton did not start serving {spec.name!r} on {host}: {type(e).__name__}: "
                             f"{str(e)[:500]}") from None
-    if not quiet:
-        log(f"serving {spec.name!r} ({', '.join(manifest.backbone_names)}): HTTP {server.http_url}, "
-            f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
-            f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)")
+    log(f"serving {spec.name!r} ({', '.join(manifest.backbone_names)}): HTTP {server.http_url}, "
+        f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
+        f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)", tag="serve")
     return server
 
 

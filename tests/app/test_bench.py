@@ -44,7 +44,7 @@ def data(photo_paths, tmp_path_factory, tiny_engine):
 @pytest.fixture(scope="module")
 def full_run(engine, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    result = run.run_bench(engine, data=data, batches=(2, 1), runs=2, out=out, quiet=True, command="test")
+    result = run.run_bench(engine, data=data, batches=(2, 1), runs=2, out=out, command="test")
     return result, out
 
 
@@ -136,7 +136,7 @@ def test_singles_cache_is_reused_then_rebuilt_when_stale(full_run, engine, tmp_p
     single1 = engine / "singles" / "1-clipfuse-test-rn" / "model.onnx"
     before = single1.stat().st_mtime_ns
     again = run.run_bench(engine, batches=(1,), runs=1, warmup=0, out=tmp_path, torch=False, memory=False,
-                            profile=False, quiet=True)
+                            profile=False)
     assert again["singles_cache_reused"] == [True, True, True]
     assert single1.stat().st_mtime_ns == before
     assert again["accuracy"] is None and "torch" not in again["latency"] and again["memory"] is None
@@ -147,7 +147,7 @@ def test_singles_cache_is_reused_then_rebuilt_when_stale(full_run, engine, tmp_p
     mf["classes"] = list(reversed(mf["classes"]))
     mpath.write_text(json.dumps(mf))
     m = read_manifest(engine, verify=False)
-    _, reused = configs.ensure_singles(m, quiet=True)
+    _, reused = configs.ensure_singles(m)
     assert reused == [True, True, False]
     assert read_manifest(mpath.parent, verify=False).classes == m.classes
 
@@ -262,7 +262,7 @@ def test_without_singles_only_the_fused_graph_is_measured(tiny_engine, tmp_path)
     folder = tmp_path / "e"
     shutil.copytree(tiny_engine, folder)
     r = run.run_bench(folder, batches=(1,), runs=1, warmup=0, out=tmp_path / "b", torch=False, memory=True,
-                      profile=False, quiet=True, singles=False, memory_infers=1)
+                      profile=False, singles=False, memory_infers=1)
     assert r["order"] == ["fused"] and r["singles_cache_reused"] is None
     assert set(r["memory"]) == {"fused"} and "fused_over_sum" not in r["targets"]
     assert not (folder / "singles").exists()

@@ -78,14 +78,14 @@ HEAVY = ("torch", "open_clip", "tensorrt", "openvino", "pytriton", "tritonclient
 # ONNX Runtime path and the bench's timing workers never load them). Each target is checked heavy below.
 ALLOWED_INNER = {
     ("clipfuse.api", "clipfuse.export.fit.levers"),
-    ("clipfuse.api", "clipfuse.export.fit.pipeline"),
     ("clipfuse.api", "clipfuse.export.graph.backbones"),
-    ("clipfuse.api", "clipfuse.export.graph.engine"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.backbones"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.heads"),
     ("clipfuse.bench.run", "clipfuse.export.fit.pipeline"),
+    ("clipfuse.cli.build", "clipfuse.export.fit.pipeline"),
     ("clipfuse.cli.build", "clipfuse.export.fit.report"),
+    ("clipfuse.cli.build", "clipfuse.export.graph.engine"),
     ("clipfuse.cli.build", "clipfuse.export.graph.backbones"),
     ("clipfuse.demo", "clipfuse.export.fit.pipeline"),
     # the PyTorch backend is loaded by the registry to ask whether it can run: it imports torch when opened

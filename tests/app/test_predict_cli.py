@@ -46,7 +46,7 @@ def test_jsonl_is_the_api_result(tiny_engine, photo_paths):
             "--backend", "onnxruntime")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=3, quiet=True) as p:
+    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=3) as p:
         expected = [x.to_dict() for x in p.predict([str(x) for x in photo_paths], top_k=3)]
     assert rows == expected
     assert len(rows) == 4 and all(len(x["labels"]) == 3 and list(x["temperatures"]) == TINY for x in rows)

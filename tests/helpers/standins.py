@@ -28,7 +28,7 @@ def served_predictions(engine, paths, **serve_options) -> list:
     from clipfuse.runtime.serving.server import free_port
 
     srv = clipfuse.serve(engine, host="127.0.0.1", http_port=free_port(), grpc_port=free_port(),
-                         metrics_port=free_port(), quiet=True, exit_timeout_s=2, **serve_options)
+                         metrics_port=free_port(), exit_timeout_s=2, **serve_options)
     try:
         with clipfuse.connect(srv.http_url) as remote:
             return remote.predict(paths)

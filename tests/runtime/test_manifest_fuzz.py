@@ -233,7 +233,7 @@ def test_renamed_tensor_is_refused_when_the_backend_opens(tmp_path, tiny_engine)
     data["inputs"][0]["name"] = "x"
     (engine / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ClipfuseError, match="the folder mixes two exports"):
-        load_predictor(engine, backend="onnxruntime", quiet=True)
+        load_predictor(engine, backend="onnxruntime")
 
 
 def test_the_open_recorder_sees_opens(box, original):

@@ -26,7 +26,7 @@ def int8_engine(tiny_vit_engine, tmp_path_factory):
         im.save(calib / f"p{i:02d}.png")
     folder = tmp_path_factory.mktemp("ov") / "tiny"
     shutil.copytree(tiny_vit_engine, folder)
-    export_int8(folder, calib, count=32, targets=("cpu",), quiet=True)
+    export_int8(folder, calib, count=32, targets=("cpu",))
     return folder
 
 

@@ -72,7 +72,7 @@ def other_engine(tmp_path_factory):
     from clipfuse.export.graph.engine import export_engine
 
     out = tmp_path_factory.mktemp("other") / "three-classes"
-    return export_engine(TINY, TINY_CLASSES[:3], out, templates=TWO_TEMPLATES, quiet=True).folder
+    return export_engine(TINY, TINY_CLASSES[:3], out, templates=TWO_TEMPLATES).folder
 
 
 # ----------------------------------------------------------------------------- backends agree
@@ -365,7 +365,7 @@ def test_opset_newer_than_onnxruntime(engine_copy):
 
 @pytest.fixture(scope="module")
 def predictor(tiny_engine):
-    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=3, quiet=True) as p:
+    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=3) as p:
         yield p
 
 
@@ -430,7 +430,7 @@ def test_predict_batches_streams_in_order(predictor, photo_paths, tmp_path):
 
 
 def test_batch_size_does_not_change_results(tiny_engine, photo_paths, predictor):
-    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=1, quiet=True) as one:
+    with load_predictor(tiny_engine, backend="onnxruntime", batch_size=1) as one:
         a = one.predict(photo_paths)
     b = predictor.predict(photo_paths)
     for x, y in zip(a, b):
@@ -460,7 +460,7 @@ def test_load_argument_errors(tiny_engine, kwargs, expect):
 def test_public_api(tiny_engine, photo_paths):
     import clipfuse
 
-    with clipfuse.load(tiny_engine, backend="torch", batch_size=2, quiet=True) as p:
+    with clipfuse.load(tiny_engine, backend="torch", batch_size=2) as p:
         assert isinstance(p, Predictor) and p.backend.name == "torch"
         preds = p.predict(photo_paths[:3], top_k=1)
     assert [len(x.labels) for x in preds] == [1, 1, 1]
@@ -501,7 +501,7 @@ def test_pil_strip_is_refused_before_resizing_and_the_rest_is_classified(tiny_en
         assert size[0] * size[1] <= 1_000_000, f"resize to {size} should have been refused before allocating"
         return real(self, size, *a, **kw)
     monkeypatch.setattr(Image.Image, "resize", resize)
-    with load_predictor(tiny_engine, backend="onnxruntime", quiet=True) as p:
+    with load_predictor(tiny_engine, backend="onnxruntime") as p:
         preds = p.predict([Image.new("L", (1_000_000, 8)), Image.open(photo_paths[0])], top_k=1)
     assert not preds[0].ok and "makes 4000000x32 = 128,000,000 px, over the limit" in preds[0].error
     assert "--max-image-pixels" in preds[0].error and preds[1].ok

@@ -40,7 +40,7 @@ MAX_BATCH = 8
 def server(tiny_engine):
     srv = clipfuse.serve(tiny_engine, host=HOST, http_port=free_port(), grpc_port=free_port(),
                          metrics_port=free_port(), max_batch=MAX_BATCH, queue_delay_us=QUEUE_DELAY_US,
-                         quiet=True, exit_timeout_s=2)
+                         exit_timeout_s=2)
     try:
         yield srv
     finally:
@@ -49,7 +49,7 @@ def server(tiny_engine):
 
 @pytest.fixture(scope="module")
 def local(tiny_engine):
-    with clipfuse.load(tiny_engine, backend="onnxruntime", quiet=True) as p:
+    with clipfuse.load(tiny_engine, backend="onnxruntime") as p:
         yield p
 
 
@@ -192,7 +192,7 @@ def test_health_readiness_metrics_and_config(server):
 
 def test_bad_serve_arguments_are_named(tiny_engine):
     with pytest.raises(ClipfuseError, match="must differ"):
-        clipfuse.serve(tiny_engine, http_port=9000, grpc_port=9000, metrics_port=9001, quiet=True)
+        clipfuse.serve(tiny_engine, http_port=9000, grpc_port=9000, metrics_port=9001)
     with pytest.raises(ClipfuseError, match="is not http://HOST:PORT"):
         clipfuse.connect("ftp://127.0.0.1:21")
 
@@ -235,7 +235,7 @@ def test_stop_leaves_no_process_no_port_no_shared_memory(tiny_engine):
     ports = [free_port() for _ in range(3)]
     others = {p.pid for p in psutil.Process().children(recursive=True)}     # e.g. the module's server
     srv = clipfuse.serve(tiny_engine, host=HOST, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                         quiet=True, exit_timeout_s=2)
+                         exit_timeout_s=2)
     children = [p for p in psutil.Process().children(recursive=True) if p.pid not in others]
     assert any("tritonserver" in p.name() for p in children)
     srv.stop()                              # returns once everything is gone: no grace period here
@@ -304,19 +304,19 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine
     from clipfuse.runtime.compare import photo_variants
 
     with pytest.raises(ClipfuseError, match=r"has no model\.int8\.onnx"):
-        clipfuse.serve(tiny_engine, precision="int8", quiet=True)
+        clipfuse.serve(tiny_engine, precision="int8")
     calib = tmp_path / "calib"
     calib.mkdir()
     for i, im in enumerate(photo_variants()):
         im.save(calib / f"p{i:02d}.png")
     folder = tmp_path / "tiny"
     shutil.copytree(tiny_vit_engine, folder)            # int8 of the collapsed RN tower is refused
-    export_int8(folder, calib, count=32, targets=("cpu",), quiet=True)
+    export_int8(folder, calib, count=32, targets=("cpu",))
     srv = clipfuse.serve(folder, host=HOST, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                         quiet=True, exit_timeout_s=2, precision="int8")
+                         exit_timeout_s=2, precision="int8")
     try:
         with clipfuse.connect(srv.http_url, model=srv.model_name) as remote, \
-                clipfuse.load(folder, backend="onnxruntime", precision="int8", quiet=True) as local:
+                clipfuse.load(folder, backend="onnxruntime", precision="int8") as local:
             assert_same(remote.predict(photo_paths), local.predict(photo_paths))
     finally:
         srv.stop()

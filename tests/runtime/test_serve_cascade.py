@@ -28,9 +28,9 @@ def cascade_engine(tmp_path_factory, photo_paths):
 
     out = tmp_path_factory.mktemp("serve-cascade") / "cascade"
     block = {"order": TINY[:2], "score": "max-prob", "thresholds": [None], "expected_exit_rates": [0.0, 1.0]}
-    export_engine(TINY[:2], TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True, controller=ConstantController(2),
+    export_engine(TINY[:2], TINY_CLASSES, out, templates=TWO_TEMPLATES, controller=ConstantController(2),
                   cascade={"controllers": [StaticController(torch.ones(1)), ConstantController(2)], "block": block})
-    with clipfuse.load(out, quiet=True, cascade=False) as p:    # stage 1's confidence = backbone 1's max prob
+    with clipfuse.load(out, cascade=False) as p:    # stage 1's confidence = backbone 1's max prob
         z = [x for x in p.predict_arrays(_feed(p, photo_paths))["backbone_logits"][:, 0]]
     conf = np.sort([np.exp(v - v.max()).max() / np.exp(v - v.max()).sum() for v in z])
     import json
@@ -48,7 +48,7 @@ def _feed(p, paths):
 
 
 def test_served_cascade_equals_local(cascade_engine, photo_paths):
-    with clipfuse.load(cascade_engine, quiet=True) as local:
+    with clipfuse.load(cascade_engine) as local:
         want = local.predict(photo_paths)
     assert {p.stage for p in want} == {1, 2}, "the photos must leave at both stages"
     got = served_predictions(cascade_engine, photo_paths)

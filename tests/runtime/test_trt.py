@@ -106,7 +106,7 @@ def trt_engine(tiny_engine, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("trt") / "tiny"
     shutil.copytree(tiny_engine, folder)
-    export_fp16(folder, quiet=True)
+    export_fp16(folder)
     return folder
 
 
@@ -120,7 +120,7 @@ def test_build_fp32_plan_runs_and_agrees_with_onnxruntime(trt_engine, tmp_path):
     from clipfuse.runtime.manifest import read_manifest
 
     cache = tmp_path / "timing.cache"
-    entry = build_engine(trt_engine, "fp32", batch=(1, 4, 8), aux_streams=2, timing_cache=cache, quiet=True)
+    entry = build_engine(trt_engine, "fp32", batch=(1, 4, 8), aux_streams=2, timing_cache=cache)
     assert entry["tensorrt"] == tensorrt.__version__ and entry["gpu"] and entry["compute_capability"]
     assert cache.stat().st_size > 0                                         # the timing cache was written
     layers = json.loads((trt_engine / entry["layers"]).read_text())          # the inspector's JSON
@@ -130,7 +130,7 @@ def test_build_fp32_plan_runs_and_agrees_with_onnxruntime(trt_engine, tmp_path):
     report = compare_backends(trt_engine, "onnxruntime,tensorrt", batch=8)
     assert report["ok"], report
     # a rebuild reuses the timing cache
-    build_engine(trt_engine, "fp32", batch=(1, 4, 8), aux_streams=0, timing_cache=cache, quiet=True)
+    build_engine(trt_engine, "fp32", batch=(1, 4, 8), aux_streams=0, timing_cache=cache)
 
 
 @pytest.mark.tensorrt
@@ -139,7 +139,7 @@ def test_build_fp16_plan_strongly_typed_agrees(trt_engine):
     from clipfuse.export.precision.trt_plan import build_engine
     from clipfuse.runtime.compare import compare_backends
 
-    entry = build_engine(trt_engine, "fp16", batch=(1, 4, 8), quiet=True)
+    entry = build_engine(trt_engine, "fp16", batch=(1, 4, 8))
     assert entry["onnx"] == "model.fp16.onnx" and entry["typing"] == "strongly typed"
     report = compare_backends(trt_engine, "torch,tensorrt-fp16,onnxruntime-fp16", batch=8)
     assert report["ok"], report
@@ -153,7 +153,7 @@ def test_plan_with_other_recorded_version_is_refused(trt_engine):
     from clipfuse.runtime.backends.registry import open_backend
 
     if "fp32" not in json.loads((trt_engine / "manifest.json").read_text()).get("plans", {}):
-        build_engine(trt_engine, "fp32", batch=(1, 2, 4), quiet=True)
+        build_engine(trt_engine, "fp32", batch=(1, 2, 4))
     data = json.loads((trt_engine / "manifest.json").read_text())
     real = data["plans"]["fp32"]["tensorrt"]
     data["plans"]["fp32"]["tensorrt"] = "9.0.0"

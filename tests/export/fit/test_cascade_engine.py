@@ -21,7 +21,7 @@ from clipfuse.export.fit.pipeline import fit_engine
 from clipfuse.runtime.cascade import CascadeBackend
 from clipfuse.runtime.manifest import read_manifest
 
-FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,), quiet=True)
+FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,))
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +232,7 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
     from clipfuse.bench.cascade_exits import bench_cascade, format_cascade
 
     m = read_manifest(cascade_engine[0])
-    c = bench_cascade(m, data, batches=(1, 8), quiet=True, settle=0.0)
+    c = bench_cascade(m, data, batches=(1, 8), settle=0.0)
     assert c["images"] == 24 and set(c["latency"]) == {"1", "8"}
     for x in c["latency"].values():
         assert x["cascade"]["calls"] > 0 and abs(sum(x["exit_rates"]) - 1) < 1e-9

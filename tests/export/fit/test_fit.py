@@ -12,7 +12,7 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.export.fit.pipeline import eval_engine, fit_engine
 from clipfuse.runtime.manifest import read_manifest
 
-STUDY = dict(study_shots=(1, 2), study_seeds=(0, 1), quiet=True)
+STUDY = dict(study_shots=(1, 2), study_seeds=(0, 1))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_eval_on_the_graph_reproduces_the_pytorch_path(fitted, data):
     from clipfuse.export.graph.heads import load_heads
 
     folder, report, base = fitted
-    res = eval_engine(folder, data, quiet=True)
+    res = eval_engine(folder, data)
     assert res["num_images"] == 24
     bbs = [load_backbone(b) for b in TINY[:2]]
     cache = FeatureCache(base / "cache")
@@ -115,7 +115,7 @@ def test_eval_refuses_other_classes(fitted, tmp_path, photo_paths):
     make_folder(other, photo_paths, per_class=1)
     (other / "rocket").rename(other / "spaceship")
     with pytest.raises(ClipfuseError, match="only in --data .*spaceship"):
-        eval_engine(folder, other, quiet=True)
+        eval_engine(folder, other)
 
 
 def test_paper_zero_shot_script_end_to_end(tmp_path, data):
@@ -152,7 +152,7 @@ def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     before = read_manifest(copy).data
-    after = reexport_engine(copy, opset=19, quiet=True).manifest
+    after = reexport_engine(copy, opset=19).manifest
     assert after["onnx"]["opset"] == 19 and after["controller"]["kind"] == "nlc" and after["fit"] == before["fit"]
     for name in ("heads.safetensors", "static.safetensors", "report.md"):        # carried or rewritten verbatim
         assert after["artefacts"][name]["sha256"] == before["artefacts"][name]["sha256"], name
@@ -167,7 +167,7 @@ def test_reexport_keeps_the_fitted_controller_and_reports(fitted, tmp_path):
     data["backbones"][0]["weights_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(ClipfuseError, match="no longer has the weights"):
-        reexport_engine(copy, quiet=True)
+        reexport_engine(copy)
 
 
 def test_cli_fit_eval_and_reexport(tmp_path, data):
@@ -225,7 +225,7 @@ def test_auto_ships_the_selected_method_and_eval_marks_it(fitted, data):
                                             "mean": "constant"}[report["shipped"]["method"]]
     md = (result.folder / "report.md").read_text()
     assert f"## What ships: {report['shipped']['row']}" in md and f"| {report['shipped']['row']} (shipped) |" in md
-    res = eval_engine(result.folder, data, quiet=True)
+    res = eval_engine(result.folder, data)
     assert res["shipped"] == report["shipped"]["row"] and res["accuracy"][res["shipped"]] == res["engine_accuracy"]
 
 
@@ -241,14 +241,14 @@ def test_forced_single_ships_that_backbones_logits_through_the_graph(fitted, dat
     m = read_manifest(result.folder)
     assert m.data["controller"]["kind"] == "static" and m.data["fit"]["shipped"]["method"] == "single"
     assert "forced by --controller single" in (result.folder / "report.md").read_text()
-    backend = open_backend(m, "onnxruntime", quiet=True)
+    backend = open_backend(m, "onnxruntime")
     paths = sorted(p for p in data.rglob("*") if p.is_file())
     for batch in iter_batches(paths, m.preprocess_specs(), batch_size=8):
         out = backend.infer(batch.inputs)
         np.testing.assert_array_equal(out["logits"], out["backbone_logits"][:, k])       # exactly, not approximately
         assert set(np.unique(out["temperatures"])) == {0.0, 1.0}
     backend.close()
-    res = eval_engine(result.folder, data, quiet=True)
+    res = eval_engine(result.folder, data)
     assert res["shipped"] == name and res["accuracy"][name] == res["engine_accuracy"]
 
 

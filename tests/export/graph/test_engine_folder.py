@@ -1,8 +1,9 @@
 """The one engine-folder writer: --force rules, the writer lock, leftovers of killed writers, write
-errors and bad weights in one line, and progress that quiet=True silences."""
+errors and bad weights in one line, and progress that the logger at WARNING silences."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 
@@ -18,7 +19,6 @@ from clipfuse.runtime.manifest import read_manifest
 
 
 def _export(out, **kw):
-    kw.setdefault("quiet", True)
     return export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, **kw)
 
 
@@ -99,7 +99,7 @@ def test_lock_refuses_across_processes(tmp_path):
     assert not out.exists() and not engine_folder.is_locked(out)
 
 
-def test_leftovers_of_killed_writers_are_removed_with_progress(tmp_path, capsys):
+def test_leftovers_of_killed_writers_are_removed_with_progress(tmp_path, capsys, caplog):
     out = tmp_path / "e"
     _export(out)
     dead_tmp = tmp_path / ".e.tmp-killed1"          # what a kill -9 mid-export leaves beside the folder
@@ -110,14 +110,15 @@ def test_leftovers_of_killed_writers_are_removed_with_progress(tmp_path, capsys)
     dead_stage = out / ".clipfuse.tmp-killed2"      # and what a killed fp16/TensorRT writer leaves inside
     dead_stage.mkdir()
     capsys.readouterr()
-    _export(out, force=True, quiet=False)
+    _export(out, force=True)
     err = capsys.readouterr().err
     assert not dead_tmp.exists() and not dead_old.exists() and not dead_stage.exists()
     assert "removed 3 leftover temporary item(s)" in err and ".e.tmp-killed1" in err
     # progress: counted steps through the export, and the zero-shot head's bar over classes
     assert "[1/5] backbone 1/1" in err and "[5/5] writing and hashing artefacts" in err
     assert "zero-shot head" in err and "class" in err
-    _export(out, force=True, quiet=True)
+    caplog.set_level(logging.WARNING, logger="clipfuse")       # what -q does
+    _export(out, force=True)
     assert capsys.readouterr().err == ""
 
 
@@ -157,7 +158,7 @@ def test_nan_weights_name_the_backbone_and_the_real_folder(tmp_path):
         next(b.model.visual.parameters()).fill_(float("nan"))
     out = tmp_path / "e"
     with pytest.raises(ClipfuseError) as e:
-        export_engine([b], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
+        export_engine([b], "a,b", out, templates=TWO_TEMPLATES)
     msg = str(e.value)
     assert f"non-finite outputs/weights in backbone {TINY[0]} of {str(out)!r}" in msg, msg
     assert ".tmp-" not in msg and "tolerance nan" not in msg
@@ -190,7 +191,7 @@ def test_fp16_disk_full_is_one_line_and_changes_nothing(tiny_engine, tmp_path, m
 
     monkeypatch.setattr(fp16, "convert_fp16", full)
     with pytest.raises(ClipfuseError, match="cannot write model.fp16.onnx into engine folder .*no space left"):
-        fp16.export_fp16(folder, quiet=True)
+        fp16.export_fp16(folder)
     assert (folder / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]

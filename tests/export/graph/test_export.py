@@ -84,11 +84,11 @@ def test_batch_rows_are_independent(tiny_engine, photo_paths):
 
 def test_existing_output_needs_force(tiny_engine, tmp_path):
     out = tmp_path / "e"
-    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
+    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES)
     (out / "keep.txt").write_text("x")        # an engine folder with a stray file is still an engine folder
     with pytest.raises(ClipfuseError, match="already exists; pass --force"):
-        export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
-    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, force=True, quiet=True)
+        export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES)
+    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, force=True)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["e"]        # no temporary, old or lock files left
 
@@ -97,9 +97,9 @@ def test_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(ClipfuseError, match="cannot create the output's parent folder"):
-        export_engine(TINY[:1], "a,b", blocker / "engine", templates=TWO_TEMPLATES, quiet=True)
+        export_engine(TINY[:1], "a,b", blocker / "engine", templates=TWO_TEMPLATES)
     with pytest.raises(ClipfuseError, match="exists and is not a folder"):
-        export_engine(TINY[:1], "a,b", blocker, templates=TWO_TEMPLATES, quiet=True)
+        export_engine(TINY[:1], "a,b", blocker, templates=TWO_TEMPLATES)
 
 
 def test_read_only_parent(tmp_path, monkeypatch):
@@ -109,7 +109,7 @@ def test_read_only_parent(tmp_path, monkeypatch):
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) else real(p, mode))
     with pytest.raises(ClipfuseError, match="no write permission"):
-        export_engine(TINY[:1], "a,b", ro / "engine", templates=TWO_TEMPLATES, quiet=True)
+        export_engine(TINY[:1], "a,b", ro / "engine", templates=TWO_TEMPLATES)
 
 
 def test_crash_mid_export_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
@@ -119,17 +119,17 @@ def test_crash_mid_export_leaves_nothing_that_looks_complete(tmp_path, monkeypat
     monkeypatch.setattr("clipfuse.export.graph.engine.validate_onnx", boom)
     out = tmp_path / "engine"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
+        export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_crash_during_force_keeps_the_old_engine(tiny_engine, tmp_path, monkeypatch):
     out = tmp_path / "engine"
-    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, quiet=True)
+    export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES)
     before = (out / "manifest.json").read_text()
     monkeypatch.setattr("clipfuse.export.graph.engine.validate_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
     with pytest.raises(RuntimeError):
-        export_engine(TINY[1:2], "a,b", out, templates=TWO_TEMPLATES, force=True, quiet=True)
+        export_engine(TINY[1:2], "a,b", out, templates=TWO_TEMPLATES, force=True)
     assert (out / "manifest.json").read_text() == before
     read_manifest(out)
 
@@ -172,7 +172,7 @@ def test_linear_probe_heads_go_through_the_same_path(tmp_path, photo_paths):
     torch.manual_seed(0)
     heads = [Head(torch.randn(3, 32), torch.randn(3), LINEAR_PROBE), Head(torch.randn(3, 24), torch.randn(3), LINEAR_PROBE)]
     out = tmp_path / "probe"
-    r = export_engine([TINY[0], TINY[2]], "a,b,c", out, heads=heads, quiet=True)
+    r = export_engine([TINY[0], TINY[2]], "a,b,c", out, heads=heads)
     assert r.manifest["head_kind"] == LINEAR_PROBE and r.manifest["templates"] is None
     m = read_manifest(out)
     bb, feats = _session(out).run(["backbone_logits", "features"], _feed(m, [Image.open(photo_paths[0])]))
@@ -182,11 +182,11 @@ def test_linear_probe_heads_go_through_the_same_path(tmp_path, photo_paths):
 
 def test_bad_export_arguments(tmp_path):
     with pytest.raises(ClipfuseError, match="given twice"):
-        export_engine([TINY[0], TINY[0]], "a,b", tmp_path / "x", templates=TWO_TEMPLATES, quiet=True)
+        export_engine([TINY[0], TINY[0]], "a,b", tmp_path / "x", templates=TWO_TEMPLATES)
     with pytest.raises(ClipfuseError, match="no backbones"):
-        export_engine([], "a,b", tmp_path / "x", quiet=True)
+        export_engine([], "a,b", tmp_path / "x")
     with pytest.raises(ClipfuseError, match="1 heads given for 2 backbones"):
-        export_engine(TINY[:2], "a,b", tmp_path / "x", heads=[Head(torch.zeros(2, 32), torch.zeros(2))], quiet=True)
+        export_engine(TINY[:2], "a,b", tmp_path / "x", heads=[Head(torch.zeros(2, 32), torch.zeros(2))])
     assert not (tmp_path / "x").exists()
 
 

@@ -34,4 +34,4 @@ def test_one_class_engine_is_refused_before_building(tmp_path):
 def export_engine_quiet(*args):
     from clipfuse.export.graph.engine import export_engine
 
-    return export_engine(*args, templates=["a {}."], quiet=True)
+    return export_engine(*args, templates=["a {}."])

@@ -132,7 +132,7 @@ def test_failed_validation_writes_nothing(tiny_engine, tmp_path, monkeypatch):
     before = (folder / "manifest.json").read_bytes()
     monkeypatch.setattr(fp16, "validate_fp16", lambda m, p: {"ok": False, "failures": ["planted failure"]})
     with pytest.raises(ClipfuseError, match="planted failure"):
-        fp16.export_fp16(folder, quiet=True)
+        fp16.export_fp16(folder)
     assert (folder / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())
 

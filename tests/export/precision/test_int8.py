@@ -125,7 +125,7 @@ def test_int8_validation_passes_with_its_bounds(int8_vit, capsys):
     from clipfuse.export.precision.int8_validate import require_valid, validate_int8
 
     m, path = int8_vit
-    report = validate_int8(m, path, quiet=False)
+    report = validate_int8(m, path)
     err = capsys.readouterr().err
     assert report["ok"], report["failures"]
     assert report["images"] == 32 and len(report["backbones"]) == len(m.backbones)

@@ -132,8 +132,7 @@ def test_both_graphs_of_an_export_come_from_one_calibration(engine, calib_dir, t
         return real(*a, **kw)
 
     monkeypatch.setattr(int8_export, "calibrate_ranges", counting)
-    info = int8_export.export_int8(folder, calib_dir, count=32,
-                                   quiet=True, strict=False)
+    info = int8_export.export_int8(folder, calib_dir, count=32, strict=False)
     assert len(calls) == 1 and info["targets"] == ["cpu", "tensorrt"]
     assert info["calibration"]["sha256"] == info["tensorrt"]["calibration"]["sha256"]
     assert (folder / "model.int8.onnx").is_file() and (folder / "model.int8-trt.onnx").is_file()

@@ -19,7 +19,7 @@ from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.manifest import read_manifest
 
-FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,), quiet=True)
+FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,))
 
 
 def _cli(*args):
@@ -161,7 +161,7 @@ def test_bench_measures_the_int8_cascade(int8_cascade, data):
     from clipfuse.bench.cascade_exits import bench_cascade, format_cascade
 
     m = read_manifest(int8_cascade)
-    c = bench_cascade(m, data, batches=(1,), quiet=True, settle=0.0, precision="int8")
+    c = bench_cascade(m, data, batches=(1,), settle=0.0, precision="int8")
     assert c["precision"] == "int8" and c["thresholds"] == m.data["precisions"]["int8"]["cascade"]["thresholds"]
     assert c["images"] == 24 and abs(sum(c["latency"]["1"]["exit_rates"]) - 1) < 1e-9
     assert "int8 stages against int8's full graph" in "\n".join(format_cascade(c))
@@ -277,9 +277,9 @@ def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
         check_serving_environment()
     except ClipfuseError as e:                 # as tests/runtime/test_serve.py: not installed, or numpy 2
         pytest.skip(f"serving needs the `serve` extra with numpy<2: {e}")
-    with clipfuse.load(int8_cascade, quiet=True, precision="int8") as local:
+    with clipfuse.load(int8_cascade, precision="int8") as local:
         want = local.predict(photo_paths)
-    with clipfuse.load(int8_cascade, quiet=True) as fp32:
+    with clipfuse.load(int8_cascade) as fp32:
         assert [p.probs for p in fp32.predict(photo_paths)] != [p.probs for p in want]    # int8 is not fp32
     got = served_predictions(int8_cascade, photo_paths, precision="int8")
     assert [p.stage for p in got] == [p.stage for p in want]
@@ -305,7 +305,7 @@ def test_clipfuse_bench_with_int8_measures_both_cascades(int8_cascade, data, tmp
     from clipfuse.bench.run import run_bench
 
     r = run_bench(int8_cascade, data=data, batches=(1,), runs=1, warmup=0, torch=False, memory=False, profile=False,
-                  singles=False, precisions=("fp32", "int8"), out=tmp_path / "bench", quiet=True)
+                  singles=False, precisions=("fp32", "int8"), out=tmp_path / "bench")
     assert r["cascade"]["precision"] == "fp32" and r["cascade_int8"]["precision"] == "int8"
     assert r["cascade_int8"]["thresholds"] == read_manifest(int8_cascade).data["precisions"]["int8"]["cascade"]["thresholds"]
     md = (tmp_path / "bench" / "bench.md").read_text()

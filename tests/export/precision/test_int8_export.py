@@ -169,10 +169,10 @@ def test_with_data_agreement_and_accuracy_come_from_one_pass_on_the_users_images
 def test_load_predict_and_compare_run_int8(int8_engine, photo_paths):
     import clipfuse
 
-    with clipfuse.load(int8_engine, backend="onnxruntime", precision="int8", quiet=True) as p:
+    with clipfuse.load(int8_engine, backend="onnxruntime", precision="int8") as p:
         assert p.backend.manifest.onnx_path.name == "model.int8.onnx"
         int8 = p.predict(photo_paths)
-    with clipfuse.load(int8_engine, backend="onnxruntime", quiet=True) as p:
+    with clipfuse.load(int8_engine, backend="onnxruntime") as p:
         fp32 = p.predict(photo_paths)
     assert [a.label for a in int8] == [b.label for b in fp32]
     r = _cli("predict", int8_engine, *photo_paths, "--precision", "int8", "--backend", "onnxruntime", "--format", "jsonl")
@@ -192,11 +192,11 @@ def test_consumers_refuse_int8_of_an_engine_without_it(tiny_engine, photo_paths)
 
     with pytest.raises(ClipfuseError, match=r"has no model\.int8\.onnx: make it with `clipfuse export .* --precision "
                                             r"int8 --calibration DIR`"):
-        clipfuse.load(tiny_engine, backend="onnxruntime", precision="int8", quiet=True)
+        clipfuse.load(tiny_engine, backend="onnxruntime", precision="int8")
     with pytest.raises(ClipfuseError, match="torch runs the fp32 reference only"):
-        clipfuse.load(tiny_engine, backend="torch", precision="int8", quiet=True)
+        clipfuse.load(tiny_engine, backend="torch", precision="int8")
     with pytest.raises(ClipfuseError, match="unknown precision 'int4'"):
-        clipfuse.load(tiny_engine, precision="int4", quiet=True)
+        clipfuse.load(tiny_engine, precision="int4")
     r = _cli("build", tiny_engine, "--precision", "int8")
     assert r.exit_code == 1 and "model.int8-trt.onnx" in r.output and "--calibration DIR" in r.output, r.output
 
@@ -204,7 +204,7 @@ def test_consumers_refuse_int8_of_an_engine_without_it(tiny_engine, photo_paths)
 def test_auto_with_int8_skips_torch(int8_engine):
     from clipfuse.runtime.backends.registry import open_backend
 
-    with open_backend(int8_engine, "auto", quiet=True, precision="int8") as b:
+    with open_backend(int8_engine, "auto", precision="int8") as b:
         assert b.name != "torch" and b.manifest.onnx_path.name == "model.int8.onnx"
 
 
@@ -303,10 +303,10 @@ def test_keep_fp32_names_are_checked(tiny_engine, calib_dir, tmp_path):
     shutil.copytree(tiny_engine, folder)
     with pytest.raises(ClipfuseError, match=r"--int8-keep-fp32 'RN51' is not a backbone of .*its backbones: "
                                             r"clipfuse-test-vit:random:0, "):
-        export_int8(folder, calib_dir, count=32, keep_fp32=["RN51"], quiet=True)
+        export_int8(folder, calib_dir, count=32, keep_fp32=["RN51"])
     names = ["clipfuse-test-vit:random:0", "clipfuse-test-rn:random:1", "clipfuse-test-vit48:random:2"]
     with pytest.raises(ClipfuseError, match="names every backbone"):
-        export_int8(folder, calib_dir, count=32, keep_fp32=names, quiet=True)
+        export_int8(folder, calib_dir, count=32, keep_fp32=names)
     r = _cli("export", folder, "--int8-keep-fp32", "auto")
     assert r.exit_code == 1 and "apply to --precision int8 only" in r.output
     assert not (folder / "model.int8.onnx").exists()
