@@ -123,11 +123,13 @@ def inspect_engine(folder, verify: bool = True) -> EngineInfo:
 
 def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
          threads: int | None = None, verify: bool = True, quiet: bool = False, precision: str | None = None,
-         cascade: bool | None = None):
+         cascade: bool | None = None, compile: bool = False):
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays).
 
     backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
-    "onnxruntime-tensorrt", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine call.
+    "onnxruntime-tensorrt", "torch", "torch-cuda", "torch-cuda-eager" or "tensorrt". batch_size: images per
+    engine call (on torch-cuda also its largest CUDA-graph bucket; torch-cuda runs fp32 or fp16, and
+    compile=True passes its towers through torch.compile).
     workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
     (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
     open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
@@ -138,7 +140,8 @@ def load(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | 
     """
 
     return load_predictor(engine_dir, backend=backend, batch_size=batch_size, workers=workers,
-                          threads=threads, verify=verify, quiet=quiet, precision=precision, cascade=cascade)
+                          threads=threads, verify=verify, quiet=quiet, precision=precision, cascade=cascade,
+                          compile=compile)
 
 
 def available_backends() -> list[str]:

@@ -244,10 +244,11 @@ class Predictor:
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
                    threads: int | None = None, verify: bool = True, quiet: bool = False,
-                   precision: str | None = None, cascade: bool | None = None) -> Predictor:
+                   precision: str | None = None, cascade: bool | None = None, compile: bool = False) -> Predictor:
     """Check the engine folder, open the backend, return a Predictor. Arguments are checked before the
     (slow) backend opens, so a typo fails at once. cascade: on a cascade engine, None or True routes
-    images through its stage graphs (runtime/cascade.py), False runs the full graph (model.onnx)."""
+    images through its stage graphs (runtime/cascade.py), False runs the full graph (model.onnx).
+    On torch-cuda, batch_size is the largest CUDA-graph bucket and compile asks for torch.compile."""
     if backend != "auto" and backend not in BACKEND_NAMES:
         raise ClipfuseError(f"unknown backend {backend!r}; valid: auto, {', '.join(BACKEND_NAMES)}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -259,13 +260,14 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
         check_precision(precision)
     manifest = read_manifest(engine_dir, verify=verify)
     options = {"threads": threads} if threads else {}
-
+    if compile:
+        options["compile"] = True
     check_cascade_precision(manifest, cascade, precision)
     routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)
     if routed is not None:
         return Predictor(manifest, routed, batch_size, workers)
-    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
-                     batch_size, workers)
+    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, max_batch=batch_size,
+                                            **options), batch_size, workers)
 
 
 # ----------------------------------------------------------------------------- output formats

@@ -30,7 +30,8 @@ from .group import cli, int_list
               help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
 @click.option("--batch", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per engine call.")
 @click.option("--backend", default="auto", show_default=True,
-              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda or tensorrt.")
+              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda, "
+                   "torch-cuda-eager or tensorrt.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Run the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`); "
                    "default fp32.")
@@ -42,8 +43,10 @@ from .group import cli, int_list
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, run the full graph (model.onnx) for every image.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="With --backend torch-cuda: pass the towers through torch.compile (inductor) before capture.")
 def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precision, workers, threads, allow_failures,
-            no_verify, max_image_pixels, no_cascade):
+            no_verify, max_image_pixels, no_cascade, compile_):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -68,7 +71,8 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
     total = failed = 0
     opened = (api.connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               api.load(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                       verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
+                       verify=not no_verify, precision=precision, cascade=False if no_cascade else None,
+                       compile=compile_))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):

@@ -13,7 +13,10 @@ comparison tests never care which one runs. Backends:
                            never executed: no run of it on a GPU is recorded anywhere
     onnxruntime-tensorrt   ONNX Runtime, TensorRT execution provider    (built in; pip install 'clipfuse[tensorrt]')
                            never executed, as onnxruntime-cuda
-    torch / torch-cuda     the PyTorch reference, rebuilt from the manifest (registered: clipfuse.export.graph.torch_backend)
+    torch / torch-cuda-eager
+                           the fp32 PyTorch reference, rebuilt from the manifest (registered: clipfuse.export.graph.torch_backend)
+    torch-cuda             CUDA graphs per batch bucket, towers on concurrent streams, fp32 or fp16 (registered:
+                           clipfuse.export.gpu.backend); never yet run on a GPU (README "The GPU path")
     tensorrt               native TensorRT on a plan from `clipfuse build` (registered: clipfuse.runtime.backends.tensorrt);
                            never executed
     openvino               OpenVINO's CPU plugin on the same ONNX graphs (registered:
@@ -57,8 +60,11 @@ from .sessions import import_onnxruntime
 
 ENTRY_POINT_GROUP = "clipfuse.backends"
 # Every documented backend, fastest first (the order error messages and available_backends() use).
-BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "openvino",
-                 "torch")
+BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "torch-cuda-eager", "onnxruntime",
+                 "openvino", "torch")
+# Options only the torch-cuda backend takes: max_batch is a hint every caller may give (the other backends take
+# any batch), compile and concurrent are asked for and refused elsewhere.
+TORCH_CUDA_OPTIONS = ("max_batch", "compile", "concurrent")
 BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
 # Written against documentation, never run on any machine (see the module docstring).
 NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
@@ -177,8 +183,21 @@ def make_backend(manifest: Manifest, name: str, **options) -> Backend:
 def for_precision(manifest: Manifest, name: str, precision: str | None, options: dict) -> tuple[Manifest, dict]:
     """(manifest, options) that make backend `name` run `precision`: an ONNX backend (ONNX Runtime,
     OpenVINO) opens the precision's graph (runtime/precisions.py; onnxruntime-tensorrt the int8 graph
-    made for TensorRT), native TensorRT its plan; the torch backends are the fp32 reference only."""
+    made for TensorRT), native TensorRT its plan; torch-cuda fp32 or fp16 (autocast with the fp16 graph's
+    islands); the other torch backends are the fp32 reference only."""
 
+    if name != "torch-cuda":
+        asked = [k for k in ("compile", "concurrent") if options.get(k) not in (None, False)]
+        if asked:
+            raise ClipfuseError(f"--{asked[0]} is an option of --backend torch-cuda, not of {name}")
+        options = {k: v for k, v in options.items() if k not in TORCH_CUDA_OPTIONS}
+    else:
+        options = {k: v for k, v in options.items() if v is not None}
+    if name == "torch-cuda":
+        if precision is not None:
+            check_precision(precision)
+            options = dict(options, precision=precision)
+        return manifest, options
     if precision is None:
         return manifest, options
     check_precision(precision)
@@ -205,7 +224,8 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto", qui
     skipped = []
     plans = built_plans(manifest)
     for candidate in auto_candidates(manifest, precision):
-        if precision not in (None, "fp32") and (candidate.startswith("torch")
+        if precision not in (None, "fp32") and (candidate in ("torch", "torch-cuda-eager")
+                                                or candidate == "torch-cuda" and precision != "fp16"
                                                 or candidate == "tensorrt" and precision not in plans):
             continue                        # the fp32 reference, or no plan of this precision
         reason = unavailable_reason(candidate)
