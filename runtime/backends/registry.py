@@ -68,8 +68,11 @@ TORCH_CUDA_OPTIONS = ("max_batch", "compile", "concurrent")
 BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
 # Written against documentation, never run on any machine (see the module docstring).
 NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
-# What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
-# (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
+# What "auto" tries when the engine has no TensorRT plan. torch-cuda (issue 25: CUDA graphs, towers on
+# concurrent streams) is the exception to "only what has run": its predecessor, the eager fp32 module (now
+# torch-cuda-eager), ran on an H200, and the levers it adds were measured there outside the backend (DESIGN.md
+# "The GPU"), but this backend itself has not yet run on a GPU (README "The GPU path"). It rebuilds the
+# ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
 # openvino, when installed, comes before onnxruntime for int8 only. In the committed side-by-side run
 # on a quiet machine (benchmarks/results/precision_default.md, RN50 + ViT-B-32, other processes 0.01

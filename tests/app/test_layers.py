@@ -92,6 +92,8 @@ ALLOWED_INNER = {
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.backbones"),
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.fused"),
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.heads"),
+    # the same for torch-cuda: the CUDA-graph runner imports torch at its top
+    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.graphs"),
 }
 
 
@@ -200,6 +202,14 @@ def test_the_export_split_fails_when_fit_imports_precision(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "fit and precision independent" in r.stdout and "BROKEN" in r.stdout
     assert "clipfuse.export.fit.select -> clipfuse.export.precision.fp16" in r.stdout
+
+
+def test_the_export_split_fails_when_gpu_imports_precision(tmp_path):
+    staged = stage_package(tmp_path)
+    module = staged / "clipfuse" / "export" / "gpu" / "plan.py"
+    module.write_text(module.read_text() + "\nfrom clipfuse.export.precision import fp16  # noqa: E402,F401\n")
+    r = lint_imports(staged)
+    assert r.returncode == 1 and "clipfuse.export.gpu.plan -> clipfuse.export.precision.fp16" in r.stdout, r.stdout + r.stderr
 
 
 def test_the_export_split_fails_when_graph_imports_fit(tmp_path):

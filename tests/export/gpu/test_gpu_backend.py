@@ -1,0 +1,135 @@
+"""The torch-cuda backend: its forward on CPU (the same code path, eager), bad options through the CLI, and on a
+CUDA GPU (skipped without one) the claims the GPU path makes: concurrent == serial, padded == unpadded, fp16
+within the fp16 bounds of ONNX Runtime fp32."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from clipfuse.core import iospec
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.gpu import plan
+from clipfuse.export.gpu.backend import TorchCudaBackend
+from clipfuse.runtime.backends import registry as bk
+from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.preprocess import preprocess_image
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+needs_cuda = pytest.mark.skipif(not _cuda(), reason="no CUDA GPU visible to torch")
+
+
+def _cli(*args):
+    from clipfuse.cli.main import cli
+
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+@pytest.fixture(scope="module")
+def feed(tiny_engine, photo_paths):
+    from PIL import Image
+
+    m = read_manifest(tiny_engine)
+    images = [Image.open(p) for p in photo_paths][:4]
+    return {name: np.stack([preprocess_image(im, s) for im in images]) for name, s in m.preprocess_specs().items()}
+
+
+def _run(engine, feed, **kw):
+    with TorchCudaBackend(read_manifest(engine), **kw) as b:
+        return b.infer(feed)
+
+
+def test_cpu_forward_matches_the_onnx_graph_and_drops_the_padding(tiny_engine, feed):
+    """device=cpu runs the plan's forward eagerly: 3 images in the 4-bucket, answers for 3, equal to ORT's."""
+    three = {k: v[:3] for k, v in feed.items()}
+    got = _run(tiny_engine, three, device="cpu", max_batch=4)
+    with bk.make_backend(read_manifest(tiny_engine), "onnxruntime") as ort:
+        ref = ort.infer(three)
+    for name in iospec.OUTPUT_NAMES:
+        assert got[name].shape == ref[name].shape and got[name].shape[0] == 3
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-4, atol=1e-5 * max(1.0, np.abs(ref[name]).max()))
+
+
+def test_a_batch_above_the_largest_bucket_is_refused(tiny_engine, feed):
+    with pytest.raises(ClipfuseError, match=r"batch of 4 images is above the largest CUDA-graph bucket \(2\)"):
+        _run(tiny_engine, feed, device="cpu", max_batch=2)
+
+
+def test_bad_options_through_the_cli_are_one_line(tiny_engine, photo_paths, monkeypatch):
+    photo = photo_paths[0]
+    r = _cli("predict", tiny_engine, photo, "--backend", "torch", "--precision", "fp16")
+    assert r.exit_code == 1 and "fp32 reference only" in r.output and "Traceback" not in r.output
+    r = _cli("predict", tiny_engine, photo, "--backend", "onnxruntime", "--compile")
+    assert r.exit_code == 1 and "--compile is an option of --backend torch-cuda, not of onnxruntime" in r.output
+    # torch-cuda on this machine as if a GPU were there: the option checks come before anything loads
+    monkeypatch.setattr(TorchCudaBackend, "unavailable_reason", classmethod(lambda cls: None))
+    real = plan.importlib.util.find_spec
+    monkeypatch.setattr(plan.importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
+    r = _cli("predict", tiny_engine, photo, "--backend", "torch-cuda", "--compile")
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "error: backend torch-cuda: --compile cannot work here: inductor needs triton" in r.output
+    r = _cli("predict", tiny_engine, photo, "--backend", "torch-cuda", "--precision", "int8")
+    assert r.exit_code == 1 and "torch-cuda runs fp32 or fp16, not 'int8'" in r.output
+
+
+def test_torch_cuda_is_the_graph_backend_and_the_eager_reference_keeps_its_own_name(tiny_engine):
+    m = read_manifest(tiny_engine)
+    assert bk.registered_backends()["torch-cuda"].value == "clipfuse.export.gpu.backend:TorchCudaBackend"
+    assert bk.backend_class("torch-cuda-eager")(m).name == "torch-cuda-eager"
+    assert bk.for_precision(m, "torch-cuda", "fp16", {"max_batch": 8})[1] == {"max_batch": 8, "precision": "fp16"}
+    # other backends take any batch: the bucket hint is not theirs
+    assert bk.for_precision(m, "onnxruntime", None, {"max_batch": 8}) == (m, {})
+
+
+def test_the_backend_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, clipfuse.export.gpu.backend, clipfuse.export.graph.torch_backend; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- on a CUDA GPU only
+
+@needs_cuda
+def test_concurrent_equals_serial(tiny_engine, feed):
+    serial = _run(tiny_engine, feed, concurrent=False)
+    concurrent = _run(tiny_engine, feed, concurrent=True)
+    for name in iospec.OUTPUT_NAMES:
+        np.testing.assert_array_equal(concurrent[name], serial[name])
+
+
+@needs_cuda
+def test_padded_equals_unpadded(tiny_engine, feed):
+    three = {k: v[:3] for k, v in feed.items()}
+    padded = _run(tiny_engine, three, max_batch=4)            # 3 images in the 4-graph
+    exact = _run(tiny_engine, {k: v[:3] for k, v in feed.items()}, max_batch=3)   # buckets 1, 2, 3
+    for name in iospec.OUTPUT_NAMES:
+        np.testing.assert_allclose(padded[name], exact[name], rtol=1e-5, atol=1e-6)
+
+
+@needs_cuda
+def test_fp16_within_the_fp16_bounds_of_onnxruntime_fp32(tiny_engine):
+    r = _cli("compare", tiny_engine, "--backends", "onnxruntime,torch-cuda-fp16", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and report["backends"][1]["name"] == "torch-cuda-fp16"
+
+
+@pytest.mark.skipif(not _cuda() or importlib.util.find_spec("triton") is None, reason="needs CUDA and triton")
+def test_compiled_equals_eager_graphs(tiny_engine, feed):
+    compiled = _run(tiny_engine, feed, compile=True)
+    plain = _run(tiny_engine, feed)
+    for name in iospec.OUTPUT_NAMES:
+        np.testing.assert_allclose(compiled[name], plain[name], rtol=1e-4, atol=1e-5)
