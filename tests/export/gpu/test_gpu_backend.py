@@ -100,6 +100,25 @@ def test_the_backend_module_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize("spec, expect", [("clipfuse-test-rn:random:1", {"mean": 1}),          # the attention pool
+                                          ("clipfuse-test-vit:random:0", {"layer_norm": 6})])
+def test_fp32_islands_catch_the_towers_ops_and_compute_them_in_fp32(spec, expect):
+    """Under autocast (bf16 on CPU: the same mechanism as fp16 on CUDA) the towers' LayerNorm and the RN
+    attention pool's mean go through the islands (the attention softmax is inside scaled_dot_product_attention,
+    whose kernels accumulate it in fp32)."""
+    import torch
+
+    from clipfuse.export.gpu.graphs import Fp32Islands
+    from clipfuse.export.graph.backbones import load_backbone
+
+    b = load_backbone(spec)
+    x = torch.randn(2, 3, b.image_size, b.image_size, generator=torch.Generator().manual_seed(0))
+    islands = Fp32Islands()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16), islands:
+        b.model.visual.eval()(x)
+    assert islands.seen == expect
+
+
 # ----------------------------------------------------------------------------- on a CUDA GPU only
 
 @needs_cuda
