@@ -44,10 +44,13 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
+
+import gpu_levers
+from gpu_levers import summary
+from gpu_trt import tensorrt_part
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
@@ -60,10 +63,6 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
 
 def say(msg: str) -> None:
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
-
-
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def environment(torch, device) -> dict:
@@ -228,46 +227,22 @@ def fp16_accuracy(fused, built, torch, device) -> dict:
                       "top1_agreement": float((la.argmax(-1) == lg.argmax(-1)).mean())}}
 
 
-def tensorrt_part(built, heads, torch, device, batches, rounds, iters, warmup) -> dict:
-    """Export the fused graph, build plans with 0 and 4 aux streams, time them; skip with the reason."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as e:
-        return {"skipped": f"tensorrt does not import here ({e}); the TensorRT part needs pip install "
-                           "'clipfuse[tensorrt]' on this GPU machine"}
-    if device.type != "cuda":
-        return {"skipped": "no CUDA device"}
-    from clipfuse.export.graph.engine import export_engine
-    from clipfuse.export.precision.trt_plan import build_engine
-    from clipfuse.runtime.backends.registry import open_backend
-
-    out = {"tensorrt": tensorrt.__version__, "plans": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "gpu-check"
-        for b in built:           # the exporter traces on the CPU; the timings above are done with these towers
-            b.model.cpu()
-        # the towers are already image-only (text towers dropped): pass the zero-shot heads made above
-        export_engine([b for b in built], CLASSES, folder, templates=TEMPLATES, heads=heads, quiet=True)
-        cache = Path(tmp) / "timing.cache"
-        rng = __import__("numpy").random.default_rng(0)
-        for aux in (0, 4):
-            t = time.perf_counter()
-            info = build_engine(folder, "fp32", batch=(1, 8, max(batches)), aux_streams=aux, timing_cache=cache)
-            build_s = time.perf_counter() - t
-            backend = open_backend(folder, "tensorrt", quiet=True)
-            for bs in batches:
-                feed = {i["name"]: rng.integers(0, 256, (bs, 3, i["shape"][2], i["shape"][3]), dtype="uint8")
-                        for i in backend.manifest.inputs}
-                for _ in range(warmup):
-                    backend.infer(feed)
-                ts = []
-                for _ in range(rounds * iters):
-                    s = time.perf_counter()
-                    backend.infer(feed)            # host-to-device + run + device-to-host
-                    ts.append((time.perf_counter() - s) * 1e3)
-                out["plans"].append({"aux_streams": aux, "batch": bs, "build_s": round(build_s, 1),
-                                     "latency_ms_with_copies": summary(ts), "plan": info})
-            backend.close()
+def levers_part(args, device: str, batches, precisions, compile_backend) -> dict:
+    """Issue 25's levers for each ensemble in --sets (benchmarks/gpu_levers.py), then agreement with ONNX Runtime."""
+    table = gpu_levers.TINY_SETS if args.dry_run else gpu_levers.SETS
+    names = [n.strip() for n in args.sets.split(",") if n.strip() in table]
+    compiled = {n.strip() for n in args.compile_sets.split(",") if n.strip()}
+    out = {"precisions": precisions, "batches": batches, "sets": {}, "dry_run": args.dry_run}
+    for name in names:
+        t = time.perf_counter()
+        built = gpu_levers.build(table[name], device)
+        say(f"levers: built {name} ({len(table[name])} towers) on {device} in {time.perf_counter() - t:.1f} s")
+        rows, facts = gpu_levers.measure_set(name, table[name], built, device, batches, precisions,
+                                             compile_backend if name in compiled else None, args.rounds, args.iters,
+                                             args.warmup, say)
+        out["sets"][name] = {"specs": list(table[name]), "rows": rows, **facts}
+        del built
+    out["agreement"] = gpu_levers.agreement(table["pair"], device, precisions, say)
     return out
 
 
@@ -280,6 +255,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--backbones", default=",".join(BACKBONES),
                     help="comma-separated ARCH:WEIGHTS[:SEED] specs, or 'nine' for all nine OpenAI architectures")
+    ap.add_argument("--sets", default="pair,five,nine",
+                    help="levers section: ensembles (pair, five, nine; gpu_levers.SETS) timed serial/concurrent/single")
+    ap.add_argument("--compile-sets", default="pair",
+                    help="levers section: ensembles also timed through torch.compile, fp16 (about 1 min each for the "
+                         "pair, 3 for the nine: FIELD-NOTES.md); '' for none")
+    ap.add_argument("--levers-batches", default="1,8", help="levers section: batch sizes (each its own CUDA graph)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny towers, 1 round: checks that the script runs")
     args = ap.parse_args(argv)
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -290,11 +271,12 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     if args.dry_run:
         # the tests' tiny towers, added the documented way (CLIPFUSE_MODEL_CONFIGS)
-        towers = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "towers")
+        towers = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "helpers", "towers")
         os.environ["CLIPFUSE_MODEL_CONFIGS"] = os.pathsep.join(
             filter(None, [os.environ.get("CLIPFUSE_MODEL_CONFIGS"), os.path.normpath(towers)]))
         specs, device = TINY, torch.device("cpu")
         args.rounds, args.iters, args.warmup, batches = 1, 2, 1, [1, 2]
+        lever_batches, precisions, compile_backend = [1, 2], ["fp32"], "eager"   # dynamo only: no C++ build on CPU
     else:
         if not torch.cuda.is_available():
             say("no CUDA device: torch.cuda.is_available() is False (use --dry-run to check the script on CPU)")
@@ -304,6 +286,8 @@ def main(argv=None) -> int:
         # fp32 means fp32: TF32 convolutions/matmuls (~1e-3 relative) would blur the fp16 comparison.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
+        lever_batches, precisions, compile_backend = [int(b) for b in args.levers_batches.split(",")], ["fp32", "fp16"], \
+            "inductor"
     nvml = Nvml()
     result = {"command": command, "environment": environment(torch, device),
               "nvml": {"driver": getattr(nvml, "driver", None), "error": getattr(nvml, "error", None),
@@ -364,14 +348,16 @@ def main(argv=None) -> int:
     result["nvml"]["used_mib_end"] = nvml.used_mib()
     if device.type == "cuda":
         result["torch_max_memory_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    result["levers"] = levers_part(args, device.type, lever_batches, precisions, compile_backend)
     say("TensorRT part")
     try:
-        result["tensorrt"] = tensorrt_part(built, heads, torch, device, batches, args.rounds, args.iters, args.warmup)
+        result["tensorrt"] = tensorrt_part(built, heads, CLASSES, TEMPLATES, torch, device, batches, args.rounds,
+                                           args.iters, args.warmup)
     except Exception as e:     # the PyTorch figures above stand on their own; record why TensorRT failed
         result["tensorrt"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
-    md = format_md(result, models)
+    md = format_md(result, models) + "\n".join(gpu_levers.format_md(result["levers"])) + "\n"
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

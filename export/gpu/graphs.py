@@ -65,10 +65,11 @@ class GraphedEnsemble:
     """A FusedEnsemble run as plan.stream_plan says, captured per bucket on CUDA. See the module docstring."""
 
     def __init__(self, model, device: str = "cuda", precision: str = "fp32", max_batch: int = 8,
-                 concurrent: bool = True, compile: bool = False, compile_backend: str = "inductor"):
+                 concurrent: bool = True, compile: bool = False, compile_backend: str = "inductor", sizes=None):
+        """sizes: the buckets to capture (default plan.buckets(max_batch)); a benchmark captures only what it times."""
         check_options(device, precision, max_batch, compile and compile_backend == "inductor")
         self.model, self.device, self.precision = model, torch.device(device), precision
-        self.sizes = buckets(max_batch)
+        self.sizes = tuple(sorted(sizes)) if sizes else buckets(max_batch)
         self.plan = stream_plan(model.num_backbones, concurrent)
         self.islands = Fp32Islands()
         self.towers = list(model.visuals)
@@ -146,7 +147,12 @@ class GraphedEnsemble:
         self.graphs[b] = (graph, static, pinned, out)
 
     def run_bucket(self, b: int):
-        """Replay bucket b's graph on whatever its static inputs hold (benchmarks time this)."""
+        """Replay bucket b's graph on whatever its static inputs hold (benchmarks time this); on the CPU,
+        the same forward on zero images of that bucket's size."""
+        if not self.cuda:
+            if b not in self.graphs:
+                self.graphs[b] = (None, self._static_inputs(b), None, None)
+            return self._forward(self.graphs[b][1])
         graph, _, _, out = self.graphs[b]
         graph.replay()
         return out
