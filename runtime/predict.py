@@ -262,12 +262,13 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
     options = {"threads": threads} if threads else {}
     if compile:
         options["compile"] = True
+    options["max_batch"] = batch_size           # torch-cuda's largest CUDA-graph bucket; other backends ignore it
     check_cascade_precision(manifest, cascade, precision)
     routed = open_cascade(manifest, backend, cascade, quiet=quiet, precision=precision, **options)
     if routed is not None:
         return Predictor(manifest, routed, batch_size, workers)
-    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, max_batch=batch_size,
-                                            **options), batch_size, workers)
+    return Predictor(manifest, open_backend(manifest, backend, quiet=quiet, precision=precision, **options),
+                     batch_size, workers)
 
 
 # ----------------------------------------------------------------------------- output formats

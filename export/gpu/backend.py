@@ -27,10 +27,12 @@ class TorchCudaBackend(Backend):
     name = "torch-cuda"
 
     def __init__(self, manifest: Manifest, precision: str = "fp32", max_batch: int = DEFAULT_MAX_BATCH,
-                 concurrent: bool = True, compile: bool = False, device: str = "cuda", threads: int | None = None):
+                 concurrent: bool = True, compile: bool = False, device: str = "cuda", threads: int | None = None,
+                 cascade: bool = False):
         super().__init__(manifest)
         check_options(device, precision, max_batch, compile, backend=self.name)
         self.precision, self.max_batch, self.concurrent, self.compile = precision, max_batch, concurrent, compile
+        self.cascade = cascade          # a cascade engine's stages (export/gpu/cascade.py), outputs + "stage"
         self._device, self.threads, self.runner = device, threads, None
 
     @classmethod
@@ -47,7 +49,7 @@ class TorchCudaBackend(Backend):
     def providers(self) -> list[str]:
         streams = "one stream per tower" if self.concurrent else "one stream"
         return [f"torch {self._device} {self.precision}, CUDA graphs up to batch {self.max_batch}, {streams}"
-                + (", compiled" if self.compile else "")]
+                + (", compiled" if self.compile else "") + (", cascade: stage 1 alone, then the rest" if self.cascade else "")]
 
     @property
     def device(self) -> str:
@@ -69,12 +71,20 @@ class TorchCudaBackend(Backend):
             self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch
-        self.runner = GraphedEnsemble(model, device=self._device, precision=self.precision, max_batch=self.max_batch,
-                                      concurrent=self.concurrent, compile=self.compile)
+        options = dict(device=self._device, precision=self.precision, max_batch=self.max_batch,
+                       concurrent=self.concurrent, compile=self.compile)
+        if self.cascade:
+            from .cascade import GraphedCascade
+
+            self.runner = GraphedCascade(self.manifest, model, threads=self.threads, **options)
+        else:
+            self.runner = GraphedEnsemble(model, **options)
         self.is_open = True
         return self
 
     def _infer(self, feed):
+        if self.cascade:
+            return self.runner.infer(feed)
         return self.runner.infer([feed[iospec.input_name(r)] for r in self.runner.model.resolutions])
 
     def close(self) -> None:

@@ -64,7 +64,7 @@ BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-
                  "openvino", "torch")
 # Options only the torch-cuda backend takes: max_batch is a hint every caller may give (the other backends take
 # any batch), compile and concurrent are asked for and refused elsewhere.
-TORCH_CUDA_OPTIONS = ("max_batch", "compile", "concurrent")
+TORCH_CUDA_OPTIONS = ("max_batch", "compile", "concurrent", "cascade")
 BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
 # Written against documentation, never run on any machine (see the module docstring).
 NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")

@@ -152,3 +152,48 @@ def test_compiled_equals_eager_graphs(tiny_engine, feed):
     plain = _run(tiny_engine, feed)
     for name in iospec.OUTPUT_NAMES:
         np.testing.assert_allclose(compiled[name], plain[name], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the cascade (CPU and CUDA)
+
+@pytest.fixture(scope="module")
+def cascade3(tmp_path_factory):
+    """A three-stage cascade exported directly: stage 1 = tower 1 at temperature 1, then LOG-AVG of 2 and of 3."""
+    import torch
+
+    from conftest import TINY, TINY_CLASSES, TWO_TEMPLATES
+
+    from clipfuse.export.graph.engine import export_engine
+    from clipfuse.export.graph.fused import ConstantController, StaticController
+
+    out = tmp_path_factory.mktemp("gpu-cascade") / "cascade"
+    block = {"order": TINY, "score": "max-prob", "thresholds": [None, None], "expected_exit_rates": [0.0, 0.0, 1.0]}
+    export_engine(TINY, TINY_CLASSES, out, templates=TWO_TEMPLATES, quiet=True, controller=ConstantController(3),
+                  cascade={"controllers": [StaticController(torch.ones(1)), ConstantController(2), ConstantController(3)],
+                           "block": block})
+    return out
+
+
+def _with_thresholds(engine, thresholds):
+    m = read_manifest(engine)
+    m.data["cascade"]["thresholds"] = thresholds
+    return m
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_an_image_leaving_at_stage_1_launches_no_later_tower(cascade3, feed, device):
+    from clipfuse.runtime.cascade import CascadeBackend
+
+    feed3 = {k: v for k, v in feed.items()}
+    for thresholds, stages in (([0.0, 0.0], {1}), ([None, None], {3})):
+        m = _with_thresholds(cascade3, thresholds)
+        with TorchCudaBackend(m, device=device, cascade=True, max_batch=4) as b:
+            got = b.infer(feed3)
+            launches = dict(b.runner.launches)
+        assert set(got[iospec.STAGE].tolist()) == stages
+        # counted, not timed: leaving at stage 1 never launches the later towers' graph
+        assert launches == ({"stage1": 1} if stages == {1} else {"stage1": 1, "rest": 1})
+        with CascadeBackend(m) as ort:                 # the CPU cascade: the same stages, the same answers
+            ref = ort.infer(feed3)
+        np.testing.assert_array_equal(got[iospec.STAGE], ref[iospec.STAGE])
+        np.testing.assert_allclose(got[iospec.LOGITS], ref[iospec.LOGITS], rtol=1e-4, atol=1e-4)
