@@ -228,8 +228,10 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
               help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph for every image.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch-cuda"]),
+              help="onnxruntime (CPU) or torch-cuda (CUDA graphs per batch up to --max-batch; fp32 or fp16).")
 def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name,
-          precision, no_verify, no_cascade):
+          precision, no_verify, no_cascade, backend):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -238,7 +240,7 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
     server = api.serve(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                        max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
                        model_name=model_name, verify=not no_verify, precision=precision,
-                       cascade=False if no_cascade else None)
+                       cascade=False if no_cascade else None, backend=backend)
     click.echo(f"model {server.model_name}: {server.http_url}  {server.grpc_url}  metrics {server.metrics_url}", err=True)
     # the admin token is never printed: statistics/repository endpoints are for the API (Server.headers)
     click.echo("inference is unauthenticated: keep the default loopback host, or put an authenticating proxy in "

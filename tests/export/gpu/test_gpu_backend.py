@@ -197,3 +197,12 @@ def test_an_image_leaving_at_stage_1_launches_no_later_tower(cascade3, feed, dev
             ref = ort.infer(feed3)
         np.testing.assert_array_equal(got[iospec.STAGE], ref[iospec.STAGE])
         np.testing.assert_allclose(got[iospec.LOGITS], ref[iospec.LOGITS], rtol=1e-4, atol=1e-4)
+
+
+def test_serve_takes_onnxruntime_or_torch_cuda_only(tiny_engine):
+    from clipfuse.runtime.serving.server import start_server
+
+    with pytest.raises(ClipfuseError, match="serve runs backend onnxruntime or torch-cuda, not 'tensorrt'"):
+        start_server(tiny_engine, backend="tensorrt")
+    r = _cli("serve", tiny_engine, "--backend", "torch")
+    assert r.exit_code == 2 and "'torch' is not one of 'onnxruntime', 'torch-cuda'" in r.output
