@@ -73,7 +73,10 @@ def _pool_mib(make, cuda):
 
 
 def summary(values) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+    """median (p50), p99 (nearest rank), min, max, n of a list of milliseconds."""
+    ranked = sorted(values)
+    p99 = ranked[min(len(ranked) - 1, max(0, int(np.ceil(0.99 * len(ranked))) - 1))]
+    return {"median": statistics.median(values), "p99": p99, "min": min(values), "max": max(values), "n": len(values)}
 
 
 def time_calls(calls: dict, rounds: int, iters: int, warmup: int, cuda: bool) -> dict:
@@ -198,7 +201,8 @@ def format_md(levers: dict) -> list[str]:
         lines += ["DRY RUN on the CPU with tiny towers: eager forward, no graphs, no streams; these numbers check "
                   "that the script runs and measure nothing.", ""]
     lines += ["Latency from CUDA events around each graph replay (inputs already on the device); `backend` is "
-              "GraphedEnsemble.infer with pinned host copies in and outputs out, no preprocessing. Median ms.", "",
+              "GraphedEnsemble.infer with pinned host copies in and outputs out, no preprocessing. Median (p50) ms; "
+              "p99 of each configuration in the JSON.", "",
               "| set | batch | precision | serial | concurrent | concurrent / serial | compiled | slowest single "
               "| backend |", "|---|---|---|---|---|---|---|---|---|"]
     facts = []

@@ -172,12 +172,3 @@ class GraphedEnsemble:
             graph.replay()
         result = {name: o.float().cpu().numpy() for name, o in zip(iospec.OUTPUT_NAMES, outs)}
         return unpad(result, n)
-
-    def memory(self) -> dict:
-        """The weights against what the graphs' pools hold (CUDA), in MiB."""
-        weights = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
-        out = {"weights_mib": round(weights / 2**20, 1)}
-        if self.cuda:
-            out["reserved_mib"] = round(torch.cuda.memory_reserved(self.device) / 2**20, 1)
-            out["allocated_mib"] = round(torch.cuda.memory_allocated(self.device) / 2**20, 1)
-        return out
