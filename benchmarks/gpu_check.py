@@ -48,7 +48,7 @@ import traceback
 from pathlib import Path
 
 import gpu_levers
-from gpu_levers import summary
+from clipfuse.bench.gpu import format_md as format_levers, measure_set, summary
 from gpu_env import Nvml, environment
 from gpu_trt import tensorrt_part
 
@@ -197,13 +197,13 @@ def levers_part(args, device: str, batches, precisions, compile_backend) -> dict
     out = {"precisions": precisions, "batches": batches, "sets": {}, "dry_run": args.dry_run}
     for name in names:
         t = time.perf_counter()
-        built = gpu_levers.build(table[name], device)
+        model = gpu_levers.build(table[name], device)
         say(f"levers: built {name} ({len(table[name])} towers) on {device} in {time.perf_counter() - t:.1f} s")
-        rows, facts = gpu_levers.measure_set(name, table[name], built, device, batches, precisions,
-                                             compile_backend if name in compiled else None, args.rounds, args.iters,
-                                             args.warmup, say)
+        rows, facts = measure_set(name, model, list(table[name]), device, batches, precisions,
+                                  compile_backend if name in compiled else None, args.rounds, args.iters,
+                                  args.warmup, say)
         out["sets"][name] = {"specs": list(table[name]), "rows": rows, **facts}
-        del built
+        del model
     out["agreement"] = gpu_levers.agreement(table["pair"], device, precisions, say)
     return out
 
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
         result["tensorrt"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
-    md = format_md(result, models) + "\n".join(gpu_levers.format_md(result["levers"])) + "\n"
+    md = format_md(result, models) + "\n".join(format_levers(result["levers"])) + "\n"
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_levers import summary
+from clipfuse.bench.gpu import summary
 
 
 def tensorrt_part(built, heads, classes, templates, torch, device, batches, rounds, iters, warmup) -> dict:

@@ -118,7 +118,9 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="Labelled images (DATA/<class folder>/<images>): accuracy per backbone, static ensembles, NLC.")
 @click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False), help="Folder -> class name map file.")
 @click.option("--batch", "batches", default="1,8,32", show_default=True, callback=int_list, help="Batch sizes.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="The fused graph's backend (ONNX Runtime CPU).")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime: the fused graph on ONNX Runtime CPU; torch-cuda: on a CUDA GPU, serial vs concurrent "
+                   "towers vs each single tower, fp32 and fp16 (the GPU levers).")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each runs every configuration once per batch size, interleaved.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
@@ -150,11 +152,15 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
-                        *(["--openvino"] if openvino else [])])
+                        *(["--openvino"] if openvino else []),
+                        *(["--backend", backend] if backend != "onnxruntime" else [])])
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                               settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                               openvino=openvino, stem=name, quiet=quiet, command=command)
+    if backend == "torch-cuda":         # the GPU levers (clipfuse/bench/gpu.py) write their own table
+        click.echo(result["markdown"])
+        return
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")

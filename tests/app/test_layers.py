@@ -85,6 +85,7 @@ ALLOWED_INNER = {
     ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.heads"),
     ("clipfuse.bench.run", "clipfuse.export.fit.pipeline"),
+    ("clipfuse.bench.run", "clipfuse.bench.gpu"),
     ("clipfuse.cli.build", "clipfuse.export.fit.report"),
     ("clipfuse.cli.build", "clipfuse.export.graph.backbones"),
     ("clipfuse.demo", "clipfuse.export.fit.pipeline"),
@@ -94,6 +95,7 @@ ALLOWED_INNER = {
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.heads"),
     # the same for torch-cuda: the CUDA-graph runner imports torch at its top
     ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.graphs"),
+    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.cascade"),
 }
 
 

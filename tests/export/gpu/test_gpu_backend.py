@@ -206,3 +206,25 @@ def test_serve_takes_onnxruntime_or_torch_cuda_only(tiny_engine):
         start_server(tiny_engine, backend="tensorrt")
     r = _cli("serve", tiny_engine, "--backend", "torch")
     assert r.exit_code == 2 and "'torch' is not one of 'onnxruntime', 'torch-cuda'" in r.output
+
+
+def test_bench_levers_run_on_the_engine(tiny_engine, tmp_path):
+    """`clipfuse bench --backend torch-cuda`'s measurement, on the CPU (eager, the same code): every configuration
+    of every tower, the cascade's stage costs, written atomically."""
+    from clipfuse.bench.gpu import bench_torch_cuda
+
+    r = bench_torch_cuda(tiny_engine, batches=(1, 2), runs=1, iters=1, warmup=0, precisions=("fp32",), out=tmp_path,
+                         device="cpu", command="test")
+    rows = r["levers"]["sets"][tiny_engine.name]["rows"]
+    modes = {row["mode"] for row in rows}
+    assert {"serial", "concurrent", "backend"} <= modes
+    assert {m for m in modes if m.startswith("single ")} == {f"single {n}" for n in read_manifest(tiny_engine).backbone_names}
+    assert all("p99" in row["latency_ms"] for row in rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_gpu.json", "bench_gpu.md"]
+
+
+def test_bench_torch_cuda_without_a_gpu_is_one_line(tiny_engine):
+    r = _cli("bench", tiny_engine, "--backend", "torch-cuda", "--no-memory")
+    if _cuda():
+        pytest.skip("a CUDA GPU is here")
+    assert r.exit_code == 1 and "bench --backend torch-cuda needs a CUDA GPU" in r.output and "Traceback" not in r.output
