@@ -228,3 +228,23 @@ def test_bench_torch_cuda_without_a_gpu_is_one_line(tiny_engine):
     if _cuda():
         pytest.skip("a CUDA GPU is here")
     assert r.exit_code == 1 and "bench --backend torch-cuda needs a CUDA GPU" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("precision", [None, "fp16"])
+def test_auto_tries_torch_cuda_first_where_a_gpu_is(fp16_engine, monkeypatch, precision):
+    """On a GPU machine (faked) auto tries torch-cuda first, fp16 included, with the predictor's batch as its
+    largest bucket; when it cannot start, auto says why and goes on."""
+    tried = []
+    real = bk.make_backend
+
+    def spy(manifest, name, **options):
+        tried.append((name, options))
+        return real(manifest, name, **options)
+
+    monkeypatch.setattr(TorchCudaBackend, "unavailable_reason", classmethod(lambda cls: None))
+    monkeypatch.setattr(TorchCudaBackend, "open", lambda self: (_ for _ in ()).throw(ClipfuseError("no CUDA here")))
+    monkeypatch.setattr(bk, "make_backend", spy)
+    with bk.open_backend(fp16_engine, "auto", precision=precision, max_batch=4) as b:
+        assert b.name == "onnxruntime"
+    assert tried[0] == ("torch-cuda", {"max_batch": 4, **({"precision": "fp16"} if precision else {})})
+    assert tried[1][0] == "onnxruntime" and "max_batch" not in tried[1][1]
