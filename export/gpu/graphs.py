@@ -13,7 +13,9 @@ What it does, and why (benchmarks/gpu_check.py measures each lever; DESIGN.md "T
   capture) over the towers, with model.fp16.onnx's islands (export/graph/islands.py) kept fp32 by Fp32Islands;
   the feature norm, heads, controller and combination run outside autocast, in fp32.
 - Inputs: uint8 copied from pinned host buffers into the graph's static inputs with non_blocking=True.
-- compile: each tower through torch.compile (inductor, dynamic=False); the seconds it took are reported.
+- compile: each tower through torch.compile (inductor, dynamic=False); the seconds it took are logged. Across
+  runs, inductor's own on-disk caches (TORCHINDUCTOR_CACHE_DIR) are what keeps compiled code; nothing here
+  adds to them, and how much they save on a second run is unmeasured.
 
 On device="cpu" the same forward runs eagerly (no graphs, no streams, fp32 only): what the dry run and the
 CPU tests exercise. Never run on a GPU yet (see README "The GPU path").
