@@ -82,6 +82,7 @@ class GraphedEnsemble:
         self.cuda = self.device.type == "cuda"
         self.streams = {s: torch.cuda.Stream(self.device) for s in self.plan.side_streams} if self.cuda else {}
         self.graphs: dict = {}
+        self.trace: list = []             # the last forward's steps, in order (what capture recorded on CUDA)
         if self.cuda:
             for b in self.sizes:
                 self._capture(b)
@@ -103,27 +104,37 @@ class GraphedEnsemble:
         return torch.cuda.stream(self.streams[s]) if self.cuda and s != MAIN else contextlib.nullcontext()
 
     def _forward(self, images):
-        m, plan = self.model, self.plan
+        """The plan's steps in order (self.trace records them: plan.StreamPlan.steps() is what they must be);
+        on the CPU the stream operations are no-ops but the order is the same."""
+        m, plan, trace = self.model, self.plan, []
         with torch.inference_mode():
             normed = [norm(images[i]) for norm, i in zip(m.normalizers, m.norm_input)]
-            if self.cuda:
-                main = torch.cuda.current_stream(self.device)
-                for s in plan.side_streams:                                  # fork
+            trace.append(("normalise", MAIN))
+            main = torch.cuda.current_stream(self.device) if self.cuda else None
+            for s in plan.side_streams:                                      # fork
+                if self.cuda:
                     self.streams[s].wait_stream(main)
+                trace.append(("fork", s))
             feats = [None] * m.num_backbones
             for k, tower in enumerate(self.towers):
                 with self._stream(plan.tower_stream[k]):
                     with self._autocast(), (self.islands if self.precision == "fp16" else contextlib.nullcontext()):
                         emb = tower(normed[m.norm_index[k]])
                     feats[k] = F.normalize(emb.float(), dim=-1)                  # (N, D_k) fp32 island
-            if self.cuda:
-                for s in plan.side_streams:                                  # join before the controller
+                trace.append(("tower", k, plan.tower_stream[k]))
+            for s in plan.side_streams:                                      # join before the controller
+                if self.cuda:
                     main.wait_stream(self.streams[s])
+                trace.append(("join", s))
             zs = [F.linear(f, getattr(m, f"head_weight_{k}"), getattr(m, f"head_bias_{k}")) for k, f in enumerate(feats)]
+            trace.append(("heads", MAIN))
             features = torch.cat(feats, dim=-1)                              # (N, sum D)
             backbone_logits = torch.stack(zs, dim=1)                         # (N, K, C)
             temperatures = m.controller(features)                            # (N, K)
+            trace.append(("controller", MAIN))
             logits = (temperatures.unsqueeze(-1) * backbone_logits).sum(dim=1)
+            trace.append(("combination", MAIN))
+            self.trace = trace
             return logits, torch.softmax(logits, dim=-1), temperatures, backbone_logits, features
 
     # ------------------------------------------------------------------ capture and replay

@@ -89,3 +89,18 @@ def test_compile_without_a_compiler_is_refused(monkeypatch):
     real = plan.importlib.util.find_spec
     monkeypatch.setattr(plan.importlib.util, "find_spec", lambda n, *a: None if n == "triton" else real(n, *a))
     assert "needs triton" in plan.compiler_missing("cuda")
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_the_forward_follows_the_stream_plan(tiny_engine, concurrent):
+    """The runner's forward performs the plan's steps in the plan's order (fork, towers on their streams, join,
+    then heads, controller, combination on the main stream): the plan is what runs, not a description."""
+    from clipfuse.export.gpu.graphs import GraphedEnsemble
+    from clipfuse.export.graph.torch_backend import rebuild_fused
+    from clipfuse.runtime.manifest import read_manifest
+
+    runner = GraphedEnsemble(rebuild_fused(read_manifest(tiny_engine)), device="cpu", max_batch=2,
+                             concurrent=concurrent)
+    runner.run_bucket(2)
+    assert runner.trace == plan.stream_plan(3, concurrent).steps()
+    assert runner.trace.index(("controller", plan.MAIN)) > max(i for i, s in enumerate(runner.trace) if s[0] == "tower")
