@@ -32,10 +32,11 @@ names a Backend subclass, constructed as Class(manifest, **options); its
 classmethod `unavailable_reason()` says cheaply (importing nothing heavy) why
 it cannot run here, or None.
 
-backend="auto" picks only what has run somewhere: the never-executed GPU
-backends are named explicitly or not at all, except native TensorRT on an
-engine whose manifest records a plan built by `clipfuse build` (the user ran
-TensorRT on this engine, so it is theirs to trust).
+backend="auto" never picks the never-executed ONNX Runtime GPU backends; it
+picks native TensorRT only on an engine whose manifest records a plan built by
+`clipfuse build` (the user ran TensorRT on this engine, so it is theirs to
+trust), and torch-cuda on a machine with a CUDA GPU and torch, as issue 25 asks,
+although this CUDA-graph backend has not yet run on a GPU (see AUTO_ORDER).
 
 Heavy libraries are imported lazily: this module imports neither torch nor
 open_clip, and the ONNX Runtime path never does (a test checks it), so a
