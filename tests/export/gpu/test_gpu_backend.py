@@ -248,3 +248,15 @@ def test_auto_tries_torch_cuda_first_where_a_gpu_is(fp16_engine, monkeypatch, pr
         assert b.name == "onnxruntime"
     assert tried[0] == ("torch-cuda", {"max_batch": 4, **({"precision": "fp16"} if precision else {})})
     assert tried[1][0] == "onnxruntime" and "max_batch" not in tried[1][1]
+
+
+def test_compare_runs_torch_cuda_at_fp16_and_keeps_the_eager_reference_fp32():
+    from clipfuse.runtime.compare import parse_backends
+
+    assert parse_backends("onnxruntime,torch-cuda,torch-cuda-eager", "fp16") == [
+        ("onnxruntime", "fp16"), ("torch-cuda", "fp16"), ("torch-cuda-eager", "fp32")]
+    assert parse_backends("onnxruntime,torch-cuda-fp16", None) == [("onnxruntime", "fp32"), ("torch-cuda", "fp16")]
+    with pytest.raises(ClipfuseError, match="torch-cuda runs fp32 or fp16"):
+        parse_backends("onnxruntime,torch-cuda-int8", None)
+    with pytest.raises(ClipfuseError, match="the torch backend is the fp32 reference"):
+        parse_backends("onnxruntime,torch-cuda-eager-fp16", None)
