@@ -23,7 +23,8 @@ seeded random weights: latency and memory do not depend on weight values) and:
    torch.cuda.max_memory_allocated per configuration (the allocator's peak).
    cudnn.benchmark tries algorithms with large scratch buffers the first
    time it meets a shape; every configuration runs once before the peaks are
-   taken, so they show what a configuration needs, not those trials.
+   taken, so they show what a configuration needs, not those trials (the
+   first committed run had ~4.6 GB fp32 "peaks" at batch 1 and 8 from them).
 3. fp16 accuracy with real fp16 arithmetic (which ONNX Runtime CPU cannot
    show, see benchmarks/results/fp16_validation.md): per-backbone embedding
    cosine and logit error of autocast fp16 against fp32 on 32 images made
@@ -39,14 +40,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
+
+import gpu_levers
+from clipfuse.bench.gpu import format_md as format_levers, measure_set, summary
+from gpu_env import Nvml, environment
+from gpu_trt import tensorrt_part
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONES = ("RN50:random:0", "ViT-B-32:random:1")
@@ -59,48 +63,6 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}."]
 
 def say(msg: str) -> None:
     print(f"[gpu_check] {msg}", file=sys.stderr, flush=True)
-
-
-def summary(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def environment(torch, device) -> dict:
-    import importlib.metadata as md
-
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "device": str(device), "cpus": os.cpu_count()}
-    for dist in ("open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "nvidia-ml-py"):
-        try:
-            env[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            env[dist] = None
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        env.update(gpu=p.name, compute_capability=f"{p.major}.{p.minor}", gpu_memory_gib=round(p.total_memory / 2**30, 1),
-                   multiprocessors=p.multi_processor_count)
-    return env
-
-
-class Nvml:
-    """Device memory through NVML (nvidia-ml-py); None figures where NVML is absent."""
-
-    def __init__(self):
-        self.handle = None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self.pynvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
-            self.driver = pynvml.nvmlSystemGetDriverVersion()
-        except Exception as e:        # no NVML library, no GPU, or a container without it
-            self.error = f"{type(e).__name__}: {e}"
-
-    def used_mib(self):
-        if self.handle is None:
-            return None
-        return round(self.pynvml.nvmlDeviceGetMemoryInfo(self.handle).used / 2**20, 1)
 
 
 def build_models(specs, torch, device):
@@ -227,46 +189,22 @@ def fp16_accuracy(fused, built, torch, device) -> dict:
                       "top1_agreement": float((la.argmax(-1) == lg.argmax(-1)).mean())}}
 
 
-def tensorrt_part(built, heads, torch, device, batches, rounds, iters, warmup) -> dict:
-    """Export the fused graph, build plans with 0 and 4 aux streams, time them; skip with the reason."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as e:
-        return {"skipped": f"tensorrt does not import here ({e}); the TensorRT part needs pip install "
-                           "'clipfuse[tensorrt]' on this GPU machine"}
-    if device.type != "cuda":
-        return {"skipped": "no CUDA device"}
-    from clipfuse.export.graph.engine import export_engine
-    from clipfuse.export.precision.trt_plan import build_engine
-    from clipfuse.runtime.backends.registry import open_backend
-
-    out = {"tensorrt": tensorrt.__version__, "plans": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "gpu-check"
-        for b in built:           # the exporter traces on the CPU; the timings above are done with these towers
-            b.model.cpu()
-        # the towers are already image-only (text towers dropped): pass the zero-shot heads made above
-        export_engine([b for b in built], CLASSES, folder, templates=TEMPLATES, heads=heads)
-        cache = Path(tmp) / "timing.cache"
-        rng = __import__("numpy").random.default_rng(0)
-        for aux in (0, 4):
-            t = time.perf_counter()
-            info = build_engine(folder, "fp32", batch=(1, 8, max(batches)), aux_streams=aux, timing_cache=cache)
-            build_s = time.perf_counter() - t
-            backend = open_backend(folder, "tensorrt")
-            for bs in batches:
-                feed = {i["name"]: rng.integers(0, 256, (bs, 3, i["shape"][2], i["shape"][3]), dtype="uint8")
-                        for i in backend.manifest.inputs}
-                for _ in range(warmup):
-                    backend.infer(feed)
-                ts = []
-                for _ in range(rounds * iters):
-                    s = time.perf_counter()
-                    backend.infer(feed)            # host-to-device + run + device-to-host
-                    ts.append((time.perf_counter() - s) * 1e3)
-                out["plans"].append({"aux_streams": aux, "batch": bs, "build_s": round(build_s, 1),
-                                     "latency_ms_with_copies": summary(ts), "plan": info})
-            backend.close()
+def levers_part(args, device: str, batches, precisions, compile_backend) -> dict:
+    """The GPU levers for each ensemble in --sets (benchmarks/gpu_levers.py), then agreement with ONNX Runtime."""
+    table = gpu_levers.TINY_SETS if args.dry_run else gpu_levers.SETS
+    names = [n.strip() for n in args.sets.split(",") if n.strip() in table]
+    compiled = {n.strip() for n in args.compile_sets.split(",") if n.strip()}
+    out = {"precisions": precisions, "batches": batches, "sets": {}, "dry_run": args.dry_run}
+    for name in names:
+        t = time.perf_counter()
+        model = gpu_levers.build(table[name], device)
+        say(f"levers: built {name} ({len(table[name])} towers) on {device} in {time.perf_counter() - t:.1f} s")
+        rows, facts = measure_set(name, model, list(table[name]), device, batches, precisions,
+                                  compile_backend if name in compiled else None, args.rounds, args.iters,
+                                  args.warmup, say)
+        out["sets"][name] = {"specs": list(table[name]), "rows": rows, **facts}
+        del model
+    out["agreement"] = gpu_levers.agreement(table["pair"], device, precisions, say)
     return out
 
 
@@ -279,6 +217,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--backbones", default=",".join(BACKBONES),
                     help="comma-separated ARCH:WEIGHTS[:SEED] specs, or 'nine' for all nine OpenAI architectures")
+    ap.add_argument("--sets", default="pair,five,nine",
+                    help="levers section: ensembles (pair, five, nine; gpu_levers.SETS) timed serial/concurrent/single")
+    ap.add_argument("--compile-sets", default="pair",
+                    help="levers section: ensembles also timed through torch.compile, fp16 (about 1 min each for the "
+                         "pair, 3 for the nine: FIELD-NOTES.md); '' for none")
+    ap.add_argument("--levers-batches", default="1,8", help="levers section: batch sizes (each its own CUDA graph)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny towers, 1 round: checks that the script runs")
     args = ap.parse_args(argv)
     command = "python benchmarks/gpu_check.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -289,11 +233,12 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     if args.dry_run:
         # the tests' tiny towers, added the documented way (CLIPFUSE_MODEL_CONFIGS)
-        towers = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "towers")
+        towers = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "helpers", "towers")
         os.environ["CLIPFUSE_MODEL_CONFIGS"] = os.pathsep.join(
             filter(None, [os.environ.get("CLIPFUSE_MODEL_CONFIGS"), os.path.normpath(towers)]))
         specs, device = TINY, torch.device("cpu")
         args.rounds, args.iters, args.warmup, batches = 1, 2, 1, [1, 2]
+        lever_batches, precisions, compile_backend = [1, 2], ["fp32"], "eager"   # dynamo only: no C++ build on CPU
     else:
         if not torch.cuda.is_available():
             say("no CUDA device: torch.cuda.is_available() is False (use --dry-run to check the script on CPU)")
@@ -303,6 +248,8 @@ def main(argv=None) -> int:
         # fp32 means fp32: TF32 convolutions/matmuls (~1e-3 relative) would blur the fp16 comparison.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
+        lever_batches, precisions, compile_backend = [int(b) for b in args.levers_batches.split(",")], ["fp32", "fp16"], \
+            "inductor"
     nvml = Nvml()
     result = {"command": command, "environment": environment(torch, device),
               "nvml": {"driver": getattr(nvml, "driver", None), "error": getattr(nvml, "error", None),
@@ -363,14 +310,16 @@ def main(argv=None) -> int:
     result["nvml"]["used_mib_end"] = nvml.used_mib()
     if device.type == "cuda":
         result["torch_max_memory_reserved_mib"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    result["levers"] = levers_part(args, device.type, lever_batches, precisions, compile_backend)
     say("TensorRT part")
     try:
-        result["tensorrt"] = tensorrt_part(built, heads, torch, device, batches, args.rounds, args.iters, args.warmup)
+        result["tensorrt"] = tensorrt_part(built, heads, CLASSES, TEMPLATES, torch, device, batches, args.rounds,
+                                           args.iters, args.warmup)
     except Exception as e:     # the PyTorch figures above stand on their own; record why TensorRT failed
         result["tensorrt"] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
 
-    md = format_md(result, models)
+    md = format_md(result, models) + "\n".join(format_levers(result["levers"])) + "\n"
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

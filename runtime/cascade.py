@@ -239,9 +239,14 @@ def open_cascade(manifest: Manifest, backend: str = "auto", cascade: bool | None
         if cascade:
             cascade_block(manifest)              # raises: not a cascade engine
         return None
+    if backend == "torch-cuda":       # towers as CUDA graphs (clipfuse.export.gpu.cascade), found through the registry
+        opened = make_backend(manifest, "torch-cuda", cascade=True, **options).open()
+        log(f"backend -> {opened.describe()}")
+        return opened
     if backend not in ("auto", "onnxruntime"):
         raise ClipfuseError(f"the cascade of engine {str(manifest.folder)!r} runs its stage graphs on ONNX Runtime "
-                            f"(CPU); backend {backend!r} runs only the full graph: pass --no-cascade (cascade=False)")
+                            f"(CPU) or torch-cuda; backend {backend!r} runs only the full graph: pass --no-cascade "
+                            "(cascade=False)")
 
     opened = CascadeBackend(manifest, threads=options.get("threads"), precision=precision).open()
     log(f"backend -> {opened.describe()}")

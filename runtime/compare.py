@@ -99,10 +99,14 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
             if n.endswith(suf):
                 n, prec = n[: -len(suf)], suf[1:]
         if prec is None:
-            prec = "fp32" if n.startswith("torch") else (precision or "fp32")
-        if n.startswith("torch") and prec != "fp32":
+            fp32_only = n.startswith("torch") and not (n == "torch-cuda" and precision == "fp16")
+            prec = "fp32" if fp32_only else (precision or "fp32")
+        if n == "torch-cuda" and prec == "int8":
+            raise ClipfuseError("backend torch-cuda-int8: torch-cuda runs fp32 or fp16; compare onnxruntime-int8 "
+                                "or tensorrt-int8 against it")
+        if n.startswith("torch") and n != "torch-cuda" and prec != "fp32":
             raise ClipfuseError(f"backend {n}-{prec}: the torch backend is the fp32 reference; compare "
-                                f"onnxruntime-{prec} or tensorrt-{prec} against it")
+                                f"onnxruntime-{prec}, tensorrt-{prec} or torch-cuda-fp16 against it")
         out.append((n, prec))
     if len(set(out)) != len(out):
         raise ClipfuseError(f"--backends names the same backend twice: {names}")
@@ -110,8 +114,11 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
 
 
 def open_one(manifest, name: str, precision: str, **options):
-    """An opened runtime backend for (name, precision)."""
+    """An opened runtime backend for (name, precision); torch-cuda computes fp16 itself (autocast, the fp16
+    graph's islands) on the fp32 engine."""
 
+    if name == "torch-cuda":
+        return make_backend(manifest, name, **dict(options, precision=precision)).open()
     if precision != "fp32" and name != "tensorrt":
         # the same backend, pointed at the precision's graph (ClipfuseError naming the command if absent);
         # onnxruntime-tensorrt reads the TensorRT form of int8 (S8 symmetric activations)
@@ -167,7 +174,7 @@ def compare_backends(engine_dir, backends="onnxruntime,torch", images=None, prec
     feeds = [{k: v[i:i + batch] for k, v in arrays.items()} for i in range(0, len(pil), batch)]
     results = []
     for name, prec in pairs:
-        backend = open_one(m, name, prec)
+        backend = open_one(m, name, prec, **({"max_batch": batch} if name == "torch-cuda" else {}))
         try:
             outs = [backend.infer(f) for f in feeds]
             desc = backend.describe()

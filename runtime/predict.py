@@ -239,14 +239,15 @@ class Predictor:
 
 def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, workers: int | None = None,
                    threads: int | None = None, verify: bool = True,
-                   precision: str | None = None, cascade: bool | None = None) -> Predictor:
+                   precision: str | None = None, cascade: bool | None = None, compile: bool = False) -> Predictor:
     """Open an engine folder for prediction -> Predictor (predict, predict_batches, predict_arrays);
     `clipfuse.load`. The folder and the arguments are checked before the (slow) backend opens, so a typo
     fails at once.
 
     backend: "auto" (the fastest that runs here, logged on stderr), "onnxruntime", "onnxruntime-cuda",
-    "onnxruntime-tensorrt", "openvino", "torch", "torch-cuda" or "tensorrt". batch_size: images per engine
-    call. workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
+    "onnxruntime-tensorrt", "openvino", "torch", "torch-cuda", "torch-cuda-eager" or "tensorrt". batch_size:
+    images per engine call (on torch-cuda also its largest CUDA-graph bucket; torch-cuda runs fp32 or fp16,
+    and compile=True passes its towers through torch.compile). workers: image-decoding threads (default min(4, CPUs)). threads: the backend's intra-op threads
     (default: the measured best, see benchmarks/results/runtime_thin.md). Needs neither torch nor
     open_clip unless a torch backend is asked for. precision: "fp32", "fp16" or "int8" runs that graph
     (model.fp16.onnx, model.int8.onnx; TensorRT: its plan); made by `clipfuse export ENGINE --precision`.
@@ -266,7 +267,9 @@ def load_predictor(engine_dir, backend: str = "auto", batch_size: int = 8, worke
         check_precision(precision)
     manifest = read_manifest(engine_dir, verify=verify)
     options = {"threads": threads} if threads else {}
-
+    if compile:
+        options["compile"] = True
+    options["max_batch"] = batch_size           # torch-cuda's largest CUDA-graph bucket; other backends ignore it
     check_cascade_precision(manifest, cascade, precision)
     routed = open_cascade(manifest, backend, cascade, precision=precision, **options)
     if routed is not None:

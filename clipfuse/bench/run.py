@@ -83,9 +83,20 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     written as JSON)."""
     from clipfuse.export.fit.pipeline import eval_engine
 
+    if backend == "torch-cuda":     # the GPU levers side by side (clipfuse/bench/gpu.py); imports torch
+        from .gpu import bench_torch_cuda
+
+        gpu_precisions = tuple(p for p in precisions if p != "int8") or ("fp32",)
+        if "int8" in precisions:
+            raise ClipfuseError("--backend torch-cuda benches fp32 and fp16; int8 runs on onnxruntime, openvino or "
+                                "tensorrt")
+        return bench_torch_cuda(engine, batches=batches, runs=runs, warmup=max(warmup, 1),
+                                precisions=gpu_precisions if precisions != ("fp32",) else ("fp32", "fp16"),
+                                out=out, stem=stem if stem != "bench" else "bench_gpu", command=command)
     if backend != "onnxruntime":
-        raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU here "
-                            "(backend onnxruntime); GPU backends are measured by their own issue's tools")
+        raise ClipfuseError(f"--backend {backend!r}: the side-by-side bench runs on ONNX Runtime CPU (onnxruntime) "
+                            "or, on a CUDA GPU, torch-cuda's levers (torch-cuda); others are measured by their own "
+                            "issue's tools")
     batches = sorted({int(b) for b in batches})
     if not batches or batches[0] < 1:
         raise ClipfuseError(f"--batch needs positive batch sizes, got {batches}")

@@ -38,7 +38,8 @@ from .group import cli, int_list, quiet_option
               help="table for people; jsonl or csv for programs (failed images are rows with an error field).")
 @click.option("--batch", "-b", default=8, show_default=True, type=click.IntRange(min=1), help="Images per engine call.")
 @click.option("--backend", default="auto", show_default=True,
-              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda or tensorrt.")
+              help="auto, onnxruntime, onnxruntime-cuda, onnxruntime-tensorrt, openvino, torch, torch-cuda, "
+                   "torch-cuda-eager or tensorrt.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Run the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`); "
                    "default fp32.")
@@ -50,8 +51,10 @@ from .group import cli, int_list, quiet_option
               help="Refuse an image whose decoded or resized copy exceeds N pixels (default PIL's 89,478,485; "
                    "also CLIPFUSE_MAX_IMAGE_PIXELS for any command).")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, run the full graph (model.onnx) for every image.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="With --backend torch-cuda: pass the towers through torch.compile (inductor) before capture.")
 def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precision, workers, threads, allow_failures,
-            no_verify, max_image_pixels, no_cascade):
+            no_verify, max_image_pixels, no_cascade, compile_):
     """Classify IMAGES (files, folders, globs, or - for a list of paths on stdin) with an ENGINE folder.
 
     Prints the top-k labels with probabilities and each backbone's temperature per image.
@@ -76,7 +79,8 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
     total = failed = 0
     opened = (connect(url, model=model_name, batch_size=batch, workers=workers) if url is not None else
               load_predictor(engine, backend=backend, batch_size=batch, workers=workers, threads=threads,
-                             verify=not no_verify, precision=precision, cascade=False if no_cascade else None))
+                             verify=not no_verify, precision=precision, cascade=False if no_cascade else None,
+                             compile=compile_))
     with opened as predictor:
         k = min(top_k, len(predictor.classes))
         for preds in predictor.predict_batches(paths, top_k=top_k):
@@ -132,7 +136,9 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="Labelled images (DATA/<class folder>/<images>): accuracy per backbone, static ensembles, NLC.")
 @click.option("--classes", "-c", default=None, type=click.Path(dir_okay=False), help="Folder -> class name map file.")
 @click.option("--batch", "batches", default="1,8,32", show_default=True, callback=int_list, help="Batch sizes.")
-@click.option("--backend", default="onnxruntime", show_default=True, help="The fused graph's backend (ONNX Runtime CPU).")
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime: the fused graph on ONNX Runtime CPU; torch-cuda: on a CUDA GPU, serial vs concurrent "
+                   "towers vs each single tower, fp32 and fp16 (the GPU levers).")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each runs every configuration once per batch size, interleaved.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
@@ -164,11 +170,15 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
-                        *(["--openvino"] if openvino else [])])
+                        *(["--openvino"] if openvino else []),
+                        *(["--backend", backend] if backend != "onnxruntime" else [])])
     result = run_bench(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                        warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                        settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
                        openvino=openvino, stem=name, command=command)
+    if backend == "torch-cuda":         # the GPU levers (clipfuse/bench/gpu.py) write their own table
+        click.echo(result["markdown"])
+        return
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")
@@ -238,8 +248,10 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
               help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files.")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, serve the full graph for every image.")
+@click.option("--backend", default="onnxruntime", show_default=True, type=click.Choice(["onnxruntime", "torch-cuda"]),
+              help="onnxruntime (CPU) or torch-cuda (CUDA graphs per batch up to --max-batch; fp32 or fp16).")
 def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us, instances, threads, model_name,
-          precision, no_verify, no_cascade):
+          precision, no_verify, no_cascade, backend):
     """Serve ENGINE with a Triton Inference Server (nvidia-pytriton): HTTP, gRPC, health, metrics.
 
     Runs until Ctrl-C. Classify with `clipfuse predict --url http://HOST:PORT IMAGES...`.
@@ -248,6 +260,6 @@ def serve(engine, host, port, grpc_port, metrics_port, max_batch, queue_delay_us
     server = start_server(engine, host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
                           max_batch=max_batch, queue_delay_us=queue_delay_us, instances=instances, threads=threads,
                           model_name=model_name, verify=not no_verify, precision=precision,
-                          cascade=False if no_cascade else None)
+                          cascade=False if no_cascade else None, backend=backend)
     click.echo(present.format_serving(server), err=True)
     server.serve_forever()

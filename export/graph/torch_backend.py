@@ -2,7 +2,7 @@
 
 It lives with what builds the PyTorch module (backbones, heads, fused) and
 reaches the runtime through the backend registry, not an import: pyproject's
-entry points (group `clipfuse.backends`) name `torch` and `torch-cuda`, and
+entry points (group `clipfuse.backends`) name `torch` and `torch-cuda-eager`, and
 `clipfuse.runtime.backends.registry.make_backend(manifest, "torch")` loads this module
 only when that backend is asked for (or checked by `available_backends()`).
 
@@ -20,8 +20,47 @@ from clipfuse.runtime.backends.base import Backend
 from clipfuse.runtime.manifest import Manifest, rebuild_hint
 
 
-def _missing_modules() -> list[str]:
+def missing_torch_modules() -> list[str]:
     return [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
+
+
+def rebuild_fused(m: Manifest):
+    """The FusedEnsemble of engine `m`, on the CPU: towers rebuilt with export.graph.backbones.load_backbone
+    (exact for random:SEED and checkpoint-file weights; a pretrained tag needs open_clip's download or cache),
+    each checked against the manifest's weights_sha256, then its heads and controller. Imports torch."""
+    from .backbones import load_backbone
+    from .fused import FusedEnsemble, load_controller
+    from .heads import load_heads
+
+    missing = missing_torch_modules()
+    if missing:
+        raise ClipfuseError(f"torch backends need {' and '.join(missing)}: pip install torch open_clip_torch "
+                            "(or use --backend onnxruntime, which needs neither)")
+    visuals = []
+    for i, b in enumerate(m.backbones):
+        spec = f"{b['arch']}:{b['weights']}"
+        built = load_backbone(spec)
+        if built.weights_sha256 != b["weights_sha256"]:
+            raise ClipfuseError(
+                f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilt here has image-tower weights "
+                f"{built.weights_sha256[:12]}..., the manifest records {b['weights_sha256'][:12]}...: these are not the "
+                "weights the graph was exported from (another open_clip version, or a changed checkpoint file), "
+                f"so the torch backend cannot reproduce it. Use --backend onnxruntime, or rebuild: {rebuild_hint(m)}")
+        if built.image_size != b["image_size"] or built.embed_dim != b["embed_dim"]:
+            raise ClipfuseError(f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilds at {built.image_size} px, "
+                                f"D={built.embed_dim}; the manifest says {b['image_size']} px, D={b['embed_dim']}")
+        visuals.append(built.model.visual)
+        del built
+    heads = load_heads(m.folder / m.data.get("heads_file", "heads.safetensors"), num_backbones=len(visuals))
+    for i, (h, b) in enumerate(zip(heads, m.backbones)):
+        if tuple(h.weight.shape) != (len(m.classes), b["embed_dim"]):
+            raise ClipfuseError(
+                f"engine {str(m.folder)!r}: head {i} in {m.data.get('heads_file', 'heads.safetensors')} has shape "
+                f"{tuple(h.weight.shape)}, the manifest needs ({len(m.classes)} classes, D={b['embed_dim']}): the "
+                f"heads file comes from another engine; {rebuild_hint(m)}")
+    controller = load_controller(m.folder / m.data.get("controller", {}).get("file", "controller.safetensors"))
+    return FusedEnsemble(visuals, heads, [b["image_size"] for b in m.backbones],
+                         [b["mean"] for b in m.backbones], [b["std"] for b in m.backbones], controller).eval()
 
 
 class TorchBackend(Backend):
@@ -42,18 +81,18 @@ class TorchBackend(Backend):
         if device not in ("cpu", "cuda"):
             raise ClipfuseError(f"unknown torch device {device!r}; valid: cpu, cuda")
         self._device, self.threads = device, threads
-        self.name = "torch" if device == "cpu" else "torch-cuda"
+        self.name = "torch" if device == "cpu" else "torch-cuda-eager"
         self.model = None
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
         """Why this backend cannot run here, or None; the registry's cheap check (imports nothing)."""
-        missing = _missing_modules()
-        name = "torch" if cls.default_device == "cpu" else "torch-cuda"
+        missing = missing_torch_modules()
+        name = "torch" if cls.default_device == "cpu" else "torch-cuda-eager"
         if missing:
             return f"backend {name} needs {' and '.join(missing)}: pip install torch open_clip_torch"
         if cls.default_device == "cuda" and not registry.nvidia_gpu_visible():
-            return "backend torch-cuda needs an NVIDIA GPU and none is visible (no /proc/driver/nvidia/gpus)"
+            return f"backend {name} needs an NVIDIA GPU and none is visible (no /proc/driver/nvidia/gpus)"
         return None
 
     @property
@@ -65,48 +104,18 @@ class TorchBackend(Backend):
         return self._device
 
     def open(self) -> "TorchBackend":
-        from .backbones import load_backbone
-        from .fused import FusedEnsemble, load_controller
-        from .heads import load_heads
-
-        missing = _missing_modules()
+        missing = missing_torch_modules()
         if missing:
             raise ClipfuseError(f"backend {self.name} needs {' and '.join(missing)}: pip install torch open_clip_torch "
                                 "(or use --backend onnxruntime, which needs neither)")
         import torch
 
         if self._device == "cuda" and not torch.cuda.is_available():
-            raise ClipfuseError("backend torch-cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
+            raise ClipfuseError(f"backend {self.name}: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                                 "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --backend torch")
         if self.threads:
             torch.set_num_threads(self.threads)
-        m = self.manifest
-        visuals = []
-        for i, b in enumerate(m.backbones):
-            spec = f"{b['arch']}:{b['weights']}"
-            built = load_backbone(spec)
-            if built.weights_sha256 != b["weights_sha256"]:
-                raise ClipfuseError(
-                    f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilt here has image-tower weights "
-                    f"{built.weights_sha256[:12]}..., the manifest records {b['weights_sha256'][:12]}...: these are not the "
-                    "weights the graph was exported from (another open_clip version, or a changed checkpoint file), "
-                    f"so the torch backend cannot reproduce it. Use --backend onnxruntime, or rebuild: {rebuild_hint(m)}")
-            if built.image_size != b["image_size"] or built.embed_dim != b["embed_dim"]:
-                raise ClipfuseError(f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilds at {built.image_size} px, "
-                                    f"D={built.embed_dim}; the manifest says {b['image_size']} px, D={b['embed_dim']}")
-            visuals.append(built.model.visual)
-            del built
-        heads = load_heads(m.folder / m.data.get("heads_file", "heads.safetensors"), num_backbones=len(visuals))
-        for i, (h, b) in enumerate(zip(heads, m.backbones)):
-            if tuple(h.weight.shape) != (len(m.classes), b["embed_dim"]):
-                raise ClipfuseError(
-                    f"engine {str(m.folder)!r}: head {i} in {m.data.get('heads_file', 'heads.safetensors')} has shape "
-                    f"{tuple(h.weight.shape)}, the manifest needs ({len(m.classes)} classes, D={b['embed_dim']}): the "
-                    f"heads file comes from another engine; {rebuild_hint(m)}")
-        controller = load_controller(m.folder / m.data.get("controller", {}).get("file", "controller.safetensors"))
-        self.model = FusedEnsemble(visuals, heads, [b["image_size"] for b in m.backbones],
-                                   [b["mean"] for b in m.backbones], [b["std"] for b in m.backbones],
-                                   controller).eval().to(self._device)
+        self.model = rebuild_fused(self.manifest).eval().to(self._device)
         if self._device == "cuda":
             # A reference computes in fp32: cuDNN convolutions default to TF32 on Ampere and later
             # (10-bit mantissa, ~1e-3 relative error), which the comparison with ORT would see.
@@ -114,7 +123,7 @@ class TorchBackend(Backend):
             self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch
-        self.output_names = [o["name"] for o in m.outputs]
+        self.output_names = [o["name"] for o in self.manifest.outputs]
         self.is_open = True
         return self
 
@@ -132,8 +141,9 @@ class TorchBackend(Backend):
         super().close()
 
 
-class TorchCudaBackend(TorchBackend):
-    """`torch-cuda`: the same reference on the first CUDA device (registered under its own name)."""
+class TorchCudaEagerBackend(TorchBackend):
+    """`torch-cuda-eager`: the same fp32 reference, eager, on the first CUDA device (TF32 off): what `compare`
+    holds the CUDA-graph backend `torch-cuda` (export/gpu/backend.py) against."""
 
-    name = "torch-cuda"
+    name = "torch-cuda-eager"
     default_device = "cuda"

@@ -33,7 +33,8 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import step
 from clipfuse.runtime.images import collect_images, preprocess_paths
 
-from .fp16 import FEATURE_NORM_OP, ancestor_nodes
+from ..graph.islands import FEATURE_NORM_OP
+from .fp16 import ancestor_nodes
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")

@@ -38,12 +38,11 @@ from clipfuse.runtime.manifest import read_manifest
 from clipfuse.runtime.precisions import MODEL_FP16
 
 from ..graph.engine_folder import update_engine_folder
+from ..graph.islands import FEATURE_NORM_OP, FP32_OPS
 from .validate import cpu_fp32_fallback_ops, validate_precision
 
-# Ops kept in fp32 wherever they occur in the towers.
-FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean")
-# The feature normalisation: F.normalize exports as ReduceL2 -> Clip -> Expand -> Div.
-FEATURE_NORM_OP = "ReduceL2"
+# The ops kept in fp32 wherever they occur in the towers (FP32_OPS, keys: ONNX op types) and the feature
+# normalisation (FEATURE_NORM_OP) are defined once, in export/graph/islands.py, shared with the torch-cuda fp16 path.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 # The bounds are the fp16 row of clipfuse.core.iospec.TOLERANCES (embedding cosine, per-output error,

@@ -9,7 +9,9 @@ tests never care which one runs:
     onnxruntime            ONNX Runtime CPU (built in; the default)
     onnxruntime-cuda       ONNX Runtime CUDA EP (built in; onnxruntime-gpu)          never executed
     onnxruntime-tensorrt   ONNX Runtime TensorRT EP (built in; clipfuse[tensorrt])   never executed
-    torch / torch-cuda     the PyTorch reference (entry point: clipfuse.export.graph.torch_backend)
+    torch / torch-cuda-eager  the fp32 PyTorch reference (entry point: clipfuse.export.graph.torch_backend)
+    torch-cuda             CUDA graphs per batch bucket, towers on concurrent streams, fp32 or fp16
+                           (entry point: clipfuse.export.gpu.backend)                  never run on a GPU yet
     tensorrt               native TensorRT on a `clipfuse build` plan (entry point)   never executed
     openvino               OpenVINO's CPU plugin on the same graphs (entry point; clipfuse[openvino])
 
@@ -21,7 +23,9 @@ An entry point names a Backend subclass, constructed as Class(manifest, **option
 classmethod `unavailable_reason()` says cheaply (importing nothing heavy) why it cannot run here.
 
 backend="auto" picks only what has run somewhere: the never-executed GPU backends are named explicitly
-or not at all, except native TensorRT on an engine whose manifest records a plan `clipfuse build` made.
+or not at all, except native TensorRT on an engine whose manifest records a plan `clipfuse build` made,
+and torch-cuda on a machine with a CUDA GPU and torch (though the CUDA-graph backend has not yet run on a
+GPU: README "The GPU path").
 This module imports neither torch nor open_clip, and the ONNX Runtime path never does (tested).
 """
 from __future__ import annotations
@@ -44,13 +48,19 @@ from .sessions import import_onnxruntime
 
 ENTRY_POINT_GROUP = "clipfuse.backends"
 # Every documented backend, fastest first (the order error messages and available_backends() use).
-BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime", "openvino",
-                 "torch")
+BACKEND_NAMES = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda", "torch-cuda", "torch-cuda-eager", "onnxruntime",
+                 "openvino", "torch")
+# Options only the torch-cuda backend takes: max_batch is a hint every caller may give (the other backends take
+# any batch), compile and concurrent are asked for and refused elsewhere.
+TORCH_CUDA_OPTIONS = ("max_batch", "compile", "concurrent", "cascade")
 BUILTIN = ("onnxruntime-tensorrt", "onnxruntime-cuda", "onnxruntime")
 # Written against documentation, never run on any machine (see the module docstring).
 NEVER_EXECUTED = ("tensorrt", "onnxruntime-tensorrt", "onnxruntime-cuda")
-# What "auto" tries when the engine has no TensorRT plan: backends that have run. torch-cuda
-# (it ran on an H200) rebuilds the ensemble on the GPU; the CPU ONNX Runtime session beats
+# What "auto" tries when the engine has no TensorRT plan. torch-cuda (CUDA graphs, towers on
+# concurrent streams) is the exception to "only what has run": its predecessor, the eager fp32 module (now
+# torch-cuda-eager), ran on an H200, and the levers it adds were measured there outside the backend (DESIGN.md
+# "The GPU"), but this backend itself has not yet run on a GPU (README "The GPU path"). It rebuilds the
+# ensemble on the GPU; the CPU ONNX Runtime session beats
 # PyTorch eager on the same graph and needs neither torch nor open_clip, so it comes before torch.
 # openvino, when installed, comes before onnxruntime for int8 only: faster there on a quiet machine,
 # within the spread for fp32 and fp16, which stay on ONNX Runtime (no extra package). The figures, and
@@ -159,8 +169,21 @@ def make_backend(manifest: Manifest, name: str, **options) -> Backend:
 def for_precision(manifest: Manifest, name: str, precision: str | None, options: dict) -> tuple[Manifest, dict]:
     """(manifest, options) that make backend `name` run `precision`: an ONNX backend (ONNX Runtime,
     OpenVINO) opens the precision's graph (runtime/precisions.py; onnxruntime-tensorrt the int8 graph
-    made for TensorRT), native TensorRT its plan; the torch backends are the fp32 reference only."""
+    made for TensorRT), native TensorRT its plan; torch-cuda fp32 or fp16 (autocast with the fp16 graph's
+    islands); the other torch backends are the fp32 reference only."""
 
+    if name != "torch-cuda":
+        asked = [k for k in ("compile", "concurrent") if options.get(k) not in (None, False)]
+        if asked:
+            raise ClipfuseError(f"--{asked[0]} is an option of --backend torch-cuda, not of {name}")
+        options = {k: v for k, v in options.items() if k not in TORCH_CUDA_OPTIONS}
+    else:
+        options = {k: v for k, v in options.items() if v is not None}
+    if name == "torch-cuda":
+        if precision is not None:
+            check_precision(precision)
+            options = dict(options, precision=precision)
+        return manifest, options
     if precision is None:
         return manifest, options
     check_precision(precision)
@@ -189,7 +212,8 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto",
     skipped = []
     plans = built_plans(manifest)
     for candidate in auto_candidates(manifest, precision):
-        if precision not in (None, "fp32") and (candidate.startswith("torch")
+        if precision not in (None, "fp32") and (candidate in ("torch", "torch-cuda-eager")
+                                                or candidate == "torch-cuda" and precision != "fp16"
                                                 or candidate == "tensorrt" and precision not in plans):
             continue                        # the fp32 reference, or no plan of this precision
         reason = unavailable_reason(candidate)

@@ -44,6 +44,7 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import get_logger, log
 
 from ..backends.onnxruntime import OnnxRuntimeBackend
+from ..backends.registry import make_backend
 from ..cascade import CascadeBackend, cascade_block, check_cascade_precision, is_cascade
 from ..manifest import Manifest, read_manifest
 from ..precisions import with_precision
@@ -95,14 +96,19 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def _make_infer(manifest: Manifest, threads: int | None, opened: list, cascade: bool = False,
-                precision: str | None = None):
+                precision: str | None = None, backend_name: str = "onnxruntime", max_batch: int = DEFAULT_MAX_BATCH):
     """One instance's callable: a batch of requests (pytriton's @batch joins them) -> the five outputs
     (cascade: routed through the stage graphs of `precision`, runtime/cascade.py, + stage (N, 1)).
-    manifest: the graph to run (with_precision's) or, for a cascade, the engine's own manifest."""
+    manifest: the graph to run (with_precision's) or, for a cascade, the engine's own manifest.
+    backend_name torch-cuda: CUDA graphs with buckets up to max_batch, the batcher's largest batch."""
     from pytriton.decorators import batch
 
-    backend = (CascadeBackend(manifest, threads=threads, precision=precision) if cascade
-               else OnnxRuntimeBackend(manifest, threads=threads)).open()
+    if backend_name == "torch-cuda":
+        backend = make_backend(manifest, "torch-cuda", precision=precision or "fp32", max_batch=max_batch,
+                               cascade=cascade, **({"threads": threads} if threads else {})).open()
+    else:
+        backend = (CascadeBackend(manifest, threads=threads, precision=precision) if cascade
+                   else OnnxRuntimeBackend(manifest, threads=threads)).open()
     opened.append(backend)
     names = [i["name"] for i in manifest.inputs]
 
@@ -250,7 +256,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                  queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, preferred=None, instances: int = 1,
                  threads: int | None = None, model_name: str | None = None, verify: bool = True,
                  exit_timeout_s: int = 10, precision: str | None = None,
-                 cascade: bool | None = None) -> Server:
+                 cascade: bool | None = None, backend: str = "onnxruntime") -> Server:
     """Start Triton serving `engine` (HTTP, gRPC, metrics) and return once the model is ready.
 
     max_batch / queue_delay_us / preferred: Triton's dynamic batcher. instances: model instances, each
@@ -258,7 +264,10 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
     session's intra-op threads (default ONNX Runtime's, one per physical core). precision: fp16 or int8
     serves model.fp16.onnx / model.int8.onnx (runtime/precisions.py; refused when the engine lacks it).
     cascade: on a cascade engine, None or True serves the routed stage graphs (outputs + stage), False
-    the full graph."""
+    the full graph. backend: onnxruntime (CPU) or torch-cuda (CUDA graphs, fp32 or fp16 computed from the
+    fp32 engine; never yet run on a GPU)."""
+    if backend not in ("onnxruntime", "torch-cuda"):
+        raise ClipfuseError(f"serve runs backend onnxruntime or torch-cuda, not {backend!r}")
     check_serving_environment()
     manifest = engine if isinstance(engine, Manifest) else read_manifest(engine, verify=verify)
 
@@ -267,7 +276,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
     check_cascade_precision(manifest, cascade, precision)
     cascade = is_cascade(manifest) and cascade is not False
     graph = manifest
-    if precision not in (None, "fp32"):
+    if precision not in (None, "fp32") and backend != "torch-cuda":     # torch-cuda computes fp16 itself
 
         graph = with_precision(manifest, precision)
     # the same checks (and the same names) as the repository writer
@@ -301,8 +310,8 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
     try:
-        infer_fns = [_make_infer(manifest if cascade else graph, threads, backends, cascade, precision)
-                     for _ in range(spec.instances)]
+        infer_fns = [_make_infer(manifest if cascade else graph, threads, backends, cascade, precision, backend,
+                                 max_batch) for _ in range(spec.instances)]
     except BaseException:
         for b in backends:
             b.close()

@@ -83,6 +83,7 @@ ALLOWED_INNER = {
     ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.heads"),
     ("clipfuse.bench.run", "clipfuse.export.fit.pipeline"),
+    ("clipfuse.bench.run", "clipfuse.bench.gpu"),
     ("clipfuse.cli.build", "clipfuse.export.fit.pipeline"),
     ("clipfuse.cli.build", "clipfuse.export.fit.report"),
     ("clipfuse.cli.build", "clipfuse.export.graph.engine"),
@@ -92,6 +93,9 @@ ALLOWED_INNER = {
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.backbones"),
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.fused"),
     ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.heads"),
+    # the same for torch-cuda: the CUDA-graph runner imports torch at its top
+    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.graphs"),
+    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.cascade"),
 }
 
 
@@ -200,6 +204,14 @@ def test_the_export_split_fails_when_fit_imports_precision(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "fit and precision independent" in r.stdout and "BROKEN" in r.stdout
     assert "clipfuse.export.fit.select -> clipfuse.export.precision.fp16" in r.stdout
+
+
+def test_the_export_split_fails_when_gpu_imports_precision(tmp_path):
+    staged = stage_package(tmp_path)
+    module = staged / "clipfuse" / "export" / "gpu" / "plan.py"
+    module.write_text(module.read_text() + "\nfrom clipfuse.export.precision import fp16  # noqa: E402,F401\n")
+    r = lint_imports(staged)
+    assert r.returncode == 1 and "clipfuse.export.gpu.plan -> clipfuse.export.precision.fp16" in r.stdout, r.stdout + r.stderr
 
 
 def test_the_export_split_fails_when_graph_imports_fit(tmp_path):

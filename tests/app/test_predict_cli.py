@@ -132,7 +132,8 @@ def cpu_only(monkeypatch):
     ("{tmp}/nowhere", [], "engine folder '{tmp}/nowhere' does not exist; make it with `clipfuse export"),
     ("{tampered}", [], "model.onnx' does not match the sha256 in the manifest: the file was changed; re-run `clipfuse export`"),
     ("{engine}", ["--backend", "gpu"], "unknown backend 'gpu'; valid: auto, tensorrt, onnxruntime-tensorrt, "
-                                       "onnxruntime-cuda, torch-cuda, onnxruntime, openvino, torch"),
+                                       "onnxruntime-cuda, torch-cuda, torch-cuda-eager, onnxruntime, openvino, "
+                                       "torch"),
     ("{engine}", ["--backend", "onnxruntime-cuda"], "Install the GPU build: pip install onnxruntime-gpu"),
     ("{engine}", ["--backend", "tensorrt"], "needs the tensorrt package and an NVIDIA GPU"),
 ])

@@ -106,7 +106,7 @@ def test_backend_interface(tiny_engine, photos):
         assert out["logits"].shape == (2, 4) and out["temperatures"].shape == (2, 3)
     assert not b.is_open and b.session is None
     t = TorchBackend(m)
-    assert (t.name, t.device, TorchBackend(m, device="cuda").name) == ("torch", "cpu", "torch-cuda")
+    assert (t.name, t.device, TorchBackend(m, device="cuda").name) == ("torch", "cpu", "torch-cuda-eager")
 
 
 def test_session_options_are_the_measured_defaults(tiny_engine):
@@ -174,7 +174,8 @@ def test_auto_picks_onnxruntime_on_cpu_and_says_so(tiny_engine, no_gpu, capsys):
 def test_unknown_backend_lists_the_valid_ones(tiny_engine):
     with pytest.raises(ClipfuseError) as e:
         open_backend(tiny_engine, "onnx")
-    for name in ("auto", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "torch", "torch-cuda", "tensorrt"):
+    for name in ("auto", "onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "torch", "torch-cuda",
+                 "torch-cuda-eager", "tensorrt"):
         assert f"{name}," in str(e.value) + ","
     with pytest.raises(ClipfuseError, match="unknown backend 'onnx'"):
         load_predictor(tiny_engine, backend="onnx")
@@ -185,6 +186,7 @@ def test_unknown_backend_lists_the_valid_ones(tiny_engine):
     ("onnxruntime-tensorrt", "pip install 'clipfuse[tensorrt]'"),
     ("tensorrt", "native TensorRT backend needs the tensorrt package and an NVIDIA GPU"),
     ("torch-cuda", "needs an NVIDIA GPU"),
+    ("torch-cuda-eager", "needs an NVIDIA GPU"),
 ])
 def test_gpu_backends_on_a_cpu_machine_say_what_to_install(tiny_engine, no_gpu, name, expect):
     with pytest.raises(ClipfuseError) as e:
@@ -207,7 +209,7 @@ def test_silent_cpu_fallback_is_refused(tiny_engine, monkeypatch):
 def every_gpu_backend(monkeypatch):
     """This machine as a GPU box where every never-executed backend would start (faked availability)
     and torch sees no CUDA (so torch-cuda, which did run on a GPU, is out of the way)."""
-    from clipfuse.export.graph.torch_backend import TorchCudaBackend
+    from clipfuse.export.gpu.backend import TorchCudaBackend
     from clipfuse.runtime.backends.tensorrt import TensorRTBackend
 
     monkeypatch.setattr(bk, "nvidia_gpu_visible", lambda: True)
