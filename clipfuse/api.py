@@ -56,9 +56,10 @@ def fit_levers(**kwargs):
 
 
 def eval_engine(engine, data, **kwargs):
-    """Accuracy of the exported graph and every baseline on a labelled folder (see export.fit.pipeline)."""
+    """Accuracy of what the engine answers (the cascade on a cascade engine), of its graph and of every baseline
+    on a labelled folder, leaving out the images it was fitted on unless include_fit_images (see export.fit.evaluate)."""
 
-    from clipfuse.export.fit.pipeline import eval_engine as _eval
+    from clipfuse.export.fit.evaluate import eval_engine as _eval
 
     return _eval(engine, data, **kwargs)
 

@@ -129,9 +129,11 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
                    "ENGINE --precision ...`).")
 @click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
+@click.option("--include-fit-images", is_flag=True,
+              help="--data: also score the images the engine was fitted on (left out by default: they flatter it).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          precisions, openvino, quiet):
+          precisions, openvino, include_fit_images, quiet):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -146,11 +148,13 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--no-memory"] if no_memory else []), *(["--out", out] if out else []),
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
-                        *(["--openvino"] if openvino else [])])
+                        *(["--openvino"] if openvino else []),
+                        *(["--include-fit-images"] if include_fit_images else [])])
     result = api.bench_engine(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                               warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                               settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                              openvino=openvino, stem=name, quiet=quiet, command=command)
+                              openvino=openvino, stem=name, quiet=quiet, command=command,
+                              include_fit_images=include_fit_images)
     click.echo(present.format_bench(result))
     if result.get("plot"):
         click.echo(f"plot: {result['plot']}")

@@ -25,7 +25,8 @@ certify_thresholds: the same greedy search and bound; the fit's order and score 
 configuration is tried) on the int8 stages' outputs for unlabelled images: `--cascade-images DIR`, by
 default the calibration folder (up to CERTIFY_MAX of them, evenly spaced). They must not be the images the
 heads or the controller were fitted on: a probe answers its own training images over-confidently, so
-thresholds certified there exit too early on new images. Measured on the digits pair
+thresholds certified there exit too early on new images; those the fit recorded (runtime/fit_images.py)
+are left out with a warning (export/precision/calibrate.py calibration_feeds). Measured on the digits pair
 (benchmarks/results/cascade_int8_pair_keep*.md): certified on the fit's own 590 calibration digits (which
 the probes never saw) the int8 threshold was 0.742, 77.0% of eval digits left at stage 1, -0.74 points
 [-1.48, -0.19] against the int8 full ensemble; certified on 1024 non-eval digits, half of them the
