@@ -196,7 +196,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if levers.cascade:                 # refuse too few calibration images before any fitting
         cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
                                              sample_k_shot(y_pool, shots, seed, num_classes=C), quiet)
-    alone = len(names) == 1          # a budget that kept one backbone: no ensemble, so no controller to fit or study
+    alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
     study_table = None
     if not alone:
         with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}", quiet):
