@@ -34,7 +34,7 @@ _LAZY = {      # public name -> (its home, its name there)
     "export_engine": ("clipfuse.export.graph.engine", "export_engine"),
     "reexport_engine": ("clipfuse.export.graph.engine", "reexport_engine"),
     "fit_engine": ("clipfuse.export.fit.pipeline", "fit_engine"),
-    "eval_engine": ("clipfuse.export.fit.pipeline", "eval_engine"),
+    "eval_engine": ("clipfuse.export.fit.evaluate", "eval_engine"),
     "inspect_engine": ("clipfuse.api", "inspect_engine"),
     "list_backbones": ("clipfuse.api", "list_backbones"),
     "load": ("clipfuse.runtime.predict", "load_predictor"),

@@ -131,6 +131,21 @@ def scan_labelled_folder(root, classes: Mapping[str, str] | str | os.PathLike | 
     return paths, np.asarray(labels, dtype=np.int64), list(mapping.values())
 
 
+def check_same_classes(names_a, names_b, what_a: str, what_b: str) -> None:
+    """Refuse, in one line naming the differences, two class lists that are not the same in the same order."""
+    if list(names_a) != list(names_b):
+        only_a = sorted(set(names_a) - set(names_b))
+        only_b = sorted(set(names_b) - set(names_a))
+        detail = []
+        if only_a:
+            detail.append(f"only in {what_a}: {', '.join(only_a[:5])}")
+        if only_b:
+            detail.append(f"only in {what_b}: {', '.join(only_b[:5])}")
+        if not detail:
+            detail.append("same names in another order")
+        raise ClipfuseError(f"classes of {what_a} do not match {what_b} ({'; '.join(detail)})")
+
+
 def _check_labels(labels, name: str = "labels") -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:

@@ -14,7 +14,7 @@ manifest relative to the engine folder and must be one of `artefacts` (so it
 carries a recorded sha256): the graph (`onnx.file`, `onnx.external_data`), the
 heads (`heads_file`), the controller (`controller.file`), fp16 graphs
 (`precisions.*.file`, `.external_data`), TensorRT plans (`plans.*.file`,
-`.layers`), a cascade's stage graphs (`cascade.stages[*].tower`, `.combine`) and what `fit` adds (`fit.static_file`, `fit.report`). A name that is
+`.layers`), a cascade's stage graphs (`cascade.stages[*].tower`, `.combine`) and what `fit` adds (`fit.static_file`, `fit.report`, `fit.images_file`). A name that is
 absolute, climbs out (`..`), holds a control character, or is not listed, is
 refused from the manifest's text alone: nothing is opened and the message does
 not say whether such a file exists. Symbolic links are followed only where they
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -174,7 +173,7 @@ def file_fields(data: dict) -> list[tuple[str, object]]:
     if fit is not None:
         if not isinstance(fit, dict):
             raise ClipfuseError(f"'fit' must be an object, got {type(fit).__name__}")
-        out += [(f"fit.{k}", fit[k]) for k in ("static_file", "report") if fit.get(k) is not None]
+        out += [(f"fit.{k}", fit[k]) for k in ("static_file", "report", "images_file") if fit.get(k) is not None]
     return out
 
 

@@ -40,6 +40,7 @@ from .manifest import Manifest, read_manifest
 from .precisions import check_precision
 from .preprocess import ResizeTooLarge, preprocess_for_inputs
 
+
 @dataclass
 class Prediction:
     """The result for one input image."""

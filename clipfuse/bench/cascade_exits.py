@@ -24,12 +24,13 @@ import numpy as np
 
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log
+from clipfuse.core.log import detail, log
 from clipfuse.export.data import scan_labelled_folder
 from clipfuse.export.paired import accuracy_interval, paired_difference
 from clipfuse.runtime.backends.registry import make_backend
 from clipfuse.runtime.cascade import CascadeBackend, run_stage_graphs
 from clipfuse.runtime.cpu_load import LoadProbe
+from clipfuse.runtime.fit_images import FitImages, leave_out_fit_images
 from clipfuse.runtime.images import iter_batches
 from clipfuse.runtime.precisions import with_precision
 from clipfuse.runtime.routing import cascade_predict, confidence
@@ -43,13 +44,18 @@ def _summary(ms, images: int) -> dict:
             "calls": int(v.size), "per_image_mean_ms": float(v.sum() / max(images, 1))}
 
 
-def load_labelled(m, data, classes=None, batch: int = 32) -> tuple[dict, np.ndarray]:
-    """Every readable labelled image of `data`, preprocessed once: ({input: uint8 (N, 3, R, R)}, labels (N,))."""
+def load_labelled(m, data, classes=None, batch: int = 32,
+                  include_fit_images: bool = False) -> tuple[dict, np.ndarray, FitImages]:
+    """Every readable labelled image of `data` but those the engine was fitted on (all with include_fit_images),
+    preprocessed once: ({input: uint8 (N, 3, R, R)}, labels (N,), what runtime/fit_images.py found).
+    The warning about fit images is a detail here (the bench's eval said it already)."""
 
     paths, labels, names = scan_labelled_folder(data, classes)
     if list(names) != list(m.classes):
         raise ClipfuseError(f"classes of --data {data} do not match the engine's ({len(names)} vs {len(m.classes)})")
     label_of = dict(zip(paths, labels))
+    with detail():
+        paths, seen = leave_out_fit_images(m, paths, include_fit_images, where=f"--data {data}", tag="bench")
     arrays, ys = {n: [] for n in m.preprocess_specs()}, []
     for b in iter_batches(paths, m.preprocess_specs(), batch_size=batch):
         if b.paths:
@@ -58,7 +64,7 @@ def load_labelled(m, data, classes=None, batch: int = 32) -> tuple[dict, np.ndar
             ys += [label_of[p] for p in b.paths]
     if not ys:
         raise ClipfuseError(f"no readable image in {data}")
-    return {n: np.concatenate(v) for n, v in arrays.items()}, np.asarray(ys)
+    return {n: np.concatenate(v) for n, v in arrays.items()}, np.asarray(ys), seen
 
 
 def _timed(fn):
@@ -68,15 +74,17 @@ def _timed(fn):
 
 
 def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=None,
-                  arrays=None, labels=None, settle: float = 0.05, precision: str = "fp32") -> dict:
+                  arrays=None, labels=None, settle: float = 0.05, precision: str = "fp32",
+                  include_fit_images: bool = False) -> dict:
     """precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
     when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
     this one process, and an idle ONNX Runtime pool spins after a run: timed back to back, whichever runs
     next pays for the other's spinning (measured on the pair: the full graph took 93 ms per image here
     against 59 ms in its own worker; the bench's main table rests 50 ms before each call for the same reason)."""
 
+    seen = None
     if arrays is None:
-        arrays, labels = load_labelled(m, data, classes)
+        arrays, labels, seen = load_labelled(m, data, classes, include_fit_images=include_fit_images)
     N = len(labels)
     S = len(m.backbones)
     opts = {"threads": threads} if threads else {}
@@ -170,7 +178,8 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
             "paired_difference": diff.to_dict(), "overhead": overhead, "curve": curve,
             "curve_note": "curve latency = per-stage batch-1 times measured here x each threshold's exit distribution "
                           "(estimated from measured parts); the fitted thresholds' latency above is measured directly",
-            "load": load, "process": "cascade and full graph in the bench's own process, call by call interleaved"}
+            "load": load, "process": "cascade and full graph in the bench's own process, call by call interleaved",
+            "fit_images": seen.to_dict() if seen else None, "fit_images_line": seen.line() if seen else ""}
 
 
 def format_cascade(c: dict) -> list[str]:
@@ -182,6 +191,8 @@ def format_cascade(c: dict) -> list[str]:
              f"thresholds {c['thresholds']})", "",
          "| batch | cascade mean ms/call | p99 | per image | full mean ms/call | p99 | per image | cascade / full (mean) | exit rates |",
          "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    if c.get("fit_images_line"):
+        L[2:2] = [c["fit_images_line"] + ".", ""]
     for bs, x in c["latency"].items():
         cs, fs = x["cascade"], x["full"]
         L.append(f"| {bs} | {cs['mean_ms']:.2f} | {cs['p99_ms']:.2f} | {cs['per_image_mean_ms']:.2f} | {fs['mean_ms']:.2f} | "

@@ -51,13 +51,6 @@ def summary(values) -> dict:
     return {"median": statistics.median(values), "p99": p99, "min": min(values), "max": max(values), "n": len(values)}
 
 
-def summary(values) -> dict:
-    """median (p50), p99 (nearest rank), min, max, n of a list of milliseconds."""
-    ranked = sorted(values)
-    p99 = ranked[min(len(ranked) - 1, max(0, int(np.ceil(0.99 * len(ranked))) - 1))]
-    return {"median": statistics.median(values), "p99": p99, "min": min(values), "max": max(values), "n": len(values)}
-
-
 def time_calls(calls: dict, rounds: int, iters: int, warmup: int, cuda: bool) -> dict:
     """{key: [ms]}: calls interleaved round by round; CUDA events around each on a GPU."""
     times = {k: [] for k in calls}

@@ -213,7 +213,10 @@ def format_table(result: dict) -> str:
               f"{ov['renamed_nodes_ms']:.2f} ms/run."]
     if result.get("accuracy"):
         a = result["accuracy"]
-        L += ["", f"## Accuracy on {a['data']} ({a['num_images']} images)", "", "| method | accuracy % |", "|---|---:|"]
+        L += ["", f"## Accuracy on {a['data']} ({a['num_images']} images)", ""]
+        if a.get("fit_images_line"):
+            L += [a["fit_images_line"] + ".", ""]
+        L += ["| method | accuracy % |", "|---|---:|"]
         L += [f"| {k} | {v:.1f} |" for k, v in a["methods"].items()]
     for key in ("cascade", "cascade_int8"):
         if result.get(key):

@@ -63,7 +63,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
               threads: int | None = None, torch: bool = True, memory: bool = True, profile: bool = True,
               classes=None, command: str | None = None, stem: str = "bench",
               memory_batch: int | None = None, memory_infers: int = 2, settle: float = 0.05,
-              precisions=("fp32",), openvino=False, singles: bool = True, arena: bool = True) -> dict:
+              precisions=("fp32",), openvino=False, singles: bool = True, arena: bool = True,
+              include_fit_images: bool = False) -> dict:
     """Benchmark an engine folder against its single backbones, the naive ensemble and PyTorch eager.
 
     engine: engine folder; data: labelled folder (DATA/<class>/<images>) for accuracy per method;
@@ -79,9 +80,10 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     alone, their sum and the naive ensemble (False: the fused graph's precisions and PyTorch only, for an
     ensemble whose singles were measured before and cost as much again); arena: False turns ONNX Runtime's
     CPU memory arena off in the timing workers, so each holds its weights between calls and not its peak
-    (the nine at batch 32 on a 24 GB machine). Returns the result dict (also
+    (the nine at batch 32 on a 24 GB machine); include_fit_images: also score the --data images the engine
+    was fitted on (left out by default, and counted: runtime/fit_images.py). Returns the result dict (also
     written as JSON)."""
-    from clipfuse.export.fit.pipeline import eval_engine
+    from clipfuse.export.fit.evaluate import eval_engine
 
     if backend == "torch-cuda":     # the GPU levers side by side (clipfuse/bench/gpu.py); imports torch
         from .gpu import bench_torch_cuda
@@ -225,8 +227,9 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
     if data is not None:
 
         log(f"accuracy on {data}", tag="bench")
-        ev = eval_engine(m.folder, data, classes=classes)
-        accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"]}
+        ev = eval_engine(m.folder, data, classes=classes, include_fit_images=include_fit_images)
+        accuracy = {"data": str(data), "num_images": ev["num_images"], "methods": ev["accuracy"],
+                    "fit_images": ev["fit_images"], "fit_images_line": ev["fit_images_line"]}
 
     cascade = cascade_int8 = None
     if is_cascade(m):               # over the real distribution of exits: needs labelled images
@@ -237,7 +240,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
 
             cascade_batches = [b for b in batches if b in (1, 8)] or batches[:1]
             cascade = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes,
-                                    settle=settle)
+                                    settle=settle, include_fit_images=include_fit_images)
             if "int8" in precisions:        # the int8 stages, when the int8 export certified them
 
                 try:
@@ -246,7 +249,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                     log(f"cascade: no int8 stages to measure ({e})", tag="bench")
                 else:
                     cascade_int8 = bench_cascade(m, data, batches=cascade_batches, threads=threads, classes=classes,
-                                                 settle=settle, precision="int8")
+                                                 settle=settle, precision="int8",
+                                                 include_fit_images=include_fit_images)
 
     result = {
         "command": command, "engine": str(m.folder), "backbones": names, "classes": len(m.classes),

@@ -194,15 +194,20 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (with per-image predictions).")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Also write eval.md, eval.json and the diversity heat map diversity.png into this folder.")
+@click.option("--include-fit-images", is_flag=True,
+              help="Also score the images the engine was fitted on (left out by default: they flatter it).")
 @quiet_option()
-def eval_(engine, data, classes, batch, as_json, report_dir):
+def eval_(engine, data, classes, batch, as_json, report_dir, include_fit_images):
     """Accuracy of the exported graph (ONNX Runtime) and of every baseline on a labelled folder, the row the
-    engine ships marked, and the backbones' diversity with the controller's failure signatures."""
+    engine ships marked (on a cascade engine: the cascade, as predict answers, beside the full graph), and the
+    backbones' diversity with the controller's failure signatures. Images the engine was fitted on are left
+    out, and counted."""
 
-    from clipfuse.export.fit.pipeline import eval_engine
+    from clipfuse.export.fit.evaluate import eval_engine
     from clipfuse.export.fit.report import format_eval
 
-    res = eval_engine(engine, data, classes=classes, batch_size=batch, report_dir=report_dir)
+    res = eval_engine(engine, data, classes=classes, batch_size=batch, report_dir=report_dir,
+                      include_fit_images=include_fit_images)
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return

@@ -10,7 +10,6 @@ import sys
 
 import click
 
-from . import build, run
 from .group import cli
 
 __all__ = ["cli", "main"]

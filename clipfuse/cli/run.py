@@ -6,10 +6,9 @@ result (clipfuse.cli.present); they are registered on the group of clipfuse/cli/
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
-
-from pathlib import Path
 
 from clipfuse.bench.run import run_bench
 from clipfuse.core.errors import ClipfuseError
@@ -153,9 +152,11 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
               help="The fused graph's precisions side by side, e.g. fp32,fp16,int8 (the graphs of `clipfuse export "
                    "ENGINE --precision ...`).")
 @click.option("--openvino", is_flag=True, help="Also run each precision on OpenVINO's CPU plugin.")
+@click.option("--include-fit-images", is_flag=True,
+              help="--data: also score the images the engine was fitted on (left out by default: they flatter it).")
 @quiet_option("No progress on stderr.")
 def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_torch, settle_ms, no_memory, out, name,
-          precisions, openvino):
+          precisions, openvino, include_fit_images):
     """What fusing costs and buys: the fused graph vs each backbone alone (exported the same way,
     cached in ENGINE/singles), their sum, the naive ensemble and PyTorch eager, side by side.
 
@@ -171,11 +172,12 @@ def bench(engine, data, classes, batches, backend, runs, warmup, threads, no_tor
                         *(["--name", name] if name != "bench" else []),
                         *(["--precisions", precisions] if precisions != "fp32" else []),
                         *(["--openvino"] if openvino else []),
-                        *(["--backend", backend] if backend != "onnxruntime" else [])])
+                        *(["--backend", backend] if backend != "onnxruntime" else []),
+                        *(["--include-fit-images"] if include_fit_images else [])])
     result = run_bench(engine, data=data, classes=classes, batches=batches, backend=backend, runs=runs,
                        warmup=warmup, threads=threads, torch=not no_torch, memory=not no_memory, out=out,
                        settle=settle_ms / 1e3, precisions=tuple(p.strip() for p in precisions.split(",") if p.strip()),
-                       openvino=openvino, stem=name, command=command)
+                       openvino=openvino, stem=name, command=command, include_fit_images=include_fit_images)
     if backend == "torch-cuda":         # the GPU levers (clipfuse/bench/gpu.py) write their own table
         click.echo(result["markdown"])
         return

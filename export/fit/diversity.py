@@ -21,11 +21,11 @@ import numpy as np
 
 from clipfuse.core.errors import ClipfuseError
 
-# A class needs this many held-out images before its best backbone is named: with fewer, one image
+# A class needs this many images before its best backbone is named: with fewer, one image
 # moves a backbone's accuracy there by more than 20 points, and the "winner" is a coin toss.
 MIN_CLASS_IMAGES = 5
 # Collapse: every backbone's temperature varies across images by less than this coefficient of
-# variation (std / mean over the held-out images). At 5% a temperature of 1.0 stays within about
+# variation (std / mean over the images). At 5% a temperature of 1.0 stays within about
 # 0.95-1.05 on most images: too little to change which backbone leads, so the NLC acts as one
 # static mix. Reported beside the share of images whose top-1 the variation actually changes.
 COLLAPSE_CV = 0.05
@@ -33,6 +33,8 @@ COLLAPSE_CV = 0.05
 # drop from its final value; reaching that within the first EARLY_FRACTION of the steps is early.
 PLATEAU_FRACTION = 0.05
 EARLY_FRACTION = 0.2
+# What the images are, in the reports' words: fit's eval split is held out; eval's folder may not be.
+HELD_OUT = "the held-out images"
 
 
 def _check(backbone_logits, labels):
@@ -98,7 +100,7 @@ def per_backbone(backbone_logits, labels, names) -> dict:
 
 
 def per_class(backbone_logits, labels, names, class_names, min_images: int = MIN_CLASS_IMAGES) -> dict:
-    """Best backbone per class with at least min_images held-out images (others are listed as skipped)."""
+    """Best backbone per class with at least min_images images (others are listed as skipped)."""
     Z, y = _check(backbone_logits, labels)
     R = Z.argmax(-1) == y[:, None]
     rows, skipped = [], []
@@ -159,8 +161,9 @@ def loss_plateau(losses, plateau_fraction: float = PLATEAU_FRACTION, early_fract
 
 
 def signatures(accuracy: dict | None = None, spread: dict | None = None, plateau: dict | None = None,
-               single_names=()) -> list[str]:
-    """The controller's failure signatures found, in plain words with their thresholds (empty: none)."""
+               single_names=(), images: str = HELD_OUT) -> list[str]:
+    """The controller's failure signatures found, in plain words with their thresholds (empty: none);
+    images: what the images are, in words ("held-out images" only where they are)."""
     out = []
     if spread is not None and spread["collapsed"]:
         worst = max(b["cv"] for b in spread["backbones"])
@@ -172,7 +175,7 @@ def signatures(accuracy: dict | None = None, spread: dict | None = None, plateau
         if rivals:
             best = max(rivals, key=rivals.get)
             if accuracy["NLC"] <= rivals[best]:
-                out.append(f"NLC ({accuracy['NLC']:.1f}%) is no better than {best} ({rivals[best]:.1f}%) on the held-out images")
+                out.append(f"NLC ({accuracy['NLC']:.1f}%) is no better than {best} ({rivals[best]:.1f}%) on {images}")
     if plateau is not None and plateau["early"]:
         out.append(f"NLC's training loss stopped falling early: within {100 * plateau['plateau_fraction']:.0f}% of its final "
                    f"value ({plateau['final']:.4f}, from {plateau['first']:.4f}) by step {plateau['plateau_step']} of "
@@ -181,18 +184,19 @@ def signatures(accuracy: dict | None = None, spread: dict | None = None, plateau
 
 
 def diversity_report(backbone_logits, labels, names, class_names, temperatures=None, accuracy=None,
-                     losses=None) -> dict:
-    """All figures and signatures as one JSON-serialisable dict (temperatures: the NLC's, on these images)."""
+                     losses=None, images: str = HELD_OUT) -> dict:
+    """All figures and signatures as one JSON-serialisable dict (temperatures: the NLC's, on these images;
+    images: what they are, in words: HELD_OUT for fit's eval split, eval says what its images are)."""
     names = [str(n) for n in names]
     Z, y = _check(backbone_logits, labels)
     if Z.shape[1] != len(names):
         raise ClipfuseError(f"diversity: {len(names)} names for K = {Z.shape[1]} backbones")
     spread = None if temperatures is None else temperature_spread(temperatures, Z, names)
     plateau = None if losses is None or len(losses) < 2 else loss_plateau(losses)
-    return {"num_images": int(len(y)), "names": names, "pairwise": pairwise(Z, y),
+    return {"num_images": int(len(y)), "images": images, "names": names, "pairwise": pairwise(Z, y),
             "per_backbone": per_backbone(Z, y, names), "per_class": per_class(Z, y, names, class_names),
             "temperature_spread": spread, "loss": plateau,
-            "signatures": signatures(accuracy, spread, plateau, names)}
+            "signatures": signatures(accuracy, spread, plateau, names, images)}
 
 
 # ---------------------------------------------------------------- rendering
@@ -230,7 +234,8 @@ def to_markdown(rep: dict, heatmap: str | None = None) -> str:
         else:
             lines.append(f"| {r['backbone']} | {r['accuracy']:.1f} | {r['unique_images']} | - | - | - |")
     pc = rep["per_class"]
-    lines += ["", f"Per class (classes with at least {pc['min_images']} held-out images; with fewer, one image moves "
+    images = rep.get("images", "these images")
+    lines += ["", f"Per class (classes with at least {pc['min_images']} of {images}; with fewer, one image moves "
               "a backbone's accuracy there by more than 20 points):", ""]
     if pc["classes"]:
         lines += ["| class | images | best backbone | its accuracy % | margin over the next |", "|---|---:|---|---:|---:|"]
@@ -241,14 +246,14 @@ def to_markdown(rep: dict, heatmap: str | None = None) -> str:
         lines.append(f"Distinct sole winners across classes: {len(pc['distinct_winners'])} "
                      f"({', '.join(pc['distinct_winners']) or 'none'}).")
     else:
-        lines.append("No class has enough held-out images.")
+        lines.append(f"No class has enough of {images}.")
     if pc["skipped"]:
         skipped = ", ".join(f"{s['class']} ({s['images']})" for s in pc["skipped"])
         lines.append(f"Skipped (too few images): {skipped}.")
     lines.append("")
     sp = rep.get("temperature_spread")
     if sp is not None:
-        lines += [f"NLC temperatures over the held-out images (collapse threshold: std/mean < {100 * sp['threshold_cv']:.0f}% "
+        lines += [f"NLC temperatures over {images} (collapse threshold: std/mean < {100 * sp['threshold_cv']:.0f}% "
                   "for every backbone):", "", "| backbone | mean | std | min | max | std/mean % |", "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {b['backbone']} | {b['mean']:.4f} | {b['std']:.4f} | {b['min']:.4f} | {b['max']:.4f} | {100 * b['cv']:.2f} |"
                   for b in sp["backbones"]]

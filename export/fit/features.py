@@ -131,6 +131,7 @@ class FeatureSet:
     paths: list[Path]                      # images that loaded, in input order
     features: list[np.ndarray]             # per backbone (N, D_k) float32, unit norm
     failures: list                         # runtime.images.ImageFailure for the rest
+    digests: dict = field(default_factory=dict)   # {path: sha256 of its bytes} for `paths` (the cache's image key)
 
 
 class _Tower(torch.nn.Module):
@@ -197,7 +198,7 @@ def compute_features(backbones, paths, cache: FeatureCache | None = None, batch_
     ok = [p for p in paths if all(p in f for f in per_backbone)]
     fails = [failures[p] for p in paths if p in failures]
     return FeatureSet(ok, [np.stack([f[p] for p in ok]) if ok else np.zeros((0, b.embed_dim), np.float32)
-                           for f, b in zip(per_backbone, backbones)], fails)
+                           for f, b in zip(per_backbone, backbones)], fails, {p: digests[p] for p in ok})
 
 
 def head_logits(features: np.ndarray, head) -> np.ndarray:

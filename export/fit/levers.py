@@ -54,6 +54,9 @@ from .subsets import Split, search_subsets, static_fitter
 MS, GFLOPS = "ms", "GFLOPs"
 TIMING_WARMUP, TIMING_RUNS = 3, 7
 FRONTIER_PNG = "frontier.png"
+# A cascade engine's graph holds its backbones in stage order (cheapest first, as chosen), not as given.
+REORDERED = ("the engine holds the backbones in stage order, not in the order given: the manifest's backbones and "
+             "the K axis of temperatures and backbone_logits follow the stage order")
 
 
 @dataclass
@@ -235,10 +238,11 @@ def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx):
 
 
 def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, y_ev, shot_idx, shipped,
-                 config, costs=None) -> dict:
+                 config, costs=None, shipped_row: str | None = None) -> dict:
     """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
     `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}.
-    costs: check_calibration's result when fit already ran it."""
+    costs: check_calibration's result when fit already ran it; shipped_row: what `shipped` is, in the
+    report's words (NLC, C-LOG-AVG, LOG-AVG or a backbone's name)."""
 
     names = [str(b.spec) for b in built]
     K = len(names)
@@ -266,8 +270,9 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
     block = dict(fit.to_manifest(), order_rule=rule, cost_unit=levers.cascade_cost, cum_costs=fit.cum_costs,
                  costs=cost_info, calibration=fit.calibration, test=fit.test, scores_tried=fit.scores_tried,
                  orders_tried=fit.orders_tried, config=asdict(cfg),
-                 stage_controllers=f"C-LOG-AVG fitted on the k shots for stages 1..{K - 1}; stage {K} = the shipped "
-                                   f"controller ({getattr(shipped, 'kind', '?')}), i.e. model.onnx",
+                 stage_controllers=f"C-LOG-AVG fitted on the k shots for stages 1..{K - 1}; stage {K} = the full "
+                                   f"graph model.onnx, with the controller fit chose for it "
+                                   f"({shipped_row or getattr(shipped, 'kind', '?')})",
                  calibration_images=f"{calib.size} pool images outside the shots (no labels used by the bound)")
     return {"order": order, "controllers": controllers, "fit": fit, "block": block}
 
@@ -305,7 +310,9 @@ def report_markdown(report: dict) -> str:
         th = ", ".join("never" if v is None else f"{v:.4g}" for v in c["thresholds"])
         diff = t["paired_difference"]
         lines += ["", "## Cascade", "",
-                  f"Order ({c['order_rule']}): {' -> '.join(c['order'])}; score {c['score']}; thresholds {th}.",
+                  f"Order ({c['order_rule']}): {' -> '.join(c['order'])}; score {c['score']}; thresholds {th}."
+                  + (f" {REORDERED[0].upper()}{REORDERED[1:]} ({', '.join(report['backbones'])})."
+                     if list(c["order"]) != list(report["backbones"]) else ""),
                   f"Stage controllers: {c['stage_controllers']}.",
                   f"Thresholds chosen on {c['calibration_images']}: {cal['disagreements']} disagreement(s) with the "
                   f"full ensemble, upper bound {cal['disagreement_bound']:.2f}% <= --max-drop {c['max_drop']} "

@@ -1,4 +1,4 @@
-"""`clipfuse fit` and `clipfuse eval`: few-shot NLC on labelled image folders, against every baseline.
+"""`clipfuse fit`: few-shot NLC on labelled image folders, against every baseline (eval: export/fit/evaluate.py).
 
 fit:  labelled folder -> features (cached) -> heads (zero-shot, or linear probes
       fitted on a train split) -> NLC and C-LOG-AVG on k shots per class ->
@@ -6,10 +6,9 @@ fit:  labelled folder -> features (cached) -> heads (zero-shot, or linear probes
       an engine folder whose graph holds the controller that scored best on labelled
       images it was not fitted on (NLC, C-LOG-AVG, LOG-AVG or the best single
       backbone; see export/fit/select.py), with report.md/json and the diversity
-      figures (export/fit/diversity.py) on the eval split.
-eval: the exported graph (ONNX Runtime, not the PyTorch module) on a labelled
-      folder -> the same table, from the graph's own outputs, the shipped row
-      marked, and the diversity figures. The reports' text: export/fit/report.py.
+      figures (export/fit/diversity.py) on the eval split, and the content hashes
+      of every training image (runtime/fit_images.py: eval and bench leave them out).
+      The reports' text: export/fit/report.py.
 
 Splits:
 - eval images: a separate folder (--eval) or a stratified seeded split of
@@ -22,7 +21,6 @@ Splits:
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,19 +30,17 @@ import torch
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log, progress_shown, step, warn
-from clipfuse.runtime.backends.registry import open_backend
-from clipfuse.runtime.images import iter_batches
-from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.fit_images import FIT_IMAGES, fit_images_json
 
-from ..data import sample_k_shot, scan_labelled_folder, seeded_split
+from ..data import check_same_classes, sample_k_shot, scan_labelled_folder, seeded_split
 from ..graph import backbones as bb, heads as hd
 from ..graph.engine import export_engine
 from ..graph.engine_folder import check_output_folder
-from ..graph.fused import load_controller, save_controller
+from ..graph.fused import save_controller
 from ..graph.heads import LINEAR_PROBE, Head
 from . import baselines, diversity as dv, levers as fl, nlc, select, study
 from .features import FeatureCache, compute_features, head_logits
-from .report import HEATMAP, heatmap_bytes, render_report, write_eval_report
+from .report import HEATMAP, heatmap_bytes, render_report
 
 SPLIT_SEED = 0
 STATIC = "static.safetensors"
@@ -92,20 +88,6 @@ def fit_linear_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
     return Head(torch.tensor(W, dtype=torch.float32), torch.tensor(b, dtype=torch.float32), LINEAR_PROBE)
 
 
-def _check_same_classes(names_a, names_b, what_a: str, what_b: str) -> None:
-    if list(names_a) != list(names_b):
-        only_a = sorted(set(names_a) - set(names_b))
-        only_b = sorted(set(names_b) - set(names_a))
-        detail = []
-        if only_a:
-            detail.append(f"only in {what_a}: {', '.join(only_a[:5])}")
-        if only_b:
-            detail.append(f"only in {what_b}: {', '.join(only_b[:5])}")
-        if not detail:
-            detail.append("same names in another order")
-        raise ClipfuseError(f"classes of {what_a} do not match {what_b} ({'; '.join(detail)})")
-
-
 def _select(fs, paths):
     """Rows of a FeatureSet for `paths` (all of which loaded)."""
     index = {p: i for i, p in enumerate(fs.paths)}
@@ -139,7 +121,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     paths, labels, class_names = scan_labelled_folder(data, classes)
     if eval_data is not None:
         ev_paths, ev_labels, ev_names = scan_labelled_folder(eval_data, classes)
-        _check_same_classes(ev_names, class_names, f"--eval {eval_data}", f"--data {data}")
+        check_same_classes(ev_names, class_names, f"--eval {eval_data}", f"--data {data}")
     if head == hd.ZERO_SHOT:
         templates = hd.parse_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)
     C = len(class_names)
@@ -173,6 +155,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             raise ClipfuseError(f"class {class_names[c]!r} has no readable training image left")
 
     tr_feats, ev_feats = _select(fs, paths), _select(fs, ev_paths)
+    fit_images = fit_images_json(fs.digests[p] for p in paths)     # probes' and controller pool's, not eval's
     # Heads: zero-shot from the text towers, or probes on a disjoint split of the training pool.
     if head == hd.ZERO_SHOT:
         heads = []
@@ -213,9 +196,12 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if levers.cascade:                 # refuse too few calibration images before any fitting
         cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
                                              sample_k_shot(y_pool, shots, seed, num_classes=C))
-    with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}"):
-        study_table = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
-                              seeds=study_seeds, config=config, class_names=class_names)
+    alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
+    study_table = None
+    if not alone:
+        with step(f"study: NLC vs baselines, k in {ok_shots}, seeds {list(study_seeds)}"):
+            study_table = study.run_study(X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, names, shots=ok_shots,
+                                          seeds=study_seeds, config=config, class_names=class_names)
     # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
     idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
     from dataclasses import replace
@@ -230,25 +216,28 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         with torch.no_grad():
             losses.append(float(torch.nn.functional.cross_entropy(nlc.fuse(module(Xs), Zs), ys)))
 
-    controller_nlc = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg, on_step=record)
-    with step(f"choosing the controller to ship (--controller {controller})"):
-        choice = select.choose(X_pool, Z_pool, y_pool, names, shots, seed, run_cfg, forced=controller)
+    if alone:
+        controller_nlc, choice = None, select.alone(names[0], controller)
+    else:
+        controller_nlc = nlc.fit_nlc(X_pool[idx], Z_pool[idx], y_pool[idx], run_cfg, on_step=record)
+        with step(f"choosing the controller to ship (--controller {controller})"):
+            choice = select.choose(X_pool, Z_pool, y_pool, names, shots, seed, run_cfg, forced=controller)
     shipped_module = select.shipped_controller(choice, names, static, controller_nlc)
     shipped = baselines.evaluate(X_ev, Z_ev, ev_labels, names, static=static, nlc=controller_nlc)
     log(f"shipping {choice['row']}: {choice['reason']}")
 
-    div = dv.diversity_report(Z_ev, ev_labels, names, class_names,
-                              temperatures=nlc.controller_temperatures(controller_nlc, X_ev), accuracy=shipped, losses=losses)
+    div = dv.diversity_report(Z_ev, ev_labels, names, class_names, **({} if alone else dict(
+        temperatures=nlc.controller_temperatures(controller_nlc, X_ev), accuracy=shipped, losses=losses)))
     for line in div["signatures"]:
         warn(f"warning: {line}")
     heat = heatmap_bytes(div)
-    same_draws = identical_draws(y_pool, C, ok_shots, study_seeds)
+    same_draws = [] if alone else identical_draws(y_pool, C, ok_shots, study_seeds)
 
     cascade = None
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
         with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})"):
             plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                   shipped_module, run_cfg, costs=cascade_costs)
+                                   shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"])
         order, dims = plan["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
         static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))
@@ -257,6 +246,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         lever_report["cascade"] = plan["block"]
         log(f"cascade: {' -> '.join(plan['block']['order'])}, eval exit rates "
             f"{[round(r, 3) for r in plan['block']['test']['exit_rates']]}")
+        if list(plan["block"]["order"]) != names:
+            log(f"cascade: {fl.REORDERED} ({', '.join(names)})")
     report = {
         "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
         "head": head, "classes": class_names, "backbones": names,
@@ -283,20 +274,25 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         lever_report["budget"]["plot"] = fl.FRONTIER_PNG if isinstance(frontier, bytes) else frontier
     md = render_report(report) + fl.report_markdown(report)
     extra = {REPORT_MD: md, REPORT_JSON: json.dumps(report, indent=2) + "\n",
-             STATIC: lambda p: save_controller(static, p), NLC_FILE: lambda p: save_controller(controller_nlc, p)}
+             STATIC: lambda p: save_controller(static, p), FIT_IMAGES: fit_images}
+    if controller_nlc is not None:
+        extra[NLC_FILE] = lambda p: save_controller(controller_nlc, p)
     if isinstance(heat, bytes):
         extra[HEATMAP] = heat
     if isinstance(frontier, bytes):
         extra[fl.FRONTIER_PNG] = frontier
     fit_info = {"fit": {"data": str(data), "shots": shots, "seed": seed, "head": head,
-                        "accuracy": shipped, "static_file": STATIC, "nlc_file": NLC_FILE, "report": REPORT_MD,
+                        "accuracy": shipped, "static_file": STATIC, "report": REPORT_MD,
+                        "nlc_file": NLC_FILE if controller_nlc is not None else None,
+                        "images_file": FIT_IMAGES,
                         "shipped": {k: choice[k] for k in ("method", "row", "backbone", "reason")}}}
     if "budget" in lever_report:
         fit_info["budget"] = {k: lever_report["budget"][k] for k in ("budget", "unit", "chosen", "costs")}
     result = export_engine(built, class_names, out, templates=templates if head == hd.ZERO_SHOT else None,
                            force=force, heads=heads, controller=shipped_module,
                            extra_files=extra, extra_manifest=fit_info, cascade=cascade)
-    log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {choice['row']} (report.md says why)")
+    ships = f"a cascade whose last stage holds {choice['row']}" if cascade else choice["row"]
+    log(f"fit + export in {time.perf_counter() - t0:.0f} s; the engine ships {ships} (report.md says why)")
     return result, report
 
 
@@ -309,56 +305,3 @@ def identical_draws(y_pool, num_classes: int, shots, seeds) -> list[int]:
         if len(seeds) > 1 and len(draws) == 1:
             same.append(int(k))
     return same
-
-
-def eval_engine(engine, data, classes=None, batch_size: int = 32, report_dir=None) -> dict:
-    """Accuracy of every method from the exported graph's own outputs on a labelled folder, the row the
-    engine ships marked, and the diversity figures; report_dir: also write eval.md, eval.json, diversity.png."""
-
-    m = read_manifest(engine)
-    paths, labels, names = scan_labelled_folder(data, classes)
-    _check_same_classes(names, m.classes, f"--data {data}", f"engine {engine}")
-    # The runtime's own ONNX Runtime backend (its measured session options): eval scores what predict serves.
-    backend = open_backend(m, "onnxruntime")
-    outs = {"backbone_logits": [], "logits": [], "temperatures": [], "features": []}
-    kept, failures = [], []
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(paths), desc="eval", unit="img", disable=not progress_shown(), file=sys.stderr)
-    label_of = dict(zip(paths, labels))
-    for batch in iter_batches(paths, m.preprocess_specs(), batch_size=batch_size):
-        failures += batch.failures
-        if batch.paths:
-            res = backend.infer(batch.inputs)
-            for k in outs:
-                outs[k].append(res[k])
-            kept += batch.paths
-        bar.update(len(batch.paths) + len(batch.failures))
-    bar.close()
-    backend.close()
-    if not kept:
-        raise ClipfuseError(f"no readable image in {data}")
-    y = np.array([label_of[p] for p in kept])
-    Z, X = np.concatenate(outs["backbone_logits"]), np.concatenate(outs["features"])
-    fused = np.concatenate(outs["logits"])
-    T = np.concatenate(outs["temperatures"])
-    side = {f: load_controller(m.folder / f) if (m.folder / f).is_file() else None for f in (STATIC, NLC_FILE)}
-    acc = baselines.evaluate(X, Z, y, m.backbone_names, static=side[STATIC], nlc=side[NLC_FILE])
-    kind = m.data.get("controller", {}).get("kind", "constant")
-    shipped = m.data.get("fit", {}).get("shipped", {}).get("row") or ("NLC" if kind == "nlc" else f"ENGINE ({kind})")
-    engine_acc = float(100.0 * np.mean(fused.argmax(-1) == y))
-    ordered = {}
-    for name, v in acc.items():
-        if name == "ORACLE" and shipped not in acc:
-            ordered[shipped] = engine_acc
-        ordered[name] = engine_acc if name == shipped else v     # the shipped row: the graph's own number
-    # Collapse is a property of an NLC: the graph's temperatures if it ships one, else the saved one's.
-    temps = T if kind == "nlc" else (nlc.controller_temperatures(side[NLC_FILE], X) if side[NLC_FILE] is not None else None)
-    div = dv.diversity_report(Z, y, m.backbone_names, m.classes, temperatures=temps, accuracy=ordered)
-    result = {"engine": str(m.folder), "data": str(data), "num_images": int(len(y)), "accuracy": ordered,
-              "shipped": shipped, "engine_accuracy": engine_acc, "diversity": div,
-              "unreadable_images": [{"path": str(f.path), "reason": f.reason} for f in failures],
-              "predictions": fused.argmax(-1).tolist(), "paths": [str(p) for p in kept], "temperatures": T.tolist()}
-    if report_dir is not None:
-        result["report"] = write_eval_report(result, Path(report_dir))
-    return result

@@ -125,6 +125,16 @@ def choose(X_pool, Z_pool, y_pool, names, shots: int, seed: int, config, forced:
             "auto_choice": auto, "forced": forced != "auto", "reason": reason}
 
 
+def alone(name: str, forced: str = "auto") -> dict:
+    """choose()'s answer when one backbone is left (a budget that fits only it): it ships alone; there is no
+    ensemble for a controller to weigh, so none is fitted, studied or chosen."""
+    why = ("the budget leaves one backbone, so it ships alone: there is no ensemble for a controller to weigh "
+           "(no controller is fitted, studied or chosen)")
+    return {"method": "single", "row": name, "backbone": name, "best_single": name, "mode": "one backbone",
+            "folds": 0, "held_out": 0, "scores": None, "auto_choice": "single", "forced": False,
+            "reason": why + (f"; --controller {forced} has nothing to weigh" if forced != "auto" else "")}
+
+
 def _label(method: str, single: str) -> str:
     return single if method == "single" else ROW[method]
 

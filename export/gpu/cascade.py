@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import torch
 
 from clipfuse.core import iospec
 from clipfuse.runtime.backends.sessions import open_session, session_options

@@ -177,7 +177,7 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
     feature_dim = sum(b.embed_dim for b in built)
     inputs, outputs = iospec.io_spec([b.image_size for b in built], len(built), len(classes), feature_dim)
 
-    with step(f"[{next(done)}/{total}] exporting the fused graph ({len(built)} backbones, opset {opset})"):
+    with step(f"[{next(done)}/{total}] exporting the fused graph ({len(built)} backbone{'s' if len(built) != 1 else ''}, opset {opset})"):
         onnx_info = export_onnx(fused, tmp / MODEL_ONNX, opset=opset)
     with step(f"[{next(done)}/{total}] validating: onnx.checker + ONNX Runtime vs PyTorch at batch 1 and 4 on "
               "real photographs"):

@@ -30,8 +30,10 @@ import numpy as np
 
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import step
+from clipfuse.core.log import log, step
+from clipfuse.runtime.fit_images import fit_image_digests
 from clipfuse.runtime.images import collect_images, preprocess_paths
+from clipfuse.runtime.manifest import sha256_file
 
 from ..graph.islands import FEATURE_NORM_OP
 from .fp16 import ancestor_nodes
@@ -45,14 +47,17 @@ MIN_IMAGES = 32                 # fewer than this and the activation ranges are 
 # ----------------------------------------------------------------------------- calibration data
 
 def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int = 8,
-                      min_images: int = MIN_IMAGES, what: str = "calibration folder") -> list[dict[str, np.ndarray]]:
+                      min_images: int = MIN_IMAGES, what: str = "calibration folder",
+                      leave_out_fit: bool = False) -> list[dict[str, np.ndarray]]:
     """Calibration batches {input_name: uint8 (n, 3, R, R)} from the images in `folder`.
 
     Up to `count` images, evenly spaced over the folder's sorted list (so a folder sorted by class
     is not calibrated on its first class only), through runtime/images.py's loading and host
     preprocessing. Refuses, one line each: a missing, unreadable or empty folder; fewer than
     `min_images` readable images (naming a failure when some could not be read). `what` names the folder
-    in those messages (the int8 cascade's --cascade-images reads its folder here too).
+    in those messages (the int8 cascade's --cascade-images reads its folder here too). leave_out_fit: leave
+    out, with a warning, the images the engine was fitted on (runtime/fit_images.py): the int8 cascade's
+    thresholds certified on them would exit too early on new images.
     """
 
     folder = Path(folder)
@@ -66,6 +71,8 @@ def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int =
         raise ClipfuseError(f"{what} {str(folder)!r} cannot be read (permission denied); "
                             "fix its permissions")
     paths = collect_images([folder])                 # ClipfuseError when it holds no image files
+    if leave_out_fit:
+        paths = _without_fit_images(manifest, paths, folder, what)
     if len(paths) > count:
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
     ok, inputs, failures = preprocess_paths(paths, manifest.preprocess_specs(), batch_size=batch)
@@ -76,6 +83,21 @@ def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int =
                             f"need at least {min_images}{why}; add more images")
     n = len(ok)
     return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)]
+
+
+def _without_fit_images(manifest, paths: list, folder, what: str) -> list:
+    fit = fit_image_digests(manifest)
+    if not fit:
+        return paths
+    rest = [p for p in paths if sha256_file(p) not in fit]
+    if len(rest) < len(paths):
+        log(f"warning: {len(paths) - len(rest)} of the {len(paths)} images of the {what} {str(folder)!r} are images "
+            "the engine was fitted on, which its heads and controller answer over-confidently: left out of the "
+            f"cascade's threshold certification ({len(rest)} remain)", tag="int8")
+    if not rest:
+        raise ClipfuseError(f"every image of the {what} {str(folder)!r} is one the engine was fitted on, so none can "
+                            "certify the int8 cascade's thresholds; give --cascade-images DIR with images it has not seen")
+    return rest
 
 
 def feeds_sha256(feeds: list[dict[str, np.ndarray]]) -> str:

@@ -39,7 +39,6 @@ from .calibrate import (
     QUANT_OPS,
     backbone_towers,
     calibrate_ranges,
-    calibration_feeds,
     feeds_images,
     feeds_sha256,
     muted_root_logger,

@@ -77,7 +77,7 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         feeds = calibration_feeds(m, calibration, count)
         if is_cascade(m):        # read now: a bad folder is refused before the slow steps
             certify_folder = calibration if cascade_images is None else cascade_images
-            certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1,
+            certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1, leave_out_fit=True,
                                         what="calibration folder" if cascade_images is None else "--cascade-images folder")
     records = {}
     with update_engine_folder(m.folder, what=MODEL_INT8) as update:

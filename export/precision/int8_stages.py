@@ -19,7 +19,8 @@ New thresholds: int8 moves every stage's confidence, so fp32's bound no longer d
 stages. They are certified again (export/thresholds.py certify_thresholds, the fit's order and score
 kept) against the int8 full ensemble, on `--cascade-images DIR` or the calibration folder (up to
 CERTIFY_MAX, evenly spaced). They must not be images the heads or controller were fitted on: a probe
-answers its own training images over-confidently (measured: docs/decisions.md, "int8 cascade stages").
+answers its own training images over-confidently (measured: docs/decisions.md, "int8 cascade stages");
+those the fit recorded (runtime/fit_images.py) are left out with a warning.
 The int8 cascade's loss against fp32 is at most the int8 graph's plus the cascade's. With `--data`, its
 accuracy is reported beside both full ensembles as paired differences.
 

@@ -77,13 +77,15 @@ HEAVY = ("torch", "open_clip", "tensorrt", "openvino", "pytriton", "tritonclient
 # export/ lazily because export/ imports torch and open_clip at its top (so `clipfuse --help`, the
 # ONNX Runtime path and the bench's timing workers never load them). Each target is checked heavy below.
 ALLOWED_INNER = {
+    ("clipfuse.api", "clipfuse.export.fit.evaluate"),
     ("clipfuse.api", "clipfuse.export.fit.levers"),
     ("clipfuse.api", "clipfuse.export.graph.backbones"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.backbones"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.heads"),
-    ("clipfuse.bench.run", "clipfuse.export.fit.pipeline"),
+    ("clipfuse.bench.run", "clipfuse.export.fit.evaluate"),
     ("clipfuse.bench.run", "clipfuse.bench.gpu"),
+    ("clipfuse.cli.build", "clipfuse.export.fit.evaluate"),
     ("clipfuse.cli.build", "clipfuse.export.fit.pipeline"),
     ("clipfuse.cli.build", "clipfuse.export.fit.report"),
     ("clipfuse.cli.build", "clipfuse.export.graph.engine"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -232,8 +233,9 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
     from clipfuse.bench.cascade_exits import bench_cascade, format_cascade
 
     m = read_manifest(cascade_engine[0])
-    c = bench_cascade(m, data, batches=(1, 8), settle=0.0)
+    c = bench_cascade(m, data, batches=(1, 8), settle=0.0, include_fit_images=True)
     assert c["images"] == 24 and set(c["latency"]) == {"1", "8"}
+    assert c["fit_images"] == {"images_given": 24, "fit_images": 16, "left_out": False}
     for x in c["latency"].values():
         assert x["cascade"]["calls"] > 0 and abs(sum(x["exit_rates"]) - 1) < 1e-9
     assert c["paired_difference"]["n"] == 24 and 0 <= c["accuracy_cascade"]["value"] <= 100
@@ -241,6 +243,100 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
     assert c["curve"][-1]["exit_rates"][-1] == 1.0
     assert abs(c["curve"][-1]["accuracy"] - c["accuracy_full"]["value"]) < 1e-9
     assert "## Cascade" in "\n".join(format_cascade(c))
+
+
+def test_bench_leaves_out_the_fit_images(cascade_engine, data, tmp_path):
+    """issue 23.1: bench --data on the fit's own folder scores (accuracy table and cascade) only the images the
+    engine was not fitted on, and bench.md says how many it left out; --include-fit-images keeps them."""
+    from clipfuse.bench.run import run_bench
+
+    fast = dict(batches=(1,), runs=1, warmup=0, torch=False, memory=False, profile=False, singles=False,
+                settle=0.0)
+    r = run_bench(cascade_engine[0], data=data, out=tmp_path / "b", **fast)
+    assert r["accuracy"]["num_images"] == 8 and r["cascade"]["images"] == 8
+    assert r["accuracy"]["fit_images"] == r["cascade"]["fit_images"] == {"images_given": 24, "fit_images": 16,
+                                                                           "left_out": True}
+    md = (tmp_path / "b" / "bench.md").read_text()
+    assert md.count("16 of the 24 images are images the engine was fitted on: left out") == 2, md
+    r = CliRunner().invoke(cli, ["bench", str(cascade_engine[0]), "-d", str(data), "--batch", "1", "--runs", "1",
+                                 "--warmup", "0", "--no-torch", "--no-memory", "--settle-ms", "0", "-o",
+                                 str(tmp_path / "c"), "--include-fit-images", "-q"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "c" / "bench.json").read_text())
+    assert res["accuracy"]["num_images"] == res["cascade"]["images"] == 24
+    assert "--include-fit-images" in res["command"]
+    assert "scored anyway (--include-fit-images)" in (tmp_path / "c" / "bench.md").read_text()
+
+
+def test_eval_scores_the_cascade_that_predict_answers(cascade_engine, data):
+    """issue 23.4: on a cascade engine eval's shipped row is the cascade, with its exit rates, equal to predict's
+    answers image by image; the full graph (model.onnx) is the row beside it, equal to predict --no-cascade."""
+    import clipfuse
+    from clipfuse.export.fit.evaluate import eval_engine
+    from clipfuse.export.fit.report import format_eval
+
+    folder, report, _ = cascade_engine
+    res = eval_engine(folder, data, include_fit_images=True)
+    classes = read_manifest(folder).classes
+    paths = res["paths"]
+    with clipfuse.load(folder, batch_size=5) as p:
+        routed = p.predict(paths)
+    with clipfuse.load(folder, cascade=False) as p:
+        full = p.predict(paths)
+    assert res["shipped"] == "cascade" and res["full_graph"] == report["shipped"]["row"]
+    assert res["predictions"] == [classes.index(x.label) for x in routed]
+    assert res["cascade"]["stages"] == [x.stage for x in routed]
+    assert res["full_graph_predictions"] == [classes.index(x.label) for x in full]
+    y = np.array([classes.index(Path(q).parent.name) for q in paths])
+    assert res["accuracy"]["cascade"] == pytest.approx(100 * np.mean(np.array(res["predictions"]) == y))
+    assert res["accuracy"][res["full_graph"]] == res["full_graph_accuracy"] == pytest.approx(
+        100 * np.mean(np.array(res["full_graph_predictions"]) == y))
+    stages = np.array(res["cascade"]["stages"])
+    assert res["cascade"]["exit_rates"] == pytest.approx([np.mean(stages == s) for s in (1, 2, 3)])
+    text = format_eval(res)
+    assert "| cascade (shipped) |" in text and f"| {res['full_graph']} (full graph, model.onnx) |" in text
+    assert "exit rates stage 1 " in text and "is what `clipfuse predict` answers" in text
+
+
+def test_report_says_one_thing_about_what_ships(cascade_engine):
+    """issue 23.4 and 23.7: a cascade engine's report.md ships the cascade, whose last stage (model.onnx) holds the
+    chosen controller, in the stage order the manifest holds; where that is not the order given, it says so."""
+    from clipfuse.export.fit.levers import REORDERED
+
+    folder, report, _ = cascade_engine
+    md = (folder / "report.md").read_text()
+    order, row = report["cascade"]["order"], report["shipped"]["row"]
+    assert f"## What ships: a cascade, {' -> '.join(order)}" in md and f"## What ships: {row}\n" not in md
+    assert f"The last stage is the full graph, model.onnx (what `predict --no-cascade` answers): it holds {row}." in md
+    assert f"stage 3 = the full graph model.onnx, with the controller fit chose for it ({row})" in md
+    assert "| cascade (shipped) |" in md and f"| {row} (last stage, model.onnx) |" in md and f"| {row} (shipped) |" not in md
+    assert read_manifest(folder).backbone_names == order
+    assert (REORDERED[1:] in md) == (order != list(TINY))
+
+
+def test_a_budget_that_keeps_one_backbone_fits_no_controller(data, tmp_path, capsys):
+    """issue 23.7: one backbone left by the budget ships alone: no NLC study or fit, no controller warnings, and
+    the export says "1 backbone"; eval still scores it."""
+    from clipfuse.export.fit.evaluate import eval_engine
+    from clipfuse.export.graph.backbones import load_backbone
+
+    gflops = {b: load_backbone(b).info["gflops"] for b in TINY}
+    cheapest = min(gflops, key=gflops.get)
+    result, report = fit_engine(TINY, data, tmp_path / "eng", cache_dir=tmp_path / "cache",
+                                levers=Levers(budget=gflops[cheapest] * 1.0001, budget_unit="GFLOPs"),
+                                **FAST)
+    err = capsys.readouterr().err
+    assert report["backbones"] == [cheapest] and report["study"] is None and report["shipped"]["row"] == cheapest
+    assert "study:" not in err and "warning:" not in err and "choosing the controller" not in err, err
+    assert "exporting the fused graph (1 backbone, opset" in err
+    assert report["diversity"]["signatures"] == [] and report["loss_curve"] == []
+    m = read_manifest(result.folder)
+    assert "nlc.safetensors" not in m.data["artefacts"] and m.data["fit"]["shipped"]["method"] == "single"
+    md = (result.folder / "report.md").read_text()
+    assert f"## What ships: {cheapest}" in md and "No study of NLC" in md and "NLC" not in md.split("## Budget")[0].replace(
+        "No study of NLC", "")
+    res = eval_engine(result.folder, data, quiet=True)
+    assert res["shipped"] == cheapest and res["accuracy"][cheapest] == res["engine_accuracy"]
 
 
 def test_budget_fit_holds_the_chosen_subset(data, tmp_path):

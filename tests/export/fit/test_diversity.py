@@ -70,7 +70,10 @@ def test_per_class_specialisation_and_its_minimum(world):
     assert c0["best"] == ["B"] and c0["margin"] == pytest.approx(20.0)
     few = dv.per_class(Z[:8], y[:8], names, ["c0", "c1", "c2", "c3"])
     assert not few["classes"] and [s["images"] for s in few["skipped"]] == [2, 2, 2, 2]
-    assert "at least 5 held-out images" in dv.to_markdown(dv.diversity_report(Z, y, names, ["c0", "c1", "c2", "c3"]))
+    assert "at least 5 of the held-out images" in dv.to_markdown(dv.diversity_report(Z, y, names, ["c0", "c1", "c2", "c3"]))
+    # "held-out" only where true: eval names what its images are (issue 23.1)
+    text = dv.to_markdown(dv.diversity_report(Z, y, names, ["c0", "c1", "c2", "c3"], images="these images"))
+    assert "at least 5 of these images" in text and "held-out" not in text
 
 
 def test_collapse_warning_when_the_controller_is_constant_and_not_when_it_varies():

@@ -9,7 +9,8 @@ from conftest import TINY
 from imagefactory import make_labelled_folder as make_folder
 
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.export.fit.pipeline import eval_engine, fit_engine
+from clipfuse.export.fit.evaluate import eval_engine
+from clipfuse.export.fit.pipeline import fit_engine
 from clipfuse.runtime.manifest import read_manifest
 
 STUDY = dict(study_shots=(1, 2), study_seeds=(0, 1))
@@ -61,7 +62,7 @@ def test_eval_on_the_graph_reproduces_the_pytorch_path(fitted, data):
     from clipfuse.export.graph.heads import load_heads
 
     folder, report, base = fitted
-    res = eval_engine(folder, data)
+    res = eval_engine(folder, data, include_fit_images=True)
     assert res["num_images"] == 24
     bbs = [load_backbone(b) for b in TINY[:2]]
     cache = FeatureCache(base / "cache")
@@ -189,7 +190,7 @@ def test_cli_fit_eval_and_reexport(tmp_path, data):
     r = CliRunner().invoke(cli, ["eval", str(out), "-d", str(data), "-q", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
-    assert res["num_images"] == 24 and "NLC" in res["accuracy"] and res["shipped"] == "NLC"
+    assert res["num_images"] == 8 and "NLC" in res["accuracy"] and res["shipped"] == "NLC"     # the 16 fit images left out
     r = CliRunner().invoke(cli, ["eval", str(out), "-d", str(data), "-q", "--report", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
     assert "| NLC (shipped) |" in r.stdout and "Cohen's kappa" in r.stdout and "Failure signatures" in r.stdout
@@ -279,3 +280,68 @@ def test_identical_draws_are_detected_and_footnoted():
                         "identical_draws": [2], "study": study,
                         "shipped": {"shots": 1, "seed": 0, "accuracy": {"NLC": 50.0}, "row": "NLC", "reason": "r"}})
     assert "| 1-shot | 2-shot † |" in md and "† every seed drew the same shots at k = 2" in md
+
+
+def test_eval_leaves_out_the_images_the_engine_was_fitted_on(fitted, data, tmp_path):
+    """issue 23.1: fit records its training images' content hashes (a hashed artefact the runtime reads); eval on
+    the fit's own folder scores only the others and says how many it left out; --include-fit-images keeps them;
+    "held-out" is said only where true; a folder of fit images alone is refused in one line."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from clipfuse.cli.main import cli
+    from clipfuse.runtime.fit_images import fit_image_digests
+    from clipfuse.runtime.manifest import sha256_file
+
+    folder, report, _ = fitted
+    m = read_manifest(folder)                          # verifies fit_images.json's sha256 like every artefact
+    assert m.data["fit"]["images_file"] in m.data["artefacts"]
+    digests = fit_image_digests(m)
+    assert len(digests) == report["num_train_pool"] == 16
+    res = eval_engine(folder, data)
+    assert res["num_images"] == report["num_eval"] == 8
+    assert res["fit_images"] == {"images_given": 24, "fit_images": 16, "left_out": True}
+    assert not any(sha256_file(p) in digests for p in res["paths"])
+    # scored on the eval split alone, eval reproduces the fit report's figure for it
+    assert res["accuracy"]["NLC"] == pytest.approx(report["shipped"]["accuracy"]["NLC"])
+    assert res["diversity"]["images"] == "images the engine was not fitted on"
+    both = eval_engine(folder, data, include_fit_images=True)
+    assert both["num_images"] == 24 and both["fit_images"]["left_out"] is False and both["fit_images"]["fit_images"] == 16
+    assert "held-out" not in both["diversity"]["images"]
+
+    r = CliRunner().invoke(cli, ["eval", str(folder), "-d", str(data)])
+    assert r.exit_code == 0, r.output
+    assert "16 of the 24 images are images the engine was fitted on: left out, so the figures are on the other 8" in r.stdout
+    assert "warning: --data" in r.stderr and "held-out" not in r.stdout
+    r = CliRunner().invoke(cli, ["eval", str(folder), "-d", str(data), "--include-fit-images", "-q"])
+    assert r.exit_code == 0, r.output
+    assert ": 24 images" in r.stdout and "scored anyway (--include-fit-images): the figures are biased upwards" in r.stdout
+    assert "held-out" not in r.stdout
+
+    only_fit = tmp_path / "fit-only"
+    for p in sorted(data.rglob("*.jpg")):
+        if sha256_file(p) in digests:
+            (only_fit / p.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, only_fit / p.parent.name / f"copy-{p.name}")     # renamed: known by content
+    r = CliRunner().invoke(cli, ["eval", str(folder), "-d", str(only_fit), "-q"])
+    assert r.exit_code == 1 and "every one of the 16 images" in r.output and "--include-fit-images" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_what_ships_reconciles_a_rival_that_scores_as_well_on_eval():
+    """issue 23.7: "What ships: NLC" beside "NLC is no better than C-LOG-AVG" on the eval split says why it ships."""
+    from clipfuse.export.fit.report import _what_ships
+
+    def report(acc, forced=False):
+        return {"shipped": {"row": "NLC", "reason": "NLC scored best on the pool.", "accuracy": acc,
+                            "selection": {"forced": forced}}, "num_eval": 9, "backbones": ["A", "B"]}
+
+    tie = "\n".join(_what_ships(report({"A": 20.0, "B": 10.0, "C-LOG-AVG": 33.3, "NLC": 33.3, "ORACLE": 60.0})))
+    assert "## What ships: NLC" in tie
+    assert "On the eval split C-LOG-AVG (33.3%) scores at least as well as NLC (33.3%). NLC ships all the same" in tie
+    assert "one image moves an accuracy by 11.1 points" in tie
+    better = "\n".join(_what_ships(report({"A": 20.0, "B": 10.0, "C-LOG-AVG": 30.0, "NLC": 33.3, "ORACLE": 60.0})))
+    assert "at least as well" not in better
+    forced = "\n".join(_what_ships(report({"A": 40.0, "B": 10.0, "C-LOG-AVG": 30.0, "NLC": 33.3}, forced=True)))
+    assert "A (40.0%) scores at least as well as NLC" in forced and "ships because --controller asked for it" in forced

@@ -163,7 +163,7 @@ def test_bench_measures_the_int8_cascade(int8_cascade, data):
     m = read_manifest(int8_cascade)
     c = bench_cascade(m, data, batches=(1,), settle=0.0, precision="int8")
     assert c["precision"] == "int8" and c["thresholds"] == m.data["precisions"]["int8"]["cascade"]["thresholds"]
-    assert c["images"] == 24 and abs(sum(c["latency"]["1"]["exit_rates"]) - 1) < 1e-9
+    assert c["images"] == 8 and abs(sum(c["latency"]["1"]["exit_rates"]) - 1) < 1e-9      # the 16 fit images left out
     assert "int8 stages against int8's full graph" in "\n".join(format_cascade(c))
 
 
@@ -267,6 +267,33 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
         assert r.exit_code == 1 and expect in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = _cli("export", folder, "--cascade-images", other)
     assert r.exit_code == 1 and "--precision int8 only" in r.output
+
+
+def test_the_fits_own_images_are_left_out_of_the_certification(int8_cascade, calib_dir, data, tmp_path):
+    """issue 23.1: the engine's fit images (answered over-confidently) are left out of the int8 thresholds'
+    certification with a warning saying how many; a folder of nothing else is refused in one line."""
+    from clipfuse.runtime.fit_images import fit_image_digests
+    from clipfuse.runtime.manifest import sha256_file
+
+    folder = tmp_path / "engine"
+    shutil.copytree(int8_cascade, folder)
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
+             "--cascade-images", data)
+    assert r.exit_code == 0, r.output
+    assert ("warning: 16 of the 24 images of the --cascade-images folder" in r.output
+            and "left out of the cascade's threshold certification (8 remain)" in r.output), r.output
+    rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
+    assert rec["certified_on"]["images"] == rec["calibration"]["n"] == 8
+    only_fit = tmp_path / "fit-only"
+    only_fit.mkdir()
+    digests = fit_image_digests(read_manifest(folder))
+    for i, p in enumerate(sorted(data.rglob("*.jpg"))):
+        if sha256_file(p) in digests:
+            shutil.copy2(p, only_fit / f"{i}.jpg")
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
+             "--cascade-images", only_fit, "-q")
+    assert r.exit_code == 1 and "is one the engine was fitted on" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
