@@ -36,7 +36,8 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
 from clipfuse.runtime.manifest import MANIFEST, sha256_file
 
-from .folder_swap import STAGE_PREFIX, check_foreign, clean_leftovers, is_engine_folder, swap_in, temp_prefix
+from .folder_swap import (BACKUP, JOURNAL, STAGE_PREFIX, check_foreign, clean_leftovers, is_engine_folder, swap_in,
+                          temp_prefix)
 
 SUBFOLDERS = (iospec.STAGE_DIR,)           # subfolders whose files an update may add (a cascade's stages/)
 # errors that say "this folder cannot take the write", as opposed to a bug: one line, not a traceback
@@ -212,7 +213,10 @@ def hash_artefacts(folder: Path, names=None) -> dict:
     return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
 
 
-_before_swap = None     # tests set a callable: run between the swap's two renames (where a kill would land)
+# tests set these callables to stop a writer where a kill would land: between the swap's two renames,
+# and between an update's file renames and its manifest
+_before_swap = None
+_before_manifest = None
 
 
 @contextmanager
@@ -249,6 +253,13 @@ def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
             raise
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 class EngineUpdate:
     """Files staged for an existing engine folder, and the manifest edits that go with them."""
 
@@ -277,12 +288,22 @@ class EngineUpdate:
         for name in names:
             fsync_file(self.stage / name)
         artefacts = hash_artefacts(self.stage, names)
+        # A kill from here to the manifest leaves new files under old records: keep the old files (hard
+        # links) and a journal in the stage, so the next writer puts the old pair back (folder_swap.py
+        # roll_back); readers meanwhile set that precision aside (runtime/precisions.py set_aside).
+        for name in names:
+            if (self.folder / name).is_file():
+                (self.stage / BACKUP / name).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(self.folder / name, self.stage / BACKUP / name)
+        write_file_atomic(self.stage / JOURNAL, json.dumps({"names": names, "removed": self.removed}))
         # data files first, graphs next, the manifest last: until the manifest names them, read_manifest
         # ignores the new files, and the old manifest still verifies the old ones
         for name in sorted(names, key=lambda n: (not n.endswith(".data"), n)):
             os.chmod(self.stage / name, 0o644)
             (self.folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.stage / name, self.folder / name)
+        if _before_manifest is not None:
+            _before_manifest()
         data = json.loads((self.folder / MANIFEST).read_text())
         data["artefacts"].update(artefacts)
         for name in self.removed:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
-from clipfuse.runtime.manifest import MANIFEST
+from clipfuse.runtime.manifest import MANIFEST, sha256_file
 
 STAGE_PREFIX = ".clipfuse.tmp-"          # staging folder inside an engine folder (added files)
+JOURNAL, BACKUP = ".commit.json", ".old"     # in a stage: what a commit moves in, and the files it replaces
 
 
 def temp_prefix(folder: Path) -> str:
@@ -122,6 +123,36 @@ def swap_in(tmp: Path, out: Path, keep: list[str], quiet: bool = False, before_n
         settle_old(old, out, quiet)
 
 
+def _matches(path: Path, record) -> bool:
+    return (isinstance(record, dict) and path.is_file() and path.stat().st_size == record.get("bytes")
+            and sha256_file(path) == record.get("sha256"))
+
+
+def roll_back(stage: Path, folder: Path) -> None:
+    """Undo what a killed update's commit moved in before its manifest (the journal in its stage): a
+    file the manifest does not list goes; a listed one that no longer matches its record gets its old
+    copy back. After this the folder holds the old pair (file + record) or the new one."""
+    try:
+        journal = json.loads((stage / JOURNAL).read_text())
+        names = [n for n in journal["names"] + journal["removed"] if isinstance(n, str)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return                           # killed before the commit began: nothing was moved in
+    arts = (_manifest(folder) or {}).get("artefacts") or {}
+    restored = []
+    for name in names:
+        if "/.." in f"/{name}" or name.startswith("/"):
+            continue
+        record, current, backup = arts.get(name), folder / name, stage / BACKUP / name
+        if record is None:
+            current.unlink(missing_ok=True)
+        elif not _matches(current, record) and _matches(backup, record):
+            os.replace(backup, current)
+            restored.append(name)
+    if restored:
+        log(f"put back {', '.join(restored)} in {folder}: a clipfuse writer was interrupted before recording "
+            "its new files, so the manifest still describes these")
+
+
 def clean_leftovers(folder: Path, quiet: bool = False) -> list[str]:
     """Settle what killed writers of `folder` left, with its lock held: restore an old engine that an
     interrupted swap left as `.NAME.old-PID`, settle the others (settle_old), remove never-swapped
@@ -155,6 +186,7 @@ def clean_leftovers(folder: Path, quiet: bool = False) -> list[str]:
     if folder.is_dir() and is_engine_folder(folder):
         for p in folder.iterdir():
             if p.name.startswith((STAGE_PREFIX, ".fp16.tmp-")) and p.is_dir() and not p.is_symlink():
+                roll_back(p, folder)
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(str(p))
             elif _is_staged(p.name) and p.is_file() and p.name.endswith(".tmp"):
