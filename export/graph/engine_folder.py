@@ -156,6 +156,33 @@ def check_output_folder(out: Path, force: bool) -> Path:
     return out
 
 
+def check_writable_folder(folder: Path, what: str) -> Path:
+    """Make `folder` (and its parents) and check that files can be written in it, before any long work:
+    one ClipfuseError line naming it otherwise (a file in the way, read-only, no permission)."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ClipfuseError(f"{what} {str(folder)!r} is a file, not a folder; pick another folder") from None
+    except NotADirectoryError:
+        raise ClipfuseError(f"{what} {str(folder)!r} cannot be made: a part of its path is a file, not a "
+                            "folder; pick another folder") from None
+    except OSError as e:
+        raise ClipfuseError(f"{what} {str(folder)!r} cannot be made: {WRITE_ERRNOS.get(e.errno, e.strerror)}; "
+                            "pick another folder") from None
+    reason = None if os.access(folder, os.W_OK | os.X_OK) else "no write permission"
+    if reason is None:
+        try:            # the real test (a read-only file system refuses even root)
+            fd, probe = tempfile.mkstemp(prefix=".clipfuse-write-test-", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            reason = WRITE_ERRNOS.get(e.errno, e.strerror)
+    if reason is not None:
+        raise ClipfuseError(f"{what} {str(folder)!r} cannot be written: {reason}; pick another folder")
+    return folder
+
+
 def write_error(exc: BaseException) -> OSError | None:
     """The OSError behind `exc` (itself, or in its cause/context chain) that says the folder cannot take
     the write (disk full, read-only, permissions), or None."""
