@@ -240,6 +240,10 @@ def read_manifest(folder, verify: bool = True) -> Manifest:
     if "\0" in str(folder):
         raise ClipfuseError(f"engine folder {str(folder)!r} holds a NUL character")
     if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+        if aside:               # a writer killed mid-swap: the engine is there under its old name (kept, never removed)
+            raise ClipfuseError(f"engine folder {str(folder)!r} is missing, but {str(aside[-1])!r} holds it: a clipfuse "
+                                "writer was interrupted while replacing it; rename it back, or export to it again")
         raise ClipfuseError(f"engine folder {str(folder)!r} does not exist; make it with `clipfuse export ... --out {folder}`")
     mpath = folder / MANIFEST
     if not mpath.is_file():

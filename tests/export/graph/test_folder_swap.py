@@ -16,6 +16,7 @@ from conftest import TINY
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.export.graph import engine_folder
 from clipfuse.export.graph.engine_folder import new_engine_folder
+from clipfuse.runtime.manifest import read_manifest
 
 
 def _engine(folder, model=b"old graph", **extra):
@@ -98,6 +99,9 @@ def test_a_kill_between_the_swap_renames_is_restored_by_the_next_writer_even_one
     _foreign(out)
     old = _kill_between_renames(out)
     assert (old / "model.onnx").read_bytes() == b"old graph"
+    with pytest.raises(ClipfuseError, match=r"is missing, but .*\.e\.old-\d+' holds it: a clipfuse writer was "
+                                            "interrupted"):
+        read_manifest(out)                              # a reader says where the engine is
     with pytest.raises(RuntimeError, match="build failed"):
         with new_engine_folder(out, force=True, quiet=True):
             raise RuntimeError("build failed")
@@ -184,7 +188,6 @@ def test_a_leftover_old_symlink_is_removed_and_its_target_untouched(tmp_path):
 
 def test_reexport_keeps_bench_singles_and_user_files(tiny_engine, tmp_path):
     from clipfuse.cli.main import cli
-    from clipfuse.runtime.manifest import read_manifest
 
     out = tmp_path / "e"
     shutil.copytree(tiny_engine, out)
