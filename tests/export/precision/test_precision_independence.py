@@ -96,3 +96,32 @@ def test_fp32_files_are_not_optional(tiny_engine, tmp_path):
     (e / "model.onnx").write_bytes((e / "model.onnx").read_bytes()[:-1])
     with pytest.raises(ClipfuseError, match="model.onnx' has .* bytes, the manifest says"):
         read_manifest(e)
+
+
+def test_int8_export_killed_before_its_manifest_update_then_rebuilt(tiny_vit_engine, calib_dir, tmp_path, photo_paths):
+    """The issue's case on a real int8 export: re-exporting int8 over an existing one, killed after the graphs'
+    renames and before the manifest update; every other command keeps working and the next int8 export
+    rebuilds it."""
+    e = tmp_path / "e"
+    shutil.copytree(tiny_vit_engine, e)
+    args = ["export", str(e), "--precision", "int8", "--calibration", str(calib_dir), "--calibration-count", "32",
+            "-q"]
+    assert _cli(*args).exit_code == 0
+    first = (e / INT8).read_bytes()
+    code = ("import os, sys\n"
+            "from clipfuse.export.graph import engine_folder\n"
+            "from clipfuse.cli.main import cli\n"
+            "engine_folder._before_manifest = lambda: os._exit(9)\n"
+            "cli(sys.argv[1:])\n")
+    p = subprocess.run([sys.executable, "-c", code, *args[:-2], "32", "--calibration-method", "percentile", "--int8-target", "cpu", "-q"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 9, p.stderr
+    assert (e / INT8).read_bytes() != first          # the kill window: the new graph under the old record
+    m = read_manifest(e)                             # no refusal: int8 is named and set aside
+    assert "int8" in m.broken
+    assert _cli("predict", e, photo_paths[0]).exit_code == 0 and _cli("inspect", e).exit_code == 0
+    r = _cli(*args)
+    assert r.exit_code == 0, r.output
+    m = read_manifest(e)
+    assert m.broken == {} and precision_onnx_path(m, "int8") == e / INT8
+    assert _cli("predict", e, photo_paths[0], "--precision", "int8").exit_code == 0
