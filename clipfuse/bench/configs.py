@@ -55,21 +55,23 @@ def _single_matches(single: Manifest, manifest: Manifest, k: int) -> bool:
 def ensure_singles(manifest: Manifest, quiet: bool = False, root: Path | None = None) -> tuple[list[Manifest], list[bool]]:
     """Each backbone alone, exported the same way as the engine, cached in `root` (default <engine>/singles/).
 
-    A cached single is reused when its manifest names the same weights (sha256), classes and head
-    kind; otherwise it is rebuilt from the engine's `ARCH:WEIGHTS` (which must hash to the recorded
-    weights, as in reexport_engine) with its head taken from the engine's heads.safetensors; the folder
-    must be writable then, which is checked before the first export.
-    Returns the single manifests and, per backbone, whether the cache was reused."""
+    A cached single (in `root`, or read-only in <engine>/singles/) is reused when its manifest names the
+    same weights (sha256), classes and head kind; otherwise it is rebuilt into `root` from the engine's
+    `ARCH:WEIGHTS` (which must hash to the recorded weights, as in reexport_engine) with its head taken
+    from the engine's heads.safetensors; `root` must be writable then, which is checked before the first
+    export. Returns the single manifests (their .folder is where each lives) and, per backbone, whether
+    the cache was reused."""
     cached = {}
     for k, b in enumerate(manifest.backbones):
-        folder = single_folder(manifest, k, root)
-        try:
-            m = read_manifest(folder, verify=False)
+        for folder in dict.fromkeys([single_folder(manifest, k, root), single_folder(manifest, k)]):
+            try:
+                m = read_manifest(folder, verify=False)
+            except ClipfuseError:
+                continue
             if _single_matches(m, manifest, k):
                 cached[k] = m
                 log(f"single {k} {b['arch']}: reusing {folder}", quiet, tag="bench")
-        except ClipfuseError:
-            pass
+                break
     if len(cached) < len(manifest.backbones):
         check_writable_folder(single_folder(manifest, 0, root).parent,
                               "the bench's singles folder (pass --out to write it elsewhere)")
@@ -193,11 +195,14 @@ def config_label(config: str) -> str:
     return f"fused {mt.group(2) or 'fp32'} ({'ONNX Runtime' if mt.group(1) == 'fused' else 'OpenVINO'})"
 
 
-def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True, singles: Path | None = None):
+def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True, singles: list | None = None):
     """config: "fused", "single:K", "naive", "torch", or a precision's fused configuration
     ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened. arena: False turns ONNX Runtime's
-    CPU memory arena off in the fused graphs' sessions (runtime/backends/sessions.py); singles: the
-    folder of the single-backbone engines (default <engine>/singles)."""
+    CPU memory arena off in the fused graphs' sessions (runtime/backends/sessions.py); singles: each
+    backbone's single-backbone engine folder (ensure_singles; default <engine>/singles/<k>-<arch>)."""
+
+    def single(k: int) -> Path:
+        return Path(singles[k]) if singles else single_folder(m, k)
 
     def ort(manifest):
         return make_backend(manifest, "onnxruntime", threads=threads, arena=arena).open()
@@ -211,9 +216,9 @@ def open_config(m: Manifest, config: str, threads: int | None = None, arena: boo
             return ort(graph)
         return make_backend(graph, "openvino", threads=threads).open()
     if config.startswith("single:"):
-        return ort(read_manifest(single_folder(m, int(config.split(":")[1]), singles), verify=False))
+        return ort(read_manifest(single(int(config.split(":")[1])), verify=False))
     if config == "naive":
-        singles = [ort(read_manifest(single_folder(m, k, singles), verify=False)) for k in range(len(m.backbones))]
+        singles = [ort(read_manifest(single(k), verify=False)) for k in range(len(m.backbones))]
         return NaiveEnsemble(singles, NumpyController(controller_path(m)))
     if config == "torch":
         return make_backend(m, "torch", threads=threads or os.cpu_count()).open()

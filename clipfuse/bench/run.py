@@ -114,7 +114,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
                                 "bench results folder" + ("" if singles_root else " (pass --out to write elsewhere)"))
     K = len(m.backbones)
     names = m.backbone_names
-    _, reused = ensure_singles(m, quiet, singles_root) if singles else (None, None)
+    single_ms, reused = ensure_singles(m, quiet, singles_root) if singles else (None, None)
+    single_dirs = [s.folder for s in single_ms] if singles else None
 
     import onnxruntime
 
@@ -134,7 +135,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         for group in groups:
             log(f"opening {', '.join(group)} in a worker process"
                 + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), quiet, tag="bench")
-            pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena, singles=singles_root))
+            pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena, singles=single_dirs))
             workers.update({c: pool[-1] for c in group})
 
         # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
@@ -143,8 +144,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
         if agreement.get("naive", 0.0) > 1e-3:
             raise ClipfuseError(f"the naive ensemble's logits differ from the fused graph's by {agreement['naive']:.1e} "
-                                f"(relative): the singles in {str(singles_root or m.folder / SINGLES)!r} do not match; delete that "
-                                "folder")
+                                f"(relative): the singles in {', '.join(sorted({repr(str(Path(d).parent)) for d in single_dirs}))} "
+                                "do not match; delete that folder")
 
         times = {(c, bs): [] for c in order_run for bs in batches}
         load = LoadProbe(pids=[w.pid for w in pool])
@@ -210,7 +211,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         bs = memory_batch or (max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0])
         for c in ["fused", *extra, *single_configs, *(["naive"] if singles else [])] + (["torch"] if torch else []):
             log(f"peak memory: {labels[c]} in its own process (batch {bs})", quiet, tag="bench")
-            mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers, singles=singles_root)
+            mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers, singles=single_dirs)
         if singles:
             for key in ("peak_rss_bytes", "net_peak_bytes"):
                 mem.setdefault("sum", {"config": "sum", "batch": bs})[key] = sum(mem[f"single:{k}"][key]

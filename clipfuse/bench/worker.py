@@ -58,11 +58,11 @@ class TimingWorker:
     The child's stderr goes to a file, quoted when the child fails."""
 
     def __init__(self, engine: Path, configs: list[str], batches: list[int], threads: int | None = None,
-                 arena: bool = True, singles: Path | None = None):
+                 arena: bool = True, singles: list | None = None):
         self.configs = list(configs)
         self._err = tempfile.TemporaryFile(mode="w+")
         spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads, "arena": arena,
-                "singles": None if singles is None else str(singles)}
+                "singles": None if singles is None else [str(f) for f in singles]}
         self.proc = subprocess.Popen(child_command(__name__, "timing", json.dumps(spec)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
         self.pid = self.proc.pid
@@ -152,7 +152,7 @@ def _package_dir() -> str:
 # ----------------------------------------------------------------------------- memory
 
 def memory_probe(engine: str, config: str, batch: int, threads: int | None = None, infers: int = 2,
-                 singles: str | None = None) -> dict:
+                 singles: list | None = None) -> dict:
     """Run in a child process (see measure_memory): load one configuration, run a few inferences,
     report peak RSS. `net` = peak minus the RSS after imports, i.e. what the session itself adds."""
     import onnxruntime  # noqa: F401  (imported before the baseline: it is there in every configuration)
@@ -173,10 +173,10 @@ def memory_probe(engine: str, config: str, batch: int, threads: int | None = Non
 
 
 def measure_memory(engine: Path, config: str, batch: int, threads: int | None = None, infers: int = 2,
-                   timeout: float = 3600, singles: Path | None = None) -> dict:
+                   timeout: float = 3600, singles: list | None = None) -> dict:
     """memory_probe in a fresh process (its own address space, so its peak is its own)."""
     spec = {"engine": str(engine), "config": config, "batch": batch, "threads": threads, "infers": infers,
-            "singles": None if singles is None else str(singles)}
+            "singles": None if singles is None else [str(f) for f in singles]}
     p = subprocess.run(child_command(__name__, "memory", json.dumps(spec)), capture_output=True, text=True,
                        timeout=timeout)
     if p.returncode != 0:

@@ -92,9 +92,15 @@ def test_bench_of_a_read_only_engine_writes_its_singles_under_out(tiny_engine, t
     folder = tmp_path / "e"
     shutil.copytree(tiny_engine, folder)
     before = sorted(p.name for p in folder.iterdir())
+    kw = {"batches": (1,), "runs": 1, "warmup": 0, "torch": False, "memory": False, "profile": False, "quiet": True}
+    with monkeypatch.context() as mp:
+        _read_only(mp, folder)
+        r = run.run_bench(folder, out=tmp_path / "b", **kw)
+        assert r["order"][:1] == ["fused"] and "naive" in r["order"] and r["singles_cache_reused"] == [False] * 3
+        assert len(list((tmp_path / "b" / "singles").iterdir())) == 3 and (tmp_path / "b" / "bench.json").is_file()
+        assert sorted(p.name for p in folder.iterdir()) == before          # nothing written into the engine
+    # singles cached in the engine by an earlier bench are reused, read-only, by a bench with --out
+    shutil.move(tmp_path / "b" / "singles", folder / "singles")
     _read_only(monkeypatch, folder)
-    r = run.run_bench(folder, batches=(1,), runs=1, warmup=0, out=tmp_path / "b", torch=False, memory=False,
-                      profile=False, quiet=True)
-    assert r["order"][:1] == ["fused"] and "naive" in r["order"] and r["singles_cache_reused"] == [False] * 3
-    assert len(list((tmp_path / "b" / "singles").iterdir())) == 3 and (tmp_path / "b" / "bench.json").is_file()
-    assert sorted(p.name for p in folder.iterdir()) == before          # nothing written into the engine
+    r = run.run_bench(folder, out=tmp_path / "c", **kw)
+    assert r["singles_cache_reused"] == [True] * 3 and not (tmp_path / "c" / "singles").exists()
