@@ -37,12 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import clipfuse
 from clipfuse.core.errors import ClipfuseError
 
+from .precisions import set_aside
 from .preprocess import _RESAMPLE, PreprocessSpec
 
 SCHEMA_VERSION = 1
@@ -76,6 +77,7 @@ def label_binding(classes: list[str], templates: list[str] | None) -> dict[str, 
 class Manifest:
     folder: Path
     data: dict
+    broken: dict = field(default_factory=dict)     # precisions set aside: {precision: why} (precisions.set_aside)
 
     @property
     def classes(self) -> list[str]:
@@ -237,6 +239,10 @@ def read_manifest(folder, verify: bool = True) -> Manifest:
     if "\0" in str(folder):
         raise ClipfuseError(f"engine folder {str(folder)!r} holds a NUL character")
     if not folder.is_dir():
+        aside = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+        if aside:               # a writer killed mid-swap: the engine is there under its old name (kept, never removed)
+            raise ClipfuseError(f"engine folder {str(folder)!r} is missing, but {str(aside[-1])!r} holds it: a clipfuse "
+                                "writer was interrupted while replacing it; rename it back, or export to it again")
         raise ClipfuseError(f"engine folder {str(folder)!r} does not exist; make it with `clipfuse export ... --out {folder}`")
     mpath = folder / MANIFEST
     if not mpath.is_file():
@@ -287,20 +293,24 @@ def check_files_listed(manifest: Manifest, where=None) -> None:
 
 
 def verify_artefacts(manifest: Manifest, names=None) -> None:
+    """Every artefact's size and sha256; a precision's own file that fails only sets that precision aside."""
+    bad = {}
     for name, meta in manifest.data["artefacts"].items():
         if names is not None and name not in names:
             continue
         p = confined_path(manifest.folder, name, "artefact")
         if not p.is_file():
             what = f"artefact {name} is a folder, not a file" if p.is_dir() else f"is missing {name}"
-            raise ClipfuseError(f"engine {str(manifest.folder)!r}{':' if p.is_dir() else ''} {what}; "
-                                "re-run `clipfuse export`")
-        if p.stat().st_size != meta["bytes"]:
-            raise ClipfuseError(f"{str(p)!r} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
-                                "the file was changed or half-copied; re-run `clipfuse export`")
-        if sha256_file(p) != meta["sha256"]:
-            raise ClipfuseError(f"{str(p)!r} does not match the sha256 in the manifest: the file was changed; "
-                                "re-run `clipfuse export`")
+            bad[name] = (f"engine {str(manifest.folder)!r}{':' if p.is_dir() else ''} {what}; "
+                         "re-run `clipfuse export`")
+        elif p.stat().st_size != meta["bytes"]:
+            bad[name] = (f"{str(p)!r} has {p.stat().st_size} bytes, the manifest says {meta['bytes']}: "
+                         "the file was changed or half-copied; re-run `clipfuse export`")
+        elif sha256_file(p) != meta["sha256"]:
+            bad[name] = (f"{str(p)!r} does not match the sha256 in the manifest: the file was changed; "
+                         "re-run `clipfuse export`")
+    if bad:
+        set_aside(manifest, bad)
 
 
 def read_safetensors_bytes(path: Path, names) -> dict[str, bytes]:

@@ -14,15 +14,20 @@ reduced precision, recorded in the manifest's `precisions` entry:
 
 A graph made from an earlier model.onnx (a re-export carried it over) is refused: its entry's
 source_sha256 must be the sha256 of the model.onnx the manifest lists now.
+
+Precisions are independent: a precision (or TensorRT plan) whose file does not match its record (a
+writer killed mid-commit, a half-copied file) is named, set aside for this run (`set_aside`), and
+refused only where it is asked for; fp32 and the other precisions keep working, and exporting that
+precision again rebuilds it.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.iospec import PRECISIONS
-
-from .manifest import Manifest
+from clipfuse.core.log import log
 
 MODEL_FP16 = "model.fp16.onnx"
 MODEL_INT8 = "model.int8.onnx"
@@ -57,6 +62,8 @@ def precision_onnx_path(manifest, precision: str, target: str = "cpu") -> Path:
     check_precision(precision)
     if precision == "fp32":
         return manifest.onnx_path
+    if precision in getattr(manifest, "broken", {}):
+        raise ClipfuseError(f"{manifest.broken[precision]}; make it again with {export_command(manifest, precision)}")
     if target not in TARGETS:
         raise ClipfuseError(f"unknown target {target!r}; valid: {', '.join(TARGETS)}")
     name = FILES[(precision, target)]
@@ -81,4 +88,48 @@ def with_precision(manifest, precision: str, target: str = "cpu"):
         return manifest
     extra = _entry(manifest, precision, target).get("external_data")     # its own data file, or None
     data = dict(manifest.data, onnx=dict(manifest.data["onnx"], file=path.name, external_data=extra))
-    return Manifest(manifest.folder, data)
+    return dataclasses.replace(manifest, data=data)
+
+
+def _names(value) -> list[str]:
+    return [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def precision_files(data: dict) -> dict[tuple[str, str], set[str]]:
+    """{(group, key): the files only it needs}: ("precisions", "fp16"|"int8") and ("plans", precision)."""
+    out = {}
+    for group, keys in (("precisions", ("file", "external_data")), ("plans", ("file", "layers"))):
+        entries = data.get(group)
+        for key, e in (entries.items() if isinstance(entries, dict) else ()):
+            if not isinstance(e, dict):
+                continue
+            parts = [e, e.get("tensorrt")] if key == "int8" and isinstance(e.get("tensorrt"), dict) else [e]
+            names = {n for part in parts for k in keys for n in _names(part.get(k))}
+            cascade = e.get("cascade") if key == "int8" else None
+            names |= set(_names(cascade.get("towers"))) if isinstance(cascade, dict) else set()
+            out[(group, key)] = names
+    return out
+
+
+def set_aside(manifest, bad: dict[str, str]) -> None:
+    """Artefacts that failed verification ({name: why}): those of a precision or plan set that one
+    aside (its entry and files dropped from manifest.data, the reason kept in manifest.broken and
+    logged); any other raises its reason, as before: fp32's own files are not optional."""
+    groups = precision_files(manifest.data)
+    core = [n for n in bad if not any(n in files for files in groups.values())]
+    if core:
+        raise ClipfuseError(bad[core[0]])
+    for (group, key), files in groups.items():
+        hit = sorted(files & set(bad))
+        if not hit:
+            continue
+        what = key if group == "precisions" else f"the {key} TensorRT plan"
+        manifest.broken[key if group == "precisions" else f"plan:{key}"] = (
+            f"engine {str(manifest.folder)!r}: {what} is set aside, {bad[hit[0]].split('; re-run')[0]}")
+        manifest.data[group] = {k: v for k, v in manifest.data[group].items() if k != key}
+        others = set().union(*(f for g, f in groups.items() if g != (group, key)))
+        manifest.data["artefacts"] = {n: v for n, v in manifest.data["artefacts"].items() if n not in files - others}
+        log(f"engine {manifest.folder}: {what} ignored ({hit[0]} does not match its record); fp32 and the other "
+            f"precisions are unaffected; make it again with "
+            + (export_command(manifest, key) if group == "precisions" else f"`clipfuse build {manifest.folder} "
+               f"--precision {key}`"))

@@ -4,7 +4,7 @@ engine's controller in numpy, the naive ensemble (K sessions + numpy), and each 
 Configurations, by name:
 
     fused        the engine's model.onnx on ONNX Runtime CPU (the onnxruntime backend, measured defaults)
-    single:k     backbone k alone, in <engine>/singles/<k>-<arch>/ (same classes, its head from the
+    single:k     backbone k alone, in <engine>/singles/<k>-<arch>/ (<out>/singles/ with `bench --out`; same classes, its head from the
                  engine's heads.safetensors, constant controller)
     naive        the K single sessions run one after another + the controller and combination in numpy
     torch        PyTorch eager on the same ensemble (the torch backend, threads = cores)
@@ -26,6 +26,7 @@ import numpy as np
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import detail, log
+from clipfuse.export.graph.engine_folder import check_writable_folder
 from clipfuse.runtime.backends.registry import make_backend
 from clipfuse.runtime.manifest import Manifest, read_manifest
 from clipfuse.runtime.precisions import with_precision
@@ -39,8 +40,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def single_folder(manifest: Manifest, k: int) -> Path:
-    return manifest.folder / SINGLES / f"{k}-{_safe(manifest.backbones[k]['arch'])}"
+def single_folder(manifest: Manifest, k: int, root: Path | None = None) -> Path:
+    """Where backbone k alone lives: under `root` (the bench's singles folder), default <engine>/singles."""
+    root = Path(root) if root is not None else manifest.folder / SINGLES
+    return root / f"{k}-{_safe(manifest.backbones[k]['arch'])}"
 
 
 def _single_matches(single: Manifest, manifest: Manifest, k: int) -> bool:
@@ -49,28 +52,32 @@ def _single_matches(single: Manifest, manifest: Manifest, k: int) -> bool:
             and single.classes == manifest.classes and single.data.get("head_kind") == manifest.data.get("head_kind"))
 
 
-def ensure_singles(manifest: Manifest) -> tuple[list[Manifest], list[bool]]:
-    """Each backbone alone, exported the same way as the engine, cached in <engine>/singles/.
+def ensure_singles(manifest: Manifest, root: Path | None = None) -> tuple[list[Manifest], list[bool]]:
+    """Each backbone alone, exported the same way as the engine, cached in `root` (default <engine>/singles/).
 
-    A cached single is reused when its manifest names the same weights (sha256), classes and head
-    kind; otherwise it is rebuilt from the engine's `ARCH:WEIGHTS` (which must hash to the recorded
-    weights, as in reexport_engine) with its head taken from the engine's heads.safetensors.
-    Returns the single manifests and, per backbone, whether the cache was reused."""
-    singles, reused = [], []
+    A cached single (in `root`, or read-only in <engine>/singles/) is reused when its manifest names the
+    same weights (sha256), classes and head kind; otherwise it is rebuilt into `root` from the engine's
+    `ARCH:WEIGHTS` (which must hash to the recorded weights, as in reexport_engine) with its head taken
+    from the engine's heads.safetensors; `root` must be writable then, which is checked before the first
+    export. Returns the single manifests (their .folder is where each lives) and, per backbone, whether
+    the cache was reused."""
+    cached = {}
     for k, b in enumerate(manifest.backbones):
-        folder = single_folder(manifest, k)
-        try:
-            m = read_manifest(folder, verify=False)
-            if _single_matches(m, manifest, k):
-                singles.append(m)
-                reused.append(True)
-                log(f"single {k} {b['arch']}: reusing {folder}", tag="bench")
+        for folder in dict.fromkeys([single_folder(manifest, k, root), single_folder(manifest, k)]):
+            try:
+                m = read_manifest(folder, verify=False)
+            except ClipfuseError:
                 continue
-        except ClipfuseError:
-            pass
-        singles.append(_export_single(manifest, k, folder))
-        reused.append(False)
-    return singles, reused
+            if _single_matches(m, manifest, k):
+                cached[k] = m
+                log(f"single {k} {b['arch']}: reusing {folder}", tag="bench")
+                break
+    if len(cached) < len(manifest.backbones):
+        check_writable_folder(single_folder(manifest, 0, root).parent,
+                              "the bench's singles folder (pass --out to write it elsewhere)")
+    singles = [cached[k] if k in cached else _export_single(manifest, k, single_folder(manifest, k, root))
+               for k in range(len(manifest.backbones))]
+    return singles, [k in cached for k in range(len(manifest.backbones))]
 
 
 def _export_single(manifest: Manifest, k: int, folder: Path) -> Manifest:
@@ -189,10 +196,14 @@ def config_label(config: str) -> str:
     return f"fused {mt.group(2) or 'fp32'} ({'ONNX Runtime' if mt.group(1) == 'fused' else 'OpenVINO'})"
 
 
-def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True):
+def open_config(m: Manifest, config: str, threads: int | None = None, arena: bool = True, singles: list | None = None):
     """config: "fused", "single:K", "naive", "torch", or a precision's fused configuration
     ("fused-int8", "openvino", "openvino-fp16", ...) of engine m, opened. arena: False turns ONNX Runtime's
-    CPU memory arena off in the fused graphs' sessions (runtime/backends/sessions.py)."""
+    CPU memory arena off in the fused graphs' sessions (runtime/backends/sessions.py); singles: each
+    backbone's single-backbone engine folder (ensure_singles; default <engine>/singles/<k>-<arch>)."""
+
+    def single(k: int) -> Path:
+        return Path(singles[k]) if singles else single_folder(m, k)
 
     def ort(manifest):
         return make_backend(manifest, "onnxruntime", threads=threads, arena=arena).open()
@@ -206,9 +217,9 @@ def open_config(m: Manifest, config: str, threads: int | None = None, arena: boo
             return ort(graph)
         return make_backend(graph, "openvino", threads=threads).open()
     if config.startswith("single:"):
-        return ort(read_manifest(single_folder(m, int(config.split(":")[1])), verify=False))
+        return ort(read_manifest(single(int(config.split(":")[1])), verify=False))
     if config == "naive":
-        singles = [ort(read_manifest(single_folder(m, k), verify=False)) for k in range(len(m.backbones))]
+        singles = [ort(read_manifest(single(k), verify=False)) for k in range(len(m.backbones))]
         return NaiveEnsemble(singles, NumpyController(controller_path(m)))
     if config == "torch":
         return make_backend(m, "torch", threads=threads or os.cpu_count()).open()

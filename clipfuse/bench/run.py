@@ -33,6 +33,7 @@ import numpy as np
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
+from clipfuse.export.graph.engine_folder import check_writable_folder
 from clipfuse.runtime.backends.registry import unavailable_reason
 from clipfuse.runtime.cascade import int8_stages, is_cascade
 from clipfuse.runtime.cpu_load import LoadProbe
@@ -117,10 +118,14 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         with_precision(m, p)            # refuse a missing graph now, not after minutes of singles and peaks
     if openvino and unavailable_reason("openvino"):
         raise ClipfuseError(unavailable_reason("openvino"))
-    out = Path(out) if out else m.folder / "bench"
+    # results, and the singles with them under --out, go where they can be written: checked before the work
+    singles_root = Path(out) / SINGLES if out else None
+    out = check_writable_folder(Path(out) if out else m.folder / "bench",
+                                "bench results folder" + ("" if singles_root else " (pass --out to write elsewhere)"))
     K = len(m.backbones)
     names = m.backbone_names
-    _, reused = ensure_singles(m) if singles else (None, None)
+    single_ms, reused = ensure_singles(m, singles_root) if singles else (None, None)
+    single_dirs = [s.folder for s in single_ms] if singles else None
 
     import onnxruntime
 
@@ -140,7 +145,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         for group in groups:
             log(f"opening {', '.join(group)} in a worker process"
                 + (" (PyTorch rebuilds the backbones)" if group == ["torch"] else ""), tag="bench")
-            pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena))
+            pool.append(TimingWorker(m.folder, group, batches, threads, arena=arena, singles=single_dirs))
             workers.update({c: pool[-1] for c in group})
 
         # The naive ensemble must compute what the fused graph computes; a bench of a wrong thing is worthless.
@@ -149,7 +154,8 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         agreement = {c: float(np.abs(v - ref).max() / max(1e-12, np.abs(ref).max())) for c, v in check.items()}
         if agreement.get("naive", 0.0) > 1e-3:
             raise ClipfuseError(f"the naive ensemble's logits differ from the fused graph's by {agreement['naive']:.1e} "
-                                f"(relative): the singles in {str(m.folder / SINGLES)!r} do not match; delete that folder")
+                                f"(relative): the singles in {', '.join(sorted({repr(str(Path(d).parent)) for d in single_dirs}))} "
+                                "do not match; delete that folder")
 
         times = {(c, bs): [] for c in order_run for bs in batches}
         load = LoadProbe(pids=[w.pid for w in pool])
@@ -215,7 +221,7 @@ def run_bench(engine, data=None, batches=(1, 8), runs: int = 5, warmup: int = 1,
         bs = memory_batch or (max(b for b in batches if b <= 8) if any(b <= 8 for b in batches) else batches[0])
         for c in ["fused", *extra, *single_configs, *(["naive"] if singles else [])] + (["torch"] if torch else []):
             log(f"peak memory: {labels[c]} in its own process (batch {bs})", tag="bench")
-            mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers)
+            mem[c] = measure_memory(m.folder, c, bs, threads, infers=memory_infers, singles=single_dirs)
         if singles:
             for key in ("peak_rss_bytes", "net_peak_bytes"):
                 mem.setdefault("sum", {"config": "sum", "batch": bs})[key] = sum(mem[f"single:{k}"][key]

@@ -60,10 +60,11 @@ class TimingWorker:
     The child's stderr goes to a file, quoted when the child fails."""
 
     def __init__(self, engine: Path, configs: list[str], batches: list[int], threads: int | None = None,
-                 arena: bool = True):
+                 arena: bool = True, singles: list | None = None):
         self.configs = list(configs)
         self._err = tempfile.TemporaryFile(mode="w+")
-        spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads, "arena": arena}
+        spec = {"engine": str(engine), "configs": self.configs, "batches": batches, "threads": threads, "arena": arena,
+                "singles": None if singles is None else [str(f) for f in singles]}
         self.proc = subprocess.Popen(child_command(__name__, "timing", json.dumps(spec)), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1)
         self.pid = self.proc.pid
@@ -118,14 +119,14 @@ def _timing_child(spec: dict) -> None:
     try:
         m = read_manifest(spec["engine"], verify=False)
         # the singles of this group are the naive ensemble's own sessions: one copy of the weights
-        naive = open_config(m, "naive", spec["threads"]) if "naive" in spec["configs"] else None
+        naive = open_config(m, "naive", spec["threads"], singles=spec.get("singles")) if "naive" in spec["configs"] else None
 
         def opened_config(c: str):
             if c == "naive":
                 return naive
             if naive is not None and c.startswith("single:"):
                 return naive.singles[int(c.split(":")[1])]
-            return open_config(m, c, spec["threads"], arena=spec.get("arena", True))
+            return open_config(m, c, spec["threads"], arena=spec.get("arena", True), singles=spec.get("singles"))
 
         opened = {c: opened_config(c) for c in spec["configs"]}
         feeds = {bs: make_feed(m, bs) for bs in spec["batches"]}
@@ -152,7 +153,8 @@ def _package_dir() -> str:
 
 # ----------------------------------------------------------------------------- memory
 
-def memory_probe(engine: str, config: str, batch: int, threads: int | None = None, infers: int = 2) -> dict:
+def memory_probe(engine: str, config: str, batch: int, threads: int | None = None, infers: int = 2,
+                 singles: list | None = None) -> dict:
     """Run in a child process (see measure_memory): load one configuration, run a few inferences,
     report peak RSS. `net` = peak minus the RSS after imports, i.e. what the session itself adds."""
     import onnxruntime  # noqa: F401  (imported before the baseline: it is there in every configuration)
@@ -163,7 +165,7 @@ def memory_probe(engine: str, config: str, batch: int, threads: int | None = Non
         import torch  # noqa: F401
     m = read_manifest(engine, verify=False)
     base = psutil.Process().memory_info().rss
-    backend = open_config(m, config, threads)
+    backend = open_config(m, config, threads, singles=singles)
     feed = feed_for(backend, make_feed(m, batch))
     for _ in range(infers):          # the first run allocates the arenas; a second shows any growth
         backend.infer(feed)
@@ -173,9 +175,10 @@ def memory_probe(engine: str, config: str, batch: int, threads: int | None = Non
 
 
 def measure_memory(engine: Path, config: str, batch: int, threads: int | None = None, infers: int = 2,
-                   timeout: float = 3600) -> dict:
+                   timeout: float = 3600, singles: list | None = None) -> dict:
     """memory_probe in a fresh process (its own address space, so its peak is its own)."""
-    spec = {"engine": str(engine), "config": config, "batch": batch, "threads": threads, "infers": infers}
+    spec = {"engine": str(engine), "config": config, "batch": batch, "threads": threads, "infers": infers,
+            "singles": None if singles is None else [str(f) for f in singles]}
     p = subprocess.run(child_command(__name__, "memory", json.dumps(spec)), capture_output=True, text=True,
                        timeout=timeout)
     if p.returncode != 0:

@@ -38,6 +38,7 @@ from clipfuse.runtime.images import iter_batches
 from clipfuse.runtime.manifest import sha256_file
 from clipfuse.runtime.preprocess import preprocess_spec
 
+from ..graph.engine_folder import check_writable_folder
 from ..graph.fused import InputNormalize
 
 
@@ -75,6 +76,9 @@ class FeatureCache:
 
     def __post_init__(self):
         self.root = Path(self.root) if self.root is not None else default_cache_dir()
+        # made and checked here, before features are computed: a cache that cannot be written would
+        # otherwise fail after the long part (a file in the way, a read-only folder)
+        check_writable_folder(self.root, "feature cache folder (--cache, or $CLIPFUSE_CACHE/features)")
 
     def _folder(self, key: str) -> Path:
         return self.root / key

@@ -117,6 +117,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     specs = [bb.parse_backbone(b) if not isinstance(b, bb.BackboneSpec) else b for b in backbones]
     levers = (levers or fl.Levers()).check(len(specs))
     check_output_folder(Path(out), force)
+    cache = FeatureCache(cache_dir)          # a cache folder that cannot be written is refused now, not after features
     config = (config or nlc.FitConfig()).check()
     paths, labels, class_names = scan_labelled_folder(data, classes)
     if eval_data is not None:
@@ -132,7 +133,6 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
         with step(f"backbone {i + 1}/{len(specs)} {spec}: building"):
             built.append(bb.load_backbone(spec))
 
-    cache = FeatureCache(cache_dir)
     all_paths = list(paths) + (list(ev_paths) if eval_data is not None else [])
     fs = compute_features(built, all_paths, cache, batch_size=batch_size, progress=progress_shown())
     log(cache.stats.line())

@@ -337,8 +337,7 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
 
     out = Path(out).expanduser()
     target = out / spec.name
-    if target.exists() and not force:
-        raise ClipfuseError(f"{str(target)!r} already exists; pass --force to replace it, or choose another --out")
+    check_model_target(target, force)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -369,10 +368,42 @@ def write_repository(engine, out, backend: str = "onnxruntime", max_batch: int =
             else:
                 _link_or_copy(onnx_file, version / "model.onnx")
         (tmp / "config.pbtxt").write_text(text, encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
+        check_model_target(target, force)       # again: it may have changed during the copy
+        old = None
+        if target.exists():     # swap, then drop the old one: a failure between leaves the old model in place
+            old = Path(tempfile.mkdtemp(prefix=f".{spec.name}.old-", dir=out)) / spec.name
+            target.rename(old)
         tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Written by write_repository: config.pbtxt with clipfuse's metadata parameter, and version folders."""
+    try:
+        names = [p.name for p in folder.iterdir()]
+        text = (folder / "config.pbtxt").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return (all(n == "config.pbtxt" or n.isdigit() for n in names) and f'key: "{METADATA_KEY}"' in text
+            and METADATA_FORMAT in text)
+
+
+def check_model_target(target: Path, force: bool) -> None:
+    """Refuse a file or symlink, a folder without --force, and (even with --force) one clipfuse did not write."""
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        what = "a symbolic link" if target.is_symlink() else "a file"
+        raise ClipfuseError(f"{str(target)!r} is {what}, not a model folder; remove it, or choose another --model "
+                            "or --out")
+    if not target.exists():
+        return
+    if not force:
+        raise ClipfuseError(f"{str(target)!r} already exists; pass --force to replace it, or choose another --out")
+    if any(target.iterdir()) and not is_model_folder(target):
+        raise ClipfuseError(f"{str(target)!r} is not a model folder clipfuse wrote (it holds "
+                            f"{min(p.name for p in target.iterdir())!r}): --force "
+                            "replaces only a clipfuse model folder or an empty one; choose another --model or --out")

@@ -131,23 +131,24 @@ def test_markdown_and_png(full_run):
 
 
 def test_singles_cache_is_reused_then_rebuilt_when_stale(full_run, engine, tmp_path):
-    result, _ = full_run
+    result, out = full_run
     assert result["singles_cache_reused"] == [False, False, False]
-    single1 = engine / "singles" / "1-clipfuse-test-rn" / "model.onnx"
+    assert not (engine / "singles").exists()            # with --out, the singles go there, not into the engine
+    single1 = out / "singles" / "1-clipfuse-test-rn" / "model.onnx"
     before = single1.stat().st_mtime_ns
-    again = run.run_bench(engine, batches=(1,), runs=1, warmup=0, out=tmp_path, torch=False, memory=False,
-                            profile=False)
+    again = run.run_bench(engine, batches=(1,), runs=1, warmup=0, out=out, stem="again", torch=False, memory=False,
+                          profile=False)
     assert again["singles_cache_reused"] == [True, True, True]
     assert single1.stat().st_mtime_ns == before
     assert again["accuracy"] is None and "torch" not in again["latency"] and again["memory"] is None
-    assert not (tmp_path / "bench.png").exists()       # no data, no accuracy: no plot
+    assert not (out / "again.png").exists()       # no data, no accuracy: no plot
     # a single whose classes no longer match the engine is exported again
-    mpath = engine / "singles" / "2-clipfuse-test-vit48" / "manifest.json"
+    mpath = out / "singles" / "2-clipfuse-test-vit48" / "manifest.json"
     mf = json.loads(mpath.read_text())
     mf["classes"] = list(reversed(mf["classes"]))
     mpath.write_text(json.dumps(mf))
     m = read_manifest(engine, verify=False)
-    _, reused = configs.ensure_singles(m)
+    _, reused = configs.ensure_singles(m, root=out / "singles")
     assert reused == [True, True, False]
     assert read_manifest(mpath.parent, verify=False).classes == m.classes
 

@@ -137,3 +137,25 @@ def test_cli_writes_repository_and_refuses_overwrite(tiny_engine, tmp_path):
     r = run("triton", tiny_engine, "--out", out, "--force", "--queue-delay-us", 500)
     assert r.exit_code == 0 and parse(out / "tiny" / "config.pbtxt").dynamic_batching.max_queue_delay_microseconds == 500
     assert not [p for p in out.iterdir() if p.name.startswith(".")]     # no temporary folder left behind
+
+
+def test_force_never_replaces_a_user_folder_a_file_or_a_symlink(tiny_engine, tmp_path):
+    """Issue 22 item 1: --force replaces only a model folder clipfuse wrote; anything else is one line."""
+    repo = tmp_path / "r"
+    (repo / "photos").mkdir(parents=True)
+    (repo / "photos" / "cat.jpg").write_text("a")
+    (repo / "notes").write_text("mine")
+    (repo / "link").symlink_to(repo / "photos")
+    for model, why in (("photos", "is not a model folder clipfuse wrote (it holds 'cat.jpg')"),
+                       ("notes", "is a file, not a model folder"), ("link", "is a symbolic link, not a model folder")):
+        r = run("triton", tiny_engine, "--out", repo, "--model", model, "--force")
+        assert r.exit_code == 1 and why in r.stderr and "Traceback" not in r.output, r.output
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert (repo / "photos" / "cat.jpg").read_text() == "a" and (repo / "notes").read_text() == "mine"
+    assert (repo / "link").is_symlink()
+    # its own model folder is still replaced, and nothing temporary is left
+    for _ in range(2):
+        r = run("triton", tiny_engine, "--out", repo, "--model", "m", "--force")
+        assert r.exit_code == 0, r.output
+    assert parse(repo / "m" / "config.pbtxt").name == "m"
+    assert sorted(p.name for p in repo.iterdir()) == ["link", "m", "notes", "photos"]

@@ -335,7 +335,7 @@ def test_a_budget_that_keeps_one_backbone_fits_no_controller(data, tmp_path, cap
     md = (result.folder / "report.md").read_text()
     assert f"## What ships: {cheapest}" in md and "No study of NLC" in md and "NLC" not in md.split("## Budget")[0].replace(
         "No study of NLC", "")
-    res = eval_engine(result.folder, data, quiet=True)
+    res = eval_engine(result.folder, data)
     assert res["shipped"] == cheapest and res["accuracy"][cheapest] == res["engine_accuracy"]
 
 
