@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from . import build, run  # noqa: F401  (importing them registers their commands on `cli`)
 from .group import cli
 
 __all__ = ["cli", "main"]
