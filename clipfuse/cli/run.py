@@ -56,8 +56,10 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
             raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
                                 "with (`clipfuse serve ENGINE --precision ...`)")
         engine, images, model_name = api.remote_predict_args(engine, images, model_name)
-    if not images:
-        raise click.UsageError("Missing argument 'IMAGES...'.")
+    if not images:     # `predict IMG`: the one argument given was taken for the engine folder
+        hint = f"; {engine!r} was taken for ENGINE" if engine is not None else ""
+        raise click.UsageError("Missing argument 'IMAGES...': the engine folder comes first "
+                               f"(clipfuse predict ENGINE IMAGES...){hint}")
 
     if max_image_pixels is not None:
         set_pixel_limit(max_image_pixels)
