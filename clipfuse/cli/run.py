@@ -95,8 +95,9 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
 @click.option("--images", multiple=True, help="Image files, folders or globs (default: the shipped photographs, "
                                               "whole and centre-cropped).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="fp16/int8: every backend with that form runs it (torch stays the fp32 reference); that "
-                   "precision's tolerances.")
+              help="fp16/int8: every backend with that form runs it (torch always runs fp32); the first backend "
+                   "stays the reference (--backends torch,onnxruntime: fp32 torch as reference); that precision's "
+                   "tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, leave out the stage graphs vs model.onnx check.")

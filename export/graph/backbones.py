@@ -142,7 +142,7 @@ def parse_backbone(text: str) -> BackboneSpec:
         raise ClipfuseError(
             f"unknown backbone architecture {arch!r} in {text!r}; the OpenAI CLIP backbones are "
             f"{', '.join(OPENAI_BACKBONES)} (any of open_clip's {len(archs)} model names works; "
-            f"`clipfuse backbones` lists them)"
+            f"`clipfuse backbones --all` lists them)"
         )
     if weights.startswith("random:") or weights == "random":
         seed_text = weights.partition(":")[2]

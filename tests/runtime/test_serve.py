@@ -320,3 +320,12 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine
             assert_same(remote.predict(photo_paths), local.predict(photo_paths))
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_wrong_model_name_is_no_such_model(protocol, server):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with pytest.raises(ClipfuseError) as e:
+        clipfuse.connect(url, model="no-such-engine")
+    assert str(e.value) == (f"no such model 'no-such-engine' at {url}; it serves {server.model_name!r}: "
+                            "check --model")

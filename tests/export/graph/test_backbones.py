@@ -6,7 +6,9 @@ import pickle
 import open_clip
 import pytest
 import torch
+from click.testing import CliRunner
 
+from clipfuse.cli.main import cli
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.export.graph.backbones import (
     OPENAI_BACKBONES,
@@ -55,6 +57,10 @@ def test_unknown_arch_lists_the_nine():
         parse_backbone("VIT-B-32")
     for arch in OPENAI_BACKBONES:
         assert arch in str(e.value)
+    # the command it names really lists every name (the plain listing has only the nine)
+    assert "`clipfuse backbones --all` lists them" in str(e.value)
+    listed = CliRunner().invoke(cli, ["backbones", "--all"]).output
+    assert "RN50-quickgelu" in listed.split()
 
 
 def test_random_seed_convention_is_exact():
