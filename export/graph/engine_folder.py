@@ -9,12 +9,8 @@ the TensorRT builder), so the guarantees are the same for all of them:
 - One writer at a time: the writer holds an exclusive lock (fcntl.flock) on `.NAME.lock` beside
   the folder for the whole job; a second writer is refused at once with one line, never wins
   silently. The lock file is removed on release (after checking it is still the one locked).
-- Nothing lost: a re-export keeps what it did not make (bench/, singles/, a user's notes: files the
-  old manifest does not list), and an interrupted swap is restored or settled by the next writer, never
-  removed before the new engine is in place (folder_swap.py).
 - Leftovers: temporary folders and staged files of writers killed mid-job are removed by the next
   writer of the same folder, which holds the lock, so their writer is known to be dead.
-- An output that is a symbolic link is written through: the link stays, its target is replaced.
 - `--force` replaces only an engine folder (a clipfuse manifest.json) or an empty folder; never
   the current folder or one that holds it. Anything else is refused naming a file in it.
 - Disk full, read-only folders and permission errors become one ClipfuseError line naming the
@@ -36,8 +32,7 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
 from clipfuse.runtime.manifest import MANIFEST, sha256_file
 
-from .folder_swap import STAGE_PREFIX, check_foreign, clean_leftovers, is_engine_folder, swap_in, temp_prefix
-
+STAGE_PREFIX = ".clipfuse.tmp-"          # staging folder inside an engine folder (added files)
 SUBFOLDERS = (iospec.STAGE_DIR,)           # subfolders whose files an update may add (a cascade's stages/)
 # errors that say "this folder cannot take the write", as opposed to a bug: one line, not a traceback
 WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -48,6 +43,14 @@ WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk
 def lock_path(folder: Path) -> Path:
     folder = Path(folder)
     return folder.parent / f".{folder.name}.lock"
+
+
+def temp_prefix(folder: Path) -> str:
+    return f".{Path(folder).name}.tmp-"
+
+
+def old_prefix(folder: Path) -> str:
+    return f".{Path(folder).name}.old-"
 
 
 @contextmanager
@@ -108,6 +111,40 @@ def is_locked(folder: Path) -> bool:
         os.close(fd)
 
 
+def clean_leftovers(folder: Path, quiet: bool = False) -> list[str]:
+    """Remove temporary folders and staged files of killed writers of `folder`. Call with its lock held:
+    every writer holds it, so whatever these are, their writer is dead. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.parent.is_dir():
+        for p in folder.parent.iterdir():
+            if p.is_dir() and (p.name.startswith(temp_prefix(folder)) or p.name.startswith(old_prefix(folder))):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+    if folder.is_dir() and is_engine_folder(folder):
+        for p in folder.iterdir():
+            # staging folders of added files (this writer's and the fp16 converter's older name)
+            if p.is_dir() and (p.name.startswith(STAGE_PREFIX) or p.name.startswith(".fp16.tmp-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(str(p))
+            elif p.is_file() and p.name.startswith(".") and p.name.endswith(".tmp"):    # write_file_atomic's
+                p.unlink(missing_ok=True)
+                removed.append(str(p))
+    if removed:
+        log(f"removed {len(removed)} leftover temporary item(s) of an interrupted writer of {folder}: "
+            + ", ".join(removed), quiet)
+    return removed
+
+
+def is_engine_folder(folder: Path) -> bool:
+    """A folder with a clipfuse manifest.json (readable, format clipfuse-engine)."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == "clipfuse-engine"
+
+
 def _first_file(folder: Path) -> str:
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -122,11 +159,6 @@ def _first_file(folder: Path) -> str:
 def check_output_folder(out: Path, force: bool) -> Path:
     """Refuse, before any long work, an output that cannot or must not be written; returns the path."""
     out = Path(out).expanduser()
-    if out.is_symlink():      # write through the link (engines/current -> engines/v3): the link stays a link
-        if not out.exists():
-            raise ClipfuseError(f"output {str(out)!r} is a symbolic link to {os.readlink(out)!r}, which does not "
-                                "exist; remove the link or point it at a folder")
-        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise ClipfuseError(f"output {str(out)!r} exists and is not a folder")
     try:
@@ -212,9 +244,6 @@ def hash_artefacts(folder: Path, names=None) -> dict:
     return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in paths}
 
 
-_before_swap = None     # tests set a callable: run between the swap's two renames (where a kill would land)
-
-
 @contextmanager
 def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
     """Yield a temporary folder to fill; on success it replaces `out` in one rename, on failure it vanishes.
@@ -241,10 +270,15 @@ def new_engine_folder(out: Path, force: bool = False, quiet: bool = False):
             os.chmod(tmp, 0o777 & ~umask)        # mkdtemp makes it private; an engine folder is not
             for p in tmp.rglob("*"):
                 os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-            swap_in(tmp, out, check_foreign(out, tmp), quiet, before_new=_before_swap)
+            old = None
+            if out.exists():
+                old = out.parent / f"{old_prefix(out)}{os.getpid()}"
+                os.replace(out, old)
+            os.replace(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         except BaseException as e:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
             _refuse_write(e, out, "engine folder")
             raise
 
@@ -307,8 +341,7 @@ def update_engine_folder(folder: Path, what: str = "files", quiet: bool = False)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ClipfuseError(f"engine folder {str(folder)!r} is read-only: cannot add {what}; make it writable "
                             "or copy the engine somewhere writable")
-    # the lock of the real folder: a writer through a symbolic link and one by the real path exclude each other
-    with folder_lock(folder.resolve(), inside_ok=True):
+    with folder_lock(folder, inside_ok=True):
         clean_leftovers(folder, quiet)
         try:
             stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
