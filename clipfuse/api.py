@@ -154,10 +154,10 @@ def export_fp16(engine_dir, quiet: bool = False) -> dict:
     return _fp16(engine_dir, quiet=quiet)
 
 
-def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=("cpu", "tensorrt"),
+def export_int8(engine_dir, calibration, count: int = 256, method: str = "minmax", targets=None,
                 data=None, classes=None, quiet: bool = False, keep_fp32=(), cascade_images=None) -> dict:
-    """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT) to an engine
-    folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
+    """Add model.int8.onnx (ONNX Runtime CPU / OpenVINO) and model.int8-trt.onnx (TensorRT; targets None: the
+    latter only where TensorRT is installed) to an engine folder, calibrated on the images in `calibration` and validated against fp32 (with `data`: accuracy,
     paired); keep_fp32: backbone names whose towers stay fp32, or ["auto"] (those failing their own checks);
     cascade_images: on a cascade engine, the folder its int8 exit thresholds are certified on (default
     `calibration`; export/precision/int8_stages.py); returns the manifest's precisions["int8"] entry (see export.precision.int8_export)."""
