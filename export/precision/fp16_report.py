@@ -69,7 +69,9 @@ def validation_lines(v: dict) -> list[str]:
 def format_fp16_summary(info: dict) -> str:
     """What `clipfuse export ENGINE --precision fp16` prints."""
     v = info["validation"]
-    return "\n".join([f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
+    return "\n".join([f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts"
+                      + (f"; towers kept fp32: {', '.join(info['float_backbones'])}" if info.get("float_backbones")
+                         else ""),
                       f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
                      + [f"  {x}" for x in validation_lines(v)])
 
