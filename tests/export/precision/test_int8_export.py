@@ -340,6 +340,11 @@ def test_default_target_fits_the_machine(tiny_vit_engine, calib_dir, tmp_path):
     assert (folder / "model.int8.onnx").is_file() and (folder / "model.int8-trt.onnx").is_file() == has_trt
     if not has_trt:
         assert "TensorRT is not installed here: writing the CPU graph only" in r.output
+        # what asks for the TensorRT graph names the command that writes it here (the default would not)
+        from clipfuse.runtime.precisions import with_precision
+        with pytest.raises(ClipfuseError, match=r"has no model.int8-trt.onnx: make it with `clipfuse export .* "
+                                                r"--precision int8 --calibration DIR --int8-target both`"):
+            with_precision(read_manifest(folder), "int8", "tensorrt")
 
 
 def test_each_option_a_refusal_names_passes(tiny_engine, calib_dir, tmp_path):
@@ -388,6 +393,9 @@ def test_a_failing_tensorrt_graph_keeps_the_cpu_graph_that_passed(tiny_vit_engin
     assert "(injected)" in info["tensorrt_refused"] and "--int8-target cpu" in info["tensorrt_refused"]
     assert (folder / "model.int8.onnx").is_file() and not (folder / "model.int8-trt.onnx").exists()
     assert read_manifest(folder).data["precisions"]["int8"]["tensorrt_refused"] == info["tensorrt_refused"]
+    from clipfuse.runtime.precisions import with_precision
+    with pytest.raises(ClipfuseError, match=r"has no model.int8-trt.onnx: its int8 export refused it \(.*injected"):
+        with_precision(read_manifest(folder), "int8", "tensorrt")     # not a suggestion to run the same export
     # asked for the TensorRT graph alone, the same failure is refused, naming the CPU target
     with pytest.raises(ClipfuseError, match=r"injected.*--int8-target cpu"):
         int8_export.export_int8(folder, calib_dir, count=32, targets=("tensorrt",), quiet=True)
