@@ -102,7 +102,7 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
         if prec is None:
             prec = "fp32" if n.startswith("torch") else (precision or "fp32")
         if n.startswith("torch") and prec != "fp32":
-            raise ClipfuseError(f"backend {n}-{prec}: the torch backend runs fp32 only; compare "
+            raise ClipfuseError(f"backend {n}-{prec}: torch runs the fp32 reference only; compare "
                                 f"onnxruntime-{prec} or tensorrt-{prec} against it")
         out.append((n, prec))
     if len(set(out)) != len(out):

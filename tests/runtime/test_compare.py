@@ -81,7 +81,7 @@ def test_parse_backends_errors():
         ("torch", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "fp32")]
     with pytest.raises(ClipfuseError, match="at least two"):
         parse_backends("onnxruntime", None)
-    with pytest.raises(ClipfuseError, match="the torch backend runs fp32 only"):
+    with pytest.raises(ClipfuseError, match="torch runs the fp32 reference only"):
         parse_backends("onnxruntime,torch-fp16", None)
     with pytest.raises(ClipfuseError, match="twice"):
         parse_backends("onnxruntime,onnxruntime-fp32", None)
