@@ -16,7 +16,7 @@ Public API (imports are lazy: `import clipfuse` pulls in neither torch nor open_
     clipfuse.bench_engine(folder, data=None, batches=(1, 8)) -> dict   fused vs singles vs naive vs torch
     clipfuse.run_demo("engines/demo") -> dict              fit -> export -> predict -> bench, offline
     clipfuse.export_fp16(folder) -> dict                   add model.fp16.onnx (fp32 islands), validated on CPU
-    clipfuse.export_int8(folder, "photos/") -> dict        add model.int8.onnx + model.int8-trt.onnx, calibrated, validated
+    clipfuse.export_int8(folder, "photos/") -> dict        add model.int8.onnx (+ -trt where TensorRT is), calibrated, validated
     clipfuse.build_engine(folder, "fp16", batch=(1, 8, 32)) build a TensorRT plan (needs TensorRT + GPU)
     clipfuse.compare_backends(folder, "onnxruntime,torch") -> dict   do the backends agree? (report["ok"])
     clipfuse.write_triton_repository(folder, "repo")       Triton model repository (config checked against the schema)

@@ -11,6 +11,7 @@ never taken in file-system order).
     read_class_map(path)                     -> {folder name: class name}
     seeded_split(labels, eval_fraction, seed) -> (train_idx, eval_idx)   stratified
     sample_k_shot(labels, k, seed)           -> indices                  k per class
+    check_shots(labels, shots, ...)          -> refuses k above a class's pool, before any feature
 """
 from __future__ import annotations
 
@@ -215,3 +216,37 @@ def sample_k_shot(labels, k: int, seed: int, num_classes: int | None = None, cla
             )
         out.append(rng.permutation(idx)[:k])
     return np.concatenate(out).astype(np.int64)
+
+
+def pool_counts(labels, num_classes: int, eval_fraction: float | None, probe_fraction: float | None) -> np.ndarray:
+    """Images per class left in fit's controller pool: the training side of the eval split (none when
+    eval_fraction is None: a separate eval folder), less the linear probes' share (probe_fraction, None
+    for zero-shot heads). The splits are stratified, so the counts follow from the labels alone."""
+    y = _check_labels(labels)
+    if eval_fraction is not None:
+        y = y[seeded_split(y, eval_fraction, 0)[0]]
+    if probe_fraction is not None:
+        y = y[seeded_split(y, 1.0 - probe_fraction, 0)[1]]
+    return np.bincount(y, minlength=num_classes)
+
+
+def check_shots(labels, shots: int, class_names: Sequence[str], eval_fraction: float | None = None,
+                probe_fraction: float | None = None) -> None:
+    """Refuse --shots k above what the fewest class has in the controller's pool, in one line that says what
+    passes: fewer shots, or (linear probes) a --probe-fraction that leaves k images per class."""
+    C = len(class_names)
+    counts = pool_counts(labels, C, eval_fraction, probe_fraction)
+    if shots <= counts.min():
+        return
+    fewest = int(counts.argmin())
+    fixes = [f"--shots {int(counts.min())}"] if counts.min() >= 1 else []
+    if probe_fraction is not None:
+        passing = [f for f in np.arange(0.85, 0.04, -0.05).round(2)
+                   if f < probe_fraction and pool_counts(labels, C, eval_fraction, float(f)).min() >= shots]
+        if passing:
+            fixes.append(f"--probe-fraction {passing[0]:g} (the probes then train on fewer images)")
+    where = (f" (linear probes take --probe-fraction {probe_fraction:g} of the training images)"
+             if probe_fraction is not None else "")
+    raise ClipfuseError(f"--shots {shots} is more than class {class_names[fewest]!r} has in the controller's pool "
+                        f"({int(counts[fewest])} images){where}; "
+                        + (f"use {' or '.join(fixes)}" if fixes else "label more images"))

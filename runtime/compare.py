@@ -6,8 +6,9 @@ Backend names are the runtime's (onnxruntime, torch, tensorrt, onnxruntime-cuda,
 with an optional precision suffix, e.g. `onnxruntime-fp16` runs model.fp16.onnx and
 `onnxruntime-int8` / `openvino-int8` model.int8.onnx. `--precision fp16|int8` applies the
 suffix to every backend that has that form (ONNX Runtime and OpenVINO: the graph of
-runtime/precisions.py; TensorRT: the plan); torch stays the fp32
-reference (it rebuilds the network from open_clip, not from a graph).
+runtime/precisions.py; TensorRT: the plan); torch always runs fp32 (it rebuilds the network
+from open_clip, not from a graph). The first backend stays the reference whatever its precision:
+`--backends torch,onnxruntime --precision fp16` compares the fp16 graph against fp32 torch.
 
 The comparison itself is runtime/agreement.py's (the one comparator, also used by export
 validation and fp16 validation), with the precision's row of clipfuse.core.iospec.TOLERANCES:

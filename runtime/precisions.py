@@ -38,8 +38,10 @@ FILES = {("fp16", "cpu"): MODEL_FP16, ("fp16", "tensorrt"): MODEL_FP16,
          ("int8", "cpu"): MODEL_INT8, ("int8", "tensorrt"): MODEL_INT8_TRT}
 
 
-def export_command(manifest, precision: str) -> str:
+def export_command(manifest, precision: str, target: str = "cpu") -> str:
     extra = " --calibration DIR" if precision == "int8" else ""
+    if precision == "int8" and target == "tensorrt":     # the default target writes it only where TensorRT is
+        extra += " --int8-target both"
     return f"`clipfuse export {manifest.folder} --precision {precision}{extra}`"
 
 
@@ -70,13 +72,16 @@ def precision_onnx_path(manifest, precision: str, target: str = "cpu") -> Path:
     entry = _entry(manifest, precision, target)
     path = manifest.folder / name
     if not isinstance(entry, dict) or not path.is_file():
+        refused = (_entry(manifest, precision, "cpu") or {}).get("tensorrt_refused") if target == "tensorrt" else None
+        if refused:     # the last int8 export wrote the CPU graph and refused this one: the same command would too
+            raise ClipfuseError(f"engine {str(manifest.folder)!r} has no {name}: its int8 export refused it ({refused})")
         raise ClipfuseError(f"engine {str(manifest.folder)!r} has no {name}: make it with "
-                            f"{export_command(manifest, precision)}")
+                            f"{export_command(manifest, precision, target)}")
     source = manifest.data["artefacts"].get(manifest.data["onnx"]["file"], {}).get("sha256")
     if entry.get("source_sha256") not in (None, source):
         # a re-export (e.g. after `clipfuse fit`) replaced model.onnx and carried the old graph over
         raise ClipfuseError(f"{name} in {str(manifest.folder)!r} was made from an earlier model.onnx; "
-                            f"make it again: {export_command(manifest, precision)}")
+                            f"make it again: {export_command(manifest, precision, target)}")
     return path
 
 

@@ -60,8 +60,9 @@ def backbones(measure, show_all, as_json):
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
               show_default=True, help="int8: how activation ranges are set (entropy/percentile hold every batch's "
                                       "activations: GBs on full-size towers).")
-@click.option("--int8-target", type=click.Choice(["both", "cpu", "tensorrt"]), default="both", show_default=True,
-              help="int8: which graphs to write (cpu: model.int8.onnx; tensorrt: model.int8-trt.onnx).")
+@click.option("--int8-target", type=click.Choice(["both", "cpu", "tensorrt"]), default=None,
+              help="int8: which graphs to write (cpu: model.int8.onnx; tensorrt: model.int8-trt.onnx); default both "
+                   "where TensorRT is installed, else cpu.")
 @click.option("--data", "-d", type=click.Path(), default=None,
               help="int8: labelled images (DATA/<class folder>/<images>): fp32 vs int8 accuracy, paired, refused "
                    "below the bound.")
@@ -86,7 +87,7 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
     """
 
     if precision != "int8" and (calibration or data or calibration_count != 256 or calibration_method != "minmax"
-                                or int8_target != "both" or keep_fp32 or cascade_images):
+                                or int8_target is not None or keep_fp32 or cascade_images):
         raise ClipfuseError("--calibration, --calibration-count, --calibration-method, --int8-target, --int8-keep-fp32, "
                             "--cascade-images and --data apply to --precision int8 only")
     if engine is not None and precision in ("fp16", "int8"):
@@ -99,7 +100,7 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
         if calibration is None:
             raise ClipfuseError(f"--precision int8 needs --calibration DIR: a folder of your own images (at least 32) "
                                 f"to calibrate on, e.g. `clipfuse export {engine} --precision int8 --calibration photos/`")
-        targets = ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
+        targets = None if int8_target is None else ("cpu", "tensorrt") if int8_target == "both" else (int8_target,)
         info = export_int8(engine, calibration, count=calibration_count, method=calibration_method,
                            targets=targets, data=data, keep_fp32=keep_fp32,
                            cascade_images=cascade_images)

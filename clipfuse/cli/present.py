@@ -87,7 +87,9 @@ def format_fp16(info: dict) -> str:
     """What `clipfuse export ENGINE --precision fp16` prints: the validation figures, each next to its
     bound (export/precision/fp16_report.py writes them once)."""
     v = info["validation"]
-    return "\n".join([f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts",
+    return "\n".join([f"model.fp16.onnx: fp32 islands {info['fp32_islands']}, {info['casts']} casts"
+                      + (f"; towers kept fp32: {', '.join(info['float_backbones'])}" if info.get("float_backbones")
+                         else ""),
                       f"fp16 vs fp32 on ONNX Runtime CPU, {v['images']} images:"]
                      + [f"  {x}" for x in validation_lines(v)])
 

@@ -66,8 +66,10 @@ def predict(engine, images, url, model_name, top_k, fmt, batch, backend, precisi
             raise ClipfuseError("--precision picks a local graph; with --url the server runs what it was started "
                                 "with (`clipfuse serve ENGINE --precision ...`)")
         engine, images, model_name = _remote_predict_args(engine, images, model_name)
-    if not images:
-        raise click.UsageError("Missing argument 'IMAGES...'.")
+    if not images:     # `predict IMG`: the one argument given was taken for the engine folder
+        hint = f"; {engine!r} was taken for ENGINE" if engine is not None else ""
+        raise click.UsageError("Missing argument 'IMAGES...': the engine folder comes first "
+                               f"(clipfuse predict ENGINE IMAGES...){hint}")
 
     if max_image_pixels is not None:
         set_pixel_limit(max_image_pixels)
@@ -114,8 +116,9 @@ def _remote_predict_args(engine, images, model):
 @click.option("--images", multiple=True, help="Image files, folders or globs (default: the shipped photographs, "
                                               "whole and centre-cropped).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
-              help="fp16/int8: every backend with that form runs it (torch stays the fp32 reference); that "
-                   "precision's tolerances.")
+              help="fp16/int8: every backend with that form runs it (torch always runs fp32); the first backend "
+                   "stays the reference (--backends torch,onnxruntime: fp32 torch as reference); that precision's "
+                   "tolerances.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-cascade", is_flag=True, help="On a cascade engine, leave out the stage graphs vs model.onnx check.")

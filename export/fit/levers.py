@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import step
+from clipfuse.core.log import log, step
 from clipfuse.runtime.backends.sessions import open_session
 from clipfuse.runtime.cpu_load import LoadProbe
 
@@ -53,6 +53,9 @@ from .subsets import Split, search_subsets, static_fitter
 
 MS, GFLOPS = "ms", "GFLOPs"
 TIMING_WARMUP, TIMING_RUNS = 3, 7
+# a ranking of measured costs is trusted when every pair more than 10% apart is ordered the same way in >= 75%
+# of the interleaved rounds (a busy neighbour slows every tower of a round alike; noise reorders rounds)
+RANK_MIN_GAP, RANK_MIN_AGREE = 0.10, 0.75
 FRONTIER_PNG = "frontier.png"
 # A cascade engine's graph holds its backbones in stage order (cheapest first, as chosen), not as given.
 REORDERED = ("the engine holds the backbones in stage order, not in the order given: the manifest's backbones and "
@@ -100,37 +103,70 @@ def _visual(b):
 
 def measure_costs(built, heads, unit: str) -> tuple[list[float], dict]:
     """Per-backbone cost in `unit`: GFLOPs as counted, or ms at batch 1 on ONNX Runtime CPU (the
-    backbone's own tower graph: normalise, tower, norm, head; median of TIMING_RUNS after
-    TIMING_WARMUP). -> (costs, {unit, method, per_backbone, load})."""
+    backbone's own tower graph: normalise, tower, norm, head; median of TIMING_RUNS interleaved rounds
+    after TIMING_WARMUP). -> (costs, {unit, method, per_backbone, load[, unreliable: why the ranking of
+    the ms cannot be trusted]})."""
     names = [str(b.spec) for b in built]
     if unit == GFLOPS:
         costs = [float(b.info["gflops"]) for b in built]
         return costs, {"unit": GFLOPS, "method": "image tower GFLOPs at batch 1 (as `clipfuse backbones` counts them)",
                        "per_backbone": dict(zip(names, costs))}
 
-    costs, rows = [], {}
     probe = LoadProbe()
     with tempfile.TemporaryDirectory(prefix="clipfuse-cost-") as tmp:
+        sessions, feeds = [], []
         for i, (b, h) in enumerate(zip(built, heads)):
             with step(f"cost {i + 1}/{len(built)} {b.spec}: tower graph at batch 1, ONNX Runtime CPU"):
                 fused = FusedEnsemble([_visual(b)], [h], [b.image_size], [b.preprocess["mean"]], [b.preprocess["std"]]).eval()
                 path = Path(tmp) / f"tower_{i}.onnx"
                 _export(TowerStage(fused, 0), (torch.zeros(2, 3, b.image_size, b.image_size, dtype=torch.uint8),),
                         ["image"], ["f", "z"], path, 18)
-                session = open_session(path)
-                feed = {"image": np.random.default_rng(0).integers(0, 256, (1, 3, b.image_size, b.image_size), dtype=np.uint8)}
-                times = []
-                for r in range(TIMING_WARMUP + TIMING_RUNS):
-                    t0 = time.perf_counter()
-                    session.run(None, feed)
-                    if r >= TIMING_WARMUP:
-                        times.append(1e3 * (time.perf_counter() - t0))
-                del session
-            costs.append(float(statistics.median(times)))
-            rows[names[i]] = {"median_ms": costs[-1], "runs_ms": [round(t, 3) for t in times]}
-    return costs, {"unit": MS, "method": f"ONNX Runtime CPU, batch 1, median of {TIMING_RUNS} runs after {TIMING_WARMUP} "
-                                         "warm-up runs of the backbone's tower graph", "per_backbone": rows,
-                   "load": probe.stop()}
+                sessions.append(open_session(path))
+                feeds.append({"image": np.random.default_rng(0).integers(0, 256, (1, 3, b.image_size, b.image_size),
+                                                                        dtype=np.uint8)})
+        with step(f"timing {len(built)} towers interleaved: {TIMING_RUNS} rounds after {TIMING_WARMUP} warm-up"):
+            runs = time_interleaved(sessions, feeds)
+        del sessions
+    costs = [float(statistics.median(r)) for r in runs]
+    rows = {n: {"median_ms": c, "runs_ms": [round(t, 3) for t in r]} for n, c, r in zip(names, costs, runs)}
+    info = {"unit": MS, "method": f"ONNX Runtime CPU, batch 1, median of {TIMING_RUNS} rounds after {TIMING_WARMUP} "
+                                  "warm-up rounds; each round times every backbone's tower graph once, in a rotated "
+                                  "order (a neighbour's load falls on all of them alike)",
+            "per_backbone": rows, "load": probe.stop()}
+    contested = contested_ranking(names, runs)
+    if contested:
+        info["unreliable"] = (f"{contested}, with other processes using {info['load']['other_processes_cores']} "
+                              "cores meanwhile: the measured ranking is not reliable")
+    return costs, info
+
+
+def time_interleaved(sessions, feeds) -> list[list[float]]:
+    """ms per run, per session: TIMING_WARMUP untimed rounds, then TIMING_RUNS rounds that each run every
+    session once, round r starting at session r mod K, so no tower is always timed first or last."""
+    K = len(sessions)
+    runs = [[] for _ in range(K)]
+    for r in range(TIMING_WARMUP + TIMING_RUNS):
+        for k in [(r + j) % K for j in range(K)]:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds[k])
+            if r >= TIMING_WARMUP:
+                runs[k].append(1e3 * (time.perf_counter() - t0))
+    return runs
+
+
+def contested_ranking(names, runs, min_gap: float = RANK_MIN_GAP, min_agree: float = RANK_MIN_AGREE) -> str | None:
+    """Why the ranking of the medians cannot be trusted, or None: a pair whose medians differ by more than
+    min_gap (relative; closer pairs may come either way without changing what is cheap) while fewer than
+    min_agree of the rounds order them as the medians do."""
+    med = [statistics.median(r) for r in runs]
+    for i in range(len(runs)):
+        for j in range(len(runs)):
+            if med[i] < med[j] and med[j] > med[i] * (1 + min_gap):
+                agree = float(np.mean([a < b for a, b in zip(runs[i], runs[j])]))
+                if agree < min_agree:
+                    return (f"{names[i]} (median {med[i]:.3g} ms) was timed faster than {names[j]} (median "
+                            f"{med[j]:.3g} ms) in only {agree:.0%} of the rounds (bound >= {min_agree:.0%})")
+    return None
 
 
 def _split(feats, Z, y, rows):
@@ -147,6 +183,9 @@ def choose_budget_subset(levers: Levers, built, heads, pool_feats, Z_pool, y_poo
         raise ClipfuseError("too few labelled images for the budget search: every pool image is one of the k shots, "
                             "so none is left to choose the subset on; label more images or lower --shots")
     costs, cost_info = measure_costs(built, heads, levers.budget_unit)
+    if cost_info.get("unreliable"):
+        raise ClipfuseError(f"--budget-ms: {cost_info['unreliable']}, so the subset is not chosen; rerun on a "
+                            "quieter machine, or use --budget-gflops (counted, not timed)")
     frontier = search_subsets(static_fitter(config), _split(pool_feats, Z_pool, y_pool, shot_idx),
                               _split(pool_feats, Z_pool, y_pool, held), costs, names, cost_unit=levers.budget_unit,
                               test=Split(list(ev_feats), Z_ev, y_ev))
@@ -224,6 +263,11 @@ def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx):
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
     costs, cost_info = measure_costs(built, heads, levers.cascade_cost)
+    if cost_info.get("unreliable"):     # the order only: GFLOPs rank the stages instead, and the report says why
+        reason = cost_info["unreliable"]
+        costs, cost_info = measure_costs(built, heads, GFLOPS)
+        cost_info["fallback"] = f"--cascade-cost ms fell back to GFLOPs: {reason}"
+        log(cost_info["fallback"])
     single_acc = [float((Z_pool[calib, k].argmax(1) == y_pool[calib]).mean()) if calib.size else 0.0
                   for k in range(len(built))]
     orders = candidate_orders(costs, single_acc)
@@ -267,7 +311,7 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
     order = orders[rule]
     dims = [int(b.embed_dim) for b in built]
     controllers = [statics[(rule, s)] for s in range(1, K)] + [permute_controller(shipped, order, dims)]
-    block = dict(fit.to_manifest(), order_rule=rule, cost_unit=levers.cascade_cost, cum_costs=fit.cum_costs,
+    block = dict(fit.to_manifest(), order_rule=rule, cost_unit=cost_info["unit"], cum_costs=fit.cum_costs,
                  costs=cost_info, calibration=fit.calibration, test=fit.test, scores_tried=fit.scores_tried,
                  orders_tried=fit.orders_tried, config=asdict(cfg),
                  stage_controllers=f"C-LOG-AVG fitted on the k shots for stages 1..{K - 1}; stage {K} = the full "
@@ -314,6 +358,7 @@ def report_markdown(report: dict) -> str:
                   + (f" {REORDERED[0].upper()}{REORDERED[1:]} ({', '.join(report['backbones'])})."
                      if list(c["order"]) != list(report["backbones"]) else ""),
                   f"Stage controllers: {c['stage_controllers']}.",
+                  *([c["costs"]["fallback"] + "."] if c.get("costs", {}).get("fallback") else []),
                   f"Thresholds chosen on {c['calibration_images']}: {cal['disagreements']} disagreement(s) with the "
                   f"full ensemble, upper bound {cal['disagreement_bound']:.2f}% <= --max-drop {c['max_drop']} "
                   f"(agreement, Clopper-Pearson at {c['config']['confidence']:.0%}).",

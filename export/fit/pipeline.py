@@ -32,7 +32,7 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log, progress_shown, step, warn
 from clipfuse.runtime.fit_images import FIT_IMAGES, fit_images_json
 
-from ..data import check_same_classes, sample_k_shot, scan_labelled_folder, seeded_split
+from ..data import check_same_classes, check_shots, sample_k_shot, scan_labelled_folder, seeded_split
 from ..graph import backbones as bb, heads as hd
 from ..graph.engine import export_engine
 from ..graph.engine_folder import check_output_folder
@@ -126,6 +126,9 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if head == hd.ZERO_SHOT:
         templates = hd.parse_templates(templates) if templates is None or isinstance(templates, (str, Path)) else list(templates)
     C = len(class_names)
+    # before the minutes of features: the splits are stratified, so the pool's class counts follow from the labels
+    check_shots(labels, shots, class_names, None if eval_data is not None else eval_fraction,
+                None if head == hd.ZERO_SHOT else probe_fraction)
     log(f"{len(paths)} images in {C} classes from {data}" + (f"; eval: {len(ev_paths)} images from {eval_data}" if eval_data else ""))
 
     built = []
@@ -188,10 +191,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     X_ev, Z_ev = arrays(ev_feats)
 
     ok_shots, skipped = feasible_shots(y_pool, C, sorted(set(study_shots) | {shots}))
-    if shots in skipped:
-        fewest = class_names[int(np.bincount(y_pool, minlength=C).argmin())]
-        raise ClipfuseError(f"--shots {shots} is more than class {fewest!r} has in the controller's pool "
-                            f"({int(np.bincount(y_pool, minlength=C).min())} images)")
+    if shots in skipped:       # unreadable images left a class short
+        check_shots(y_pool, shots, class_names)
     cascade_costs = None
     if levers.cascade:                 # refuse too few calibration images before any fitting
         cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,

@@ -142,7 +142,7 @@ def parse_backbone(text: str) -> BackboneSpec:
         raise ClipfuseError(
             f"unknown backbone architecture {arch!r} in {text!r}; the OpenAI CLIP backbones are "
             f"{', '.join(OPENAI_BACKBONES)} (any of open_clip's {len(archs)} model names works; "
-            f"`clipfuse backbones` lists them)"
+            f"`clipfuse backbones --all` lists them)"
         )
     if weights.startswith("random:") or weights == "random":
         seed_text = weights.partition(":")[2]
@@ -266,14 +266,22 @@ def load_backbone(spec: BackboneSpec | str, measure_flops: bool = False) -> Back
         model = open_clip.create_model(spec.arch, pretrained=None)
         _load_checkpoint_into(model, spec)
     else:
+        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.tag) or {}
+        # OpenAI's weights need QuickGELU: a checkpoint of them loads as ARCH-quickgelu (README, WEIGHTS)
+        as_file = f"{spec.arch}-quickgelu" if cfg.get("quick_gelu") and not spec.arch.endswith("-quickgelu") \
+            else spec.arch
+        offline = (f"Without network access, download the checkpoint elsewhere and pass its path: "
+                   f"{as_file}:/path/to/checkpoint.safetensors")
+        if not _in_local_cache(cfg) and not _hub_reachable():
+            # fail at once: open_clip's download would retry for most of a minute before giving up
+            raise ClipfuseError(f"backbone {spec}: pretrained weights {spec.tag!r} are not in the local cache and "
+                                f"the model hub cannot be reached (offline). {offline}")
         try:
             model = open_clip.create_model(spec.arch, pretrained=spec.tag)
         except Exception as e:
-            raise ClipfuseError(
-                f"backbone {spec}: could not load pretrained weights {spec.tag!r} through open_clip "
-                f"({type(e).__name__}: {str(e)[:200]}). Without network access, download the checkpoint "
-                f"elsewhere and pass its path: {spec.arch}:/path/to/checkpoint.safetensors"
-            ) from None
+            first = (str(e).strip().splitlines() or [""])[0]     # whole, never cut mid-word
+            raise ClipfuseError(f"backbone {spec}: could not load pretrained weights {spec.tag!r} through "
+                                f"open_clip ({type(e).__name__}: {first}). {offline}") from None
     model.eval()
     preprocess = dict(open_clip.get_model_preprocess_cfg(model))
     size = preprocess.get("size")
@@ -297,6 +305,45 @@ def load_backbone(spec: BackboneSpec | str, measure_flops: bool = False) -> Back
         info["gflops"] = known["gflops"]
     return Backbone(spec=spec, model=model, preprocess=preprocess,
                     weights_sha256=tensor_dict_sha256(visual_sd), info=info)
+
+
+def _in_local_cache(cfg: dict) -> bool:
+    """Whether open_clip would find the pretrained file without the network (its HF hub file, or the
+    file of its download URL in open_clip's cache folder)."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        model_id, filename = os.path.split(hub)
+        filename = filename or HF_WEIGHTS_NAME
+        if any(isinstance(try_to_load_from_cache(model_id, f), str) for f in [*_get_safe_alternatives(filename), filename]):
+            return True
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """False at once under HF_HUB_OFFLINE=1; otherwise whether a TCP connection to the hub opens within
+    timeout_s (name lookup included: it runs in a thread that is abandoned if it hangs)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    import socket
+    import threading
+
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout_s)
+    return bool(ok)
 
 
 def _probe_embed_dim(visual: torch.nn.Module, image_size: int) -> int:

@@ -142,16 +142,15 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
                 extra_files, extra_manifest, t_start, cascade=None) -> dict:
     """Build, export, validate and write everything into the temporary folder `tmp`; returns the manifest."""
 
-    # steps, counted so a user sees how far the 1-2 minutes have got: K backbones (+ K heads), then
-    # export, validation, writing
+    # steps, counted so a user sees how far the 1-2 minutes have got: the backbones still to build (+ K
+    # heads), then export, validation, writing; only shown steps count, so the first is [1/n]
     K = len(specs)
-    total = K * (1 + (heads is None)) + 3
+    total = (K - len(prebuilt)) + K * (heads is None) + 3
     done = iter(range(1, total + 1))
     built, head_list = [], []
     for i, spec in enumerate(specs):
         if i in prebuilt:
             b = prebuilt[i]
-            next(done)
         else:
             with step(f"[{next(done)}/{total}] backbone {i + 1}/{K} {spec}: building"):
                 b = bb.load_backbone(spec)

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log, step
 from clipfuse.runtime.fit_images import fit_image_digests
 from clipfuse.runtime.images import collect_images, preprocess_paths
 from clipfuse.runtime.manifest import sha256_file
 
-from ..graph.islands import FEATURE_NORM_OP
-from .fp16 import ancestor_nodes
+from .fp16 import ancestor_nodes, tower_outputs
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")
@@ -150,47 +148,6 @@ def muted_root_logger():
 
 
 # ----------------------------------------------------------------------------- towers
-
-def tower_outputs(graph) -> list[str]:
-    """The raw embeddings, one per backbone in graph order: the inputs of the feature norms (ReduceL2)."""
-
-    outs = [n.input[0] for n in graph.node if n.op_type == FEATURE_NORM_OP]
-    if not outs:
-        raise ClipfuseError("the fused graph has no ReduceL2 (feature normalisation) node: it was not made by "
-                            "this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
-    return outs
-
-
-def backbone_towers(graph) -> list[str]:
-    """The raw embeddings in backbone order (the order of the features output's slices): for each input of
-    the Concat that makes `features`, the one raw embedding it depends on. One backbone: its one tower."""
-    outs = tower_outputs(graph)
-    if len(outs) == 1:
-        return outs
-    producer = {o: n for n in graph.node for o in n.output}
-    node = producer.get(iospec.FEATURES)
-    while node is not None and node.op_type in ("Identity", "Cast"):
-        node = producer.get(node.input[0])
-    if node is None or node.op_type != "Concat" or len(node.input) != len(outs):
-        raise ClipfuseError("the fused graph's features output is not a Concat of one slice per backbone: it was "
-                            "not made by this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
-    order, targets = [], set(outs)
-    for t in node.input:
-        seen, todo, hit = set(), [t], set()
-        while todo:
-            x = todo.pop()
-            if x in targets:
-                hit.add(x)
-                continue
-            p = producer.get(x)
-            if p is not None and p.name not in seen:
-                seen.add(p.name)
-                todo.extend(p.input)
-        if len(hit) != 1:
-            raise ClipfuseError(f"features slice {len(order)} depends on {len(hit)} towers, not one: re-export the engine")
-        order.append(hit.pop())
-    return order
-
 
 def tower_nodes(graph, output) -> list:
     """The nodes `output` (a tensor name, or several) depends on, in graph order (the tower, and the input

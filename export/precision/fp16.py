@@ -63,6 +63,47 @@ def ancestor_nodes(graph, tensors) -> set:
     return seen
 
 
+def tower_outputs(graph) -> list[str]:
+    """The raw embeddings, one per backbone in graph order: the inputs of the feature norms (ReduceL2)."""
+
+    outs = [n.input[0] for n in graph.node if n.op_type == FEATURE_NORM_OP]
+    if not outs:
+        raise ClipfuseError("the fused graph has no ReduceL2 (feature normalisation) node: it was not made by "
+                            "this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
+    return outs
+
+
+def backbone_towers(graph) -> list[str]:
+    """The raw embeddings in backbone order (the order of the features output's slices): for each input of
+    the Concat that makes `features`, the one raw embedding it depends on. One backbone: its one tower."""
+    outs = tower_outputs(graph)
+    if len(outs) == 1:
+        return outs
+    producer = {o: n for n in graph.node for o in n.output}
+    node = producer.get(iospec.FEATURES)
+    while node is not None and node.op_type in ("Identity", "Cast"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "Concat" or len(node.input) != len(outs):
+        raise ClipfuseError("the fused graph's features output is not a Concat of one slice per backbone: it was "
+                            "not made by this clipfuse's exporter; re-export it (`clipfuse export ENGINE`)")
+    order, targets = [], set(outs)
+    for t in node.input:
+        seen, todo, hit = set(), [t], set()
+        while todo:
+            x = todo.pop()
+            if x in targets:
+                hit.add(x)
+                continue
+            p = producer.get(x)
+            if p is not None and p.name not in seen:
+                seen.add(p.name)
+                todo.extend(p.input)
+        if len(hit) != 1:
+            raise ClipfuseError(f"features slice {len(order)} depends on {len(hit)} towers, not one: re-export the engine")
+        order.append(hit.pop())
+    return order
+
+
 def fp32_node_names(model) -> tuple[set, dict]:
     """Names of the nodes to keep in fp32, and {island kind: {op type: count}} for the manifest."""
     graph = model.graph
@@ -92,8 +133,9 @@ def fp32_node_names(model) -> tuple[set, dict]:
     return keep, {k: dict(sorted(v.items())) for k, v in islands.items()}
 
 
-def convert_fp16(src: Path, dst: Path) -> dict:
-    """model.onnx -> fp16 graph at dst (external data beside it past 2 GB). Returns facts for the manifest."""
+def convert_fp16(src: Path, dst: Path, float_towers=()) -> dict:
+    """model.onnx -> fp16 graph at dst (external data beside it past 2 GB). Returns facts for the manifest.
+    float_towers: backbone indices (manifest order) whose whole tower stays fp32 as well."""
     import onnx
     from onnx import external_data_helper
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -114,6 +156,11 @@ def convert_fp16(src: Path, dst: Path) -> dict:
     else:
         model = probe                                 # no external data: the weights are in the file, loaded
     keep, islands = fp32_node_names(model)
+    if float_towers:
+        outs = backbone_towers(model.graph)
+        kept = ancestor_nodes(model.graph, [outs[k] for k in float_towers])
+        islands["float_towers"] = {"backbones": sorted(float_towers), "nodes": len(kept - keep)}
+        keep |= kept
     with contextlib.ExitStack() as stack:
         if lean:     # the converter reads each converted tensor's data just for its shape; its dims say the same
             from onnx import helper
@@ -303,15 +350,29 @@ def export_fp16(engine_dir, strict: bool = True) -> dict:
     folder = m.folder
     with update_engine_folder(folder, what=MODEL_FP16) as update:
         dst = update.path(MODEL_FP16)
-        with step(f"[1/3] converting {m.onnx_path.name} to fp16 (LayerNorm, softmax, feature norm, heads, "
-                  "controller, combination kept fp32)"):
-            info = convert_fp16(m.onnx_path, dst)
-        with step("[2/3] validating fp16 against fp32 on ONNX Runtime CPU (32 images from the shipped photographs)"):
-            info["validation"] = validate_fp16(m, dst)
-            info["ort_cpu_fp32_fallback_ops"] = cpu_fp32_fallback_ops(dst)
-        if strict and not info["validation"]["ok"]:
-            raise ClipfuseError(f"fp16 graph of {str(folder)!r} fails validation: "
-                                + "; ".join(info["validation"]["failures"]) + " (nothing written)")
+        float_towers: list[int] = []
+        while True:
+            kept = f", towers of {', '.join(m.backbone_names[k] for k in float_towers)}" if float_towers else ""
+            with step(f"[1/3] converting {m.onnx_path.name} to fp16 (LayerNorm, softmax, feature norm, heads, "
+                      f"controller, combination{kept} kept fp32)"):
+                info = convert_fp16(m.onnx_path, dst, float_towers)
+            with step("[2/3] validating fp16 against fp32 on ONNX Runtime CPU (32 images from the shipped "
+                      "photographs)"):
+                info["validation"] = validate_fp16(m, dst)
+            if info["validation"]["ok"] or not strict:
+                break
+            worst = _worst_tower(info["validation"], float_towers)
+            if worst is None or len(float_towers) + 1 == len(m.backbones):
+                raise ClipfuseError(f"fp16 graph of {str(folder)!r} fails validation: "
+                                    + "; ".join(info["validation"]["failures"]) + " (nothing written; keeping more "
+                                    "towers fp32 would leave fp16 nothing to gain: run the fp32 graph)")
+            # the heads and everything after the raw embeddings are fp32 already: what moves the outputs is a
+            # tower's fp16 error, amplified by its head (a linear probe's rows can be long); keep that tower fp32
+            log(f"fp16: {'; '.join(info['validation']['failures'])}; keeping {m.backbone_names[worst]}'s tower fp32 "
+                "(its logits moved most) and validating again")
+            float_towers.append(worst)
+        info["float_backbones"] = [m.backbone_names[k] for k in float_towers]
+        info["ort_cpu_fp32_fallback_ops"] = cpu_fp32_fallback_ops(dst)
         info["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         info["source"] = m.onnx_path.name
         info["source_sha256"] = m.data["artefacts"][m.onnx_path.name]["sha256"]   # staleness check
@@ -321,3 +382,9 @@ def export_fp16(engine_dir, strict: bool = True) -> dict:
         log(f"[3/3] writing {MODEL_FP16} and the manifest into {folder}")
     return info
 
+
+def _worst_tower(report: dict, float_towers) -> int | None:
+    """The fp16 tower (backbone index) whose logits moved most, relative to their bound; None when none is left."""
+    rows = [(b.get("logits_max_abs", 0.0) / max(b.get("logits_bound") or 1e-12, 1e-12), k)
+            for k, b in enumerate(report.get("backbones") or []) if k not in float_towers]
+    return max(rows)[1] if rows else None

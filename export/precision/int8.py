@@ -37,7 +37,6 @@ from ..graph.engine_folder import fsync_file
 from .calibrate import (
     METHODS,
     QUANT_OPS,
-    backbone_towers,
     calibrate_ranges,
     feeds_images,
     feeds_sha256,
@@ -45,7 +44,7 @@ from .calibrate import (
     save_ranges,
     tower_nodes,
 )
-from .fp16 import fp32_node_names
+from .fp16 import backbone_towers, fp32_node_names
 
 ACTIVATIONS = {"s8": "QInt8", "u8": "QUInt8"}      # onnxruntime.quantization.QuantType names
 EXTERNAL_DATA_BYTES = 1_800_000_000

@@ -18,6 +18,9 @@ graph's record nested under "tensorrt"). `targets=("cpu",)` writes only the CPU 
 engine the export also cuts int8 stage towers and certifies their exit thresholds again
 (export/precision/int8_stages.py); when too few images certify them the int8 graph ships without them
 and the record says why.
+`targets=None` (the default) writes the TensorRT graph only where TensorRT is installed
+(default_targets). A TensorRT graph that fails its validation never costs the CPU graph that passed: the
+CPU graph ships and the record says why the other did not (info["tensorrt_refused"]).
 
 Refused, one line each and nothing written: an engine without model.onnx, a calibration folder that is
 missing, unreadable, empty or has too few images, and a graph whose validation fails.
@@ -25,6 +28,7 @@ missing, unreadable, empty or has too few images, and a graph whose validation f
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 from pathlib import Path
 
 from clipfuse.core import iospec
@@ -52,13 +56,19 @@ def _read_engine(engine_dir):
     return m
 
 
+def default_targets() -> tuple[str, ...]:
+    """The graphs this machine can use: both where TensorRT is installed, else the CPU graph only."""
+    return TARGETS if importlib.util.find_spec("tensorrt") is not None else ("cpu",)
+
+
 def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str = "minmax",
-                targets=TARGETS, data=None, classes=None, strict: bool = True,
+                targets=None, data=None, classes=None, strict: bool = True,
                 keep_fp32=(), cascade_images=None) -> dict:
     """Quantize model.onnx for each target, validate each against fp32, write them atomically.
 
     calibration: a folder of the user's images (at least export/precision/int8.py MIN_IMAGES readable); count:
-    images used at most; method: minmax | entropy | percentile; targets: "cpu" and/or "tensorrt";
+    images used at most; method: minmax | entropy | percentile; targets: "cpu" and/or "tensorrt" (None:
+    default_targets());
     data: a labelled folder for accuracy (int8 - fp32, paired); strict: refuse (nothing written) when
     a validation fails; keep_fp32: backbone names whose towers stay fp32, or ["auto"]: those whose own
     checks (embedding cosine, error-to-spread, own top-1) fail in int8 are re-quantized fp32, once, and
@@ -66,7 +76,12 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     cascade_images: on a cascade engine, the unlabelled folder the int8 stages' thresholds are certified
     on (default `calibration`; export/precision/int8_stages.py). Returns the manifest's precisions["int8"] entry."""
 
-    targets = tuple(targets)
+    if targets is None:
+        targets = default_targets()
+        if targets == ("cpu",):
+            log("TensorRT is not installed here: writing the CPU graph only (--int8-target both or tensorrt "
+                "also writes model.int8-trt.onnx)", tag="int8")
+    targets = tuple(t for t in TARGET_GRAPHS if t in targets) + tuple(t for t in targets if t not in TARGET_GRAPHS)
     if not targets or any(t not in TARGET_GRAPHS for t in targets):
         raise ClipfuseError(f"int8 targets {list(targets)}: valid are {', '.join(TARGET_GRAPHS)}")
     m = _read_engine(engine_dir)
@@ -79,7 +94,7 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
             certify_folder = calibration if cascade_images is None else cascade_images
             certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1, leave_out_fit=True,
                                         what="calibration folder" if cascade_images is None else "--cascade-images folder")
-    records = {}
+    records, tensorrt_refused = {}, None
     with update_engine_folder(m.folder, what=MODEL_INT8) as update:
         # one calibration (tower by tower) for every target: ranges do not depend on the activation type
         ranges = calibrate_ranges(m.onnx_path, feeds, method, workdir=update.stage)
@@ -102,8 +117,8 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
             if len(keep) == len(m.backbones) and strict:
                 raise ClipfuseError(f"{name} of {str(m.folder)!r}: every backbone fails in int8 ("
                                     + "; ".join(_own_failure(rec["validation"], b) for b in m.backbone_names)
-                                    + "); with all towers fp32, "
-                                    "int8 would gain nothing (nothing written); use fp32 or --precision fp16")
+                                    + "); with all towers fp32, int8 would gain nothing (nothing written); "
+                                    + _instead(m, "calibrate on more, and more varied, images of your task"))
             if failing and len(keep) < len(m.backbones):      # else (not strict) the first graph is measured
                 log(f"{name}: keeping {', '.join(m.backbone_names[k] for k in failing)} fp32 (their own checks "
                     f"failed in int8) and validating again", tag="int8")
@@ -112,8 +127,19 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
             rec["float_backbones"] = [m.backbone_names[k] for k in float_towers]
             for line in format_checks(rec["validation"]):
                 log(line, tag="int8")
-            if strict:
-                require_valid(rec["validation"], f"{name} of {str(m.folder)!r}")
+            if strict and not rec["validation"]["ok"]:
+                fixes = _fixes(m, rec["validation"], float_towers, auto, target, targets)
+                if target == "tensorrt" and "cpu" in records:
+                    # the CPU graph passed: it ships; this one is left out, and the record says why
+                    reason = f"{name} refused against fp32: " + "; ".join(rec["validation"]["failures"])
+                    log(f"{reason}; {name} not written (the CPU graph passed and is kept); {fixes}", tag="int8")
+                    dst.unlink(missing_ok=True)      # the staged graph and its external data, if any
+                    for extra in rec.get("external_data") or []:
+                        update.path(extra).unlink(missing_ok=True)
+                    update.remove(name)
+                    tensorrt_refused = f"{reason} ({fixes})"
+                    continue
+                require_valid(rec["validation"], f"{name} of {str(m.folder)!r}", fixes=fixes)
             data_files = rec.get("external_data") or []       # one file (all_tensors_to_one_file) past 2 GB
             rec["external_data"] = data_files[0] if len(data_files) == 1 else (data_files or None)
             rec["target"] = target
@@ -129,6 +155,8 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         if "tensorrt" in records:
             info["tensorrt"] = records["tensorrt"]
         info["targets"] = list(records)
+        if tensorrt_refused:
+            info["tensorrt_refused"] = tensorrt_refused
         if is_cascade(m):
             info["cascade"] = _cascade_stages(m, update, records, certify, certify_folder, data, ref_cache)
         update.edit_manifest(lambda d: d.setdefault("precisions", {}).__setitem__("int8", info))
@@ -176,6 +204,29 @@ def _keep_fp32(m, keep_fp32) -> tuple[bool, tuple]:
     if len(set(idx)) == len(m.backbones):
         raise ClipfuseError(f"--int8-keep-fp32 names every backbone of {str(m.folder)!r}: int8 would gain nothing")
     return auto, tuple(sorted(set(idx)))
+
+
+def _instead(m, first: str) -> str:
+    """What to do instead of int8: `first`, or the engine's fp16 graph where it has one (made and validated
+    already; `clipfuse export ENGINE --precision fp16` is not suggested blind: it may fail on this engine too)."""
+    fp16 = "fp16" in (m.data.get("precisions") or {})
+    return first + ("; or run the fp16 graph it already has (--precision fp16)" if fp16 else "; or stay with fp32")
+
+
+def _fixes(m, report: dict, float_towers, auto: bool, target: str, targets) -> str:
+    """The options that would let a refused int8 graph pass, most specific first: keep the towers whose own
+    checks failed fp32 (named, or auto), write only the CPU graph where the TensorRT one failed, else
+    calibrate on more images."""
+    failing = [k for k in failing_backbones(report) if k not in float_towers]
+    parts = []
+    if failing and len(set(failing) | set(float_towers)) < len(m.backbones):
+        named = " ".join(f"--int8-keep-fp32 {m.backbone_names[k]}" for k in failing)
+        parts.append(f"keep the failing tower{'s' * (len(failing) > 1)} fp32: {named}"
+                     + ("" if auto else " (or --int8-keep-fp32 auto)"))
+    if target == "tensorrt":
+        parts.append("write the CPU graph only: --int8-target cpu")
+    return ("try " + "; or ".join(parts) + "; or " if parts else "") + _instead(
+        m, "calibrate on more, and more varied, images of your task")
 
 
 def _own_failure(report: dict, backbone: str) -> str:

@@ -150,9 +150,10 @@ def _accuracy(fp32_logits, logits, y, data, key: str) -> dict:
             "max_drop": iospec.tolerance("int8")["max_accuracy_drop"]}
 
 
-def require_valid(report: dict, what: str = "int8 graph") -> None:
-    """ClipfuseError (one line, every failing figure with its bound) when the report failed."""
+def require_valid(report: dict, what: str = "int8 graph",
+                  fixes: str = "calibrate on more, and more varied, images of your task") -> None:
+    """ClipfuseError (one line, every failing figure with its bound, then `fixes`: what would pass) when the
+    report failed."""
     if not report["ok"]:
         raise ClipfuseError(f"{what} refused against fp32: " + "; ".join(report["failures"])
-                            + " (nothing written; calibrate on more, and more varied, images of your task, "
-                            "or use --precision fp16)")
+                            + f" (nothing written; {fixes})")

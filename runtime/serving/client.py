@@ -158,6 +158,21 @@ def _find_model(client, protocol: str, address: str, ServerError) -> str:
     return ready[0]
 
 
+def _not_ready(client, protocol: str, address: str, model: str, where: str, ServerError) -> str:
+    """Why `model` is not ready: no such model on the server (a typo in --model; the served one named
+    where the server says), or a known model still loading or failed to load."""
+    try:
+        client.get_model_metadata(model)
+    except ServerError as e:
+        if "unknown model" in str(e).lower() and "not found" in str(e).lower():
+            try:
+                served = f"; it serves {_find_model(client, protocol, address, ServerError)!r}"
+            except ClipfuseError:
+                served = ""
+            return f"no such model {model!r} at {protocol}://{address}{served}: check --model"
+    return f"{where} is not ready (not loaded, or still loading); check the server's log"
+
+
 def manifest_from_metadata(meta: dict, where: str) -> Manifest:
     """A Manifest-shaped view of the served engine: what the Predictor needs, nothing on disk."""
     backbones = []
@@ -191,7 +206,7 @@ def connect(url: str, model: str | None = None, batch_size: int = 8, workers: in
         where = f"model {model!r} at {protocol}://{address}"
         try:
             if not client.is_model_ready(model):
-                raise ClipfuseError(f"{where} is not ready (not loaded, or still loading); check the server's log")
+                raise ClipfuseError(_not_ready(client, protocol, address, model, where, ServerError))
             config = client.get_model_config(model, as_json=True) if protocol == "grpc" else \
                 client.get_model_config(model)
         except ServerError as e:

@@ -57,6 +57,7 @@ from .repository import (
     default_model_name,
     model_spec,
 )
+from .triton_log import route_triton_log
 
 LOOPBACK = "127.0.0.1"
 ACCESS_HEADER = "triton-access-token"
@@ -318,6 +319,7 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         raise
     shm_before = _shm_entries()
     triton = Triton(config=config)
+    route_triton_log(triton)          # Triton's log: stderr, not stdout; its one harmless error line dropped
     server = Server(spec.name, host, http_port, grpc_port, metrics_port,
                     getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends,
                     _shm_prefix=_python_backend_shm_prefix(triton), _shm_before=shm_before)

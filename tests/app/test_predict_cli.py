@@ -192,3 +192,10 @@ def test_max_image_pixels_option_exists_and_is_named_by_the_refusal(tiny_engine,
     r = run("predict", tiny_engine, photo_paths[0], "--max-image-pixels", "200000", "--format", "jsonl")
     assert r.exit_code == 1 and "= 262,144 px, over the limit of 200,000 px" in json.loads(r.stdout)["error"]
     assert "DecompressionBombWarning" not in r.stderr
+
+
+def test_an_image_without_an_engine_says_the_engine_comes_first(photo_paths):
+    r = CliRunner().invoke(cli, ["predict", str(photo_paths[0])])
+    assert r.exit_code == 2
+    assert "the engine folder comes first (clipfuse predict ENGINE IMAGES...)" in r.stderr
+    assert repr(str(photo_paths[0])) in r.stderr

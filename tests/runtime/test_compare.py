@@ -81,7 +81,7 @@ def test_parse_backends_errors():
         ("torch", "fp32"), ("onnxruntime", "fp16"), ("onnxruntime", "fp32")]
     with pytest.raises(ClipfuseError, match="at least two"):
         parse_backends("onnxruntime", None)
-    with pytest.raises(ClipfuseError, match="fp32 reference"):
+    with pytest.raises(ClipfuseError, match="torch runs the fp32 reference only"):
         parse_backends("onnxruntime,torch-fp16", None)
     with pytest.raises(ClipfuseError, match="twice"):
         parse_backends("onnxruntime,onnxruntime-fp32", None)
@@ -123,3 +123,14 @@ def test_compare_torch_cuda_vs_onnxruntime_cpu(tiny_engine):
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["ok"] and report["backends"][1]["name"] == "torch-cuda"
+
+
+def test_help_and_output_name_the_same_reference(fp16_engine):
+    """--help says the first backend stays the reference under --precision; the output names that one."""
+    assert "the first backend stays the reference" in " ".join(_cli("compare", "--help").output.split())
+    r = _cli("compare", fp16_engine, "--backends", "onnxruntime,torch", "--precision", "fp16")
+    assert r.exit_code == 0, r.output
+    assert "reference onnxruntime-fp16" in r.output and "torch stays the fp32 reference" not in r.output
+    r = _cli("compare", fp16_engine, "--backends", "torch,onnxruntime", "--precision", "fp16")
+    assert r.exit_code == 0, r.output
+    assert "reference torch" in r.output and "onnxruntime-fp16 vs torch" in r.output

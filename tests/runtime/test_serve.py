@@ -320,3 +320,24 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine
             assert_same(remote.predict(photo_paths), local.predict(photo_paths))
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_wrong_model_name_is_no_such_model(protocol, server):
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with pytest.raises(ClipfuseError) as e:
+        clipfuse.connect(url, model="no-such-engine")
+    assert str(e.value) == (f"no such model 'no-such-engine' at {url}; it serves {server.model_name!r}: "
+                            "check --model")
+
+
+def test_triton_log_goes_to_stderr_without_its_harmless_error_line(tiny_engine, capfd):
+    """pytriton printed Triton's whole log on stdout (results only there), with an error line on every start
+    that is harmless (runtime/serving/triton_log.py says why): now stderr, tagged, without that line."""
+    srv = clipfuse.serve(tiny_engine, host=HOST, http_port=free_port(), grpc_port=free_port(),
+                         metrics_port=free_port(), exit_timeout_s=2)
+    srv.stop()
+    out, err = capfd.readouterr()
+    assert "model_lifecycle" not in out and "tritonserver" not in out, out[:500]
+    assert "[triton] " in err and "successfully loaded 'tiny'" in err
+    assert "model_config_content_name_ is empty" not in out + err

@@ -140,6 +140,8 @@ def test_order_chosen_on_calibration_cost_with_the_confidence_split():
 def test_required_calibration_images():
     # Zero disagreements on n images certify 1 - 0.05^(1/n): 0.5 points needs 598, 1 point 299.
     assert required_calibration_images(0.5) == 598
+    # the README's figures: 598 for one configuration, 875 for the four fit may try (Bonferroni)
+    assert (required_calibration_images(0.5, tries=2), required_calibration_images(0.5, tries=4)) == (736, 875)
     assert required_calibration_images(1.0) == 299
     assert required_calibration_images(0.5, tries=2) > 598
 

@@ -94,6 +94,29 @@ def test_linear_probe_heads(tmp_path, data):
     assert report["probe_images"] > 0 and report["probe_images"] + report["num_train_pool"] == 16
 
 
+def test_too_many_shots_for_the_probes_pool_is_refused_before_any_feature(tmp_path, photo_paths, monkeypatch):
+    """The README's --shots 4 --head linear-probe on 25 images per class: refused at once, naming what passes."""
+    from clipfuse.export.fit import pipeline
+
+    def no_features(*a, **k):
+        raise AssertionError("features computed before the shots were checked")
+
+    monkeypatch.setattr(pipeline, "compute_features", no_features)
+    monkeypatch.setattr(pipeline.bb, "load_backbone", no_features)
+    root = tmp_path / "photos"
+    make_folder(root, photo_paths, per_class=25)
+    with pytest.raises(ClipfuseError) as e:
+        fit_engine(TINY[:1], root, tmp_path / "o", shots=4, head="linear-probe", cache_dir=tmp_path / "c", **STUDY)
+    msg = str(e.value)
+    assert "--shots 4 is more than class" in msg and "(2 images)" in msg
+    assert msg.endswith("use --shots 2 or --probe-fraction 0.75 (the probes then train on fewer images)")
+    # each suggestion passes the check that refused
+    from clipfuse.export.data import check_shots, scan_labelled_folder
+    _, labels, names = scan_labelled_folder(root)
+    check_shots(labels, 2, names, 0.3, 0.9)
+    check_shots(labels, 4, names, 0.3, 0.75)
+
+
 def test_bad_input(tmp_path, data, photo_paths):
     kw = dict(templates=["a {}"], cache_dir=tmp_path / "cache", **STUDY)
     (tmp_path / "empty").mkdir()

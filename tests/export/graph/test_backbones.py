@@ -6,8 +6,11 @@ import pickle
 import open_clip
 import pytest
 import torch
+from click.testing import CliRunner
 
+from clipfuse.cli.main import cli
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.graph import backbones as bbmod
 from clipfuse.export.graph.backbones import (
     OPENAI_BACKBONES,
     count_image_gflops,
@@ -55,6 +58,10 @@ def test_unknown_arch_lists_the_nine():
         parse_backbone("VIT-B-32")
     for arch in OPENAI_BACKBONES:
         assert arch in str(e.value)
+    # the command it names really lists every name (the plain listing has only the nine)
+    assert "`clipfuse backbones --all` lists them" in str(e.value)
+    listed = CliRunner().invoke(cli, ["backbones", "--all"]).output
+    assert "RN50-quickgelu" in listed.split()
 
 
 def test_random_seed_convention_is_exact():
@@ -129,12 +136,50 @@ def test_checkpoint_that_is_a_folder_is_named_as_such(tmp_path):
 
 
 def test_pretrained_download_failure_says_what_to_do(monkeypatch):
-    def fail(*a, **k):
-        raise RuntimeError("no network")
+    """The hub answers but the download fails: open_clip's reason whole (not cut mid-word), and the
+    checkpoint form the README gives for OpenAI weights (QuickGELU)."""
+    reason = "Failed to download file (open_clip_pytorch_model.bin) for timm/resnet50_clip.openai. " * 4
 
+    def fail(*a, **k):
+        raise RuntimeError(reason)
+
+    monkeypatch.setattr(bbmod, "_hub_reachable", lambda: True)     # never the network: simulated
+    monkeypatch.setattr(bbmod, "_in_local_cache", lambda cfg: False)
     monkeypatch.setattr(open_clip, "create_model", fail)
-    with pytest.raises(ClipfuseError, match="checkpoint.safetensors"):
+    with pytest.raises(ClipfuseError) as e:
         load_backbone("RN50:openai")
+    assert f"(RuntimeError: {reason.strip()})" in str(e.value)
+    assert str(e.value).endswith("pass its path: RN50-quickgelu:/path/to/checkpoint.safetensors")
+
+
+def test_offline_without_a_cached_file_fails_at_once(monkeypatch):
+    """No network and nothing cached: refused before open_clip tries (it would retry for most of a minute)."""
+    def never(*a, **k):
+        raise AssertionError("open_clip was asked to download")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(bbmod, "_in_local_cache", lambda cfg: False)
+    monkeypatch.setattr(open_clip, "create_model", never)
+    with pytest.raises(ClipfuseError, match=r"not in the local cache and the model hub cannot be reached .* "
+                                            r"RN50-quickgelu:/path/to/checkpoint.safetensors$"):
+        load_backbone("RN50:openai")
+    assert bbmod._hub_reachable() is False       # HF_HUB_OFFLINE answers without opening a socket
+
+
+def test_a_cached_pretrained_file_is_found_without_the_network(tmp_path, monkeypatch):
+    """The local-cache check reads huggingface_hub's cache layout (a file laid out by hand, nothing fetched)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    cfg = open_clip.get_pretrained_cfg("RN50", "openai")
+    assert not bbmod._in_local_cache(cfg)
+    model_id = cfg["hf_hub"].rstrip("/")
+    repo = tmp_path / f"models--{model_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "open_clip_model.safetensors").write_bytes(b"x")
+    assert bbmod._in_local_cache(cfg)
 
 
 def test_flop_counter_and_params_on_tiny_vit_match_hand_count():

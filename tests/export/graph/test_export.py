@@ -181,6 +181,20 @@ def test_linear_probe_heads_go_through_the_same_path(tmp_path, photo_paths):
     np.testing.assert_allclose(bb[:, 0], ref0, rtol=1e-4, atol=1e-4)
 
 
+def test_progress_counts_from_one_when_backbones_come_built(tmp_path, capsys):
+    """fit hands export built backbones and fitted heads: the counter shows only the steps that run."""
+    from clipfuse.export.graph.backbones import load_backbone
+
+    torch.manual_seed(0)
+    heads = [Head(torch.randn(3, 32), torch.randn(3), LINEAR_PROBE), Head(torch.randn(3, 24), torch.randn(3), LINEAR_PROBE)]
+    built = load_backbone(TINY[0])
+    capsys.readouterr()
+    export_engine([built, TINY[2]], "a,b,c", tmp_path / "probe", heads=heads)
+    counters = [ln.split("] ", 1)[1] for ln in capsys.readouterr().err.splitlines() if ln.endswith(" ...")]
+    assert [c.split()[0] for c in counters] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], counters
+    assert "clipfuse-test-vit48:random:2: building" in counters[0]
+
+
 def test_bad_export_arguments(tmp_path):
     with pytest.raises(ClipfuseError, match="given twice"):
         export_engine([TINY[0], TINY[0]], "a,b", tmp_path / "x", templates=TWO_TEMPLATES)

@@ -131,10 +131,34 @@ def test_failed_validation_writes_nothing(tiny_engine, tmp_path, monkeypatch):
     shutil.copytree(tiny_engine, folder)
     before = (folder / "manifest.json").read_bytes()
     monkeypatch.setattr(fp16, "validate_fp16", lambda m, p: {"ok": False, "failures": ["planted failure"]})
-    with pytest.raises(ClipfuseError, match="planted failure"):
+    with pytest.raises(ClipfuseError, match="planted failure.*run the fp32 graph"):
         fp16.export_fp16(folder)
     assert (folder / "manifest.json").read_bytes() == before
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_engine.iterdir())
+
+
+def test_a_fitted_linear_probe_engine_gets_an_fp16_graph(tmp_path, photo_paths):
+    """Issue 23: a probe fitted on the tiny RN tower's nearly collapsed features has rows of norm ~1e3, so that
+    tower's fp16 error moved probs past their bound with everything after the embeddings already fp32. The
+    export keeps the tower whose logits moved most fp32, validates again, and ships."""
+    from conftest import TINY
+    from imagefactory import make_labelled_folder
+
+    from clipfuse.cli.main import cli
+    from clipfuse.export.fit.pipeline import fit_engine
+    from clipfuse.runtime.manifest import read_manifest
+
+    make_labelled_folder(tmp_path / "data", photo_paths)
+    folder = fit_engine(TINY[:2], tmp_path / "data", tmp_path / "probe", head="linear-probe", shots=1,
+                        eval_fraction=0.34, study_shots=(1,), study_seeds=(0,), cache_dir=tmp_path / "cache")[0].folder
+    r = CliRunner().invoke(cli, ["export", str(folder), "--precision", "fp16"])
+    assert r.exit_code == 0, r.output
+    rn = "clipfuse-test-rn:random:1"
+    assert f"keeping {rn}'s tower fp32 (its logits moved most) and validating again" in r.stderr
+    assert f"towers kept fp32: {rn}" in r.stdout
+    entry = read_manifest(folder).data["precisions"]["fp16"]
+    assert entry["validation"]["ok"] and entry["float_backbones"] == [rn]
+    assert entry["fp32_islands"]["float_towers"]["backbones"] == [1]
 
 
 def test_drop_round_trips_rewires_and_removes():

@@ -38,7 +38,8 @@ def _whole_graph_ranges(path: Path, feeds, tmp: Path):
 def test_towers_are_the_backbones_and_share_only_the_input_scaling(engine):
     import onnx
 
-    from clipfuse.export.precision.calibrate import QUANT_OPS, tower_nodes, tower_outputs
+    from clipfuse.export.precision.calibrate import QUANT_OPS, tower_nodes
+    from clipfuse.export.precision.fp16 import tower_outputs
 
     m, _ = engine
     g = onnx.load(str(m.onnx_path)).graph
@@ -56,7 +57,8 @@ def test_towers_are_the_backbones_and_share_only_the_input_scaling(engine):
 def test_tower_model_holds_only_its_own_weights(engine):
     import onnx
 
-    from clipfuse.export.precision.calibrate import tower_model, tower_outputs
+    from clipfuse.export.precision.calibrate import tower_model
+    from clipfuse.export.precision.fp16 import tower_outputs
 
     m, _ = engine
     full = onnx.load(str(m.onnx_path), load_external_data=False)
@@ -132,7 +134,8 @@ def test_both_graphs_of_an_export_come_from_one_calibration(engine, calib_dir, t
         return real(*a, **kw)
 
     monkeypatch.setattr(int8_export, "calibrate_ranges", counting)
-    info = int8_export.export_int8(folder, calib_dir, count=32, strict=False)
+    info = int8_export.export_int8(folder, calib_dir, count=32, targets=("cpu", "tensorrt"),
+                                   strict=False)
     assert len(calls) == 1 and info["targets"] == ["cpu", "tensorrt"]
     assert info["calibration"]["sha256"] == info["tensorrt"]["calibration"]["sha256"]
     assert (folder / "model.int8.onnx").is_file() and (folder / "model.int8-trt.onnx").is_file()

@@ -36,7 +36,8 @@ def int8_engine(tiny_vit_engine, calib_dir, tmp_path_factory):
     graphs, made through the CLI."""
     folder = tmp_path_factory.mktemp("int8e") / "tiny"
     shutil.copytree(tiny_vit_engine, folder)
-    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32, "-q")
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32,
+             "--int8-target", "both", "-q")
     assert r.exit_code == 0, r.output
     assert "model.int8.onnx (target cpu)" in r.output and "model.int8-trt.onnx (target tensorrt)" in r.output
     assert "embedding cosine min" in r.output and "(bound >= 0.99)" in r.output
@@ -322,3 +323,79 @@ def test_auto_refuses_when_every_tower_fails(tiny_engine, tmp_path):
              "--int8-keep-fp32", "auto", "-q")
     assert r.exit_code == 1 and "every backbone fails in int8" in r.output and "nothing written" in r.output, r.output
     assert len(r.output.strip().splitlines()[-1]) > 0 and not (folder / "model.int8.onnx").exists()
+
+
+def test_default_target_fits_the_machine(tiny_vit_engine, calib_dir, tmp_path):
+    """Without --int8-target: the TensorRT graph only where TensorRT is installed (here, without it: CPU only)."""
+    import importlib.util
+
+    from clipfuse.runtime.manifest import read_manifest
+
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_vit_engine, folder)
+    r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32)
+    assert r.exit_code == 0, r.output
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    assert read_manifest(folder).data["precisions"]["int8"]["targets"] == (["cpu", "tensorrt"] if has_trt else ["cpu"])
+    assert (folder / "model.int8.onnx").is_file() and (folder / "model.int8-trt.onnx").is_file() == has_trt
+    if not has_trt:
+        assert "TensorRT is not installed here: writing the CPU graph only" in r.output
+        # what asks for the TensorRT graph names the command that writes it here (the default would not)
+        from clipfuse.runtime.precisions import with_precision
+        with pytest.raises(ClipfuseError, match=r"has no model.int8-trt.onnx: make it with `clipfuse export .* "
+                                                r"--precision int8 --calibration DIR --int8-target both`"):
+            with_precision(read_manifest(folder), "int8", "tensorrt")
+
+
+def test_each_option_a_refusal_names_passes(tiny_engine, calib_dir, tmp_path):
+    """The tiny RN tower fails in int8: the refusal names --int8-keep-fp32 for it (and auto); each runs and
+    passes on the same engine; no refusal suggests the fp16 export blind."""
+    import re
+
+    def export(name, *args):
+        folder = tmp_path / name
+        shutil.copytree(tiny_engine, folder)
+        return _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--calibration-count", 32,
+                    "--int8-target", "cpu", *args, "-q")
+
+    r = export("refused")
+    assert r.exit_code == 1, r.output
+    rn = "clipfuse-test-rn:random:1"
+    assert f"try keep the failing tower fp32: --int8-keep-fp32 {rn} (or --int8-keep-fp32 auto)" in r.output
+    assert "--precision fp16" not in r.output and "calibrate on more" in r.output
+    suggested = re.findall(r"--int8-keep-fp32 (\S+?)\)?(?:[ ;]|$)", r.output)
+    assert suggested == [rn, "auto"], suggested
+    for i, value in enumerate(suggested):
+        r = export(f"fix{i}", "--int8-keep-fp32", value)
+        assert r.exit_code == 0, (value, r.output)
+        assert f"towers kept fp32: {rn}" in r.output
+
+
+def test_a_failing_tensorrt_graph_keeps_the_cpu_graph_that_passed(tiny_vit_engine, calib_dir, tmp_path, monkeypatch):
+    """The TensorRT graph's validation fails (injected: the tiny towers pass both): the CPU graph is still
+    written, the TensorRT graph is not, and the record says why, naming --int8-target cpu."""
+    from clipfuse.export.precision import int8_export
+    from clipfuse.runtime.manifest import read_manifest
+
+    real = int8_export.validate_int8
+
+    def trt_fails(m, path, **kw):
+        report = real(m, path, **kw)
+        if path.name.startswith("model.int8-trt"):
+            report = dict(report, ok=False, failures=["logits: max |err| 9.9 > tolerance 0.1 (injected)"])
+        return report
+
+    monkeypatch.setattr(int8_export, "validate_int8", trt_fails)
+    folder = tmp_path / "tiny"
+    shutil.copytree(tiny_vit_engine, folder)
+    info = int8_export.export_int8(folder, calib_dir, count=32, targets=("cpu", "tensorrt"))
+    assert info["targets"] == ["cpu"] and "tensorrt" not in info
+    assert "(injected)" in info["tensorrt_refused"] and "--int8-target cpu" in info["tensorrt_refused"]
+    assert (folder / "model.int8.onnx").is_file() and not (folder / "model.int8-trt.onnx").exists()
+    assert read_manifest(folder).data["precisions"]["int8"]["tensorrt_refused"] == info["tensorrt_refused"]
+    from clipfuse.runtime.precisions import with_precision
+    with pytest.raises(ClipfuseError, match=r"has no model.int8-trt.onnx: its int8 export refused it \(.*injected"):
+        with_precision(read_manifest(folder), "int8", "tensorrt")     # not a suggestion to run the same export
+    # asked for the TensorRT graph alone, the same failure is refused, naming the CPU target
+    with pytest.raises(ClipfuseError, match=r"injected.*--int8-target cpu"):
+        int8_export.export_int8(folder, calib_dir, count=32, targets=("tensorrt",))
