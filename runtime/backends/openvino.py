@@ -36,6 +36,7 @@ from clipfuse.core.errors import ClipfuseError
 
 from ..manifest import Manifest, rebuild_hint
 from .base import Backend
+from .sessions import check_threads
 
 INSTALL_OPENVINO = "pip install 'clipfuse[openvino]' (or pip install openvino)"
 
@@ -47,8 +48,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, manifest: Manifest, threads: int | None = None, device: str = "CPU"):
         super().__init__(manifest)
-        if threads is not None and threads < 1:
-            raise ClipfuseError(f"threads must be at least 1, got {threads}")
+        check_threads(threads, "threads")
         self.threads, self.ov_device = threads, device
         self.compiled = self.request = None
 
