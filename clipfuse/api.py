@@ -49,9 +49,10 @@ def fit_levers(**kwargs):
     """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (see export.fit.levers.Levers)."""
 
     from clipfuse.export.fit.levers import Levers
+    from clipfuse.export.thresholds import CascadeConfig
 
-    if not kwargs.get("cascade") and kwargs.get("max_drop", 0.5) < 0:      # a bad value is refused even unused
-        raise ClipfuseError(f"--max-drop must be a number of accuracy points >= 0 (e.g. 0.5), got {kwargs['max_drop']!r}")
+    if not kwargs.get("cascade"):       # a bad value (negative, nan, inf) is refused even unused
+        CascadeConfig(max_drop=kwargs.get("max_drop", 0.5)).check()
     return Levers(**kwargs)
 
 

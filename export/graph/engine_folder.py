@@ -31,6 +31,7 @@ from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
 from clipfuse.runtime.manifest import MANIFEST, sha256_file
+from clipfuse.runtime.manifest_checks import bind_blocks
 
 STAGE_PREFIX = ".clipfuse.tmp-"          # staging folder inside an engine folder (added files)
 SUBFOLDERS = (iospec.STAGE_DIR,)           # subfolders whose files an update may add (a cascade's stages/)
@@ -140,7 +141,7 @@ def is_engine_folder(folder: Path) -> bool:
     """A folder with a clipfuse manifest.json (readable, format clipfuse-engine)."""
     try:
         data = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):      # RecursionError: nested past json's limit
         return False
     return isinstance(data, dict) and data.get("format") == "clipfuse-engine"
 
@@ -232,8 +233,9 @@ def write_file_atomic(path: Path, data: bytes | str) -> None:
 
 
 def write_manifest_atomic(folder: Path, data: dict) -> None:
-    """manifest.json of an existing engine folder, replaced atomically."""
-    write_file_atomic(Path(folder) / MANIFEST, json.dumps(data, indent=2) + "\n")
+    """manifest.json of an existing engine folder, replaced atomically; the cascade blocks' bindings are
+    recorded as written (runtime/manifest_checks.py)."""
+    write_file_atomic(Path(folder) / MANIFEST, json.dumps(bind_blocks(data), indent=2) + "\n")
 
 
 def hash_artefacts(folder: Path, names=None) -> dict:

@@ -262,6 +262,8 @@ def test_budget_fit_holds_the_chosen_subset(data, tmp_path):
     (["--budget-gflops", "1e-9"], "below the cheapest backbone"),
     (["--cascade", "--max-drop", "-1"], "--max-drop must be"),
     (["--max-drop", "-1"], "--max-drop must be"),
+    (["--max-drop", "nan"], "--max-drop must be"),          # issue 22.15: nan was accepted without --cascade
+    (["--max-drop", "inf"], "--max-drop must be"),
     (["--cascade", "--budget-gflops", "5"], "cannot be combined"),
     (["--budget-ms", "5", "--budget-gflops", "5"], "give one budget"),
 ])
