@@ -6,7 +6,6 @@ from pathlib import Path
 
 from clipfuse.bench.run import run_bench
 from clipfuse.cli.present import format_inspect
-from clipfuse.core.errors import ClipfuseError
 from clipfuse.demo import run_demo as _demo
 from clipfuse.export.precision.fp16 import export_fp16 as _fp16
 from clipfuse.export.precision.int8_export import export_int8 as _int8

@@ -320,3 +320,52 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine
             assert_same(remote.predict(photo_paths), local.predict(photo_paths))
     finally:
         srv.stop()
+
+
+# ----------------------------------------------------------------------------- a server that dies (issue 22.5)
+
+def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(tiny_engine, tmp_path):
+    """tritonserver killed under `clipfuse serve` (as the oversized request of issue 22.5 crashed it): serve
+    exits 1 with one line, instead of 0, and tritonserver's model store (/tmp/folderXXXXXX) is removed."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    ports = [free_port() for _ in range(3)]
+    exe = os.path.join(os.path.dirname(sys.executable), "clipfuse")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(tiny_engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                 "--metrics-port", str(ports[2])], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if get(f"http://{HOST}:{ports[0]}/v2/models/{tiny_engine.name}/ready", timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"serve did not become ready: {log.read_text()[-2000:]}")
+        server = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "tritonserver" in p.name())
+        workspace = re.search(r"(/\S*/workspace_[^/\s]+)", " ".join(server.cmdline())).group(1)
+        from clipfuse.runtime.serving.cleanup import model_stores
+
+        def stores():
+            return model_stores(workspace)
+        assert stores(), f"the running server has a model store ({workspace})"
+        server.kill()
+        assert proc.wait(timeout=60) == 1, log.read_text()[-2000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith(f"error: the Triton server serving '{tiny_engine.name}'") and "stopped on its own" in last
+        assert not stores(), "the model store outlived the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
