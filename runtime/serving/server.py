@@ -17,7 +17,9 @@ parameter, so runtime/serving/client.py talks to either.
 
 Triton checks each request's dtype and shape against the model config before it
 reaches Python, so a malformed request gets an error response and never touches
-the engine. The server binds to 127.0.0.1 unless told otherwise.
+the engine; on HTTP a request guard (runtime/serving/guard.py) checks shapes even
+before Triton allocates for them (an oversized JSON request used to kill it). The
+server binds to 127.0.0.1 unless told otherwise.
 
 pytriton's statistics, model-repository, shared-memory, trace and logging endpoints
 need an access token (pytriton's default, kept): `server.access_token`, sent as the
@@ -76,6 +78,7 @@ from .cleanup import (
     shm_entries,
     workspace_of,
 )
+from .guard import Limits, RequestGuard
 from .repository import (
     DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE_DELAY_US,
@@ -180,6 +183,7 @@ class Server:
     _shm_before: frozenset = field(repr=False, default=frozenset())
     _workspace: str | None = field(repr=False, default=None)
     _stopping: threading.Event = field(repr=False, default_factory=threading.Event)
+    _guard: RequestGuard | None = field(repr=False, default=None)
 
     @property
     def http_url(self) -> str:
@@ -232,6 +236,8 @@ class Server:
             return
         children = server_processes(triton)
         try:
+            if self._guard is not None:
+                self._guard.stop()
             triton.stop()
         finally:
             reap(children, STOP_GRACE_S)
@@ -307,7 +313,9 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+    # tritonserver's HTTP endpoint on loopback, behind the request guard that holds the public port (guard.py)
+    upstream_port = free_port(LOOPBACK)
+    config = TritonConfig(http_address=LOOPBACK, http_port=upstream_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
@@ -337,6 +345,8 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         )
         _add_metadata_parameter(triton, spec.name, spec.metadata)
         triton.run()
+        limits = Limits({n: tuple(dims) for n, _, dims in spec.inputs}, spec.max_batch)
+        server._guard = RequestGuard(host, http_port, upstream_port, limits).start()
     except BaseException as e:
         server.stop()
         if isinstance(e, ClipfuseError):

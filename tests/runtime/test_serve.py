@@ -324,6 +324,33 @@ def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine
 
 # ----------------------------------------------------------------------------- a server that dies (issue 22.5)
 
+def _post_json(server, body: dict):
+    req = urllib.request.Request(f"{server.http_url}/v2/models/{server.model_name}/infer",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    return e.value.code, json.loads(e.value.read())["error"]
+
+
+def test_an_oversized_request_is_refused_before_triton_allocates_and_the_server_stays_up(server, local):
+    """The request of issue 22.5 (shape [100000000, 3, 32, 32], one value of data) made tritonserver allocate
+    307 GB and die; the guard answers 400 naming the shape, and the server keeps serving."""
+    big = {"inputs": [{"name": i["name"], "shape": [100_000_000, 3, i["shape"][2], i["shape"][3]], "datatype": "UINT8",
+                       "data": [0]} for i in local.manifest.inputs]}
+    code, error = _post_json(server, big)
+    assert code == 400 and error.startswith("input 'image_32' has shape [100000000, 3, 32, 32]; the model takes "
+                                            f"[N, 3, 32, 32] with N in 1..{MAX_BATCH} (max_batch_size)")
+    wrong = {"inputs": [{"name": "image_32", "shape": [1, 3, 4096, 4096], "datatype": "UINT8", "data": [0]}]}
+    assert _post_json(server, wrong)[0] == 400
+    assert _post_json(server, {"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [0]}]})[1] \
+        .startswith("unknown input 'x'")
+    good = {i["name"]: np.zeros((1, 3, i["shape"][2], i["shape"][3]), np.uint8) for i in local.manifest.inputs}
+    out = _raw_infer(server, good, "UINT8")         # still serving, through the same port
+    np.testing.assert_allclose(out.as_numpy("probs"), local.predict_arrays(good)["probs"], rtol=1e-5, atol=1e-6)
+    assert get(f"{server.http_url}/v2/health/live")[0] == 200
+
+
 def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(tiny_engine, tmp_path):
     """tritonserver killed under `clipfuse serve` (as the oversized request of issue 22.5 crashed it): serve
     exits 1 with one line, instead of 0, and tritonserver's model store (/tmp/folderXXXXXX) is removed."""
