@@ -10,6 +10,7 @@ from clipfuse.demo import run_demo as _demo
 from clipfuse.export.precision.fp16 import export_fp16 as _fp16
 from clipfuse.export.precision.int8_export import export_int8 as _int8
 from clipfuse.export.precision.trt_plan import build_engine as _build
+from clipfuse.export.thresholds import CascadeConfig
 from clipfuse.runtime.backends.registry import available_backends as _available
 from clipfuse.runtime.compare import compare_backends as _compare
 from clipfuse.runtime.images import collect_images as _collect
@@ -48,7 +49,6 @@ def fit_levers(**kwargs):
     """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (see export.fit.levers.Levers)."""
 
     from clipfuse.export.fit.levers import Levers
-    from clipfuse.export.thresholds import CascadeConfig
 
     if not kwargs.get("cascade"):       # a bad value (negative, nan, inf) is refused even unused
         CascadeConfig(max_drop=kwargs.get("max_drop", 0.5)).check()
