@@ -14,8 +14,8 @@ runs tritonserver's HTTP endpoint on a loopback port behind it:
 - every request body is bounded (413 past MAX_BODY_FACTOR x the largest valid request, counted as JSON
   text), and chunked bodies are refused (411): the guard reads each body whole, so it must know its size;
 - everything else (health, metadata, config, statistics with its token header) is forwarded unchanged.
-gRPC keeps Triton's own front end: its requests carry their tensors' bytes, which Triton checks against
-the shape before using them.
+gRPC keeps Triton's own front end, which refuses the same request itself ("inference request batch-size
+must be <= 8", the server staying up: tests/runtime/test_serve.py).
 """
 from __future__ import annotations
 

@@ -349,6 +349,20 @@ def test_an_oversized_request_is_refused_before_triton_allocates_and_the_server_
     out = _raw_infer(server, good, "UINT8")         # still serving, through the same port
     np.testing.assert_allclose(out.as_numpy("probs"), local.predict_arrays(good)["probs"], rtol=1e-5, atol=1e-6)
     assert get(f"{server.http_url}/v2/health/live")[0] == 200
+    # gRPC is not guarded: Triton's own gRPC front end refuses the same request and stays up
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name=server.model_name)
+    for i in local.manifest.inputs:
+        t = req.inputs.add(name=i["name"], datatype="UINT8")
+        t.shape.extend([100_000_000, 3, i["shape"][2], i["shape"][3]])
+        req.raw_input_contents.append(b"\0")
+    with grpc.insecure_channel(f"{HOST}:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch-size must be <=" in e.value.details()
+    assert get(f"{server.http_url}/v2/health/live")[0] == 200
 
 
 def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(tiny_engine, tmp_path):
