@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipfuse.cli.present import format_inspect
-from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.thresholds import CascadeConfig
 from clipfuse.runtime.manifest import read_manifest
 
 
@@ -15,8 +15,8 @@ def fit_levers(**kwargs):
 
     from clipfuse.export.fit.levers import Levers
 
-    if not kwargs.get("cascade") and kwargs.get("max_drop", 0.5) < 0:      # a bad value is refused even unused
-        raise ClipfuseError(f"--max-drop must be a number of accuracy points >= 0 (e.g. 0.5), got {kwargs['max_drop']!r}")
+    if not kwargs.get("cascade"):       # a bad value (negative, nan, inf) is refused even unused
+        CascadeConfig(max_drop=kwargs.get("max_drop", 0.5)).check()
     return Levers(**kwargs)
 
 

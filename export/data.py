@@ -3,7 +3,8 @@
 A labelled folder is `root/<class folder>/<any depth>/<image>`. This module only
 lists files and draws index sets; which files are images and how a folder is
 scanned is the runtime's (runtime/images.py: one scan for predict and export),
-and so is reading images (and skipping unreadable ones). Everything here is deterministic: the
+and so is reading images (and skipping unreadable ones); a FIFO, socket or device among a class's
+files is named and left out here, before anything hashes or opens it. Everything here is deterministic: the
 same folder and seed give the same lists on every machine (paths are sorted,
 never taken in file-system order).
 
@@ -22,7 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.runtime.images import IMAGE_EXTENSIONS, image_files, is_image_file
+from clipfuse.core.log import log
+from clipfuse.runtime.images import IMAGE_EXTENSIONS, image_files, is_image_file, not_a_regular_file
 
 
 def read_class_map(path) -> dict[str, str]:
@@ -121,7 +123,7 @@ def scan_labelled_folder(root, classes: Mapping[str, str] | str | os.PathLike | 
     paths: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(mapping):
-        images = image_files(root / folder)
+        images = _regular_files(image_files(root / folder))
         if not images:
             raise ClipfuseError(
                 f"class folder {str(root / folder)!r} has no image files "
@@ -145,6 +147,19 @@ def check_same_classes(names_a, names_b, what_a: str, what_b: str) -> None:
         if not detail:
             detail.append("same names in another order")
         raise ClipfuseError(f"classes of {what_a} do not match {what_b} ({'; '.join(detail)})")
+
+
+def _regular_files(paths: list[Path]) -> list[Path]:
+    """paths without FIFOs, sockets and devices, each named on stderr: hashing or decoding one would block
+    (a FIFO waits for a writer), so they are skipped without being opened."""
+    kept = []
+    for p in paths:
+        kind = not_a_regular_file(p)
+        if kind is None:
+            kept.append(p)
+        else:
+            log(f"skipped {p}: {kind}, not a regular file (not opened)")
+    return kept
 
 
 def _check_labels(labels, name: str = "labels") -> np.ndarray:

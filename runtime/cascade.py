@@ -34,7 +34,7 @@ from collections import Counter
 import numpy as np
 
 from clipfuse.core import iospec
-from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError, EngineMismatch
 from clipfuse.core.iospec import tolerance
 from clipfuse.core.log import log
 
@@ -43,8 +43,9 @@ from .backends.base import Backend
 from .backends.registry import make_backend
 from .backends.sessions import open_session, session_options
 from .manifest import Manifest, check_onnxruntime_can_run, confined_path, rebuild_hint
+from .manifest_checks import check_cascade_block, check_int8_cascade
 from .precisions import precision_onnx_path, with_precision
-from .routing import SCORES, confidence, route
+from .routing import confidence, route
 
 
 def is_cascade(manifest: Manifest) -> bool:
@@ -53,26 +54,16 @@ def is_cascade(manifest: Manifest) -> bool:
 
 
 def cascade_block(manifest: Manifest) -> dict:
-    """The manifest's cascade entry, checked: stages, score, thresholds."""
-    c = manifest.data.get("cascade")
+    """The manifest's cascade entry, checked (runtime/manifest_checks.py): stages, order, score, thresholds,
+    and that none of them was edited since clipfuse wrote them."""
     where = f"engine {str(manifest.folder)!r}"
-    if not isinstance(c, dict):
+    if not is_cascade(manifest):
         raise ClipfuseError(f"{where} is not a cascade engine (no 'cascade' in its manifest); "
                             "make one with `clipfuse fit ... --cascade`")
-    stages = c.get("stages")
-    K = len(manifest.backbones)
-    if not isinstance(stages, list) or len(stages) != K:
-        raise ClipfuseError(f"{where}: 'cascade.stages' must list one stage per backbone ({K}); {rebuild_hint(manifest)}")
-    if c.get("score") not in SCORES:
-        raise ClipfuseError(f"{where}: 'cascade.score' must be one of {', '.join(SCORES)}, got {c.get('score')!r}")
-    t = c.get("thresholds")
-    if not isinstance(t, list) or len(t) != K - 1 or not all(v is None or isinstance(v, (int, float)) for v in t):
-        raise ClipfuseError(f"{where}: 'cascade.thresholds' must be {K - 1} numbers or nulls")
-    names = [s.get("backbone") for s in stages]
-    if names != manifest.backbone_names:
-        raise ClipfuseError(f"{where}: the cascade's stages {names} are not the engine's backbones in order "
-                            f"{manifest.backbone_names}; {rebuild_hint(manifest)}")
-    return c
+    return check_cascade_block(manifest.data, manifest.backbone_names, where, _REFIT)
+
+
+_REFIT = "rebuild the cascade with `clipfuse fit ... --cascade`"
 
 
 class CascadeBackend(Backend):
@@ -118,10 +109,7 @@ class CascadeBackend(Backend):
             for kind, (name, label) in files.items():
                 path = confined_path(self.manifest.folder, name, label)
                 self.sessions[f"{kind}_{s}"] = open_session(path, so, hint=f"rebuild it: {rebuild_hint(self.manifest)}")
-            got = [i.name for i in self.sessions[f"tower_{s}"].get_inputs()]
-            if got != [st["input"]]:
-                raise ClipfuseError(f"{where}: stage {s}'s tower takes {got}, the manifest says {st['input']!r}; "
-                                    f"{rebuild_hint(self.manifest)}")
+            check_stage_io(self.sessions, s, self.block["stages"], self.manifest, where)
         self.is_open = True
         return self
 
@@ -170,27 +158,41 @@ class CascadeBackend(Backend):
         super().close()
 
 
+def _io(tensors) -> dict:
+    return {t.name: list(t.shape) for t in tensors}
+
+
+def check_stage_io(sessions: dict, s: int, stages: list[dict], manifest: Manifest, where: str) -> None:
+    """Stage s's tower and combine graphs take and give what stage s needs (names, and every fixed axis):
+    both are hashed, so only this check tells stage graphs swapped between stages (or a tower of another
+    engine) before a run fails inside ONNX Runtime."""
+    C = len(manifest.classes)
+    st, dims = stages[s - 1], [st["embed_dim"] for st in stages]
+    side = {i["name"]: i["shape"][2] for i in manifest.inputs}[st["input"]]
+    want = {"tower": ({st["input"]: [None, 3, side, side]},
+                      {iospec.tower_features(s): [None, dims[s - 1]], iospec.tower_logits(s): [None, C]}),
+            "combine": ({iospec.FEATURES: [None, sum(dims[:s])], iospec.BACKBONE_LOGITS: [None, s, C]},
+                        {iospec.LOGITS: [None, C], iospec.PROBS: [None, C], iospec.TEMPERATURES: [None, s]})}
+    for kind, (ins, outs) in want.items():
+        sess = sessions[f"{kind}_{s}"]
+        for what, expected, got in (("inputs", ins, _io(sess.get_inputs())), ("outputs", outs, _io(sess.get_outputs()))):
+            names_ok = set(got) == set(expected) if what == "inputs" else set(expected) <= set(got)
+            bad = names_ok and next((n for n, shape in expected.items() if len(got[n]) != len(shape) or any(
+                isinstance(g, int) and w is not None and g != w for g, w in zip(got[n], shape))), None)
+            if not names_ok or bad:
+                shown = {n: [d if isinstance(d, int) else "N" for d in v] for n, v in got.items()}
+                need = {n: ["N" if d is None else d for d in v] for n, v in expected.items()}
+                raise EngineMismatch(f"{where}: the {kind} graph of stage {s} has {what} {shown}, stage {s} needs "
+                                    f"{need} (stage graphs swapped or replaced); {_REFIT}")
+
+
 def int8_stages(manifest: Manifest) -> dict:
     """The manifest's precisions["int8"]["cascade"] record, checked: the int8 tower files and the thresholds
     certified on them (export/precision/int8_stages.py). One line naming the reason when there is none."""
 
-    where = f"engine {str(manifest.folder)!r}"
     precision_onnx_path(manifest, "int8")             # the int8 graph they were cut from exists and is current
-    rec = ((manifest.data.get("precisions") or {}).get("int8") or {}).get("cascade")
-    if not isinstance(rec, dict):
-        raise ClipfuseError(f"{where} has no int8 cascade stages (its int8 graph was made before they existed, or "
-                            f"from a plain engine): run `clipfuse export {manifest.folder} --precision int8 "
-                            "--calibration DIR` again, or pass --no-cascade (cascade=False) to run model.int8.onnx")
-    if not rec.get("written"):
-        raise ClipfuseError(f"{where}: its int8 cascade stages were not written ({rec.get('reason', 'no reason recorded')}); "
-                            "pass --no-cascade (cascade=False) to run model.int8.onnx for every image")
-    K = len(manifest.backbones)
-    towers, t = rec.get("towers"), rec.get("thresholds")
-    if (not isinstance(towers, list) or len(towers) != K or not all(isinstance(x, str) for x in towers)
-            or not isinstance(t, list) or len(t) != K - 1 or not all(v is None or isinstance(v, (int, float)) for v in t)):
-        raise ClipfuseError(f"{where}: 'precisions.int8.cascade' needs {K} tower files and {K - 1} thresholds; "
-                            f"{rebuild_hint(manifest)}")
-    return rec
+    return check_int8_cascade(manifest.data, len(manifest.backbones), f"engine {str(manifest.folder)!r}", _REFIT,
+                              f"`clipfuse export {manifest.folder} --precision int8 --calibration DIR`")
 
 
 def run_stage_graphs(sessions: dict, feed: dict, inputs: list[str], S: int) -> list[dict]:

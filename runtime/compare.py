@@ -38,7 +38,7 @@ from clipfuse.core.errors import ClipfuseError
 from . import agreement
 from .backends.registry import make_backend
 from .cascade import compare_cascade, int8_stages, is_cascade
-from .images import collect_images
+from .images import collect_images, not_a_regular_file
 from .manifest import read_manifest
 from .precisions import with_precision
 from .preprocess import preprocess_image
@@ -143,6 +143,9 @@ def load_images(paths) -> list:
         raise ClipfuseError(f"no images found in {list(paths)}")
     out = []
     for f in files:
+        kind = not_a_regular_file(f)
+        if kind is not None:        # a FIFO would block Image.open
+            raise ClipfuseError(f"cannot read image {str(f)!r}: it is {kind}, not a regular file")
         try:
             with Image.open(f) as im:
                 out.append(im.convert("RGB"))

@@ -11,7 +11,9 @@ Loading does what open_clip's users do, `Image.open(path)` and nothing else
 that runtime/preprocess.py can reproduce open_clip's eval transform bit for bit.
 It also refuses, with a reason, what would crash or stall a long run: empty,
 truncated or non-image files, tiny images and decompression bombs (checked from
-the header, before decoding). A bad image never stops a batch: it is reported
+the header, before decoding), files that are not regular files (a FIFO or a
+device would block the reader: named and skipped without being opened), and
+files whose read fails (EIO). A bad image never stops a batch: it is reported
 as an ImageFailure and the rest of the batch goes on (a MemoryError included).
 
 Bounded work: no pixel buffer of one image may exceed the pixel limit, neither
@@ -33,6 +35,7 @@ import codecs
 import glob
 import itertools
 import os
+import stat
 import sys
 import warnings
 from collections import deque
@@ -133,6 +136,24 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"))
+
+
+def not_a_regular_file(path: str | os.PathLike, mode: int | None = None) -> str | None:
+    """Why `path` is not a regular file (e.g. "a FIFO (named pipe)"), from its stat alone, or None when it
+    is one (or cannot be stat-ed: opening it then names the error). Reading a FIFO or a device blocks
+    until something writes, so these are named and skipped, never opened."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):
+            return None
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _KINDS if test(mode)), "not a regular file")
+
+
 def _has_magic(source: str) -> bool:
     return any(c in source for c in "*?[")
 
@@ -219,6 +240,17 @@ def _unidentified(head: bytes) -> str:
     return f"not an image (cannot identify image file; looks like {what})"
 
 
+def _open_for_reading(path) -> IO[bytes]:
+    """open(path, "rb"), but O_NONBLOCK: a FIFO swapped in after the stat check opens at once instead of
+    blocking (load_image then refuses it from fstat)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)), "rb")
+
+
+def _not_regular_reason(kind: str) -> str:
+    return (f"is {kind}, not a regular file: skipped without reading it"
+            if kind != "a folder" else "is a folder, not an image file")
+
+
 def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | None = None,
                sizes: Iterable[int] = ()) -> Image.Image:
     """Open and fully decode one image, exactly as `Image.open(path)` gives it (frame 0, own mode,
@@ -228,8 +260,11 @@ def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | Non
     file that cannot be used."""
     if max_pixels is None:
         max_pixels = Image.MAX_IMAGE_PIXELS
+    kind = not_a_regular_file(path)
+    if kind is not None:
+        raise ImageError(path, _not_regular_reason(kind))
     try:
-        f = open(path, "rb")
+        f = _open_for_reading(path)
     except IsADirectoryError:
         raise ImageError(path, "is a folder, not an image file") from None
     except FileNotFoundError:
@@ -239,7 +274,13 @@ def load_image(path: str | os.PathLike, min_side: int = 8, max_pixels: int | Non
     except OSError as e:
         raise ImageError(path, f"cannot read the file ({e.strerror or e})") from None
     with f:
-        head = f.read(512)
+        kind = not_a_regular_file(path, os.fstat(f.fileno()).st_mode)
+        if kind is not None:
+            raise ImageError(path, _not_regular_reason(kind))
+        try:
+            head = f.read(512)
+        except OSError as e:            # EIO from a failing disk, or a file like /proc/self/mem
+            raise ImageError(path, f"cannot read the file ({e.strerror or e})") from None
         if not head:
             raise ImageError(path, "empty file (0 bytes)")
         f.seek(0)

@@ -22,15 +22,12 @@ stay inside: an artefact whose resolved path leaves the folder's resolved path
 is refused (a link between files of the folder, or a folder reached through a
 link, e.g. engines/ on another disk, is fine).
 
-Class names are bound to the hashed heads file: the export writes the sha256 of
-the class list (and of the prompt templates) into heads.safetensors as two small
-uint8 tensors (`label_binding`; tensors rather than metadata, whose key order
-safetensors randomises, so a re-export stays byte-identical), and `read_manifest` refuses a manifest whose classes or
-templates differ (an edited `cat` -> `tiger` would otherwise be answered with
-exit 0). Engines exported before the binding existed are refused with the
-command that rebuilds them: a class list that cannot be checked is exactly the
-silent wrong answer this guards against, and re-exporting is the only way to
-bind it.
+Class names are bound to the hashed heads file: the export writes the sha256 of the class list (and of
+the prompt templates) into heads.safetensors as two small uint8 tensors (`label_binding`; tensors, not
+metadata, whose key order safetensors randomises), and `read_manifest` refuses a manifest whose classes
+or templates differ (an edited `cat` -> `tiger` would otherwise be answered with exit 0). Engines
+exported before the binding existed are refused with the command that rebuilds them. The nesting depth,
+the cascade and int8-stage blocks and their bindings are checked in runtime/manifest_checks.py.
 """
 from __future__ import annotations
 
@@ -43,6 +40,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import clipfuse
 from clipfuse.core.errors import ClipfuseError
 
+from .manifest_checks import check_depth
 from .precisions import set_aside
 from .preprocess import _RESAMPLE, PreprocessSpec
 
@@ -162,15 +160,17 @@ def file_fields(data: dict) -> list[tuple[str, object]]:
         if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
             raise ClipfuseError(f"{group!r} must be an object of objects")
         out += [(f"{group}.{p}.{k}", e[k]) for p, e in entries.items() for k in keys if e.get(k) is not None]
-    towers = ((data.get("precisions") or {}).get("int8") or {}).get("cascade", {}).get("towers")
-    if isinstance(towers, list):        # a cascade's int8 stage towers (runtime/cascade.py int8_stages)
-        out += [(f"precisions.int8.cascade.towers[{i}]", t) for i, t in enumerate(towers)]
+    # The optional cascade blocks list their files only where well-formed: a malformed block is refused when it
+    # is used (runtime/manifest_checks.py), without stopping the fp32 graph; a name that is listed is checked.
+    rec = (data.get("precisions") or {}).get("int8")
+    rec = rec.get("cascade") if isinstance(rec, dict) else None
+    if isinstance(rec, dict) and isinstance(rec.get("towers"), list):    # int8 stage towers (cascade.int8_stages)
+        out += [(f"precisions.int8.cascade.towers[{i}]", t) for i, t in enumerate(rec["towers"]) if isinstance(t, str)]
     cascade = data.get("cascade")
-    if cascade is not None:     # a cascade engine's stage graphs (runtime/cascade.py opens them)
-        stages = cascade.get("stages") if isinstance(cascade, dict) else None
-        if not isinstance(stages, list) or len(stages) < 2 or not all(isinstance(e, dict) for e in stages):
-            raise ClipfuseError("'cascade.stages' must be a list of at least two objects")
-        out += [(f"cascade.stages[{i}].{k}", e.get(k)) for i, e in enumerate(stages) for k in ("tower", "combine")]
+    stages = cascade.get("stages") if isinstance(cascade, dict) else None
+    if isinstance(stages, list):     # a cascade engine's stage graphs (runtime/cascade.py opens them)
+        out += [(f"cascade.stages[{i}].{k}", e[k]) for i, e in enumerate(stages) if isinstance(e, dict)
+                for k in ("tower", "combine") if isinstance(e.get(k), str)]
     fit = data.get("fit")
     if fit is not None:
         if not isinstance(fit, dict):
@@ -195,6 +195,9 @@ def _check_types(data: dict, where: str) -> None:
     for i, b in enumerate(bb):
         need(isinstance(b.get("arch"), str) and isinstance(b.get("weights"), str),
              f"backbones[{i}] needs string 'arch' and 'weights'")
+        dim = b.get("embed_dim")
+        need(type(dim) is int and 0 < dim <= 1 << 20,
+             f"backbones[{i}].embed_dim must be a positive integer, got {dim!r}")
     classes = data["classes"]
     need(isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes),
          f"'classes' must be a non-empty list of names, got {_kind(classes)}")
@@ -251,7 +254,9 @@ def read_manifest(folder, verify: bool = True) -> Manifest:
     where = repr(str(mpath))
     confined_path(folder, MANIFEST, "the manifest", where)
     try:
-        data = json.loads(mpath.read_text(encoding="utf-8"))
+        text = mpath.read_text(encoding="utf-8")
+        check_depth(text, where)        # before parsing: deep nesting ends in RecursionError anywhere after
+        data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ClipfuseError(f"{where} is not valid JSON ({e}); re-run `clipfuse export`") from None
     except OSError as e:

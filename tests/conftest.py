@@ -6,7 +6,9 @@ Nothing here downloads anything: every backbone is `ARCH:random:SEED`. The tiny 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,10 @@ from tiny_towers import use_tiny_towers  # noqa: E402
 
 # Never let a test reach a model hub, even by mistake.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# pytriton's workspaces go to a folder of this session (read when pytriton is first imported, after this):
+# the model stores tritonserver leaves in /tmp name their workspace, which tells this session's from others'.
+_PYTRITON_HOME = tempfile.mkdtemp(prefix="clipfuse-tests-pytriton-")
+os.environ["PYTRITON_HOME"] = _PYTRITON_HOME
 # Set at import, before any test starts a child process: children inherit it.
 use_tiny_towers()
 
@@ -89,16 +95,54 @@ def leftover_children(grace_s: float = 10.0) -> list:
     return alive
 
 
+def leftover_model_stores() -> list[Path]:
+    """tritonserver's model stores (/tmp/folderXXXXXX holding a config.pbtxt) made for this session's pytriton
+    workspaces."""
+    found = []
+    for d in Path("/tmp").glob("folder*"):
+        try:
+            text = (d / "config.pbtxt").read_text(errors="replace")[:1 << 20]
+        except OSError:
+            continue
+        if _PYTRITON_HOME in text:
+            found.append(d)
+    return found
+
+
+def _triton_processes() -> list:
+    """tritonserver and Python-backend stubs whose command line names this session's pytriton workspaces."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if p.info["status"] == psutil.STATUS_ZOMBIE:        # dead, waiting for its parent or init to reap it
+                continue
+            if ("tritonserver" in (p.info["name"] or "") or "triton_python_backend_stub" in cmd) and _PYTRITON_HOME in cmd:
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_outlives_the_session():
     yield
     alive = leftover_children()
-    for p in alive:         # fail loudly, but do not leave them running either
+    tritons = [p for p in _triton_processes() if p.pid not in {a.pid for a in alive}]
+    for p in alive + tritons:       # fail loudly, but do not leave them running either
         try:
             p.kill()
         except Exception:
             pass
+    stores = leftover_model_stores()
+    for d in stores:
+        shutil.rmtree(d, ignore_errors=True)
+    shutil.rmtree(_PYTRITON_HOME, ignore_errors=True)
     assert not alive, f"processes outlived the test session: {[(p.pid, p.name()) for p in alive]}"
+    assert not tritons, f"tritonserver or stubs outlived the test session: {[(p.pid, p.name()) for p in tritons]}"
+    assert not stores, f"pytriton model stores outlived the test session: {[str(d) for d in stores]}"
 
 
 @pytest.fixture(scope="session")

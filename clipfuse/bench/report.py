@@ -230,7 +230,7 @@ def format_table(result: dict) -> str:
 
 def two_full_graph_timings(result: dict) -> list[str]:
     """The full graph is timed twice in one bench.md, differently: say how, and that each ratio compares
-    figures of one measurement only (issue 23: 739.5 ms p50 in Latency vs 222.55 ms mean under Cascade)."""
+    figures of one measurement only (739.5 ms p50 in Latency vs 222.55 ms mean under Cascade)."""
     fused = (result.get("latency", {}).get("fused") or {}).get("1")
     full = (result["cascade"].get("latency") or {}).get("1")
     if not fused or not full:

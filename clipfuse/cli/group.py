@@ -13,6 +13,7 @@ import click
 
 from clipfuse.core import log
 from clipfuse.core.errors import ClipfuseError
+from clipfuse.runtime.backends.sessions import check_threads
 
 
 class _Group(click.Group):
@@ -56,3 +57,8 @@ def int_list(ctx, param, value):
         return tuple(int(v) for v in str(value).split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+def threads_option(ctx, param, value):
+    """click callback for --threads: refused in one line above 4x the CPUs (each thread is made up front)."""
+    return check_threads(value, "--threads")

@@ -22,7 +22,7 @@ from clipfuse.runtime.serving.repository import default_model_name, write_reposi
 from clipfuse.runtime.serving.server import start_server
 
 from . import present
-from .group import cli, int_list, quiet_option
+from .group import cli, int_list, quiet_option, threads_option
 
 
 @cli.command()
@@ -43,7 +43,8 @@ from .group import cli, int_list, quiet_option
               help="Run the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`); "
                    "default fp32.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Image-decoding threads (default min(4, CPUs)).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="The backend's intra-op threads (default: measured best).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=threads_option,
+              help="The backend's intra-op threads (default: measured best).")
 @click.option("--allow-failures", is_flag=True, help="Exit 0 even when some images could not be read.")
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of the engine's files (faster on large engines).")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=None, metavar="N",
@@ -144,7 +145,8 @@ def compare(engine, backends, images, precision, batch, as_json, no_cascade):
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed rounds; each runs every configuration once per batch size, interleaved.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(min=0), help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ORT intra-op threads (default: measured best).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=threads_option,
+              help="ORT intra-op threads (default: measured best).")
 @click.option("--no-torch", is_flag=True, help="Leave PyTorch eager out (it rebuilds every backbone).")
 @click.option("--settle-ms", default=50, show_default=True, type=click.IntRange(0, 10000),
               help="Rest before each timed call, so the last runtime's spinning threads go idle.")
@@ -247,7 +249,8 @@ def triton(engine, out, backend, precision, max_batch, instances, kind, queue_de
 @click.option("--queue-delay-us", default=2000, show_default=True, type=click.IntRange(min=0),
               help="How long a request may wait for others to join its batch.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(min=1), help="Model instances (one ONNX Runtime session each).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Each session's intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, callback=threads_option,
+              help="Each session's intra-op threads.")
 @click.option("--model", "model_name", default=None, help="Model name (default: the engine folder's name).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
               help="Serve the engine's fp16 or int8 graph (made by `clipfuse export ENGINE --precision ...`).")

@@ -169,8 +169,30 @@ def parse_backbone(text: str) -> BackboneSpec:
     return BackboneSpec(arch, "pretrained", tag=weights)
 
 
+def _check_torch_file(path: str) -> None:
+    """A torch checkpoint is a zip archive (torch.save) or a pickle (protocol 2+ starts with 0x80); anything
+    else is named for what it is, not reported as pickled code by torch's weights-only unpickler."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise ClipfuseError(f"checkpoint {path!r} cannot be read ({e.strerror or e})") from None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return
+    try:
+        text = head.decode("utf-8")
+        what = "text" if text.isprintable() or "\n" in text else None
+    except UnicodeDecodeError:
+        what = None
+    raise ClipfuseError(f"checkpoint {path!r} is not a PyTorch or safetensors file (it looks like "
+                        f"{what or 'data starting with ' + head[:8].hex(' ')}); pass a .safetensors, .pt or .bin "
+                        "checkpoint of the backbone")
+
+
 def _read_checkpoint(path: str) -> dict:
     """Read a state dict from safetensors or a torch file (weights_only=True: untrusted input)."""
+    if not path.lower().endswith(".safetensors"):
+        _check_torch_file(path)
     try:
         if path.lower().endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -26,6 +26,7 @@ from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log, progress_shown, step
 from clipfuse.runtime.manifest import MANIFEST, SCHEMA_VERSION, label_binding, read_manifest
+from clipfuse.runtime.manifest_checks import bind_blocks
 from clipfuse.runtime.preprocess import preprocess_image, preprocess_spec
 
 from . import backbones as bb, heads as hd
@@ -239,7 +240,7 @@ def _build_into(tmp: Path, out: Path, specs, prebuilt, classes, templates, heads
         "export_seconds": round(time.perf_counter() - t_start, 1),
         **(extra_manifest or {}),
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (tmp / MANIFEST).write_text(json.dumps(bind_blocks(manifest), indent=2) + "\n")
     return manifest
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.manifest import MANIFEST, sha256_file
+from clipfuse.runtime.manifest_checks import bind_blocks
 
 from .folder_swap import (
     BACKUP,
@@ -235,8 +236,9 @@ def write_file_atomic(path: Path, data: bytes | str) -> None:
 
 
 def write_manifest_atomic(folder: Path, data: dict) -> None:
-    """manifest.json of an existing engine folder, replaced atomically."""
-    write_file_atomic(Path(folder) / MANIFEST, json.dumps(data, indent=2) + "\n")
+    """manifest.json of an existing engine folder, replaced atomically; the cascade blocks' bindings are
+    recorded as written (runtime/manifest_checks.py)."""
+    write_file_atomic(Path(folder) / MANIFEST, json.dumps(bind_blocks(data), indent=2) + "\n")
 
 
 def hash_artefacts(folder: Path, names=None) -> dict:

@@ -42,7 +42,7 @@ def old_prefix(folder: Path) -> str:
 def _manifest(folder: Path):
     try:
         data = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):      # RecursionError: nested past json's limit
         return None
     return data if isinstance(data, dict) and data.get("format") == "clipfuse-engine" else None
 

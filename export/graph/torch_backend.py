@@ -17,6 +17,7 @@ from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.backends import registry
 from clipfuse.runtime.backends.base import Backend
+from clipfuse.runtime.backends.sessions import check_threads
 from clipfuse.runtime.manifest import Manifest, rebuild_hint
 
 
@@ -80,7 +81,7 @@ class TorchBackend(Backend):
         device = device or self.default_device
         if device not in ("cpu", "cuda"):
             raise ClipfuseError(f"unknown torch device {device!r}; valid: cpu, cuda")
-        self._device, self.threads = device, threads
+        self._device, self.threads = device, check_threads(threads, "threads")
         self.name = "torch" if device == "cpu" else "torch-cuda-eager"
         self.model = None
 

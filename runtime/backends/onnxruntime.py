@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from clipfuse.core import iospec
-from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError, EngineMismatch
 
 from ..manifest import Manifest, check_onnxruntime_can_run, rebuild_hint
 from .base import Backend
@@ -150,12 +150,12 @@ def check_graph_matches_manifest(manifest: Manifest, session) -> None:
     graph_out = {o.name: o.shape for o in session.get_outputs()}
     for kind, specs, graph in (("input", manifest.inputs, graph_in), ("output", manifest.outputs, graph_out)):
         if [s["name"] for s in specs] != list(graph):
-            raise ClipfuseError(f"{where}: manifest {kind}s {[s['name'] for s in specs]} differ from the graph's "
+            raise EngineMismatch(f"{where}: manifest {kind}s {[s['name'] for s in specs]} differ from the graph's "
                                 f"{list(graph)}; the folder mixes two exports: {rebuild_hint(manifest)}")
         for s in specs:
             for axis, (want, got) in enumerate(zip(s["shape"], graph[s["name"]])):
                 if isinstance(want, int) and isinstance(got, int) and want != got:
-                    raise ClipfuseError(
+                    raise EngineMismatch(
                         f"{where}: {kind} {s['name']!r} has {got} along axis {axis} in model.onnx but the manifest "
                         f"says {want}{_shape_hint(manifest, s['name'], axis)}; the folder mixes two exports: "
                         f"{rebuild_hint(manifest)}")
@@ -164,7 +164,7 @@ def check_graph_matches_manifest(manifest: Manifest, session) -> None:
                                     (iospec.TEMPERATURES, 1, len(manifest.backbones), "backbones")):
         got = graph_out.get(name, [None, None])[axis]
         if isinstance(got, int) and got != count:
-            raise ClipfuseError(f"{where}: model.onnx has {got} {what} ({name!r} is (N, {got})) but the manifest "
+            raise EngineMismatch(f"{where}: model.onnx has {got} {what} ({name!r} is (N, {got})) but the manifest "
                                 f"lists {count}; the manifest was edited or comes from another export: "
                                 f"{rebuild_hint(manifest)}")
 

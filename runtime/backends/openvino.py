@@ -26,10 +26,11 @@ import importlib.util
 
 import numpy as np
 
-from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError, EngineMismatch
 
 from ..manifest import Manifest, rebuild_hint
 from .base import Backend
+from .sessions import check_threads
 
 INSTALL_OPENVINO = "pip install 'clipfuse[openvino]' (or pip install openvino)"
 
@@ -41,8 +42,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, manifest: Manifest, threads: int | None = None, device: str = "CPU"):
         super().__init__(manifest)
-        if threads is not None and threads < 1:
-            raise ClipfuseError(f"threads must be at least 1, got {threads}")
+        check_threads(threads, "threads")
         self.threads, self.ov_device = threads, device
         self.compiled = self.request = None
 
@@ -109,14 +109,14 @@ def check_model_matches_manifest(manifest: Manifest, model) -> None:
         names = [s if s in p.get_names() else p.get_any_name() for s, p in zip(want, ports)] + \
             [p.get_any_name() for p in list(ports)[len(want):]]
         if names != want:
-            raise ClipfuseError(f"{where}: manifest {kind}s {want} differ from the graph's {names}; the folder "
+            raise EngineMismatch(f"{where}: manifest {kind}s {want} differ from the graph's {names}; the folder "
                                 f"mixes two exports: {rebuild_hint(manifest)}")
         for s, p in zip(specs, ports):
             shape = p.get_partial_shape()
             if shape.rank.is_static and shape.rank.get_length() != len(s["shape"]):
-                raise ClipfuseError(f"{where}: {kind} {s['name']!r} has rank {shape.rank.get_length()}, the manifest "
+                raise EngineMismatch(f"{where}: {kind} {s['name']!r} has rank {shape.rank.get_length()}, the manifest "
                                     f"says {len(s['shape'])}: {rebuild_hint(manifest)}")
             for axis, (w, d) in enumerate(zip(s["shape"], shape)):
                 if isinstance(w, int) and d.is_static and d.get_length() != w:
-                    raise ClipfuseError(f"{where}: {kind} {s['name']!r} has {d.get_length()} along axis {axis} but "
+                    raise EngineMismatch(f"{where}: {kind} {s['name']!r} has {d.get_length()} along axis {axis} but "
                                         f"the manifest says {w}; the folder mixes two exports: {rebuild_hint(manifest)}")

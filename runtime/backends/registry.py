@@ -37,7 +37,7 @@ import logging
 import os
 from pathlib import Path
 
-from clipfuse.core.errors import ClipfuseError
+from clipfuse.core.errors import ClipfuseError, EngineMismatch
 from clipfuse.core.log import log
 
 from ..manifest import Manifest, read_manifest
@@ -155,6 +155,19 @@ def auto_candidates(manifest: Manifest, precision: str | None = None) -> list[st
     return (["tensorrt"] if built_plans(manifest) else []) + order
 
 
+def weights_files(manifest: Manifest) -> list[str]:
+    """The backbones' weights that name a file (a path, a checkpoint suffix, or an existing name), not a
+    pretrained tag or random:SEED: the torch backends rebuild the network from them, so backend="auto"
+    never picks those backends for such an engine (a manifest is not trusted to make clipfuse read files)."""
+    out = []
+    for b in manifest.backbones:
+        w = str(b.get("weights", ""))
+        if (b.get("weights_kind") == "file" or "/" in w or "\\" in w or os.sep in w
+                or w.lower().endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt")) or os.path.lexists(w)):
+            out.append(w)
+    return out
+
+
 def make_backend(manifest: Manifest, name: str, **options) -> Backend:
     """The backend object for `name`, not yet opened. Options go to its constructor (threads, ...)."""
     reason = unavailable_reason(name)
@@ -217,6 +230,9 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto",
                                                 or candidate == "tensorrt" and precision not in plans):
             continue                        # the fp32 reference, or no plan of this precision
         reason = unavailable_reason(candidate)
+        if reason is None and candidate.startswith("torch") and weights_files(manifest):
+            reason = (f"it would read the weights files the manifest names ({', '.join(weights_files(manifest))}); "
+                      f"they are read only when asked: --backend {candidate}")
         if reason is None:
             kw = dict(options)
             if candidate == "tensorrt":     # the plan that was built: fp32 if there is one
@@ -224,6 +240,8 @@ def open_backend(manifest: Manifest | str | os.PathLike, name: str = "auto",
             try:
                 m, kw = for_precision(manifest, candidate, precision, kw)
                 backend = make_backend(m, candidate, **kw).open()
+            except EngineMismatch:          # the folder itself is wrong: no other backend may answer for it
+                raise
             except ClipfuseError as e:      # e.g. a plan built on another GPU: say so, try the next
                 reason = str(e)
                 log(f"backend auto: {candidate} cannot run: {reason}")

@@ -30,6 +30,22 @@ def import_onnxruntime():
     return onnxruntime
 
 
+MAX_THREADS_PER_CPU = 4     # a bound on --threads: past a few per core they only cost (measured: 1000 threads, 30 s for one image)
+
+
+def check_threads(threads, label: str = "--threads") -> int | None:
+    """threads as given (None: the backend's default), or ClipfuseError when it is not a count in
+    1..4 x the CPUs: every thread is created up front, so a huge count stalls before any work is done."""
+    if threads is None:
+        return None
+    cpus = os.cpu_count() or 1
+    bound = MAX_THREADS_PER_CPU * cpus
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= bound:
+        raise ClipfuseError(f"{label} {threads!r} is outside 1..{bound} ({MAX_THREADS_PER_CPU} x this machine's "
+                            f"{cpus} CPUs); give at most {bound}, or leave it out for the measured default")
+    return threads
+
+
 def session_options(threads: int | None = None, parallel: bool = False, spinning: bool | None = None,
                     optimized_path: str | os.PathLike | None = None, profile_prefix: str | None = None,
                     optimization: str = "all", arena: bool = True):
@@ -43,8 +59,7 @@ def session_options(threads: int | None = None, parallel: bool = False, spinning
     of the nine: every configuration's worker is alive at once, and the fp32 one alone peaks near 15 GB).
     """
     ort = import_onnxruntime()
-    if threads is not None and threads < 1:
-        raise ClipfuseError(f"threads must be at least 1, got {threads}")
+    check_threads(threads, "threads")
     levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}

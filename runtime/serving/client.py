@@ -34,12 +34,17 @@ def parse_url(url: str) -> tuple[str, str]:
     if "://" not in url:
         url = "http://" + url
     u = urlparse(url)
-    if u.scheme not in ("http", "grpc") or not u.hostname or u.port is None:
+    try:
+        port = u.port                   # ValueError for a port outside 0-65535 or not a number
+    except ValueError:
+        raise ClipfuseError(f"--url {url!r}: the port must be a number in 1-65535 "
+                            "(e.g. http://127.0.0.1:8000)") from None
+    if u.scheme not in ("http", "grpc") or not u.hostname or not port:
         raise ClipfuseError(f"--url {url!r} is not http://HOST:PORT or grpc://HOST:PORT (e.g. http://127.0.0.1:8000)")
     if u.path not in ("", "/"):
         raise ClipfuseError(f"--url {url!r}: give the server's address only; name the model with --model")
     host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
-    return u.scheme, f"{host}:{u.port}"
+    return u.scheme, f"{host}:{port}"
 
 
 def _tritonclient(protocol: str):

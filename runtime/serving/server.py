@@ -17,6 +17,8 @@ Security: binds to 127.0.0.1 unless told otherwise; inference is unauthenticated
 admin endpoints need pytriton's access token (`server.access_token`, header `triton-access-token`),
 which clipfuse never prints; tritonserver takes it on its command line, readable by local users, so it
 keeps network clients out, not local users (docs/serving.md).
+On HTTP a request guard (runtime/serving/guard.py) checks each request's shapes against the model
+before Triton allocates for them (an oversized JSON request used to kill it).
 
 Shutting down (stop(), leaving the `with` block, Ctrl-C, SIGTERM): pytriton stops tritonserver, then
 clipfuse waits for it and its Python-backend stubs, kills what is left after a grace period (a stub
@@ -25,6 +27,9 @@ ignores SIGTERM) and removes this server's shared-memory regions from /dev/shm.
 pytriton 0.7.0's Python-backend stub embeds libpython (its folder goes on LD_LIBRARY_PATH for the
 server's process) and is built against numpy 1.x: under numpy 2 every output reaches the client
 empty, so the `serve` extra pins numpy<2 and start_server refuses numpy 2.
+A server that dies on its own is shut down like a stopped one (runtime/serving/cleanup.py: children
+waited for, shared memory and the /tmp model store removed) and `serve_forever` raises, so `clipfuse
+serve` exits 1, never 0.
 """
 from __future__ import annotations
 
@@ -48,6 +53,16 @@ from ..backends.registry import make_backend
 from ..cascade import CascadeBackend, cascade_block, check_cascade_precision, is_cascade
 from ..manifest import Manifest, read_manifest
 from ..precisions import with_precision
+from .cleanup import (
+    free_shared_memory,
+    python_backend_shm_prefix,
+    reap,
+    remove_model_stores,
+    server_processes,
+    shm_entries,
+    workspace_of,
+)
+from .guard import Limits, RequestGuard
 from .repository import (
     DEFAULT_MAX_BATCH,
     DEFAULT_QUEUE_DELAY_US,
@@ -62,7 +77,7 @@ from .triton_log import route_triton_log
 LOOPBACK = "127.0.0.1"
 ACCESS_HEADER = "triton-access-token"
 STOP_GRACE_S = 5.0                  # after pytriton's stop, how long children may take before SIGKILL
-SHM_DIR = Path("/dev/shm")
+MONITOR_S = 1.0                     # serve_forever: how often it checks that the server is alive
 
 
 def check_serving_environment() -> None:
@@ -87,6 +102,20 @@ def _libpython_on_path() -> None:
         paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
         if libdir not in paths:
             os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *paths])
+
+
+def _pytriton_libs_on_path() -> None:
+    """pytriton takes itself for an editable install when its site-packages is not this interpreter's (a venv
+    reaching another venv's packages through a .pth file) and then points tritonserver at a libs folder that
+    does not exist; the wheel's real one (nvidia_pytriton.libs beside the package) is added here."""
+    try:
+        import pytriton
+    except ImportError:
+        return
+    libs = Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+    paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p]
+    if libs.is_dir() and str(libs) not in paths:
+        os.environ["LD_LIBRARY_PATH"] = ":".join([*paths, str(libs)])
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -138,6 +167,9 @@ class Server:
     _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
     _shm_prefix: str | None = field(repr=False, default=None)
     _shm_before: frozenset = field(repr=False, default=frozenset())
+    _workspace: str | None = field(repr=False, default=None)
+    _stopping: threading.Event = field(repr=False, default_factory=threading.Event)
+    _guard: RequestGuard | None = field(repr=False, default=None)
 
     @property
     def http_url(self) -> str:
@@ -156,34 +188,49 @@ class Server:
         """Headers for the token-protected endpoints (statistics, ...)."""
         return {ACCESS_HEADER: self.access_token} if self.access_token else {}
 
-    def serve_forever(self) -> None:
-        """Block until the server dies, Ctrl-C or SIGTERM; then stop (children waited for, shared memory freed)."""
+    def serve_forever(self, poll_s: float = MONITOR_S) -> None:
+        """Block until Ctrl-C or SIGTERM, then stop (children waited for, shared memory and model store freed).
+        A server that dies on its own (tritonserver crashed, a model's stub gone) is stopped the same way and
+        raises ClipfuseError, so `clipfuse serve` exits non-zero instead of 0."""
         previous = None
         if threading.current_thread() is threading.main_thread():
             previous = signal.signal(signal.SIGTERM, _terminate)
+        died = False
         try:
-            self._triton.serve()
-        except _Terminated:
+            triton = self._triton
+            while triton is not None and triton.is_alive():
+                self._stopping.wait(poll_s)
+                triton = self._triton
+            died = triton is not None
+        except (_Terminated, KeyboardInterrupt):
             pass
         finally:
             self.stop()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+        if died:
+            raise ClipfuseError(f"the Triton server serving {self.model_name!r} on {self.host}:{self.http_port} stopped "
+                                "on its own (see its log above); it was shut down and its model store removed")
 
     def stop(self) -> None:
-        """Stop Triton and return once tritonserver and its stubs are gone and our shared memory is freed."""
+        """Stop Triton and return once tritonserver and its stubs are gone, our shared memory is freed and
+        the model store tritonserver made (a temporary /tmp/folderXXXXXX) is removed."""
         with self._lock:
             triton, self._triton = self._triton, None
+        self._stopping.set()
         if triton is None:
             return
-        children = _server_processes(triton)
+        children = server_processes(triton)
         try:
+            if self._guard is not None:
+                self._guard.stop()
             triton.stop()
         finally:
-            _reap(children, STOP_GRACE_S)
+            reap(children, STOP_GRACE_S)
             for b in self._backends:
                 b.close()
-            _free_shared_memory(self._shm_prefix, self._shm_before)
+            free_shared_memory(self._shm_prefix, self._shm_before)
+            remove_model_stores(self._workspace)
 
     def __enter__(self) -> "Server":
         return self
@@ -198,58 +245,6 @@ class _Terminated(Exception):
 
 def _terminate(signum, frame):
     raise _Terminated()
-
-
-def _server_processes(triton) -> list:
-    """tritonserver and its descendants (the Python-backend stubs), as psutil processes."""
-    try:
-        import psutil
-
-        pid = triton._triton_server._tritonserver_running_cmd.pid
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except Exception:       # not started, already gone, or no psutil: nothing of ours to wait for
-        return []
-
-
-def _reap(processes: list, grace_s: float) -> None:
-    """Wait for `processes` to exit; SIGKILL what is left after grace_s (stubs ignore SIGTERM), wait again."""
-    if not processes:
-        return
-    import psutil
-
-    _, alive = psutil.wait_procs(processes, timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-
-
-def _shm_entries() -> frozenset:
-    try:
-        return frozenset(os.listdir(SHM_DIR))
-    except OSError:
-        return frozenset()
-
-
-def _free_shared_memory(prefix: str | None, before: frozenset) -> None:
-    """Remove the /dev/shm regions this server made: the Python backend's (named with our prefix) and
-    pytriton's tensor store (psm_*) that appeared while it ran and outlived it."""
-    try:        # a region still mapped here belongs to another live server of this process: kept
-        with open("/proc/self/maps") as f:
-            mapped = {line.rsplit("/dev/shm/", 1)[1].split()[0] for line in f if "/dev/shm/" in line}
-    except OSError:
-        mapped = set()
-    for name in _shm_entries() - before - mapped:
-        if (prefix and name.startswith(prefix)) or name.startswith("psm_"):
-            try:
-                st = (SHM_DIR / name).stat()
-                if st.st_uid == os.getuid():
-                    (SHM_DIR / name).unlink()
-            except OSError:
-                pass
 
 
 def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port: int = 8001,
@@ -300,13 +295,16 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
                 raise ClipfuseError(f"cannot listen on {host}:{port} ({label}): {e.strerror}; choose another port "
                                     "or stop what holds it") from None
     _libpython_on_path()
+    _pytriton_libs_on_path()
     if not get_logger().isEnabledFor(logging.DEBUG):   # pytriton narrates every step at INFO and echoes
         logging.getLogger("pytriton").setLevel(logging.WARNING)   # Triton's log: for -v only
 
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+    # tritonserver's HTTP endpoint on loopback, behind the request guard that holds the public port (guard.py)
+    upstream_port = free_port(LOOPBACK)
+    config = TritonConfig(http_address=LOOPBACK, http_port=upstream_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_address=host, metrics_port=metrics_port, allow_gpu_metrics=False,
                           exit_timeout_secs=exit_timeout_s, log_verbose=0, id=SERVER_ID_PREFIX + spec.name)
     backends: list = []
@@ -317,12 +315,13 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         for b in backends:
             b.close()
         raise
-    shm_before = _shm_entries()
+    shm_before = shm_entries()
     triton = Triton(config=config)
     route_triton_log(triton)          # Triton's log: stderr, not stdout; its one harmless error line dropped
     server = Server(spec.name, host, http_port, grpc_port, metrics_port,
                     getattr(getattr(triton, "_security_config", None), "access_token", None), triton, backends,
-                    _shm_prefix=_python_backend_shm_prefix(triton), _shm_before=shm_before)
+                    _shm_prefix=python_backend_shm_prefix(triton), _shm_before=shm_before,
+                    _workspace=workspace_of(triton))
     try:
         triton.bind(
             model_name=spec.name,
@@ -336,6 +335,8 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         )
         _add_metadata_parameter(triton, spec.name, spec.metadata)
         triton.run()
+        limits = Limits({n: tuple(dims) for n, _, dims in spec.inputs}, spec.max_batch)
+        server._guard = RequestGuard(host, http_port, upstream_port, limits).start()
     except BaseException as e:
         server.stop()
         if isinstance(e, ClipfuseError):
@@ -346,13 +347,6 @@ def start_server(engine, host: str = LOOPBACK, http_port: int = 8000, grpc_port:
         f"gRPC {host}:{grpc_port}, metrics {server.metrics_url}; dynamic batching up to {spec.max_batch}, "
         f"queue delay {spec.queue_delay_us} us, {spec.instances} instance(s)", tag="serve")
     return server
-
-
-def _python_backend_shm_prefix(triton) -> str | None:
-    try:
-        return str(triton._python_backend_config["shm-region-prefix-name"])
-    except Exception:       # another pytriton: fall back to the psm_ regions only
-        return None
 
 
 def _add_metadata_parameter(triton, model_name: str, metadata: dict) -> None:

@@ -114,7 +114,7 @@ def test_arena_off_reaches_the_sessions(tiny_engine):
 
 
 def test_the_two_full_graph_timings_are_explained_side_by_side():
-    """Issue 23: bench.md gave the full graph at batch 1 as 739.5 ms (Latency p50) and 222.55 ms (Cascade mean)
+    """bench.md gave the full graph at batch 1 as 739.5 ms (Latency p50) and 222.55 ms (Cascade mean)
     with nothing saying why; the Cascade section now names both, how each was measured, and which ratio to read."""
     result = {"latency": {"fused": {"1": {"latency_ms": {"p50": 739.5}}}},
               "cascade": {"latency": {"1": {"full": {"mean_ms": 222.55}}}, "load": {"other_processes_cores": 1.4}}}

@@ -1,4 +1,4 @@
-"""Folders that cannot be written are refused before the work, in one line naming them (issue 22 item 12):
+"""Folders that cannot be written are refused before the work, in one line naming them:
 bench's results and singles folders (the singles go under --out when given, so a read-only engine can be
 benched), fit's feature cache (--cache or $CLIPFUSE_CACHE)."""
 from __future__ import annotations

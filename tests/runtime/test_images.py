@@ -232,7 +232,7 @@ def test_permission_denied(tmp_path, monkeypatch):
     if os.geteuid() == 0:                  # root reads a chmod 000 file anyway: inject the OS error
         def deny(p, *a, **k):
             raise PermissionError(13, "Permission denied", str(p))
-        monkeypatch.setattr(images, "open", deny, raising=False)
+        monkeypatch.setattr(images, "_open_for_reading", deny)
     else:
         path.chmod(0)
     assert refused(path).reason == "cannot read the file: permission denied; check its permissions"

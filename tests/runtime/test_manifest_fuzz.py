@@ -1,4 +1,5 @@
-"""The manifest as hostile input: wrong types, missing keys, hostile file names.
+"""The manifest as hostile input: wrong types, missing keys, hostile file names; the cascade and int8-stage
+blocks, their bindings and the nesting depth.
 
 Every case must end in a ClipfuseError with a one-line message, and nothing outside the engine folder
 may be opened while reading it (an audit hook records every `open`). Names that point outside are
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.manifest import read_manifest, sha256_file
@@ -46,11 +48,12 @@ def opened_outside(folder: Path, paths: list[str]) -> list[str]:
     return [p for p in paths if not Path(p).resolve().is_relative_to(inside)]
 
 
-def attempt(box: Path, data: dict) -> str:
-    """Write `data` as the engine's manifest, read it; -> the refusal's message (asserting what every case must)."""
+def attempt(box: Path, data: dict | str) -> str:
+    """Write `data` (or JSON text) as the engine's manifest, read it; -> the refusal's message (asserting what
+    every case must)."""
     global _RECORDING
     engine = box / "engine"
-    (engine / "manifest.json").write_text(json.dumps(data))
+    (engine / "manifest.json").write_text(data if isinstance(data, str) else json.dumps(data))
     _RECORDING = []
     try:
         with pytest.raises(ClipfuseError) as e:
@@ -249,3 +252,174 @@ def test_the_open_recorder_sees_opens(box, original):
     names = {Path(p).name for p in seen}
     assert {"manifest.json", "model.onnx", "heads.safetensors"} <= names
     assert opened_outside(box / "engine", [str(box / "secret.bin")])      # and the outside test can fail
+
+
+# ----------------------------------------------------------------------------- the cascade and precision blocks
+
+@pytest.fixture(scope="module")
+def cascade_box(tmp_path_factory):
+    """box/engine: a two-stage cascade exported directly (no fit), box/secret.bin outside it."""
+    import torch
+    from conftest import TINY, TINY_CLASSES, TWO_TEMPLATES
+
+    from clipfuse.export.graph.engine import export_engine
+    from clipfuse.export.graph.fused import ConstantController, StaticController
+
+    root = tmp_path_factory.mktemp("cascade-box")
+    block = {"order": TINY[:2], "score": "max-prob", "thresholds": [0.5], "expected_exit_rates": [0.5, 0.5]}
+    export_engine(TINY[:2], TINY_CLASSES, root / "engine", templates=TWO_TEMPLATES,
+                  controller=ConstantController(2),
+                  cascade={"controllers": [StaticController(torch.ones(1)), ConstantController(2)], "block": block})
+    (root / "secret.bin").write_bytes(b"outside")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cascade_original(cascade_box):
+    return json.loads((cascade_box / "engine" / "manifest.json").read_text())
+
+
+def attempt_cascade(box: Path, data: dict | str) -> str:
+    """As attempt(), for the cascade block: the refusal comes on read or when the cascade is opened."""
+    from clipfuse.runtime.cascade import CascadeBackend
+
+    global _RECORDING
+    engine = box / "engine"
+    (engine / "manifest.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    _RECORDING = []
+    try:
+        with pytest.raises(ClipfuseError) as e:
+            CascadeBackend(read_manifest(engine)).open().close()
+    finally:
+        seen, _RECORDING = _RECORDING, None
+    msg = str(e.value)
+    assert msg and "\n" not in msg, f"not one line: {msg!r}"
+    assert not opened_outside(engine, seen), f"opened outside the folder: {opened_outside(engine, seen)}"
+    return msg
+
+
+CASCADE_FIELDS = [("cascade", "order"), ("cascade", "order", 0), ("cascade", "score"), ("cascade", "thresholds"),
+                  ("cascade", "thresholds", 0), ("cascade", "stages"), ("cascade", "stages", 0)] + [
+    ("cascade", "stages", 0, k) for k in ("backbone", "input", "embed_dim", "tower", "combine")]
+
+
+def test_every_wrong_cascade_field_is_one_line(cascade_box, cascade_original):
+    cases = 0
+    for path in CASCADE_FIELDS:
+        for value in [*WRONG, _DELETE, -5, 1000, "abc", [True, False]]:
+            data = copy.deepcopy(cascade_original)
+            _set(data, path, value)
+            attempt_cascade(cascade_box, data)
+            cases += 1
+    assert cases > 150
+
+
+@pytest.mark.parametrize("edit, expect", [
+    ('"thresholds": [1e400]', "'cascade.thresholds' must be a list of 1 finite number(s) or null"),
+    ('"thresholds": [NaN]', "'cascade.thresholds' must be a list of 1 finite number(s) or null"),
+    ('"thresholds": [true]', "got [true]"),
+])
+def test_thresholds_out_of_json_range_or_bool_are_refused(cascade_box, cascade_original, edit, expect):
+    text = json.dumps(cascade_original).replace('"thresholds": [0.5]', edit, 1)
+    assert edit in text
+    assert expect in attempt_cascade(cascade_box, text)
+
+
+def test_stage_fields_the_router_reads_are_named(cascade_box, cascade_original):
+    def edited(fn):
+        data = copy.deepcopy(cascade_original)
+        fn(data["cascade"])
+        return data
+    assert "'cascade.stages[0].input' must name one of the graph inputs" in attempt_cascade(
+        cascade_box, edited(lambda c: c["stages"][0].pop("input")))
+    for dim in ("abc", -5, 1000, _DELETE):
+        msg = attempt_cascade(cascade_box, edited(lambda c: _set(c, ("stages", 0, "embed_dim"), dim)))
+        assert "'cascade.stages[0].embed_dim' must be backbone 1's embedding width (32)" in msg
+    msg = attempt_cascade(cascade_box, edited(lambda c: _set(c, ("order", 0), "RN50:openai")))
+    assert "'cascade.order' names unknown backbone(s) ['RN50:openai']" in msg
+
+
+def test_thresholds_and_order_are_bound_to_a_hash(cascade_box, cascade_original):
+    """A well-formed edit (0.5 -> 0.9) used to be served silently; now the recorded sha256 no longer matches."""
+    data = copy.deepcopy(cascade_original)
+    data["cascade"]["thresholds"] = [0.9]
+    assert "the 'cascade' block of manifest.json is not the one clipfuse wrote" in attempt_cascade(cascade_box, data)
+    data = copy.deepcopy(cascade_original)
+    data["cascade"]["score"] = "margin"
+    assert "is not the one clipfuse wrote" in attempt_cascade(cascade_box, data)
+    data = copy.deepcopy(cascade_original)
+    del data["bindings"]
+    assert "carries no recorded sha256" in attempt_cascade(cascade_box, data)
+
+
+def test_combine_graphs_swapped_between_stages_are_refused_at_load(cascade_box, cascade_original):
+    """Both files are hashed artefacts, and the binding is rewritten too: only the graphs' IO can tell."""
+    from clipfuse.runtime.manifest_checks import bind_blocks
+
+    for kind in ("combine", "tower"):
+        data = copy.deepcopy(cascade_original)
+        st = data["cascade"]["stages"]
+        st[0][kind], st[1][kind] = st[1][kind], st[0][kind]
+        msg = attempt_cascade(cascade_box, bind_blocks(data))
+        assert f"the {kind} graph of stage 1 has" in msg and "stage graphs swapped or replaced" in msg
+
+
+@pytest.mark.parametrize("value", [*WRONG, "yes", ["a"]], ids=repr)
+def test_a_bad_int8_cascade_record_stops_only_the_int8_stages(cascade_box, cascade_original, value, photo_paths):
+    """precisions.int8.cascade "yes" used to break every command with an AttributeError: fp32 predict and inspect
+    go on, and the int8 stages are refused in one line."""
+    from clipfuse.cli.main import cli
+    from clipfuse.runtime.manifest_checks import check_int8_cascade
+
+    engine = cascade_box / "engine"
+    data = copy.deepcopy(cascade_original)
+    data["precisions"] = {"int8": {"cascade": value}}
+    (engine / "manifest.json").write_text(json.dumps(data))
+    m = read_manifest(engine)
+    with pytest.raises(ClipfuseError) as e:
+        check_int8_cascade(m.data, 2, "engine E", "HINT", "RERUN")
+    assert "\n" not in str(e.value) and str(e.value).startswith("engine E")
+    if value in ("yes", ["a"]):
+        runner = CliRunner()
+        assert runner.invoke(cli, ["inspect", str(engine)]).exit_code == 0
+        r = runner.invoke(cli, ["predict", str(engine), str(photo_paths[0])])
+        assert r.exit_code == 0, r.output
+
+
+def test_int8_towers_must_be_the_int8_files(cascade_box, cascade_original):
+    from clipfuse.runtime.manifest_checks import bind_blocks, check_int8_cascade
+
+    data = bind_blocks(dict(copy.deepcopy(cascade_original), precisions={"int8": {"cascade": {
+        "written": True, "towers": ["stages/tower_1.onnx", "stages/tower_2.onnx"], "thresholds": [0.5]}}}))
+    with pytest.raises(ClipfuseError, match=r"'precisions.int8.cascade.towers' must be the int8 stage towers "
+                                            r"\['stages/tower_1.int8.onnx', 'stages/tower_2.int8.onnx'\]"):
+        check_int8_cascade(data, 2, "engine E", "HINT", "RERUN")
+    rec = data["precisions"]["int8"]["cascade"]
+    rec["towers"] = ["stages/tower_1.int8.onnx", "stages/tower_2.int8.onnx"]
+    with pytest.raises(ClipfuseError, match="is not the one clipfuse wrote"):      # edited after binding
+        check_int8_cascade(data, 2, "engine E", "HINT", "RERUN")
+    assert check_int8_cascade(bind_blocks(data), 2, "engine E", "HINT", "RERUN") is rec
+    rec["thresholds"] = [True]
+    with pytest.raises(ClipfuseError, match="'precisions.int8.cascade.thresholds' must be a list of 1"):
+        check_int8_cascade(bind_blocks(data), 2, "engine E", "HINT", "RERUN")
+
+
+# ----------------------------------------------------------------------------- nesting depth
+
+def test_deep_nesting_is_one_line_everywhere(box, original, tmp_path, photo_paths):
+    from clipfuse.cli.main import cli
+    from clipfuse.export.graph.engine_folder import check_output_folder
+
+    text = json.dumps(original)[:-1] + ', "extra": ' + "[" * 1500 + "]" * 1500 + "}"
+    msg = attempt(box, text)
+    assert "nests lists or objects deeper than 32 levels" in msg
+    engine = box / "engine"
+    runner = CliRunner()
+    for args in (["predict", str(engine), str(photo_paths[0])], ["inspect", str(engine)],
+                 ["export", str(engine), "--precision", "fp16"]):
+        r = runner.invoke(cli, args)
+        assert r.exit_code == 1 and "nests lists or objects deeper than 32" in r.output, (args, r.output)
+        assert not isinstance(r.exception, RecursionError)
+    with pytest.raises(ClipfuseError):          # export --force: not an engine folder it may replace
+        check_output_folder(engine, force=True)
+    (engine / "manifest.json").write_text(json.dumps(original))

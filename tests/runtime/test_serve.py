@@ -341,3 +341,93 @@ def test_triton_log_goes_to_stderr_without_its_harmless_error_line(tiny_engine, 
     assert "model_lifecycle" not in out and "tritonserver" not in out, out[:500]
     assert "[triton] " in err and "successfully loaded 'tiny'" in err
     assert "model_config_content_name_ is empty" not in out + err
+
+
+# ----------------------------------------------------------------------------- a server that dies
+
+def _post_json(server, body: dict):
+    req = urllib.request.Request(f"{server.http_url}/v2/models/{server.model_name}/infer",
+                                 data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    return e.value.code, json.loads(e.value.read())["error"]
+
+
+def test_an_oversized_request_is_refused_before_triton_allocates_and_the_server_stays_up(server, local):
+    """The oversized request (shape [100000000, 3, 32, 32], one value of data) made tritonserver allocate
+    307 GB and die; the guard answers 400 naming the shape, and the server keeps serving."""
+    big = {"inputs": [{"name": i["name"], "shape": [100_000_000, 3, i["shape"][2], i["shape"][3]], "datatype": "UINT8",
+                       "data": [0]} for i in local.manifest.inputs]}
+    code, error = _post_json(server, big)
+    assert code == 400 and error.startswith("input 'image_32' has shape [100000000, 3, 32, 32]; the model takes "
+                                            f"[N, 3, 32, 32] with N in 1..{MAX_BATCH} (max_batch_size)")
+    wrong = {"inputs": [{"name": "image_32", "shape": [1, 3, 4096, 4096], "datatype": "UINT8", "data": [0]}]}
+    assert _post_json(server, wrong)[0] == 400
+    assert _post_json(server, {"inputs": [{"name": "x", "shape": [1], "datatype": "UINT8", "data": [0]}]})[1] \
+        .startswith("unknown input 'x'")
+    good = {i["name"]: np.zeros((1, 3, i["shape"][2], i["shape"][3]), np.uint8) for i in local.manifest.inputs}
+    out = _raw_infer(server, good, "UINT8")         # still serving, through the same port
+    np.testing.assert_allclose(out.as_numpy("probs"), local.predict_arrays(good)["probs"], rtol=1e-5, atol=1e-6)
+    assert get(f"{server.http_url}/v2/health/live")[0] == 200
+    # gRPC is not guarded: Triton's own gRPC front end refuses the same request and stays up
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name=server.model_name)
+    for i in local.manifest.inputs:
+        t = req.inputs.add(name=i["name"], datatype="UINT8")
+        t.shape.extend([100_000_000, 3, i["shape"][2], i["shape"][3]])
+        req.raw_input_contents.append(b"\0")
+    with grpc.insecure_channel(f"{HOST}:{server.grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as e:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch-size must be <=" in e.value.details()
+    assert get(f"{server.http_url}/v2/health/live")[0] == 200
+
+
+def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(tiny_engine, tmp_path):
+    """tritonserver killed under `clipfuse serve` (as the oversized request crashed it): serve
+    exits 1 with one line, instead of 0, and tritonserver's model store (/tmp/folderXXXXXX) is removed."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    ports = [free_port() for _ in range(3)]
+    exe = os.path.join(os.path.dirname(sys.executable), "clipfuse")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, "serve", str(tiny_engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                 "--metrics-port", str(ports[2])], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if get(f"http://{HOST}:{ports[0]}/v2/models/{tiny_engine.name}/ready", timeout=2)[0] == 200:
+                    break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"serve did not become ready: {log.read_text()[-2000:]}")
+        server = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "tritonserver" in p.name())
+        workspace = re.search(r"(/\S*/workspace_[^/\s]+)", " ".join(server.cmdline())).group(1)
+        from clipfuse.runtime.serving.cleanup import model_stores
+
+        def stores():
+            return model_stores(workspace)
+        assert stores(), f"the running server has a model store ({workspace})"
+        server.kill()
+        assert proc.wait(timeout=60) == 1, log.read_text()[-2000:]
+        last = log.read_text().strip().splitlines()[-1]
+        assert last.startswith(f"error: the Triton server serving '{tiny_engine.name}'") and "stopped on its own" in last
+        assert not stores(), "the model store outlived the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -35,9 +35,11 @@ def cascade_engine(tmp_path_factory, photo_paths):
     conf = np.sort([np.exp(v - v.max()).max() / np.exp(v - v.max()).sum() for v in z])
     import json
 
+    from clipfuse.export.graph.engine_folder import write_manifest_atomic
+
     data = json.loads((out / "manifest.json").read_text())
     data["cascade"]["thresholds"] = [float(conf[len(conf) // 2 - 1] + conf[len(conf) // 2]) / 2]
-    (out / "manifest.json").write_text(json.dumps(data))          # the manifest is not hashed; its files are
+    write_manifest_atomic(out, data)            # clipfuse's writer binds the new thresholds (bindings.cascade)
     return out
 
 

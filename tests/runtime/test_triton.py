@@ -140,7 +140,7 @@ def test_cli_writes_repository_and_refuses_overwrite(tiny_engine, tmp_path):
 
 
 def test_force_never_replaces_a_user_folder_a_file_or_a_symlink(tiny_engine, tmp_path):
-    """Issue 22 item 1: --force replaces only a model folder clipfuse wrote; anything else is one line."""
+    """--force replaces only a model folder clipfuse wrote; anything else is one line."""
     repo = tmp_path / "r"
     (repo / "photos").mkdir(parents=True)
     (repo / "photos" / "cat.jpg").write_text("a")

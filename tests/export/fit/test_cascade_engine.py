@@ -246,7 +246,7 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
 
 
 def test_bench_leaves_out_the_fit_images(cascade_engine, data, tmp_path):
-    """issue 23.1: bench --data on the fit's own folder scores (accuracy table and cascade) only the images the
+    """bench --data on the fit's own folder scores (accuracy table and cascade) only the images the
     engine was not fitted on, and bench.md says how many it left out; --include-fit-images keeps them."""
     from clipfuse.bench.run import run_bench
 
@@ -269,7 +269,7 @@ def test_bench_leaves_out_the_fit_images(cascade_engine, data, tmp_path):
 
 
 def test_eval_scores_the_cascade_that_predict_answers(cascade_engine, data):
-    """issue 23.4: on a cascade engine eval's shipped row is the cascade, with its exit rates, equal to predict's
+    """on a cascade engine eval's shipped row is the cascade, with its exit rates, equal to predict's
     answers image by image; the full graph (model.onnx) is the row beside it, equal to predict --no-cascade."""
     import clipfuse
     from clipfuse.export.fit.evaluate import eval_engine
@@ -299,7 +299,7 @@ def test_eval_scores_the_cascade_that_predict_answers(cascade_engine, data):
 
 
 def test_report_says_one_thing_about_what_ships(cascade_engine):
-    """issue 23.4 and 23.7: a cascade engine's report.md ships the cascade, whose last stage (model.onnx) holds the
+    """a cascade engine's report.md ships the cascade, whose last stage (model.onnx) holds the
     chosen controller, in the stage order the manifest holds; where that is not the order given, it says so."""
     from clipfuse.export.fit.levers import REORDERED
 
@@ -315,7 +315,7 @@ def test_report_says_one_thing_about_what_ships(cascade_engine):
 
 
 def test_a_budget_that_keeps_one_backbone_fits_no_controller(data, tmp_path, capsys):
-    """issue 23.7: one backbone left by the budget ships alone: no NLC study or fit, no controller warnings, and
+    """one backbone left by the budget ships alone: no NLC study or fit, no controller warnings, and
     the export says "1 backbone"; eval still scores it."""
     from clipfuse.export.fit.evaluate import eval_engine
     from clipfuse.export.graph.backbones import load_backbone
@@ -358,6 +358,8 @@ def test_budget_fit_holds_the_chosen_subset(data, tmp_path):
     (["--budget-gflops", "1e-9"], "below the cheapest backbone"),
     (["--cascade", "--max-drop", "-1"], "--max-drop must be"),
     (["--max-drop", "-1"], "--max-drop must be"),
+    (["--max-drop", "nan"], "--max-drop must be"),          # nan was accepted without --cascade
+    (["--max-drop", "inf"], "--max-drop must be"),
     (["--cascade", "--budget-gflops", "5"], "cannot be combined"),
     (["--budget-ms", "5", "--budget-gflops", "5"], "give one budget"),
 ])

@@ -71,7 +71,7 @@ def test_per_class_specialisation_and_its_minimum(world):
     few = dv.per_class(Z[:8], y[:8], names, ["c0", "c1", "c2", "c3"])
     assert not few["classes"] and [s["images"] for s in few["skipped"]] == [2, 2, 2, 2]
     assert "at least 5 of the held-out images" in dv.to_markdown(dv.diversity_report(Z, y, names, ["c0", "c1", "c2", "c3"]))
-    # "held-out" only where true: eval names what its images are (issue 23.1)
+    # "held-out" only where true: eval names what its images are
     text = dv.to_markdown(dv.diversity_report(Z, y, names, ["c0", "c1", "c2", "c3"], images="these images"))
     assert "at least 5 of these images" in text and "held-out" not in text
 

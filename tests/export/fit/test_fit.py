@@ -306,7 +306,7 @@ def test_identical_draws_are_detected_and_footnoted():
 
 
 def test_eval_leaves_out_the_images_the_engine_was_fitted_on(fitted, data, tmp_path):
-    """issue 23.1: fit records its training images' content hashes (a hashed artefact the runtime reads); eval on
+    """fit records its training images' content hashes (a hashed artefact the runtime reads); eval on
     the fit's own folder scores only the others and says how many it left out; --include-fit-images keeps them;
     "held-out" is said only where true; a folder of fit images alone is refused in one line."""
     import shutil
@@ -353,7 +353,7 @@ def test_eval_leaves_out_the_images_the_engine_was_fitted_on(fitted, data, tmp_p
 
 
 def test_what_ships_reconciles_a_rival_that_scores_as_well_on_eval():
-    """issue 23.7: "What ships: NLC" beside "NLC is no better than C-LOG-AVG" on the eval split says why it ships."""
+    """"What ships: NLC" beside "NLC is no better than C-LOG-AVG" on the eval split says why it ships."""
     from clipfuse.export.fit.report import _what_ships
 
     def report(acc, forced=False):

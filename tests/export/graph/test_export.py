@@ -89,7 +89,7 @@ def test_existing_output_needs_force(tiny_engine, tmp_path):
     with pytest.raises(ClipfuseError, match="already exists; pass --force"):
         export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES)
     export_engine(TINY[:1], "a,b", out, templates=TWO_TEMPLATES, force=True)
-    # --force replaces the engine, not what its manifest does not list (issue 22 item 2)
+    # --force replaces the engine, not what its manifest does not list
     assert (out / "keep.txt").read_text() == "x" and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["e"]        # no temporary, old or lock files left
 

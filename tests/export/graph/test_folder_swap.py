@@ -1,4 +1,4 @@
-"""Replacing a whole engine folder loses nothing (issue 22, items 2, 3, 16): a re-export keeps what it did
+"""Replacing a whole engine folder loses nothing: a re-export keeps what it did
 not make, a writer killed between the swap's two renames leaves the old engine recoverable (the next writer
 restores it, even one that fails), and an output that is a symbolic link is written through."""
 from __future__ import annotations

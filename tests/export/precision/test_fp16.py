@@ -138,7 +138,7 @@ def test_failed_validation_writes_nothing(tiny_engine, tmp_path, monkeypatch):
 
 
 def test_a_fitted_linear_probe_engine_gets_an_fp16_graph(tmp_path, photo_paths):
-    """Issue 23: a probe fitted on the tiny RN tower's nearly collapsed features has rows of norm ~1e3, so that
+    """a probe fitted on the tiny RN tower's nearly collapsed features has rows of norm ~1e3, so that
     tower's fp16 error moved probs past their bound with everything after the embeddings already fp32. The
     export keeps the tower whose logits moved most fp32, validates again, and ships."""
     from conftest import TINY

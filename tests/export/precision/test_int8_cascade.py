@@ -270,7 +270,7 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
 
 
 def test_the_fits_own_images_are_left_out_of_the_certification(int8_cascade, calib_dir, data, tmp_path):
-    """issue 23.1: the engine's fit images (answered over-confidently) are left out of the int8 thresholds'
+    """the engine's fit images (answered over-confidently) are left out of the int8 thresholds'
     certification with a warning saying how many; a folder of nothing else is refused in one line."""
     from clipfuse.runtime.fit_images import fit_image_digests
     from clipfuse.runtime.manifest import sha256_file

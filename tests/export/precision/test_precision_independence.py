@@ -1,4 +1,4 @@
-"""Precisions are independent and their commit is atomic (issue 22 item 4): a writer killed between an
+"""Precisions are independent and their commit is atomic: a writer killed between an
 added graph's rename and the manifest update leaves the old pair (put back by the next writer) or the new
 one, and a precision whose file does not match its record is named and set aside while fp32, inspect,
 re-export and the other precisions keep working; exporting that precision again rebuilds it."""
