@@ -41,8 +41,8 @@ from clipfuse.core.log import log
 from .agreement import compare_outputs
 from .backends.base import Backend
 from .backends.registry import make_backend
-from .backends.sessions import open_session, session_options
-from .manifest import Manifest, check_onnxruntime_can_run, confined_path, rebuild_hint
+from .backends.sessions import check_onnxruntime_can_run, open_session, session_options
+from .manifest import Manifest, confined_path, rebuild_hint
 from .manifest_checks import check_cascade_block, check_int8_cascade
 from .precisions import precision_onnx_path, with_precision
 from .routing import confidence, route
@@ -140,13 +140,7 @@ class CascadeBackend(Backend):
                 decided = confidence(logits, self.score) >= self._limits[s - 1]
             else:
                 decided = np.ones(len(rows), bool)
-            leave = rows[decided]
-            stage[leave] = s
-            out[iospec.LOGITS][leave], out[iospec.PROBS][leave] = logits[decided], probs[decided]
-            out[iospec.TEMPERATURES][leave, :s] = t[decided]
-            out[iospec.BACKBONE_LOGITS][leave, :s] = Z[decided]
-            out[iospec.FEATURES][leave, :sum(dims[:s])] = X[decided]
-            rows = rows[~decided]
+            rows = record_exits(out, stage, rows, decided, s, sum(dims[:s]), (logits, probs, t, Z, X))
             feats, zs = [a[~decided] for a in feats], [a[~decided] for a in zs]
             if not len(rows):
                 break
@@ -184,6 +178,22 @@ def check_stage_io(sessions: dict, s: int, stages: list[dict], manifest: Manifes
                 need = {n: ["N" if d is None else d for d in v] for n, v in expected.items()}
                 raise EngineMismatch(f"{where}: the {kind} graph of stage {s} has {what} {shown}, stage {s} needs "
                                     f"{need} (stage graphs swapped or replaced); {_REFIT}")
+
+
+def record_exits(out: dict, stage: np.ndarray, rows: np.ndarray, decided: np.ndarray, s: int, width: int,
+                 stage_outputs) -> np.ndarray:
+    """Write the answers of the images that leave at stage s (1-based) into `out` (the five outputs, NaN where
+    a later stage's part was never computed), mark their stage, and return the rows still undecided.
+    stage_outputs: (logits, probs, temperatures, backbone logits, features) of stage s for `rows`; width: the
+    features' width up to stage s."""
+    logits, probs, t, Z, X = stage_outputs
+    leave = rows[decided]
+    stage[leave] = s
+    out[iospec.LOGITS][leave], out[iospec.PROBS][leave] = logits[decided], probs[decided]
+    out[iospec.TEMPERATURES][leave, :s] = t[decided]
+    out[iospec.BACKBONE_LOGITS][leave, :s] = Z[decided]
+    out[iospec.FEATURES][leave, :width] = X[decided]
+    return rows[~decided]
 
 
 def int8_stages(manifest: Manifest) -> dict:

@@ -16,14 +16,10 @@ device would block the reader: named and skipped without being opened), and
 files whose read fails (EIO). A bad image never stops a batch: it is reported
 as an ImageFailure and the rest of the batch goes on (a MemoryError included).
 
-Bounded work: no pixel buffer of one image may exceed the pixel limit, neither
-the decoded file (width x height) nor its copy resized to an input's size
-(a thin strip grows by R / short side: runtime/preprocess.check_resize). Both are
-checked from the header, before decoding. The limit is PIL's own process-wide
-`PIL.Image.MAX_IMAGE_PIXELS` (89,478,485 px: about 270 MB as RGB, the largest
-buffer one decoding thread holds); `clipfuse predict --max-image-pixels N` or the
-environment variable CLIPFUSE_MAX_IMAGE_PIXELS=N (any command: fit, eval, predict)
-raise or lower it (`set_pixel_limit`).
+Bounded work: neither the decoded file nor its copy resized to an input's size may exceed the pixel
+limit (a thin strip grows by R / short side: runtime/preprocess.check_resize), both checked from the
+header. The limit is PIL's `Image.MAX_IMAGE_PIXELS`; `clipfuse predict --max-image-pixels N` or
+CLIPFUSE_MAX_IMAGE_PIXELS=N (any command) changes it (`set_pixel_limit`).
 
 Batches are decoded and resized by a small thread pool (PIL releases the GIL
 while decoding and resizing) with a bounded number of batches in flight, so

@@ -5,7 +5,7 @@ a folder without a manifest (an export that never finished), another schema
 version, a field of the wrong type or shape, a missing artefact, or an artefact
 whose sha256 or size differs from what the export recorded (tampered with, or
 half-copied), and an engine made by another major version of clipfuse. Backends
-add their own check before loading the graph (`check_onnxruntime_can_run`: the
+add their own check before loading the graph (`backends.sessions.check_onnxruntime_can_run`: the
 installed onnxruntime must implement the graph's opset). Every refusal ends with
 the command that rebuilds the engine (`rebuild_hint`).
 
@@ -384,28 +384,3 @@ def check_clipfuse_version(manifest: Manifest, installed: str | None = None) -> 
         raise ClipfuseError(f"engine {str(manifest.folder)!r} was made by clipfuse {made_by}; this is clipfuse "
                             f"{installed} (another major version): rebuild it with {rebuild_hint(manifest)}")
 
-
-def onnxruntime_max_opset() -> int | None:
-    """The highest ai.onnx opset the installed onnxruntime implements, from its operator schemas;
-    None where this build does not expose them (then loading the graph is the test)."""
-    try:
-        from onnxruntime.capi import _pybind_state as C
-
-        return max(s.since_version for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx"))
-    except Exception:       # a minimal build without schemas, or a renamed private module
-        return None
-
-
-def check_onnxruntime_can_run(manifest: Manifest, max_opset: int | None = None) -> None:
-    """Refuse, before loading, a graph whose opset the installed onnxruntime does not implement."""
-    opset = manifest.data.get("onnx", {}).get("opset")
-    if max_opset is None:
-        max_opset = onnxruntime_max_opset()
-    if opset is None or max_opset is None or int(opset) <= max_opset:
-        return
-    import onnxruntime
-
-    raise ClipfuseError(f"engine {str(manifest.folder)!r} is an opset {opset} graph; the installed onnxruntime "
-                        f"{onnxruntime.__version__} implements opsets up to {max_opset}. Upgrade onnxruntime "
-                        f"(pip install -U onnxruntime), or rebuild the engine for it: "
-                        f"{rebuild_hint(manifest)[:-1]} --opset {max(17, min(max_opset, 18))}`")

@@ -21,7 +21,7 @@ import numpy as np
 
 from clipfuse.core import iospec
 from clipfuse.runtime.backends.sessions import open_session, session_options
-from clipfuse.runtime.cascade import cascade_block
+from clipfuse.runtime.cascade import cascade_block, record_exits
 from clipfuse.runtime.manifest import Manifest, confined_path, rebuild_hint
 from clipfuse.runtime.routing import confidence
 
@@ -97,13 +97,7 @@ class GraphedCascade:
                 self.calls[f"tower_{s}"] += len(rows)
             X, Z, logits, probs, t = self._combine(s, feats, zs)
             decided = confidence(logits, self.score) >= self.limits[s - 1] if s < S else np.ones(len(rows), bool)
-            leave = rows[decided]
-            stage[leave] = s
-            out[iospec.LOGITS][leave], out[iospec.PROBS][leave] = logits[decided], probs[decided]
-            out[iospec.TEMPERATURES][leave, :s] = t[decided]
-            out[iospec.BACKBONE_LOGITS][leave, :s] = Z[decided]
-            out[iospec.FEATURES][leave, :sum(dims[:s])] = X[decided]
-            rows = rows[~decided]
+            rows = record_exits(out, stage, rows, decided, s, sum(dims[:s]), (logits, probs, t, Z, X))
             feats, zs = [a[~decided] for a in feats], [a[~decided] for a in zs]
             if later is not None:
                 cached = [(f[~decided], z[~decided]) for f, z in cached]

@@ -18,9 +18,9 @@ from pathlib import Path
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError, EngineMismatch
 
-from ..manifest import Manifest, check_onnxruntime_can_run, rebuild_hint
+from ..manifest import Manifest, rebuild_hint
 from .base import Backend
-from .sessions import import_onnxruntime, open_session, session_options
+from .sessions import check_onnxruntime_can_run, import_onnxruntime, open_session, session_options
 
 INSTALL_ORT_GPU = "pip install onnxruntime-gpu (in place of onnxruntime; it needs the CUDA and cuDNN versions its release notes name)"
 INSTALL_TENSORRT = "pip install 'clipfuse[tensorrt]' (TensorRT, onnxruntime-gpu) on a machine with an NVIDIA GPU"

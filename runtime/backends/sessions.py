@@ -17,6 +17,8 @@ from pathlib import Path
 
 from clipfuse.core.errors import ClipfuseError
 
+from ..manifest import Manifest, rebuild_hint
+
 CPU = "CPUExecutionProvider"
 
 
@@ -99,3 +101,29 @@ def open_session(path: str | os.PathLike, options=None, providers=(CPU,), hint: 
     except Exception as e:      # ORT raises its own pybind exception types for a bad graph
         raise ClipfuseError(f"onnxruntime {ort.__version__} cannot load {str(path)!r}: "
                             f"{type(e).__name__}: {str(e)[:300]}{'. ' + hint if hint else ''}") from None
+
+
+def onnxruntime_max_opset() -> int | None:
+    """The highest ai.onnx opset the installed onnxruntime implements, from its operator schemas;
+    None where this build does not expose them (then loading the graph is the test)."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        return max(s.since_version for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+    except Exception:       # a minimal build without schemas, or a renamed private module
+        return None
+
+
+def check_onnxruntime_can_run(manifest: Manifest, max_opset: int | None = None) -> None:
+    """Refuse, before loading, a graph whose opset the installed onnxruntime does not implement."""
+    opset = manifest.data.get("onnx", {}).get("opset")
+    if max_opset is None:
+        max_opset = onnxruntime_max_opset()
+    if opset is None or max_opset is None or int(opset) <= max_opset:
+        return
+    import onnxruntime
+
+    raise ClipfuseError(f"engine {str(manifest.folder)!r} is an opset {opset} graph; the installed onnxruntime "
+                        f"{onnxruntime.__version__} implements opsets up to {max_opset}. Upgrade onnxruntime "
+                        f"(pip install -U onnxruntime), or rebuild the engine for it: "
+                        f"{rebuild_hint(manifest)[:-1]} --opset {max(17, min(max_opset, 18))}`")

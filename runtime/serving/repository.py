@@ -2,9 +2,7 @@
 
     write_repository("engines/pets", "repo")            # onnxruntime_onnx, CPU instances
     write_repository("engines/pets", "repo", backend="tensorrt", kind="gpu")
-
 gives
-
     repo/<model>/config.pbtxt
     repo/<model>/1/model.onnx            the fused graph (a hard link or copy; never the engine's own file)
     repo/<model>/1/model.onnx/           ... a DIRECTORY holding model.onnx + its data file when the graph
@@ -14,13 +12,10 @@ gives
                                          (onnxruntime with precision fp16/int8: model.fp16.onnx or
                                          model.int8.onnx, served under the name model.onnx)
 
-The config declares the uint8 `image_<R>` inputs and the five named outputs with
-dims that exclude the batch (Triton adds it from max_batch_size), dynamic
-batching (preferred sizes, queue delay) and an instance group. It also carries
-a model-config parameter `clipfuse`: a small JSON with what a client needs to
-preprocess images on its side (input sizes and open_clip's transform, classes,
-backbone names). Preprocessing lives in the client (runtime/serving/client.py), not in
-a Python-backend model chained by an ensemble: see docs/triton.md for why.
+The config declares the uint8 `image_<R>` inputs and the five named outputs (dims without the batch),
+dynamic batching and an instance group, and a model-config parameter `clipfuse`: a small JSON with what
+a client needs to preprocess images on its side (runtime/serving/client.py; docs/triton.md says why
+preprocessing is not a Python-backend step of an ensemble).
 
 Every config is parsed against Triton's own ModelConfig protobuf
 (`tritonclient.grpc.model_config_pb2`) and checked for what the schema cannot
@@ -53,9 +48,8 @@ METADATA_KEY = "clipfuse"           # the model-config parameter the client read
 METADATA_FORMAT = "clipfuse-serving"
 INSTALL_SERVE = "pip install 'clipfuse[serve]'"
 DEFAULT_MAX_BATCH = 8
-# Latency a request may wait for others to form a batch. The fused RN50 + ViT-B-32 graph
-# takes ~100 ms per image on 2 CPU cores, so 2 ms of waiting is noise next to it, yet
-# long enough for concurrent clients' requests to meet (measured: benchmarks/serve_bench.py).
+# How long a request may wait for others to form a batch: noise next to the ~100 ms per image of the
+# fused pair on 2 cores, long enough for concurrent requests to meet (benchmarks/serve_bench.py).
 DEFAULT_QUEUE_DELAY_US = 2000
 
 
@@ -131,11 +125,10 @@ def _dims(shape) -> list[int]:
 
 
 def model_spec(manifest: Manifest, backend: str = "onnxruntime", max_batch: int = DEFAULT_MAX_BATCH,
-               instances: int = 1, kind: str | None = None, preferred=None,
-               queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, name: str | None = None,
-               cascade: bool = False) -> TritonModelSpec:
-    """The Triton model for an engine, arguments checked (each error names the option to change).
-    cascade: the engine's routed stage graphs (outputs + stage), served by the Python backend."""
+               instances: int = 1, kind: str | None = None, preferred=None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+               name: str | None = None, cascade: bool = False) -> TritonModelSpec:
+    """The Triton model for an engine, arguments checked (each error names the option to change); a cascade
+    engine's routed stage graphs (outputs + stage) are served by the Python backend."""
     if cascade and backend != "onnxruntime":
         raise ClipfuseError(f"the cascade runs its stage graphs on ONNX Runtime; --backend {backend} serves only the "
                             "full graph: pass --no-cascade")
@@ -221,8 +214,8 @@ def _model_config_pb2():
 
 
 def check_config(text: str, spec: TritonModelSpec | None = None, where: str = "config.pbtxt"):
-    """Parse `text` against Triton's ModelConfig protobuf -> the message; ClipfuseError if it does not parse,
-    or (given the spec it came from) does not say what the spec says."""
+    """Parse `text` against Triton's ModelConfig protobuf -> the message; ClipfuseError if it does not parse
+    or (given its spec) does not say what the spec says."""
     from google.protobuf import text_format
 
     pb2 = _model_config_pb2()
@@ -287,8 +280,7 @@ def find_plan(manifest: Manifest, precision: str | None = None) -> Path:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """A hard link costs no space and leaves the engine untouched (the repository never writes to it);
-    across file systems, a copy."""
+    """A hard link (no space; the repository never writes to it), or across file systems a copy."""
     try:
         os.link(src, dst)
     except OSError:
@@ -396,9 +388,8 @@ def is_model_folder(folder: Path) -> bool:
 def check_model_target(target: Path, force: bool) -> None:
     """Refuse a file or symlink, a folder without --force, and (even with --force) one clipfuse did not write."""
     if target.is_symlink() or (target.exists() and not target.is_dir()):
-        what = "a symbolic link" if target.is_symlink() else "a file"
-        raise ClipfuseError(f"{str(target)!r} is {what}, not a model folder; remove it, or choose another --model "
-                            "or --out")
+        raise ClipfuseError(f"{str(target)!r} is {'a symbolic link' if target.is_symlink() else 'a file'}, not a "
+                            "model folder; remove it, or choose another --model or --out")
     if not target.exists():
         return
     if not force:

@@ -21,13 +21,8 @@ from clipfuse.export.graph.torch_backend import TorchBackend
 from clipfuse.runtime.backends import registry as bk
 from clipfuse.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from clipfuse.runtime.backends.registry import open_backend
-from clipfuse.runtime.manifest import (
-    Manifest,
-    check_onnxruntime_can_run,
-    onnxruntime_max_opset,
-    read_manifest,
-    sha256_file,
-)
+from clipfuse.runtime.backends.sessions import check_onnxruntime_can_run, onnxruntime_max_opset
+from clipfuse.runtime.manifest import Manifest, read_manifest, sha256_file
 from clipfuse.runtime.predict import Predictor, load_predictor
 from clipfuse.runtime.preprocess import preprocess_image
 

@@ -6,7 +6,12 @@ responses and the server keeps serving; health, readiness and metrics answer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -244,29 +249,21 @@ def test_stop_leaves_no_process_no_port_no_shared_memory(tiny_engine):
     assert not (_our_shm() - shm_before)
 
 
-def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
-    """`clipfuse serve` in its own process: after SIGTERM it exits 0 within a bound, the ports are free at
-    once, tritonserver and its stubs are gone, no shared memory of ours is left, no token was printed."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    shm_before = _our_shm()
+@contextlib.contextmanager
+def serve_process(engine, tmp_path):
+    """`clipfuse serve ENGINE` in a child process on free ports, once its model is ready -> (proc, ports, log);
+    killed and waited for on the way out if still running."""
     ports = [free_port() for _ in range(3)]
     exe = os.path.join(os.path.dirname(sys.executable), "clipfuse")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "serve", str(tiny_engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
+        proc = subprocess.Popen([exe, "serve", str(engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
                                  "--metrics-port", str(ports[2])], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
-                if get(f"http://{HOST}:{ports[0]}/v2/models/{tiny_engine.name}/ready", timeout=2)[0] == 200:
+                if get(f"http://{HOST}:{ports[0]}/v2/models/{engine.name}/ready", timeout=2)[0] == 200:
                     break
             except (urllib.error.URLError, OSError):
                 pass
@@ -274,6 +271,23 @@ def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
             time.sleep(0.5)
         else:
             pytest.fail(f"serve did not become ready: {log.read_text()[-2000:]}")
+        yield proc, ports, log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
+    """`clipfuse serve` in its own process: after SIGTERM it exits 0 within a bound, the ports are free at
+    once, tritonserver and its stubs are gone, no shared memory of ours is left, no token was printed."""
+    import signal
+    import time
+
+    import psutil
+
+    shm_before = _our_shm()
+    with serve_process(tiny_engine, tmp_path) as (proc, ports, log):
         with clipfuse.connect(f"http://{HOST}:{ports[0]}") as remote:       # no model= needed
             assert remote.backend.model == tiny_engine.name
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -289,10 +303,6 @@ def test_sigterm_stops_serve_and_its_children(tiny_engine, tmp_path):
         assert took < 30, f"shutdown took {took:.1f} s (bound 30 s)"
         text = log.read_text()
         assert "triton-access-token=" not in text and "triton-access-token:" not in text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_serve_precision_int8_serves_the_int8_graph(tiny_engine, tiny_vit_engine, photo_paths, tmp_path):
@@ -389,32 +399,11 @@ def test_an_oversized_request_is_refused_before_triton_allocates_and_the_server_
 def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(tiny_engine, tmp_path):
     """tritonserver killed under `clipfuse serve` (as the oversized request crashed it): serve
     exits 1 with one line, instead of 0, and tritonserver's model store (/tmp/folderXXXXXX) is removed."""
-    import os
     import re
-    import subprocess
-    import sys
-    import time
 
     import psutil
 
-    ports = [free_port() for _ in range(3)]
-    exe = os.path.join(os.path.dirname(sys.executable), "clipfuse")
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([exe, "serve", str(tiny_engine), "--port", str(ports[0]), "--grpc-port", str(ports[1]),
-                                 "--metrics-port", str(ports[2])], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if get(f"http://{HOST}:{ports[0]}/v2/models/{tiny_engine.name}/ready", timeout=2)[0] == 200:
-                    break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.5)
-        else:
-            pytest.fail(f"serve did not become ready: {log.read_text()[-2000:]}")
+    with serve_process(tiny_engine, tmp_path) as (proc, ports, log):
         server = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "tritonserver" in p.name())
         workspace = re.search(r"(/\S*/workspace_[^/\s]+)", " ".join(server.cmdline())).group(1)
         from clipfuse.runtime.serving.cleanup import model_stores
@@ -427,7 +416,3 @@ def test_a_server_that_dies_takes_serve_down_nonzero_and_leaves_no_model_store(t
         last = log.read_text().strip().splitlines()[-1]
         assert last.startswith(f"error: the Triton server serving '{tiny_engine.name}'") and "stopped on its own" in last
         assert not stores(), "the model store outlived the server"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
