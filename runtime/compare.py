@@ -106,7 +106,7 @@ def parse_backends(spec, precision: str | None) -> list[tuple[str, str]]:
             raise ClipfuseError("backend torch-cuda-int8: torch-cuda runs fp32 or fp16; compare onnxruntime-int8 "
                                 "or tensorrt-int8 against it")
         if n.startswith("torch") and n != "torch-cuda" and prec != "fp32":
-            raise ClipfuseError(f"backend {n}-{prec}: the torch backend is the fp32 reference; compare "
+            raise ClipfuseError(f"backend {n}-{prec}: torch runs the fp32 reference only; compare "
                                 f"onnxruntime-{prec}, tensorrt-{prec} or torch-cuda-fp16 against it")
         out.append((n, prec))
     if len(set(out)) != len(out):

@@ -16,6 +16,7 @@ from clipfuse.export.gpu import plan
 from clipfuse.export.gpu.backend import TorchCudaBackend
 from clipfuse.runtime.backends import registry as bk
 from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.manifest_checks import bind_blocks
 from clipfuse.runtime.preprocess import preprocess_image
 
 
@@ -177,6 +178,7 @@ def cascade3(tmp_path_factory):
 def _with_thresholds(engine, thresholds):
     m = read_manifest(engine)
     m.data["cascade"]["thresholds"] = thresholds
+    bind_blocks(m.data)          # as clipfuse's own writers do: a hand edit would be refused
     return m
 
 
@@ -258,5 +260,5 @@ def test_compare_runs_torch_cuda_at_fp16_and_keeps_the_eager_reference_fp32():
     assert parse_backends("onnxruntime,torch-cuda-fp16", None) == [("onnxruntime", "fp32"), ("torch-cuda", "fp16")]
     with pytest.raises(ClipfuseError, match="torch-cuda runs fp32 or fp16"):
         parse_backends("onnxruntime,torch-cuda-int8", None)
-    with pytest.raises(ClipfuseError, match="the torch backend is the fp32 reference"):
+    with pytest.raises(ClipfuseError, match="torch runs the fp32 reference only"):
         parse_backends("onnxruntime,torch-cuda-eager-fp16", None)

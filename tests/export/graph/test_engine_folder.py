@@ -186,7 +186,7 @@ def test_fp16_disk_full_is_one_line_and_changes_nothing(tiny_engine, tmp_path, m
     shutil.copytree(tiny_engine, folder)
     before = (folder / "manifest.json").read_bytes()
 
-    def full(src, dst):
+    def full(src, dst, *args):
         raise OSError(errno.ENOSPC, "No space left on device", str(dst))
 
     monkeypatch.setattr(fp16, "convert_fp16", full)

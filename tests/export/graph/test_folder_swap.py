@@ -190,7 +190,7 @@ def test_reexport_keeps_bench_singles_and_user_files(tiny_engine, tmp_path):
     from clipfuse.cli.main import cli
 
     out = tmp_path / "e"
-    shutil.copytree(tiny_engine, out)
+    shutil.copytree(tiny_engine, out, ignore=shutil.ignore_patterns("bench", "singles"))  # other tests bench it
     _foreign(out)
     r = CliRunner().invoke(cli, ["export", str(out), "-q"])
     assert r.exit_code == 0, r.output
