@@ -48,16 +48,16 @@ def opened_outside(folder: Path, paths: list[str]) -> list[str]:
     return [p for p in paths if not Path(p).resolve().is_relative_to(inside)]
 
 
-def attempt(box: Path, data: dict | str) -> str:
-    """Write `data` (or JSON text) as the engine's manifest, read it; -> the refusal's message (asserting what
-    every case must)."""
+def attempt(box: Path, data: dict | str, reader=read_manifest) -> str:
+    """Write `data` (or JSON text) as the engine's manifest and hand the folder to `reader` (read_manifest by
+    default); -> the refusal's message (asserting what every case must)."""
     global _RECORDING
     engine = box / "engine"
     (engine / "manifest.json").write_text(data if isinstance(data, str) else json.dumps(data))
     _RECORDING = []
     try:
         with pytest.raises(ClipfuseError) as e:
-            read_manifest(engine)
+            reader(engine)
     finally:
         seen, _RECORDING = _RECORDING, None
     msg = str(e.value)
@@ -283,19 +283,7 @@ def attempt_cascade(box: Path, data: dict | str) -> str:
     """As attempt(), for the cascade block: the refusal comes on read or when the cascade is opened."""
     from clipfuse.runtime.cascade import CascadeBackend
 
-    global _RECORDING
-    engine = box / "engine"
-    (engine / "manifest.json").write_text(data if isinstance(data, str) else json.dumps(data))
-    _RECORDING = []
-    try:
-        with pytest.raises(ClipfuseError) as e:
-            CascadeBackend(read_manifest(engine)).open().close()
-    finally:
-        seen, _RECORDING = _RECORDING, None
-    msg = str(e.value)
-    assert msg and "\n" not in msg, f"not one line: {msg!r}"
-    assert not opened_outside(engine, seen), f"opened outside the folder: {opened_outside(engine, seen)}"
-    return msg
+    return attempt(box, data, lambda engine: CascadeBackend(read_manifest(engine)).open().close())
 
 
 CASCADE_FIELDS = [("cascade", "order"), ("cascade", "order", 0), ("cascade", "score"), ("cascade", "thresholds"),
