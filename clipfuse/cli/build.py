@@ -158,15 +158,19 @@ def export(engine, backbone_list, classes, templates, out, force, opset, precisi
               help="Also write a confidence cascade (stages/): an image leaves at the first stage confident enough.")
 @click.option("--max-drop", type=float, default=0.5, show_default=True, metavar="POINTS",
               help="--cascade: accuracy points the cascade may lose against the full ensemble (bounded on "
-                   "agreement with it, on pool images outside the shots).")
+                   "agreement with it, on pool images outside the shots and --certify-on images).")
 @click.option("--cascade-score", type=click.Choice(["auto", "max-prob", "margin"]), default="auto", show_default=True,
               help="--cascade: confidence score; auto = both, keep the cheaper on calibration images.")
 @click.option("--cascade-cost", type=click.Choice(["gflops", "ms"]), default="gflops", show_default=True,
               help="--cascade: how stages are priced when choosing their order.")
+@click.option("--certify-on", type=click.Path(), default=None, metavar="DIR",
+              help="--cascade: unlabelled images of your task (any layout) that certify the exit thresholds beside "
+                   "the pool images outside the shots; the images fit was fitted on, the pool's and eval's are "
+                   "found by content and left out.")
 @quiet_option()
 def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, eval_fraction, probe_fraction,
         study_shots, study_seeds, cache, batch, out, force, controller, budget_ms, budget_gflops, cascade, max_drop,
-        cascade_score, cascade_cost):
+        cascade_score, cascade_cost, certify_on):
     """Fit the Neural Logit Controller on k labelled images per class; report it against every baseline.
 
     Writes the engine folder with the controller that ships inside the graph (--controller; auto: the best
@@ -179,7 +183,8 @@ def fit(backbone_list, data, eval_data, classes, shots, seed, head, templates, e
 
     levers = api.fit_levers(budget=budget_ms if budget_ms is not None else budget_gflops,
                             budget_unit="GFLOPs" if budget_gflops is not None else "ms", cascade=cascade,
-                            max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs")
+                            max_drop=max_drop, score=cascade_score, cascade_cost="ms" if cascade_cost == "ms" else "GFLOPs",
+                            certify_on=certify_on)
     result, report = fit_engine(list(backbone_list), data, out, classes=classes, eval_data=eval_data, shots=shots,
                                 seed=seed, head=head, templates=templates, eval_fraction=eval_fraction,
                                 probe_fraction=probe_fraction, study_shots=study_shots, study_seeds=study_seeds,

@@ -47,6 +47,7 @@ from ..graph.stages import TowerStage, _export
 from ..thresholds import CascadeConfig, required_calibration_images
 from . import nlc
 from .cascade import candidate_orders, fit_cascade_orders
+from .certify import certified_line, describe
 from .features import head_logits
 from .nlc import controller_temperatures
 from .subsets import Split, search_subsets, static_fitter
@@ -72,6 +73,7 @@ class Levers:
     max_drop: float = 0.5              # --max-drop: accuracy points the cascade may lose vs the full ensemble
     score: str = "auto"                # --cascade-score: auto | max-prob | margin
     cascade_cost: str = GFLOPS         # --cascade-cost: how stages are priced (order, expected cost)
+    certify_on: str | None = None      # --certify-on: unlabelled images that also certify the exits (fit/certify.py)
 
     def check(self, num_backbones: int) -> "Levers":
         if self.budget is not None and self.cascade:
@@ -82,6 +84,8 @@ class Levers:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
                 raise ClipfuseError(f"--budget-{'ms' if self.budget_unit == MS else 'gflops'} must be a positive "
                                     f"number, got {b!r}")
+        if self.certify_on is not None and not self.cascade:
+            raise ClipfuseError("--certify-on applies to --cascade only: it certifies the cascade's exit thresholds")
         for unit, what in ((self.budget_unit, "budget unit"), (self.cascade_cost, "--cascade-cost")):
             if unit not in (MS, GFLOPS):
                 raise ClipfuseError(f"{what} {unit!r} is not one of {MS}, {GFLOPS}")
@@ -256,9 +260,10 @@ def permute_controller(controller, order, dims):
     raise ClipfuseError(f"cannot reorder a controller of kind {getattr(controller, 'kind', type(controller).__name__)!r}")
 
 
-def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx):
+def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx, unlabelled: int = 0):
     """Before any fitting: the candidate orders, and refuse (one line, the number needed) a pool whose
-    images outside the shots cannot certify --max-drop. -> (orders, costs, cost_info)."""
+    images outside the shots, with the `unlabelled` --certify-on images, cannot certify --max-drop.
+    -> (orders, costs, cost_info)."""
 
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
@@ -273,27 +278,32 @@ def check_calibration(levers: Levers, built, heads, Z_pool, y_pool, shot_idx):
     orders = candidate_orders(costs, single_acc)
     tries = len(orders) * len(cfg.scores())
     need = required_calibration_images(cfg.max_drop, cfg.confidence, tries)
-    if calib.size < need:
+    if calib.size + unlabelled < need:
+        given = f" and --certify-on gave {unlabelled} unlabelled images" if levers.certify_on is not None else ""
         raise ClipfuseError(f"too few calibration images for --cascade --max-drop {cfg.max_drop}: the pool holds "
-                            f"{calib.size} images outside the k shots and the bound needs >= {need} "
-                            f"({tries} configurations tried at {cfg.confidence:.0%}); label more images, lower "
-                            "--probe-fraction (linear probes), or raise --max-drop")
+                            f"{calib.size} images outside the k shots{given} and the bound needs >= {need} "
+                            f"({tries} configurations tried at {cfg.confidence:.0%}); give --certify-on DIR with >= "
+                            f"{need - calib.size - unlabelled} more unlabelled images of your task (not the fit's), "
+                            "label more images, or raise --max-drop")
     return orders, costs, cost_info
 
 
 def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, y_ev, shot_idx, shipped,
-                 config, costs=None, shipped_row: str | None = None) -> dict:
+                 config, costs=None, shipped_row: str | None = None, unlabelled=None) -> dict:
     """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
     `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}.
     costs: check_calibration's result when fit already ran it; shipped_row: what `shipped` is, in the
-    report's words (NLC, C-LOG-AVG, LOG-AVG or a backbone's name)."""
+    report's words (NLC, C-LOG-AVG, LOG-AVG or a backbone's name); unlabelled: (X, Z, UnlabelledImages) of
+    the --certify-on images (export/fit/certify.py), calibration images beside the pool's."""
 
     names = [str(b.spec) for b in built]
     K = len(names)
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
-    orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx)
-    full_cal = fused_logits(shipped, X_pool[calib], Z_pool[calib])
+    X_u, Z_u, found = unlabelled if unlabelled is not None else (X_pool[:0], Z_pool[:0], None)
+    orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx, len(Z_u))
+    X_cal, Z_cal = np.concatenate([X_pool[calib], X_u]), np.concatenate([Z_pool[calib], Z_u])   # no labels needed
+    full_cal = fused_logits(shipped, X_cal, Z_cal)
     full_ev = fused_logits(shipped, X_ev, Z_ev)
     statics, candidates = {}, {}
     for rule, order in orders.items():
@@ -303,7 +313,7 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
             st = nlc.fit_static(Z_pool[shot_idx][:, members], y_pool[shot_idx], config)
             statics[(rule, s)] = st
             t = st.value.reshape(-1).numpy()
-            cal.append((t[None, :, None] * Z_pool[calib][:, members]).sum(1))
+            cal.append((t[None, :, None] * Z_cal[:, members]).sum(1))
             ev.append((t[None, :, None] * Z_ev[:, members]).sum(1))
         candidates[rule] = (cal + [full_cal], ev + [full_ev], [costs[k] for k in order], [names[k] for k in order])
     fit = fit_cascade_orders(candidates, cfg, test_labels=y_ev)
@@ -317,7 +327,8 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
                  stage_controllers=f"C-LOG-AVG fitted on the k shots for stages 1..{K - 1}; stage {K} = the full "
                                    f"graph model.onnx, with the controller fit chose for it "
                                    f"({shipped_row or getattr(shipped, 'kind', '?')})",
-                 calibration_images=f"{calib.size} pool images outside the shots (no labels used by the bound)")
+                 calibration_images=describe(calib.size, found),
+                 certified_on={"labelled_pool": int(calib.size), "unlabelled": found.to_dict() if found else None})
     return {"order": order, "controllers": controllers, "fit": fit, "block": block}
 
 
@@ -362,6 +373,8 @@ def report_markdown(report: dict) -> str:
                   f"Thresholds chosen on {c['calibration_images']}: {cal['disagreements']} disagreement(s) with the "
                   f"full ensemble, upper bound {cal['disagreement_bound']:.2f}% <= --max-drop {c['max_drop']} "
                   f"(agreement, Clopper-Pearson at {c['config']['confidence']:.0%}).",
+                  *([certified_line(c["certified_on"]["unlabelled"])] if (c.get("certified_on") or {}).get("unlabelled")
+                    else []),
                   f"Eval ({t['n']} images, never used to choose): cascade {_iv(t['accuracy_cascade'])}, full ensemble "
                   f"{_iv(t['accuracy_full'])}; paired difference {diff['difference']:+.2f} points "
                   f"[{diff['lo']:+.2f}, {diff['hi']:+.2f}], agreement {diff['agreement']['value']:.1f}%.",

@@ -38,7 +38,7 @@ from ..graph.engine import export_engine
 from ..graph.engine_folder import check_output_folder
 from ..graph.fused import save_controller
 from ..graph.heads import LINEAR_PROBE, Head
-from . import baselines, diversity as dv, levers as fl, nlc, select, study
+from . import baselines, certify, diversity as dv, levers as fl, nlc, select, study
 from .features import FeatureCache, compute_features, head_logits
 from .report import HEATMAP, heatmap_bytes, render_report
 
@@ -117,6 +117,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     specs = [bb.parse_backbone(b) if not isinstance(b, bb.BackboneSpec) else b for b in backbones]
     levers = (levers or fl.Levers()).check(len(specs))
     check_output_folder(Path(out), force)
+    if levers.certify_on is not None:  # a bad folder is refused before the minutes of building and features
+        certify.check_folder(levers.certify_on)
     cache = FeatureCache(cache_dir)          # a cache folder that cannot be written is refused now, not after features
     config = (config or nlc.FitConfig()).check()
     paths, labels, class_names = scan_labelled_folder(data, classes)
@@ -193,10 +195,16 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     ok_shots, skipped = feasible_shots(y_pool, C, sorted(set(study_shots) | {shots}))
     if shots in skipped:       # unreadable images left a class short
         check_shots(y_pool, shots, class_names)
-    cascade_costs = None
+    cascade_costs = unlabelled = None
     if levers.cascade:                 # refuse too few calibration images before any fitting
-        cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool,
-                                             sample_k_shot(y_pool, shots, seed, num_classes=C))
+        shot_idx = sample_k_shot(y_pool, shots, seed, num_classes=C)
+        if levers.certify_on is not None:
+            fitted = [paths[i] for i in pool[shot_idx]] + ([paths[i] for i in probe_idx] if head != hd.ZERO_SHOT else [])
+            calib_paths = [paths[i] for i in np.setdiff1d(pool, pool[shot_idx])]
+            unlabelled = certify.certify_on_arrays(levers.certify_on, built, heads, cache, batch_size,
+                                                   *([fs.digests[p] for p in ps] for ps in (fitted, calib_paths, ev_paths)))
+        cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx,
+                                             0 if unlabelled is None else len(unlabelled[1]))
     alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
     study_table = None
     if not alone:
@@ -238,7 +246,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
         with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})"):
             plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                   shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"])
+                                   shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"],
+                                   unlabelled=unlabelled)
         order, dims = plan["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
         static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))

@@ -22,18 +22,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.core.log import log, step
+from clipfuse.core.log import step
 from clipfuse.runtime.fit_images import fit_image_digests
-from clipfuse.runtime.images import collect_images, preprocess_paths
-from clipfuse.runtime.manifest import sha256_file
+from clipfuse.runtime.images import preprocess_paths
 
+from ..unlabelled import FIT, unlabelled_images
 from .fp16 import ancestor_nodes, tower_outputs
 
 QUANT_OPS = ("Conv", "MatMul", "Gemm")
@@ -46,56 +45,34 @@ MIN_IMAGES = 32                 # fewer than this and the activation ranges are 
 
 def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int = 8,
                       min_images: int = MIN_IMAGES, what: str = "calibration folder",
-                      leave_out_fit: bool = False) -> list[dict[str, np.ndarray]]:
+                      leave_out_fit: bool = False, with_info: bool = False):
     """Calibration batches {input_name: uint8 (n, 3, R, R)} from the images in `folder`.
 
-    Up to `count` images, evenly spaced over the folder's sorted list (so a folder sorted by class
-    is not calibrated on its first class only), through runtime/images.py's loading and host
+    Up to `count` images, evenly spaced over the folder's sorted list, read by export/unlabelled.py (the one
+    reader of unlabelled folders: `fit --certify-on` uses it too) through runtime/images.py's loading and host
     preprocessing. Refuses, one line each: a missing, unreadable or empty folder; fewer than
     `min_images` readable images (naming a failure when some could not be read). `what` names the folder
     in those messages (the int8 cascade's --cascade-images reads its folder here too). leave_out_fit: leave
-    out, with a warning, the images the engine was fitted on (runtime/fit_images.py): the int8 cascade's
-    thresholds certified on them would exit too early on new images.
+    out, with a warning, the images the engine was fitted on (runtime/fit_images.py), and second copies of the
+    same bytes: the int8 cascade's thresholds certified on them would exit too early on new images.
+    with_info: -> (feeds, export/unlabelled.UnlabelledImages: how many images of each kind were found and used).
     """
 
-    folder = Path(folder)
     if count < min_images:
         raise ClipfuseError(f"--calibration-count {count} is below the minimum of {min_images} images; "
                             f"give at least {min_images}")
-    if not folder.is_dir():
-        raise ClipfuseError(f"{what} {str(folder)!r} does not exist or is not a folder; "
-                            "give a folder of your own images")
-    if not os.access(folder, os.R_OK | os.X_OK):    # os.walk would silently see an empty folder
-        raise ClipfuseError(f"{what} {str(folder)!r} cannot be read (permission denied); "
-                            "fix its permissions")
-    paths = collect_images([folder])                 # ClipfuseError when it holds no image files
-    if leave_out_fit:
-        paths = _without_fit_images(manifest, paths, folder, what)
-    if len(paths) > count:
-        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, count).round().astype(int)]
+    # fit images: fit_images.json's digests (probes' and controller pool's; empty when none are recorded)
+    leave_out = {FIT: fit_image_digests(manifest)} if leave_out_fit else None
+    feeds, info = unlabelled_images(folder, lambda paths: _feeds(manifest, paths, batch), leave_out=leave_out,
+                                    what=what, count=count, min_images=min_images, tag="int8")
+    return (feeds, info) if with_info else feeds
+
+
+def _feeds(manifest, paths: list, batch: int):
+    """embed for unlabelled_images: host-preprocessed uint8 batches, as the engine sees them."""
     ok, inputs, failures = preprocess_paths(paths, manifest.preprocess_specs(), batch_size=batch)
-    if len(ok) < min_images:
-        why = (f"; {len(failures)} could not be read, e.g. {failures[0].path}: {failures[0].reason}"
-               if failures else "")
-        raise ClipfuseError(f"{what} {str(folder)!r} has {len(ok)} usable images, "
-                            f"need at least {min_images}{why}; add more images")
     n = len(ok)
-    return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)]
-
-
-def _without_fit_images(manifest, paths: list, folder, what: str) -> list:
-    fit = fit_image_digests(manifest)
-    if not fit:
-        return paths
-    rest = [p for p in paths if sha256_file(p) not in fit]
-    if len(rest) < len(paths):
-        log(f"warning: {len(paths) - len(rest)} of the {len(paths)} images of the {what} {str(folder)!r} are images "
-            "the engine was fitted on, which its heads and controller answer over-confidently: left out of the "
-            f"cascade's threshold certification ({len(rest)} remain)", tag="int8")
-    if not rest:
-        raise ClipfuseError(f"every image of the {what} {str(folder)!r} is one the engine was fitted on, so none can "
-                            "certify the int8 cascade's thresholds; give --cascade-images DIR with images it has not seen")
-    return rest
+    return [{name: arr[i:i + batch] for name, arr in inputs.items()} for i in range(0, n, batch)], n, failures
 
 
 def feeds_sha256(feeds: list[dict[str, np.ndarray]]) -> str:

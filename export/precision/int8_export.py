@@ -93,7 +93,8 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
         if is_cascade(m):        # read now: a bad folder is refused before the slow steps
             certify_folder = calibration if cascade_images is None else cascade_images
             certify = calibration_feeds(m, certify_folder, CERTIFY_MAX, min_images=1, leave_out_fit=True,
-                                        what="calibration folder" if cascade_images is None else "--cascade-images folder")
+                                        what="calibration folder" if cascade_images is None else "--cascade-images folder",
+                                        with_info=True)
     records, tensorrt_refused = {}, None
     with update_engine_folder(m.folder, what=MODEL_INT8) as update:
         # one calibration (tower by tower) for every target: ranges do not depend on the activation type
@@ -164,7 +165,7 @@ def export_int8(engine_dir, calibration, count: int = DEFAULT_COUNT, method: str
     return info
 
 
-def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_cache: dict) -> dict:
+def _cascade_stages(m, update, records: dict, certify: tuple, folder, data, ref_cache: dict) -> dict:
     """A cascade engine's int8 stage towers, cut out of the CPU graph, with thresholds certified again
     (export/precision/int8_stages.py), or the record of why not. Towers of an earlier int8 export are dropped either way."""
 
@@ -178,7 +179,8 @@ def _cascade_stages(m, update, records: dict, certify: list, folder, data, ref_c
     else:
         labelled = ref_cache.get(("data", str(data), "feeds")) if data is not None else None
         ref = ref_cache.get(("data", str(data))) if data is not None else None
-        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], certify, folder,
+        feeds, found = certify
+        rec = int8_stages(m, update.path(MODEL_INT8), [update.path(f) for f in files], feeds, folder, found=found,
                           data_feeds=labelled[0] if labelled else None, labels=labelled[1] if labelled else None,
                           fp32_logits=ref["logits"] if ref is not None else None)
         if not rec["written"]:

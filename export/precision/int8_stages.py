@@ -186,12 +186,13 @@ def stage_costs(block: dict) -> list[float]:
 
 
 def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feeds: list[dict], folder,
-                data_feeds=None, labels=None, fp32_logits=None) -> dict:
+                data_feeds=None, labels=None, fp32_logits=None, found=None) -> dict:
     """Cut the int8 stage towers into tower_paths, certify thresholds on certify_feeds, and return the
     record for precisions["int8"]["cascade"] ({"written": False, "reason"} when too few images certify).
 
     data_feeds, labels, fp32_logits: the labelled --data images, their labels and model.onnx's fused logits
-    on them (the int8 validation computed them): the int8 cascade's accuracy is reported beside fp32's."""
+    on them (the int8 validation computed them): the int8 cascade's accuracy is reported beside fp32's.
+    found: export/unlabelled.UnlabelledImages of the certification folder (images of each kind found and used)."""
 
     block = cascade_block(manifest)
     S = len(block["stages"])
@@ -220,7 +221,8 @@ def int8_stages(manifest, int8_path: Path, tower_paths: list[Path], certify_feed
               "confidence": config.confidence, "fp32_thresholds": block["thresholds"],
               "reference": "the int8 full ensemble (model.int8.onnx's answers, held to fp32 by the int8 validation)",
               "last_stage_vs_model_int8": check,
-              "certified_on": {"folder": str(folder), "images": int(n), "sha256": feeds_sha256(certify_feeds)}}
+              "certified_on": {"folder": str(folder), "images": int(n), "sha256": feeds_sha256(certify_feeds),
+                               **({"found": found.to_dict()} if found is not None else {})}}
     try:
         t, calibration = certify_thresholds(Z, costs, config, block["score"])
     except ClipfuseError as e:

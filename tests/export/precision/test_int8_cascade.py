@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY
 from imagefactory import make_labelled_folder
+from PIL import Image
 from standins import served_predictions, triton_python_model
 
 from clipfuse.cli.main import cli
@@ -253,13 +254,17 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
     other = tmp_path / "other"
     other.mkdir()
     for i, p in enumerate(photo_paths * 3):          # 12 images, none of them the calibration folder's
-        shutil.copy2(p, other / f"x{i}{p.suffix}")
+        im = Image.open(p).convert("RGB")
+        im.crop((i, i, im.width - i, im.height - i)).save(other / f"x{i}.png")
+    shutil.copy2(other / "x0.png", other / "x0-again.png")     # the same bytes twice count once
     r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
              "--cascade-images", other)
     assert r.exit_code == 0, r.output
     rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
     assert rec["certified_on"]["folder"] == str(other) and rec["certified_on"]["images"] == 12
     assert rec["written"] and rec["calibration"]["n"] == 12
+    assert rec["certified_on"]["found"] == {"folder": str(other), "found": 13, "left_out": {"fit images": 0},
+                                            "duplicates": 1, "unreadable": 0, "used": 12}
     # a missing folder is refused before anything slow, one line, exit 1; so is the option on a plain engine
     for engine, images, expect in ((folder, tmp_path / "missing", "--cascade-images folder"),
                                    (tiny_vit_engine, other, "not a cascade engine")):
