@@ -13,7 +13,10 @@ from clipfuse.export.thresholds import (
     ACCURACY,
     AGREEMENT,
     GUARDED,
+    HOLDOUT,
+    PER_STAGE,
     CascadeConfig,
+    allowed_disagreements,
     choose_thresholds,
     required_calibration_images,
 )
@@ -172,3 +175,21 @@ def test_bad_options_get_one_clear_line(kwargs, match):
     with pytest.raises(ClipfuseError, match=match) as e:
         fit_cascade(cal[:stages], test[:stages], COSTS[:stages], test_labels=y_test, **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_the_study_only_guards_hold_their_own_bounds():
+    """PER_STAGE: each early stage's disagreements within the allowance for max_drop / (S - 1) at alpha / (S - 1);
+    HOLDOUT: the thresholds kept are certified on the odd rows the path was not chosen on."""
+    Z, _ = synthetic_stages(2000, seed=3)
+    full = Z[-1].argmax(1)
+    t = choose_thresholds(list(Z), COSTS, CascadeConfig(max_drop=1.0, constraint=PER_STAGE))
+    stage = route(np.stack([confidence(z, "max-prob") for z in Z], axis=1), t)
+    pred = Z.argmax(2)[stage, np.arange(Z.shape[1])]
+    allowed = allowed_disagreements(2000, 0.5, 1 - 0.05 / 2)
+    assert all(int(((pred != full) & (stage == s)).sum()) <= allowed for s in (0, 1))
+    assert (stage < 2).any(), "a world where early exit is possible must use it"
+    t = choose_thresholds(list(Z), COSTS, CascadeConfig(max_drop=1.0, constraint=HOLDOUT))
+    odd = np.arange(1, 2000, 2)
+    stage = route(np.stack([confidence(z[odd], "max-prob") for z in Z], axis=1), t)
+    pred = Z[:, odd].argmax(2)[stage, np.arange(odd.size)]
+    assert int((pred != full[odd]).sum()) <= allowed_disagreements(odd.size, 1.0, 0.95) and (stage < 2).any()
