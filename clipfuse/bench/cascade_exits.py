@@ -75,8 +75,10 @@ def _timed(fn):
 
 def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=None,
                   arrays=None, labels=None, settle: float = 0.05, precision: str = "fp32",
-                  include_fit_images: bool = False) -> dict:
-    """precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
+                  include_fit_images: bool = False, single: str | None = None) -> dict:
+    """single: a backbone of the cascade, timed alone (its fp32 stage tower: the tower and its head, what that
+    backbone costs as a single model) call by call interleaved with the cascade and the full graph, so the
+    cascade's cost reads against the single it should beat. precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
     when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
     this one process, and an idle ONNX Runtime pool spins after a run: timed back to back, whichever runs
     next pays for the other's spinning (measured on the pair: the full graph took 93 ms per image here
@@ -90,6 +92,16 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
     opts = {"threads": threads} if threads else {}
     cas = CascadeBackend(m, precision=precision, **opts).open()
     full = make_backend(with_precision(m, precision), "onnxruntime", **opts).open()
+    solo = None
+    if single is not None:
+        names = [st["backbone"] for st in cas.block["stages"]]
+        if single not in names:
+            cas.close()
+            full.close()
+            raise ClipfuseError(f"single {single!r} is not a backbone of this cascade ({', '.join(names)})")
+        s1 = names.index(single) + 1
+        fp32 = cas if precision == "fp32" else CascadeBackend(m, **opts).open()
+        solo = (fp32, f"tower_{s1}", cas.block["stages"][s1 - 1]["input"])
     try:
         warm = {n: a[:1] for n, a in arrays.items()}
         for _ in range(2):
@@ -99,7 +111,7 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
         latency, preds = {}, {}
         for bs in sorted(set(batches)):
             log(f"cascade vs full graph ({precision}): {N} images at batch {bs}", tag="bench")
-            t_cas, t_full, p_cas, p_full, stage = [], [], [], [], []
+            t_cas, t_full, t_one, p_cas, p_full, stage = [], [], [], [], [], []
             for lo in range(0, N, bs):
                 feed = {n: a[lo:lo + bs] for n, a in arrays.items()}
                 time.sleep(settle)
@@ -111,10 +123,16 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
                 o, dt = _timed(lambda: full.infer(feed))
                 t_full.append(dt)
                 p_full.append(o[iospec.LOGITS].argmax(1))
+                if solo is not None:
+                    time.sleep(settle)
+                    t_one.append(_timed(lambda: solo[0].sessions[solo[1]].run(None, {solo[2]: feed[solo[2]]}))[1])
             stage = np.concatenate(stage)
-            latency[str(bs)] = {"cascade": _summary(t_cas, N), "full": _summary(t_full, N),
-                                "exit_rates": (np.bincount(stage - 1, minlength=S) / N).tolist()}
-            latency[str(bs)]["cascade_over_full_mean"] = latency[str(bs)]["cascade"]["mean_ms"] / latency[str(bs)]["full"]["mean_ms"]
+            x = latency[str(bs)] = {"cascade": _summary(t_cas, N), "full": _summary(t_full, N),
+                                    "exit_rates": (np.bincount(stage - 1, minlength=S) / N).tolist()}
+            x["cascade_over_full_mean"] = x["cascade"]["mean_ms"] / x["full"]["mean_ms"]
+            if solo is not None:
+                x["single"] = {"backbone": single, "precision": "fp32", **_summary(t_one, N)}
+                x["cascade_over_single_mean"] = x["cascade"]["mean_ms"] / x["single"]["mean_ms"]
             if bs == min(batches):
                 preds = {"cascade": np.concatenate(p_cas), "full": np.concatenate(p_full), "stage": stage,
                          "t_cas": np.asarray(t_cas) if bs == 1 else None}
@@ -161,6 +179,8 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
     finally:
         cas.close()
         full.close()
+        if solo is not None and solo[0] is not cas:
+            solo[0].close()
     cum = np.cumsum(stage_ms)
     conf = [confidence(Zs[s], cas.score) for s in range(S - 1)]
     curve = []
@@ -198,6 +218,12 @@ def format_cascade(c: dict) -> list[str]:
         L.append(f"| {bs} | {cs['mean_ms']:.2f} | {cs['p99_ms']:.2f} | {cs['per_image_mean_ms']:.2f} | {fs['mean_ms']:.2f} | "
                  f"{fs['p99_ms']:.2f} | {fs['per_image_mean_ms']:.2f} | {x['cascade_over_full_mean']:.3f} | "
                  + ", ".join(f"{100 * r:.1f}%" for r in x["exit_rates"]) + " |")
+    singles = [(bs, x) for bs, x in c["latency"].items() if "single" in x]
+    if singles:
+        L += ["", "| batch | single alone (fp32, interleaved) | mean ms/call | p99 | cascade / single (mean) |",
+              "|---:|---|---:|---:|---:|"]
+        L += [f"| {bs} | {x['single']['backbone']} | {x['single']['mean_ms']:.2f} | {x['single']['p99_ms']:.2f} | "
+              f"{x['cascade_over_single_mean']:.3f} |" for bs, x in singles]
     L += ["", f"Accuracy: cascade {a['value']:.1f}% [{a['lo']:.1f}, {a['hi']:.1f}], full ensemble {f['value']:.1f}% "
               f"[{f['lo']:.1f}, {f['hi']:.1f}] (Wilson 95%); paired difference {d['difference']:+.2f} points "
               f"[{d['lo']:+.2f}, {d['hi']:+.2f}], agreement {d['agreement']['value']:.1f}%, {d['a_only']} vs {d['b_only']} "

@@ -245,6 +245,22 @@ def test_bench_measures_the_cascade_over_real_exits(cascade_engine, data, tmp_pa
     assert "## Cascade" in "\n".join(format_cascade(c))
 
 
+def test_bench_times_a_single_beside_the_cascade(cascade_engine, data):
+    """single=: that backbone's stage tower alone, interleaved with the cascade and the full graph;
+    a name that is not in the cascade is one line."""
+    from clipfuse.bench.cascade_exits import bench_cascade, format_cascade
+
+    m = read_manifest(cascade_engine[0])
+    one = m.backbone_names[-1]
+    c = bench_cascade(m, data, batches=(1,), settle=0.0, include_fit_images=True, single=one)
+    x = c["latency"]["1"]
+    assert x["single"]["backbone"] == one and x["single"]["calls"] == x["cascade"]["calls"] == 24
+    assert x["cascade_over_single_mean"] == x["cascade"]["mean_ms"] / x["single"]["mean_ms"]
+    assert f"| 1 | {one} |" in "\n".join(format_cascade(c))
+    with pytest.raises(ClipfuseError, match="'RN9000:random:0' is not a backbone of this cascade"):
+        bench_cascade(m, data, batches=(1,), settle=0.0, single="RN9000:random:0")
+
+
 def test_bench_leaves_out_the_fit_images(cascade_engine, data, tmp_path):
     """bench --data on the fit's own folder scores (accuracy table and cascade) only the images the
     engine was not fitted on, and bench.md says how many it left out; --include-fit-images keeps them."""
