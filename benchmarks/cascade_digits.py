@@ -3,6 +3,8 @@
     python benchmarks/cascade_digits.py --set five     # ViT-B-32, RN50, RN101, ViT-B-16, RN50x4; all 1797 images
     python benchmarks/cascade_digits.py --set nine     # the nine OpenAI architectures; first 30 images per class (300)
     python benchmarks/cascade_digits.py --set pair     # RN50:random:0 + ViT-B-32:random:1 (the demo's pair); 1797
+    python benchmarks/cascade_digits.py --set trained  # the three towers trained here (train_towers.py) on 2000
+                                                       # tower_digits.py images of the `figures` split
     ... --latency                                      # also export the cascade engine and bench it (slow)
 
 Digits are written exactly as benchmarks/nlc_digits.py writes them (its write_digits: the feature
@@ -40,13 +42,17 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import tower_digits  # noqa: E402
+import train_towers  # noqa: E402
 from nlc_digits import write_digits  # noqa: E402  (identical bytes: the feature cache keys on them)
 
 ALL = ["RN50:random:0", "RN101:random:1", "RN50x4:random:2", "RN50x16:random:3", "RN50x64:random:4",
        "ViT-B-32:random:5", "ViT-B-16:random:6", "ViT-L-14:random:7", "ViT-L-14-336:random:8"]
 SETS = {"five": ([ALL[5], ALL[0], ALL[1], ALL[6], ALL[2]], None),
         "nine": (ALL, 30),
-        "pair": (["RN50:random:0", "ViT-B-32:random:1"], None)}
+        "pair": (["RN50:random:0", "ViT-B-32:random:1"], None),
+        "trained": (None, None)}            # train_towers.specs(): RN50, ViT-B-32, RN101 trained here
+TRAINED_IMAGES = 2000                        # benchmarks/tower_digits.py, `figures` split
 DROPS = (0.5, 1, 2, 3, 5, 10, 20)
 SHOTS, EVAL_FRACTION, PROBE_FRACTION = 4, 0.3, 0.5
 
@@ -175,10 +181,13 @@ def _diff(d):
 
 def markdown(res: dict) -> str:
     f = res["figures"]
+    what, towers = (("images of the `figures` split of benchmarks/tower_digits.py (scikit-learn digits at 224x224)",
+                     "Towers trained here (benchmarks/train_towers.py), loaded as checkpoints")
+                    if res["set"] == "trained" else ("scikit-learn digits", "Seeded random towers"))
     L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
          f"# Cascade and budget subsets: digits, set `{res['set']}`", "",
-         f"{res['images']} scikit-learn digits ({f['eval_images']} eval images report; {f['pool_held_out']} pool images "
-         f"outside the {f['shots_per_class']} shots per class select). Seeded random towers, linear-probe heads. "
+         f"{res['images']} {what} ({f['eval_images']} eval images report; {f['pool_held_out']} pool images "
+         f"outside the {f['shots_per_class']} shots per class select). {towers}, linear-probe heads. "
          "Accuracies: Wilson 95%; vs full: paired difference in points (bootstrap 95%) and agreement.", "",
          "| method | backbones | GFLOPs | accuracy % [95% CI] | vs full (points) | agreement % |", "|---|---|---:|---:|---:|---:|"]
     for label, r in f["rows"].items():
@@ -228,14 +237,15 @@ def main(argv=None):
 
 def _run(args, argv):
     backbones, per_class = SETS[args.set]
-    backbones = args.backbones or backbones
+    backbones = args.backbones or backbones or train_towers.specs()
     per_class = args.images or per_class
     command = "python benchmarks/cascade_digits.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a != "--quiet")
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-cascade-digits-"))
     try:
-        n = write_digits(tmp / "digits")
+        n = tower_digits.write_folder(tmp / "digits", "figures", 15 * per_class if per_class else TRAINED_IMAGES) \
+            if args.set == "trained" else write_digits(tmp / "digits")
         if per_class:
             keep_first(tmp / "digits", per_class)
             n = sum(1 for _ in (tmp / "digits").rglob("*.png"))

@@ -2,6 +2,7 @@
 
     python benchmarks/cascade_int8.py --set pair --keep-fp32 RN50:random:0
     python benchmarks/cascade_int8.py --set pair                 # every tower int8
+    python benchmarks/cascade_int8.py --set trained              # the three towers trained here (train_towers.py)
 
 The same digits, splits and cascade engine as `benchmarks/cascade_digits.py --set pair --latency`
 (RN50:random:0 + ViT-B-32:random:1, linear-probe heads, `fit --cascade` with the max-drop the
@@ -39,19 +40,28 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from cascade_digits import EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, arrays, auto_drop  # noqa: E402
+import tower_digits  # noqa: E402
+import train_towers  # noqa: E402
+from cascade_digits import EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, TRAINED_IMAGES, arrays, auto_drop  # noqa: E402
 from nlc_digits import write_digits  # noqa: E402
 
 
-def build(backbones, tmp: Path, cache, engine: Path) -> tuple[Path, Path, Path, dict]:
-    """The digits; the calibration (non-eval), eval and fit-calibration folders; the cascade engine (fit unless
-    `engine` holds it)."""
+def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> tuple[Path, Path, Path, dict]:
+    """The digits (trained: tower_digits' figures split); the calibration (non-eval), eval and fit-calibration
+    folders; the cascade engine (fit unless `engine` holds it). setup["best_single"]: the most accurate single
+    on the pool's images outside the shots (chosen before any eval image is looked at)."""
     from clipfuse.export.fit.levers import Levers
     from clipfuse.export.fit.pipeline import fit_engine
     from clipfuse.runtime.manifest import read_manifest
 
-    write_digits(tmp / "digits")
+    if trained:
+        tower_digits.write_folder(tmp / "digits", "figures", TRAINED_IMAGES)
+    else:
+        write_digits(tmp / "digits")
     a = arrays(backbones, tmp / "digits", cache)
+    held = np.setdiff1d(np.arange(len(a["y_pool"])), a["shots"])
+    best = a["names"][int(np.argmax([(a["Z_pool"][held, k].argmax(1) == a["y_pool"][held]).mean()
+                                     for k in range(len(a["names"]))]))]
     ev = set(map(str, a["ev_paths"]))
     calib, evald = tmp / "calib", tmp / "eval"
     for p in sorted((tmp / "digits").rglob("*.png")):
@@ -78,6 +88,7 @@ def build(backbones, tmp: Path, cache, engine: Path) -> tuple[Path, Path, Path, 
                    probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=cache,
                    levers=Levers(cascade=True, max_drop=max_drop))
     return calib, evald, fitcal, {"max_drop": max_drop, "calibration_images": n_cal, "fitted_now": fresh,
+                                  "best_single": best,
                           "eval_images": len(ev), "non_eval_images": sum(1 for _ in calib.rglob("*.png"))}
 
 
@@ -118,14 +129,17 @@ def markdown(res: dict) -> str:
     else:
         L += [f"int8 stages NOT written: {c8['reason']}", ""]
     L += ["| stages | batch | cascade ms/call (mean) | p99 | full graph ms/call (mean) | p99 | cascade / full | exit rates |"
-          " cascade accuracy % | full accuracy % | cascade - full (points) |",
-          "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"]
+          " cascade accuracy % | full accuracy % | cascade - full (points) | most accurate single, fp32 ms/call (mean) "
+          "| cascade / single |",
+          "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---:|---:|"]
     for prec, c in res["bench"].items():
         for bs, x in c["latency"].items():
             L.append(f"| {prec} | {bs} | {x['cascade']['mean_ms']:.1f} | {x['cascade']['p99_ms']:.1f} | "
                      f"{x['full']['mean_ms']:.1f} | {x['full']['p99_ms']:.1f} | {x['cascade_over_full_mean']:.3f} | "
                      + ", ".join(f"{100 * r:.1f}%" for r in x["exit_rates"])
-                     + f" | {_iv(c['accuracy_cascade'])} | {_iv(c['accuracy_full'])} | {_diff(c['paired_difference'])} |")
+                     + f" | {_iv(c['accuracy_cascade'])} | {_iv(c['accuracy_full'])} | {_diff(c['paired_difference'])} | "
+                     + (f"{x['single']['backbone']}: {x['single']['mean_ms']:.1f} | {x['cascade_over_single_mean']:.3f} |"
+                        if "single" in x else "- | - |"))
     b = res["bench"]
     if "int8" in b and "fp32" in b:
         L += ["", "Side by side (mean ms per call, same run): "
@@ -143,7 +157,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=["pair"], default="pair")
+    ap.add_argument("--set", choices=["pair", "trained"], default="pair")
     ap.add_argument("--keep-fp32", nargs="*", default=[], help="backbones whose towers stay fp32")
     ap.add_argument("--certify-on", choices=("fit", "non-eval"), default="fit",
                     help="images the int8 thresholds are certified on: the fit's cascade calibration images (the "
@@ -174,7 +188,7 @@ def _run(args, argv):
     from clipfuse.export.precision.int8_export import export_int8
     from clipfuse.runtime.manifest import read_manifest
 
-    backbones = SETS[args.set][0]
+    backbones = SETS[args.set][0] or train_towers.specs()
     batches = tuple(int(b) for b in args.batch.split(","))
     command = "python benchmarks/cascade_int8.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--quiet",))
@@ -182,15 +196,15 @@ def _run(args, argv):
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-cascade-int8-"))
     try:
         engine = Path(args.engine) if args.engine else tmp / "engine"
-        calib, evald, fitcal, setup = build(backbones, tmp, args.cache, engine)
+        calib, evald, fitcal, setup = build(backbones, tmp, args.cache, engine, trained=args.set == "trained")
         setup["certified_on"] = args.certify_on
         info = export_int8(engine, calib, count=256, targets=("cpu",), data=evald, strict=False,
                            keep_fp32=args.keep_fp32,
                            cascade_images=fitcal if args.certify_on == "fit" else calib)
         m = read_manifest(engine)
-        bench = {"fp32": bench_cascade(m, evald, batches=batches)}
+        bench = {"fp32": bench_cascade(m, evald, batches=batches, single=setup["best_single"])}
         if info["cascade"].get("written"):
-            bench["int8"] = bench_cascade(m, evald, batches=batches, precision="int8")
+            bench["int8"] = bench_cascade(m, evald, batches=batches, precision="int8", single=setup["best_single"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res = {"set": args.set, "command": command, "backbones": backbones, "order": m.backbone_names, "setup": setup,

@@ -1,6 +1,8 @@
 """fp32 / fp16 / int8 side by side, on ONNX Runtime and OpenVINO: the committed precision results.
 
     python benchmarks/precision_bench.py --set default     # RN50:random:0 + ViT-B-32:random:1
+    python benchmarks/precision_bench.py --set trained     # the three towers trained here (train_towers.py), on
+                                                           # 2000 images of benchmarks/tower_digits.py's figures split
     python benchmarks/precision_bench.py --set nine --per-class 30 --shots 4 --calibration-count 32 \
         --precisions fp32,int8 --int8-target cpu --batch 1,8 --runs 2 --no-singles --no-openvino
                                                           # the nine OpenAI CLIP architectures, random weights
@@ -59,17 +61,21 @@ SETS = {
     "default": ["RN50:random:0", "ViT-B-32:random:1"],
     "nine": ["RN50:random:0", "RN101:random:1", "RN50x4:random:2", "RN50x16:random:3", "RN50x64:random:4",
              "ViT-B-32:random:5", "ViT-B-16:random:6", "ViT-L-14:random:7", "ViT-L-14-336:random:8"],
+    "trained": None,         # train_towers.specs(): RN50, ViT-B-32, RN101 trained here (checkpoints, ARCH:/path)
 }
+TRAINED_IMAGES = 2000        # tower_digits.py, figures split: source digits the towers never trained on
 
 
-def split_digits(tmp: Path, per_class: int | None = None) -> tuple[Path, Path, int]:
-    """tmp/train and tmp/eval, the digits written by nlc_digits.write_digits and moved (bytes unchanged)."""
+def split_digits(tmp: Path, per_class: int | None = None, trained: bool = False) -> tuple[Path, Path, int]:
+    """tmp/train and tmp/eval, the digits written by nlc_digits.write_digits (trained: tower_digits.write_folder's
+    figures split) and moved (bytes unchanged)."""
     sys.path.insert(0, str(ROOT))
+    import tower_digits
     from nlc_digits import write_digits
 
     from clipfuse.export.data import scan_labelled_folder, seeded_split
 
-    n = write_digits(tmp / "digits")
+    n = tower_digits.write_folder(tmp / "digits", "figures", TRAINED_IMAGES) if trained else write_digits(tmp / "digits")
     paths, labels, names = scan_labelled_folder(tmp / "digits")
     if per_class:           # tests: the first per_class of each class, the rest removed
         keep = [i for c in range(len(names)) for i in [j for j, y in enumerate(labels) if y == c][:per_class]]
@@ -105,11 +111,14 @@ def render(result: dict) -> str:
             if not on]
     L = [f"<!-- made by: {result['command']} ({result['seconds']:.0f} s) -->", "", f"# Precision: {result['set']}", "",
          f"Command: `{result['command']}`", "",
-         f"Backbones: {' + '.join(result['backbones'])} (seeded random weights: random weights have no trained "
-         "outlier channels, so agreement here is likely better than on trained CLIP weights; random ResNet towers "
-         "embed every image nearly alike, which makes them the opposite case: see the error-to-spread column).",
-         f"Digits: {result['digits']['images']} images, fit on {result['digits']['train']}, held out "
-         f"{result['digits']['eval']}{calib}."]
+         (f"Backbones: {' + '.join(result['backbones'])} (towers trained here, benchmarks/train_towers.py: a stand-in "
+          "for CLIP's weights, without the outlier channels training at scale learns)." if result["set"] == "trained"
+          else f"Backbones: {' + '.join(result['backbones'])} (seeded random weights: random weights have no trained "
+          "outlier channels, so agreement here is likely better than on trained CLIP weights; random ResNet towers "
+          "embed every image nearly alike, which makes them the opposite case: see the error-to-spread column)."),
+         f"{'Images (benchmarks/tower_digits.py, figures split)' if result['set'] == 'trained' else 'Digits'}: "
+         f"{result['digits']['images']} images, fit on {result['digits']['train']}, held out "
+         f"{result['digits']['eval']}{calib}; int8 calibration method: {o.get('calibration_method', 'minmax')}."]
     ov = o.get("openvino")
     if isinstance(ov, str):               # --openvino-precisions: OpenVINO for some precisions only
         off = [p for p in o.get("precisions", ()) if p not in ov.split(",")]
@@ -160,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--batch", default="1,8,32")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--calibration-count", type=int, default=256)
+    ap.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                    help="int8 activation ranges (export --calibration-method)")
     ap.add_argument("--per-class", type=int, default=None, help="digits per class (tests; default all 1797)")
     ap.add_argument("--shots", type=int, default=16, help="the controller's labelled images per class")
     ap.add_argument("--no-torch", action="store_true")
@@ -181,7 +192,13 @@ def main(argv=None):
     ap.add_argument("--engine", default=None, help="engine folder (default engines/precision-<set>)")
     ap.add_argument("--out", default=None, help="results stem (default benchmarks/results/precision_<set>)")
     args = ap.parse_args(argv)
-    backbones = args.backbone or SETS[args.set]
+    if not args.backbone and SETS[args.set] is None:
+        sys.path.insert(0, str(ROOT))
+        import train_towers
+
+        backbones = train_towers.specs()
+    else:
+        backbones = args.backbone or SETS[args.set]
     engine = Path(args.engine or f"engines/precision-{args.set}")
     out = Path(args.out or ROOT / "results" / f"precision_{args.set}")
     batches = tuple(int(b) for b in args.batch.split(","))
@@ -200,7 +217,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-precision-"))
     try:
-        train, evald, n = split_digits(tmp, args.per_class)
+        train, evald, n = split_digits(tmp, args.per_class, trained=args.set == "trained")
         n_train = sum(1 for _ in train.rglob("*.png"))
         if not (args.reuse_engine and _same_engine(engine, backbones)):
             fit_engine(backbones, train, engine, eval_data=evald, head="linear-probe", probe_fraction=0.8,
@@ -241,7 +258,8 @@ def main(argv=None):
         elif "int8" in precisions:
             # one export, not strict: the refusal it would have made is read from its validation (an export
             # of the nine takes ~20 minutes; exporting again after a refusal would double it)
-            int8 = export_int8(engine, train, count=args.calibration_count, data=evald, targets=targets,
+            int8 = export_int8(engine, train, count=args.calibration_count, method=args.calibration_method,
+                               data=evald, targets=targets,
                                keep_fp32=args.int8_keep_fp32 or (), strict=False)
             graphs["model.int8.onnx"] = int8
             if "tensorrt" in int8:
@@ -269,7 +287,7 @@ def main(argv=None):
               "options": {"precisions": precisions, "int8_targets": targets, "singles": not args.no_singles,
                           "openvino": (not args.no_openvino) and (args.openvino_precisions or True),
                           "torch": not args.no_torch,
-                          "int8_keep_fp32": args.int8_keep_fp32 or []}}
+                          "int8_keep_fp32": args.int8_keep_fp32 or [], "calibration_method": args.calibration_method}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     out.with_suffix(".md").write_text(render(result))
