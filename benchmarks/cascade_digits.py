@@ -212,7 +212,7 @@ def markdown(res: dict) -> str:
 
         L += ["", "## Diversity of the backbones (eval images)", "",
               to_markdown(f["diversity"], res.get("heatmap")).rstrip()]
-    return "\n".join(L) + "\n"
+    return train_towers.shorten("\n".join(L) + "\n", res["backbones"])
 
 
 def main(argv=None):

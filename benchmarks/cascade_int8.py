@@ -152,7 +152,7 @@ def markdown(res: dict) -> str:
           + ", ".join(f"{p} {c['load']['other_processes_cores']:.2f}" for p, c in b.items()) + ".",
           "", "Each precision's cascade and full graph were timed call by call interleaved in one process "
           "(clipfuse.bench.cascade_exits); fp32 and int8 ran one after the other in the same run.", ""]
-    return "\n".join(L)
+    return train_towers.shorten("\n".join(L), res["backbones"])
 
 
 def main(argv=None):

@@ -159,7 +159,10 @@ def render(result: dict) -> str:
             L.append(f"| {name} | {b['backbone']} | {b['cosine_min']:.5f} | {r} | {b['top1_changed']}/{v['images']} | "
                      f"{'yes' if b['backbone'] in kept else ''} |")
     L += ["", "## Latency, memory, side by side", "", format_table(result["bench"])]
-    return "\n".join(L) + "\n"
+    sys.path.insert(0, str(ROOT))
+    import train_towers
+
+    return train_towers.shorten("\n".join(L) + "\n", result["backbones"])
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@ a linear layer on its embedding (behind a batch norm without parameters: a rando
 at nearly the same point, and the norm lets the layer see the differences from the first step), and is
 trained as a classifier (cross-entropy, AdamW, warm-up then cosine decay, 150 steps of batch 16) at its real
 architecture and input size on the `pretrain` split of benchmarks/tower_digits.py (scikit-learn's digits at
-224x224, drawn from the half of the source digits no committed figure uses; a fresh image every step). The linear layer is then dropped: the whole open_clip model (the trained image tower, the
+224x224, drawn from the half of the source digits no committed figure uses; a fresh image every step).
+The linear layer is then dropped: the whole open_clip model (the trained image tower, the
 seeded text tower untouched) is saved as an open_clip state-dict checkpoint (.safetensors) that clipfuse
 loads as it loads any user checkpoint (`RN50:/path/RN50-....safetensors`), its image tower's sha256 going
 into every manifest built on it.
@@ -73,7 +74,8 @@ class Source:
     def __init__(self, data: str | None, seed: int = 0):
         self.data, self.seed = data, seed
         if data is None:
-            self.num_classes, self.name = 10, f"cluttered:{seed}:{tower_digits.fingerprint()}"   # the cache key's prefix (kept: the committed towers carry it)
+            # "cluttered": the cache key's prefix from this script's first draft, kept so the towers stay cached
+            self.num_classes, self.name = 10, f"cluttered:{seed}:{tower_digits.fingerprint()}"
             self.paths = None
             return
         from clipfuse.export.data import scan_labelled_folder
@@ -195,9 +197,47 @@ def train_tower(arch: str, seed: int, lr: float, steps: int = STEPS, batch: int 
     return out
 
 
+def display_name(name: str) -> str:
+    """'RN50:/cache/RN50-seed0-<hash>.safetensors' -> 'RN50 (trained, seed 0)'; other backbone names unchanged."""
+    arch, _, rest = name.partition(":")
+    stem = Path(rest).name
+    if Path(rest).is_absolute() and stem.startswith(f"{arch}-seed"):
+        return f"{arch} (trained, seed {stem[len(arch) + 5:].split('-')[0]})"
+    return name
+
+
+def shorten(text: str, names) -> str:
+    """Every trained tower's full spec in `text` replaced by its display name (results files stay readable)."""
+    for n in sorted(names, key=len, reverse=True):
+        text = text.replace(n, display_name(n))
+    return text
+
+
 def specs(root=None) -> list[str]:
     """The three trained towers as backbone specs (`ARCH:/path`), training any not in the cache yet."""
     return [f"{arch}:{train_tower(arch, seed, lr, root=root)}" for arch, seed, lr in TOWERS]
+
+
+def write_report(paths, out, command: str) -> None:
+    """The training record of each checkpoint (its .json), as a Markdown table."""
+    recs = [json.loads(Path(p).with_suffix(".json").read_text()) for p in paths]
+    L = [f"<!-- made by: {command} -->", "", "# The towers trained here", "",
+         "Trained from their seeded init (`ARCH:random:SEED`) as classifiers on the `pretrain` split of "
+         f"benchmarks/tower_digits.py (generator {tower_digits.fingerprint()}), a fresh image every step; the "
+         "linear layer is dropped and the whole open_clip state dict saved as .safetensors. Seconds: wall time on "
+         "this 2-core machine. Training accuracy: the classifier's own, over the last fifth of the steps (images "
+         "seen once, so it is held-out-like, but not a figure: every committed accuracy is measured on the "
+         "`figures` split).", "",
+         "| tower | init | steps x batch | lr | seconds | loss, first tenth -> last tenth | training accuracy % "
+         "| image tower sha256 |", "|---|---|---:|---:|---:|---|---:|---|"]
+    for p, r in zip(paths, recs):
+        L.append(f"| {r['arch']} | {r['init']} | {r['steps']} x {r['batch']} | {r['lr']:g} | {r['seconds']:.0f} | "
+                 f"{r['loss_first_tenth']:.3f} -> {r['loss_last_tenth']:.3f} | "
+                 f"{100 * r['train_accuracy_last_fifth']:.1f} | `{r['visual_sha256'][:16]}...` |")
+    L += ["", f"Total: {sum(r['seconds'] for r in recs) / 60:.1f} minutes of training for {len(recs)} towers "
+              "(the budget: 45)."]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(L) + "\n")
 
 
 def main(argv=None):
@@ -206,9 +246,12 @@ def main(argv=None):
                     help="train these instead of the three (e.g. RN50:0:0.001); any open_clip architecture")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--batch", type=int, default=BATCH)
-    ap.add_argument("--data", default=None, help="a labelled folder DIR/<class>/<image> (default: tower_digits.py, pretrain split)")
+    ap.add_argument("--data", default=None,
+                    help="a labelled folder DIR/<class>/<image> (default: tower_digits.py, pretrain split)")
     ap.add_argument("--cache", default=None, help="default: $CLIPFUSE_CACHE/towers or ~/.cache/clipfuse/towers")
     ap.add_argument("--print", action="store_true", help="print the backbone specs, one per line")
+    ap.add_argument("--report", default=None, metavar="MD", help="write the towers' training record here (Markdown; "
+                    "benchmarks/results/trained_towers.md is the committed one)")
     args = ap.parse_args(argv)
     towers = TOWERS
     if args.tower:
@@ -228,6 +271,9 @@ def main(argv=None):
         print(f"train_towers: error: {e}", file=sys.stderr)
         return 2
     print(f"{len(paths)} towers ready in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if args.report:
+        write_report(paths, args.report, "python benchmarks/train_towers.py "
+                     + " ".join(a for a in (argv if argv is not None else sys.argv[1:])))
     if args.print:
         for (arch, _, _), p in zip(towers, paths):
             print(f"{arch}:{p}")

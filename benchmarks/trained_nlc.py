@@ -130,12 +130,14 @@ def markdown(res: dict) -> str:
     f = res["figures"]
     shots, seeds = f["shots"], f["seeds"]
     methods = list(f["runs"][0]["accuracy"])
+    dn = train_towers.display_name
+    sm = {m: dn(m) for m in methods}
     L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
          "# NLC against every baseline on trained towers", "",
          f"Towers trained here (benchmarks/train_towers.py): {', '.join(res['towers'])}. Images: {res['images']} "
          f"images of the `figures` split of benchmarks/tower_digits.py (source digits the towers never trained on); {f['eval_images']} "
          f"eval images report, {f['probe_images']} fitted the linear-probe heads, the controllers' k shots come "
-         f"from the other {f['pool_images']} (the pool). Best single, chosen on the pool: {f['best_single']}. "
+         f"from the other {f['pool_images']} (the pool). Best single, chosen on the pool: {dn(f['best_single'])}. "
          "Accuracies: percent; paired differences: points, bootstrap 95%, on the same eval images.", "",
          "## Accuracy (%) on the eval images, mean ± std over seeds " + ", ".join(map(str, seeds)), "",
          "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---:|" * len(shots)]
@@ -144,14 +146,15 @@ def markdown(res: dict) -> str:
         for k in shots:
             v = np.array([r["accuracy"][m]["value"] for r in f["runs"] if r["shots"] == k])
             cells.append(f"{v.mean():.1f} ± {v.std():.1f}")
-        L.append(f"| {m} | " + " | ".join(cells) + " |")
+        L.append(f"| {sm[m]} | " + " | ".join(cells) + " |")
     L.append("| ORACLE | " + " | ".join(f"{f['oracle']:.1f}" for _ in shots) + " |")
     L += ["", f"Seed {seeds[0]} with Wilson 95% intervals:", "",
           "| method | " + " | ".join(f"{k}-shot" for k in shots) + " |", "|---|" + "---:|" * len(shots)]
     for m in methods:
-        L.append(f"| {m} | " + " | ".join(_iv(r["accuracy"][m]) for k in shots for r in f["runs"]
+        L.append(f"| {sm[m]} | " + " | ".join(_iv(r["accuracy"][m]) for k in shots for r in f["runs"]
                                            if r["shots"] == k and r["seed"] == seeds[0]) + " |")
-    for key, title in (("nlc_vs_clogavg", "NLC - C-LOG-AVG"), ("nlc_vs_best_single", f"NLC - best single ({f['best_single']})")):
+    for key, title in (("nlc_vs_clogavg", "NLC - C-LOG-AVG"),
+                       ("nlc_vs_best_single", f"NLC - best single ({dn(f['best_single'])})")):
         L += ["", f"## {title}, paired (points [95%]) on the eval images", "",
               "| shots | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", "|---|" + "---:|" * (len(seeds) + 1)]
         for k in shots:
@@ -159,11 +162,11 @@ def markdown(res: dict) -> str:
             L.append(f"| {k} | " + " | ".join(_pd(r[key]) for r in rs)
                      + f" | {np.mean([r[key]['difference'] for r in rs]):+.2f} |")
     v = f["vs_full"]
-    L += ["", f"## Every method against the full ensemble ({v['full']}: what fit ships at {shots[-1]} shots, "
+    L += ["", f"## Every method against the full ensemble ({dn(v['full'])}: what fit ships at {shots[-1]} shots, "
           f"seed {seeds[0]})", "", f"fit's choice: {v['reason']}", "",
           "| method | accuracy % [95%] | vs full (points [95%]) | agreement % |", "|---|---:|---:|---:|"]
     for m, r in v["rows"].items():
-        L.append(f"| {m} | {_iv(r['accuracy'])} | {_pd(r['vs_full'])} | {r['vs_full']['agreement']['value']:.1f} |")
+        L.append(f"| {sm[m]} | {_iv(r['accuracy'])} | {_pd(r['vs_full'])} | {r['vs_full']['agreement']['value']:.1f} |")
     return "\n".join(L) + "\n"
 
 
@@ -175,7 +178,12 @@ def main(argv=None):
     ap.add_argument("--shots", type=int, nargs="+", default=list(SHOTS))
     ap.add_argument("--cache", default=None, help="feature cache (default clipfuse's)")
     ap.add_argument("--out", default=str(ROOT / "results" / "trained_nlc"))
+    ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md again from a results .json")
     args = ap.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(res))
+        return res
     command = "python benchmarks/trained_nlc.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
     backbones = args.backbones or train_towers.specs()

@@ -78,8 +78,8 @@ def bench_cascade(m, data, batches=(1, 8), threads: int | None = None, classes=N
                   include_fit_images: bool = False, single: str | None = None) -> dict:
     """single: a backbone of the cascade, timed alone (its fp32 stage tower: the tower and its head, what that
     backbone costs as a single model) call by call interleaved with the cascade and the full graph, so the
-    cascade's cost reads against the single it should beat. precision: fp32, or int8 (the int8 stages and thresholds against model.int8.onnx; refused in one line
-    when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
+    cascade's cost reads against the single it should beat. precision: fp32, or int8 (the int8 stages and
+    thresholds against model.int8.onnx; refused in one line when the int8 export did not write them). settle: seconds of rest before each timed call. The cascade's and the full graph's sessions live in
     this one process, and an idle ONNX Runtime pool spins after a run: timed back to back, whichever runs
     next pays for the other's spinning (measured on the pair: the full graph took 93 ms per image here
     against 59 ms in its own worker; the bench's main table rests 50 ms before each call for the same reason)."""

@@ -25,7 +25,7 @@ def test_nlc_against_every_baseline_with_paired_differences_at_every_k(tmp_path)
     f = res["figures"]
     assert [(r["shots"], r["seed"]) for r in f["runs"]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     n = f["eval_images"]
-    assert n == 90 and f["best_single"] in TINY[:2]
+    assert 85 <= n <= 95 and f["best_single"] in TINY[:2]        # 30% of 300, stratified per class
     for r in f["runs"]:
         assert set(r["accuracy"]) == {*TINY[:2], "LOG-AVG", "PROB-AVG", "VOTE", "C-LOG-AVG", "NLC"}
         for a in r["accuracy"].values():
@@ -40,6 +40,12 @@ def test_nlc_against_every_baseline_with_paired_differences_at_every_k(tmp_path)
     assert md.startswith("<!-- made by: python benchmarks/trained_nlc.py --backbones")
     assert "## NLC - C-LOG-AVG, paired" in md and "## NLC - best single" in md and "| ORACLE |" in md
     assert json.loads(out.with_suffix(".json").read_text())["images"] == 300
+    out.with_suffix(".md").unlink()
+    assert mod.main(["--render", str(out.with_suffix(".json"))])["figures"] == json.loads(json.dumps(f))
+    assert out.with_suffix(".md").read_text() == md
+    name = mod.train_towers.display_name
+    assert name("RN50:/c/towers/RN50-seed0-ab12.safetensors") == "RN50 (trained, seed 0)"
+    assert name("ViT-B-32:random:1") == "ViT-B-32:random:1"
 
 
 def test_the_cascade_figures_take_the_trained_set(tmp_path):
