@@ -46,10 +46,15 @@ from cascade_digits import EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, TRAINED_I
 from nlc_digits import write_digits  # noqa: E402
 
 
+UNLABELLED = 1200            # --set trained: unlabelled images (tower_digits' unlabelled split) that certify the exits
+
+
 def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> tuple[Path, Path, Path, dict]:
     """The digits (trained: tower_digits' figures split); the calibration (non-eval), eval and fit-calibration
     folders; the cascade engine (fit unless `engine` holds it). setup["best_single"]: the most accurate single
-    on the pool's images outside the shots (chosen before any eval image is looked at)."""
+    on the pool's images outside the shots (chosen before any eval image is looked at). trained: the cascade is
+    fitted at --max-drop 0.5 with `--certify-on` UNLABELLED images of tower_digits' unlabelled split (new
+    renderings of the figures half's source digits, never labelled, never fitted on), written to tmp/unlabelled."""
     from clipfuse.export.fit.levers import Levers
     from clipfuse.export.fit.pipeline import fit_engine
     from clipfuse.runtime.manifest import read_manifest
@@ -75,7 +80,13 @@ def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> t
         (fitcal / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, fitcal / p.parent.name / p.name)
     n_cal = len(a["y_pool"]) - len(a["shots"])
-    max_drop = auto_drop(n_cal, 2 * 2)                # 2 scores x up to 2 orders, as cascade_digits
+    unlabelled = None
+    if trained:
+        unlabelled = tmp / "unlabelled"
+        tower_digits.write_folder(unlabelled, "unlabelled", UNLABELLED, labelled=False)
+        max_drop = 0.5
+    else:
+        max_drop = auto_drop(n_cal, 2 * 2)            # 2 scores x up to 2 orders, as cascade_digits
     fresh = True
     try:
         m = read_manifest(engine)            # a cascade engine holds its backbones in stage order
@@ -86,10 +97,12 @@ def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> t
         shutil.rmtree(engine, ignore_errors=True)
         fit_engine(backbones, tmp / "digits", engine, head="linear-probe", eval_fraction=EVAL_FRACTION,
                    probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=cache,
-                   levers=Levers(cascade=True, max_drop=max_drop))
-    return calib, evald, fitcal, {"max_drop": max_drop, "calibration_images": n_cal, "fitted_now": fresh,
-                                  "best_single": best,
-                          "eval_images": len(ev), "non_eval_images": sum(1 for _ in calib.rglob("*.png"))}
+                   levers=Levers(cascade=True, max_drop=max_drop,
+                                 certify_on=str(unlabelled) if unlabelled else None))
+    n_unl = UNLABELLED if unlabelled else 0
+    return calib, evald, fitcal, {"max_drop": max_drop, "calibration_images": n_cal + n_unl, "fitted_now": fresh,
+                                  "best_single": best, "unlabelled_images": n_unl, "eval_images": len(ev),
+                                  "non_eval_images": sum(1 for _ in calib.rglob("*.png"))}
 
 
 def _iv(d: dict) -> str:
@@ -104,6 +117,9 @@ def markdown(res: dict) -> str:
     v, c8 = res["int8"]["validation"], res["int8"]["cascade"]
     L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
          f"# Cascade with int8 stages: digits, set `{res['set']}`", "",
+         *([f"Towers trained here (benchmarks/train_towers.py); images: 2000 of tower_digits' figures split, and "
+            f"{res['setup']['unlabelled_images']} of its unlabelled split to certify the exits.", ""]
+           if res["set"] == "trained" else []),
          f"Engine: `fit --cascade` on {' + '.join(res['backbones'])} (max-drop {res['setup']['max_drop']:g} points, "
          f"certified on {res['setup']['calibration_images']} images), order {' -> '.join(res['order'])}. "
          f"int8: `export --precision int8 --int8-target cpu`, ranges from {res['int8']['calibration']['images']} of "
@@ -113,9 +129,12 @@ def markdown(res: dict) -> str:
          + ("; ".join(v["failures"]) if v["failures"] else "every bound met") + ".", ""]
     if c8.get("written"):
         c = c8["calibration"]
-        where = (f"the fit's {c['n']} cascade calibration digits (the pool outside the shots; the probes never saw "
-                 "them)" if res["setup"]["certified_on"] == "fit" else
-                 f"{c['n']} non-eval digits (the calibration folder; about half of them the probes' own training images)")
+        where = {"fit": f"the fit's {c['n']} cascade calibration digits (the pool outside the shots; the probes never "
+                        "saw them)",
+                 "non-eval": f"{c['n']} non-eval digits (the calibration folder; about half of them the probes' own "
+                             "training images)",
+                 "unlabelled": f"{c['n']} unlabelled images (tower_digits' unlabelled split, the ones the fp32 "
+                               "cascade was certified on with --certify-on)"}[res["setup"]["certified_on"]]
         L += [f"int8 thresholds {c8['thresholds']} ({c8['score']}; fp32's {c8['fp32_thresholds']}), certified on "
               f"{where}: {c['disagreements']} disagreements with the int8 full ensemble, "
               f"Clopper-Pearson bound {c['disagreement_bound']:.2f}% <= {c8['max_drop']:g}; exit rates "
@@ -159,10 +178,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=["pair", "trained"], default="pair")
     ap.add_argument("--keep-fp32", nargs="*", default=[], help="backbones whose towers stay fp32")
-    ap.add_argument("--certify-on", choices=("fit", "non-eval"), default="fit",
+    ap.add_argument("--certify-on", choices=("fit", "non-eval", "unlabelled"), default=None,
                     help="images the int8 thresholds are certified on: the fit's cascade calibration images (the "
                          "pool outside the shots, which the probes never saw), or every non-eval digit (the "
-                         "calibration folder, half of it the probes' own training images: the biased case)")
+                         "calibration folder, half of it the probes' own training images: the biased case), or "
+                         "(--set trained, its default) the unlabelled images the fp32 cascade was certified on")
     ap.add_argument("--batch", default="1,8")
     ap.add_argument("--engine", default=None, help="keep the cascade engine here (reused when it holds the set)")
     ap.add_argument("--cache", default=None)
@@ -197,10 +217,14 @@ def _run(args, argv):
     try:
         engine = Path(args.engine) if args.engine else tmp / "engine"
         calib, evald, fitcal, setup = build(backbones, tmp, args.cache, engine, trained=args.set == "trained")
-        setup["certified_on"] = args.certify_on
+        certify = args.certify_on or ("unlabelled" if args.set == "trained" else "fit")
+        setup["certified_on"] = certify
+        if certify == "unlabelled" and args.set != "trained":
+            raise SystemExit("--certify-on unlabelled needs --set trained (its unlabelled images)")
         info = export_int8(engine, calib, count=256, targets=("cpu",), data=evald, strict=False,
                            keep_fp32=args.keep_fp32,
-                           cascade_images=fitcal if args.certify_on == "fit" else calib)
+                           cascade_images={"fit": fitcal, "non-eval": calib,
+                                           "unlabelled": tmp / "unlabelled"}[certify])
         m = read_manifest(engine)
         bench = {"fp32": bench_cascade(m, evald, batches=batches, single=setup["best_single"])}
         if info["cascade"].get("written"):
@@ -211,7 +235,7 @@ def _run(args, argv):
            "int8": {k: info[k] for k in ("validation", "cascade", "calibration", "float_backbones", "quantized")},
            "bench": bench, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out or ROOT / "results" / (f"cascade_int8_{args.set}{'_keep' if args.keep_fp32 else ''}"
-                                                f"{'_noneval' if args.certify_on == 'non-eval' else ''}"))
+                                                f"{'_noneval' if certify == 'non-eval' else ''}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
