@@ -55,4 +55,4 @@ def test_the_cascade_figures_take_the_trained_set(tmp_path):
                     "--out", str(out), "--cache", str(tmp_path / "cache"), "--quiet"])
     assert 100 <= res["images"] <= 160
     md = out.with_suffix(".md").read_text()
-    assert "tower_digits.py" in md and "Towers trained here" in md and "scikit-learn digits" not in md
+    assert "tower_digits.py" in md and "Towers trained here" in md and "Seeded random towers" not in md
