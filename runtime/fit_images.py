@@ -6,8 +6,12 @@ manifest's `fit.images_file`: the sha256 of the bytes of every training image (t
 images and the controller's pool: what the heads, the controller, a budget subset and a cascade's
 thresholds were chosen on; the eval split is not among them). The feature cache keys images the same
 way (export/fit/features.py), so a renamed or copied file is still recognised; an edited one is not.
+A cascade engine's file also names, among them, its cascade calibration images (the controller's pool
+outside the shots): they chose things but fitted nothing, so certifying the int8 stages' thresholds on
+them (`export --precision int8 --cascade-images`) is as honest as the fp32 cascade's own certification.
 
     digests = fit_image_digests(manifest)                      # frozenset of hex digests (empty: none recorded)
+    fitted = digests - cascade_calibration_digests(manifest)   # what the heads and controller were fitted on
     kept, seen = leave_out_fit_images(manifest, paths, include=False, where="--data photos")
 
 An engine made before the record existed, or not by fit, has none: nothing is left out, nothing said.
@@ -28,15 +32,22 @@ FORMAT = "clipfuse-fit-images"
 _HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def fit_images_json(digests) -> str:
-    """The file's text: sorted unique digests, so the same training set writes the same bytes."""
-    uniq = sorted(set(digests))
-    return json.dumps({"format": FORMAT, "hash": "sha256 of the file's bytes", "images": len(uniq),
-                       "sha256": uniq}, indent=0) + "\n"
+CASCADE_CALIBRATION = "cascade_calibration_sha256"
 
 
-def fit_image_digests(manifest: Manifest) -> frozenset[str]:
-    """The sha256 digests of the images the engine was fitted on (empty when none are recorded)."""
+def fit_images_json(digests, cascade_calibration=()) -> str:
+    """The file's text: sorted unique digests, so the same training set writes the same bytes.
+    cascade_calibration: the digests, among `digests`, of a cascade's calibration images (none: no key)."""
+    uniq, cal = sorted(set(digests)), sorted(set(cascade_calibration))
+    if not set(cal) <= set(uniq):
+        raise ValueError("cascade calibration images must be among the fit images")
+    data = {"format": FORMAT, "hash": "sha256 of the file's bytes", "images": len(uniq), "sha256": uniq}
+    if cal:
+        data |= {"cascade_calibration_images": len(cal), CASCADE_CALIBRATION: cal}
+    return json.dumps(data, indent=0) + "\n"
+
+
+def _digest_list(manifest: Manifest, key: str) -> frozenset[str]:
     name = (manifest.data.get("fit") or {}).get("images_file")
     if name is None:
         return frozenset()
@@ -45,10 +56,22 @@ def fit_image_digests(manifest: Manifest) -> frozenset[str]:
         data = json.loads(confined_path(manifest.folder, name, "fit.images_file").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ClipfuseError(f"{where} cannot be read ({e}); {rebuild_hint(manifest)}") from None
-    digests = data.get("sha256") if isinstance(data, dict) and data.get("format") == FORMAT else None
+    ok = isinstance(data, dict) and data.get("format") == FORMAT
+    digests = data.get(key, [] if key == CASCADE_CALIBRATION else None) if ok else None
     if not isinstance(digests, list) or not all(isinstance(d, str) and _HEX.fullmatch(d) for d in digests):
-        raise ClipfuseError(f"{where} is not a list of sha256 digests ('{FORMAT}'); {rebuild_hint(manifest)}")
+        raise ClipfuseError(f"{where}: {key!r} is not a list of sha256 digests ('{FORMAT}'); {rebuild_hint(manifest)}")
     return frozenset(digests)
+
+
+def fit_image_digests(manifest: Manifest) -> frozenset[str]:
+    """The sha256 digests of the images the engine was fitted on (empty when none are recorded)."""
+    return _digest_list(manifest, "sha256")
+
+
+def cascade_calibration_digests(manifest: Manifest) -> frozenset[str]:
+    """Of those, a cascade engine's calibration images: the pool outside the shots, which chose the exits'
+    thresholds but fitted no head or controller (empty when none are recorded)."""
+    return _digest_list(manifest, CASCADE_CALIBRATION) & fit_image_digests(manifest)
 
 
 @dataclass

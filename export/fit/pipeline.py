@@ -160,7 +160,6 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             raise ClipfuseError(f"class {class_names[c]!r} has no readable training image left")
 
     tr_feats, ev_feats = _select(fs, paths), _select(fs, ev_paths)
-    fit_images = fit_images_json(fs.digests[p] for p in paths)     # probes' and controller pool's, not eval's
     # Heads: zero-shot from the text towers, or probes on a disjoint split of the training pool.
     if head == hd.ZERO_SHOT:
         heads = []
@@ -213,6 +212,9 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
                                           seeds=study_seeds, config=config, class_names=class_names)
     # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
     idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
+    # probes' and controller pool's images, not eval's; a cascade's calibration images (pool outside the shots) named
+    cal_paths = [paths[i] for i in np.setdiff1d(pool, pool[idx])] if levers.cascade else []
+    fit_images = fit_images_json((fs.digests[p] for p in paths), (fs.digests[p] for p in cal_paths))
     from dataclasses import replace
 
     run_cfg = replace(config, seed=seed)

@@ -29,7 +29,7 @@ import numpy as np
 
 from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import step
-from clipfuse.runtime.fit_images import fit_image_digests
+from clipfuse.runtime.fit_images import cascade_calibration_digests, fit_image_digests
 from clipfuse.runtime.images import preprocess_paths
 
 from ..unlabelled import FIT, unlabelled_images
@@ -54,15 +54,17 @@ def calibration_feeds(manifest, folder, count: int = DEFAULT_COUNT, batch: int =
     `min_images` readable images (naming a failure when some could not be read). `what` names the folder
     in those messages (the int8 cascade's --cascade-images reads its folder here too). leave_out_fit: leave
     out, with a warning, the images the engine was fitted on (runtime/fit_images.py), and second copies of the
-    same bytes: the int8 cascade's thresholds certified on them would exit too early on new images.
+    same bytes: the int8 cascade's thresholds certified on them would exit too early on new images. The
+    cascade's own calibration images (the pool outside the shots: nothing was fitted on them) stay.
     with_info: -> (feeds, export/unlabelled.UnlabelledImages: how many images of each kind were found and used).
     """
 
     if count < min_images:
         raise ClipfuseError(f"--calibration-count {count} is below the minimum of {min_images} images; "
                             f"give at least {min_images}")
-    # fit images: fit_images.json's digests (probes' and controller pool's; empty when none are recorded)
-    leave_out = {FIT: fit_image_digests(manifest)} if leave_out_fit else None
+    # fit images: fit_images.json's digests (probes' and controller shots'; empty when none are recorded)
+    leave_out = ({FIT: fit_image_digests(manifest) - cascade_calibration_digests(manifest)} if leave_out_fit
+                 else None)
     feeds, info = unlabelled_images(folder, lambda paths: _feeds(manifest, paths, batch), leave_out=leave_out,
                                     what=what, count=count, min_images=min_images, tag="int8")
     return (feeds, info) if with_info else feeds

@@ -18,7 +18,8 @@ from standins import served_predictions, triton_python_model
 from clipfuse.cli.main import cli
 from clipfuse.core import iospec
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.fit_images import cascade_calibration_digests, fit_image_digests, fit_images_json
+from clipfuse.runtime.manifest import read_manifest, sha256_file
 
 FAST = dict(shots=1, eval_fraction=0.34, templates=["a photo of a {}."], study_shots=(1,), study_seeds=(0,))
 
@@ -275,30 +276,43 @@ def test_cascade_images_choose_where_thresholds_are_certified(int8_cascade, cali
 
 
 def test_the_fits_own_images_are_left_out_of_the_certification(int8_cascade, calib_dir, data, tmp_path):
-    """the engine's fit images (answered over-confidently) are left out of the int8 thresholds'
-    certification with a warning saying how many; a folder of nothing else is refused in one line."""
-    from clipfuse.runtime.fit_images import fit_image_digests
-    from clipfuse.runtime.manifest import sha256_file
-
+    """the images the heads and controller were fitted on (answered over-confidently) are left out of the int8
+    thresholds' certification with a warning saying how many; the fp32 cascade's own calibration images (the
+    pool outside the shots, recorded in fit_images.json) stay; a folder of fitted images only is refused."""
     folder = tmp_path / "engine"
     shutil.copytree(int8_cascade, folder)
+    m = read_manifest(folder)
+    fit, cal = fit_image_digests(m), cascade_calibration_digests(m)
+    assert cal and cal < fit                              # the pool outside the shots, among the fit images
+    given = [sha256_file(p) for p in sorted(data.rglob("*.jpg"))]
+    fitted = sum(d in fit - cal for d in given)
+    assert 0 < fitted < len(given) and any(d in cal for d in given)
     r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
              "--cascade-images", data)
     assert r.exit_code == 0, r.output
-    assert ("warning: 16 of the 24 images of the --cascade-images folder" in r.output
-            and "left out of the cascade's threshold certification (8 remain)" in r.output), r.output
+    kept = len(given) - fitted
+    assert (f"warning: {fitted} of the {len(given)} images of the --cascade-images folder" in r.output
+            and f"left out of the cascade's threshold certification ({kept} remain)" in r.output), r.output
     rec = read_manifest(folder).data["precisions"]["int8"]["cascade"]
-    assert rec["certified_on"]["images"] == rec["calibration"]["n"] == 8
+    assert rec["certified_on"]["images"] == rec["calibration"]["n"] == kept
     only_fit = tmp_path / "fit-only"
     only_fit.mkdir()
-    digests = fit_image_digests(read_manifest(folder))
     for i, p in enumerate(sorted(data.rglob("*.jpg"))):
-        if sha256_file(p) in digests:
+        if sha256_file(p) in fit - cal:
             shutil.copy2(p, only_fit / f"{i}.jpg")
     r = _cli("export", folder, "--precision", "int8", "--calibration", calib_dir, "--int8-target", "cpu",
              "--cascade-images", only_fit, "-q")
     assert r.exit_code == 1 and "is one the engine was fitted on" in r.output, r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_fit_images_json_names_the_cascade_calibration_among_the_fit_images():
+    a, b, c = ("a" * 64, "b" * 64, "c" * 64)
+    data = json.loads(fit_images_json([c, a, b, a], [b]))
+    assert data["sha256"] == [a, b, c] and data["cascade_calibration_sha256"] == [b]
+    assert "cascade_calibration_sha256" not in json.loads(fit_images_json([a, b]))
+    with pytest.raises(ValueError, match="among the fit images"):
+        fit_images_json([a], [b])
 
 
 def test_served_int8_cascade_equals_local(int8_cascade, photo_paths):
