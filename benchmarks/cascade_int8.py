@@ -3,6 +3,8 @@
     python benchmarks/cascade_int8.py --set pair --keep-fp32 RN50:random:0
     python benchmarks/cascade_int8.py --set pair                 # every tower int8
     python benchmarks/cascade_int8.py --set trained              # the three towers trained here (train_towers.py)
+    python benchmarks/cascade_int8.py --set five --max-drop 0.5,1 --bench-images 200 \
+        --keep-fp32 RN50:random:0 RN101:random:1 RN50x4:random:2             # issue #26's moonshot
 
 The same digits, splits and cascade engine as `benchmarks/cascade_digits.py --set pair --latency`
 (RN50:random:0 + ViT-B-32:random:1, linear-probe heads, `fit --cascade` with the max-drop the
@@ -23,6 +25,16 @@ calibration split certifies: 1 point on 590 images), then:
    per call, p99), exit rates, accuracy (Wilson 95%) and the paired difference against the full graph.
    The int8 export's record adds the int8 cascade against fp32's full ensemble (paired).
 
+`--set five` (the moonshot of issue #26): the five cheapest towers on all 1797 digits (cascade_digits.py's
+splits). One engine per --max-drop, fitted with `--certify-on` a folder of the pool digits outside the
+shots plus --unlabelled-copies renders of each (benchmarks/digit_renders.py states the augmentation; never
+an eval digit); its int8 stages certified again on the same folder (`--cascade-images`: the export leaves
+out the pool digits, which fit_images.json records with the controller's whole pool, and uses at most
+1024 renders, evenly spaced). Accuracy on every eval digit (benchmarks/moonshot.py), latency on
+--bench-images of them; the issue's targets as pass/fail lines. The random ResNets stay fp32 in int8
+(their features collapse there, error-to-spread > 1: benchmarks/results/precision_nine.md), as the
+pair's RN50 does. Writes benchmarks/results/cascade_moonshot.md and .json.
+
 Writes benchmarks/results/cascade_int8_<set>[_keep].md and .json, the exact command at the top.
 Random weights: see precision_bench.py; the validation bounds are what real weights must meet.
 """
@@ -38,31 +50,42 @@ from pathlib import Path
 
 import numpy as np
 
+from clipfuse.bench.cascade_exits import bench_cascade
+from clipfuse.core.errors import ClipfuseError
+from clipfuse.export.fit.levers import Levers
+from clipfuse.export.fit.pipeline import fit_engine
+from clipfuse.export.precision.int8_export import export_int8
+from clipfuse.export.precision.int8_stages import CERTIFY_MAX
+from clipfuse.runtime.manifest import read_manifest
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+import moonshot  # noqa: E402
 import tower_digits  # noqa: E402
 import train_towers  # noqa: E402
-from cascade_digits import EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, TRAINED_IMAGES, arrays, auto_drop  # noqa: E402
+from cascade_digits import (  # noqa: E402
+    EVAL_FRACTION, PROBE_FRACTION, SETS, SHOTS, TRAINED_IMAGES, arrays, auto_drop, keep_first)
+from digit_renders import certify_folder  # noqa: E402
 from nlc_digits import write_digits  # noqa: E402
 
 
 UNLABELLED = 1200            # --set trained: unlabelled images (tower_digits' unlabelled split) that certify the exits
+COPIES = 4                   # --set five: renders per pool digit outside the shots (~590 -> 2360 renders; with the
+                             # 590 digits, ~2950 images allow 6 disagreements at max-drop 0.5 over 4 configurations)
+BENCH_IMAGES = 200           # --set five: eval digits the latency is measured on (accuracy: every eval digit)
 
 
-def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> tuple[Path, Path, Path, dict]:
-    """The digits (trained: tower_digits' figures split); the calibration (non-eval), eval and fit-calibration
-    folders; the cascade engine (fit unless `engine` holds it). setup["best_single"]: the most accurate single
-    on the pool's images outside the shots (chosen before any eval image is looked at). trained: the cascade is
-    fitted at --max-drop 0.5 with `--certify-on` UNLABELLED images of tower_digits' unlabelled split (new
-    renderings of the figures half's source digits, never labelled, never fitted on), written to tmp/unlabelled."""
-    from clipfuse.export.fit.levers import Levers
-    from clipfuse.export.fit.pipeline import fit_engine
-    from clipfuse.runtime.manifest import read_manifest
-
+def prepare(backbones, tmp: Path, cache, trained: bool = False, per_class: int | None = None):
+    """The digits (trained: tower_digits' figures split; per_class: the first N of each class), their features
+    and splits -> (calibration (non-eval) folder, eval folder, fit-calibration folder, setup).
+    fit-calibration: the controller's pool outside its shots (the probes never saw them). setup["best_single"]:
+    the most accurate single on those images (chosen before any eval image is looked at)."""
     if trained:
         tower_digits.write_folder(tmp / "digits", "figures", TRAINED_IMAGES)
     else:
         write_digits(tmp / "digits")
+    if per_class:
+        keep_first(tmp / "digits", per_class)
     a = arrays(backbones, tmp / "digits", cache)
     held = np.setdiff1d(np.arange(len(a["y_pool"])), a["shots"])
     best = a["names"][int(np.argmax([(a["Z_pool"][held, k].argmax(1) == a["y_pool"][held]).mean()
@@ -73,13 +96,39 @@ def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> t
         dst = (evald if str(p) in ev else calib) / p.parent.name / p.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, dst)
-    # the fit's cascade calibration images: the controller's pool outside its shots (the probes never saw them)
     fitcal = tmp / "fit-calibration"
-    for i in sorted(set(range(len(a["pool_paths"]))) - set(np.asarray(a["shots"]).tolist())):
+    for i in held.tolist():
         p = Path(a["pool_paths"][i])
         (fitcal / p.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, fitcal / p.parent.name / p.name)
-    n_cal = len(a["y_pool"]) - len(a["shots"])
+    non_eval = sum(1 for _ in calib.rglob("*.png"))
+    return calib, evald, fitcal, {"best_single": best, "pool_outside_shots": int(held.size), "eval_images": len(ev),
+                                  "non_eval_images": non_eval, "digits": len(ev) + non_eval}
+
+
+def fit_cascade_engine(backbones, digits: Path, engine: Path, cache, max_drop: float, certify_on=None) -> bool:
+    """`fit --cascade` at max_drop into `engine`, unless it holds a cascade of these backbones at that max-drop
+    already (a kept --engine). -> whether it was fitted now."""
+    try:
+        m = read_manifest(engine)            # a cascade engine holds its backbones in stage order
+        if sorted(m.backbone_names) == sorted(backbones) and (m.data.get("cascade") or {}).get("max_drop") == max_drop:
+            return False
+    except Exception:
+        pass
+    shutil.rmtree(engine, ignore_errors=True)
+    fit_engine(backbones, digits, engine, head="linear-probe", eval_fraction=EVAL_FRACTION,
+               probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=cache,
+               levers=Levers(cascade=True, max_drop=max_drop, certify_on=str(certify_on) if certify_on else None))
+    return True
+
+
+def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> tuple[Path, Path, Path, dict]:
+    """--set pair / trained: prepare(), then the cascade engine (fit unless `engine` holds it). trained: fitted at
+    --max-drop 0.5 with `--certify-on` UNLABELLED images of tower_digits' unlabelled split (new renderings of the
+    figures half's source digits, never labelled, never fitted on), written to tmp/unlabelled; pair: at the
+    smallest max-drop its pool certifies."""
+    calib, evald, fitcal, prep = prepare(backbones, tmp, cache, trained=trained)
+    n_cal = prep["pool_outside_shots"]
     unlabelled = None
     if trained:
         unlabelled = tmp / "unlabelled"
@@ -87,22 +136,11 @@ def build(backbones, tmp: Path, cache, engine: Path, trained: bool = False) -> t
         max_drop = 0.5
     else:
         max_drop = auto_drop(n_cal, 2 * 2)            # 2 scores x up to 2 orders, as cascade_digits
-    fresh = True
-    try:
-        m = read_manifest(engine)            # a cascade engine holds its backbones in stage order
-        fresh = sorted(m.backbone_names) != sorted(backbones) or "cascade" not in m.data
-    except Exception:
-        pass
-    if fresh:
-        shutil.rmtree(engine, ignore_errors=True)
-        fit_engine(backbones, tmp / "digits", engine, head="linear-probe", eval_fraction=EVAL_FRACTION,
-                   probe_fraction=PROBE_FRACTION, shots=SHOTS, study_shots=(SHOTS,), study_seeds=(0,), cache_dir=cache,
-                   levers=Levers(cascade=True, max_drop=max_drop,
-                                 certify_on=str(unlabelled) if unlabelled else None))
+    fresh = fit_cascade_engine(backbones, tmp / "digits", engine, cache, max_drop, unlabelled)
     n_unl = UNLABELLED if unlabelled else 0
     return calib, evald, fitcal, {"max_drop": max_drop, "calibration_images": n_cal + n_unl, "fitted_now": fresh,
-                                  "best_single": best, "unlabelled_images": n_unl, "eval_images": len(ev),
-                                  "non_eval_images": sum(1 for _ in calib.rglob("*.png"))}
+                                  "best_single": prep["best_single"], "unlabelled_images": n_unl,
+                                  "eval_images": prep["eval_images"], "non_eval_images": prep["non_eval_images"]}
 
 
 def _iv(d: dict) -> str:
@@ -176,20 +214,36 @@ def markdown(res: dict) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", choices=["pair", "trained"], default="pair")
+    ap.add_argument("--set", choices=["pair", "trained", "five"], default="pair")
+    ap.add_argument("--backbones", nargs="+", default=None, help="override the set's backbones (tests)")
     ap.add_argument("--keep-fp32", nargs="*", default=[], help="backbones whose towers stay fp32")
     ap.add_argument("--certify-on", choices=("fit", "non-eval", "unlabelled"), default=None,
                     help="images the int8 thresholds are certified on: the fit's cascade calibration images (the "
                          "pool outside the shots, which the probes never saw), or every non-eval digit (the "
                          "calibration folder, half of it the probes' own training images: the biased case), or "
-                         "(--set trained, its default) the unlabelled images the fp32 cascade was certified on")
+                         "(--set trained, its default) the unlabelled images the fp32 cascade was certified on; "
+                         "--set five: always the fp32 cascade's --certify-on folder")
+    ap.add_argument("--max-drop", default=None, help="--set five: comma-separated, one engine each (default 0.5,1)")
+    ap.add_argument("--unlabelled-copies", type=int, default=COPIES,
+                    help="--set five: renders of each pool digit outside the shots (benchmarks/digit_renders.py)")
+    ap.add_argument("--bench-images", type=int, default=BENCH_IMAGES,
+                    help="--set five: eval digits the latency is measured on (accuracy: every eval digit)")
+    ap.add_argument("--images", type=int, default=None, help="--set five: the first N digits of each class (tests)")
     ap.add_argument("--batch", default="1,8")
-    ap.add_argument("--engine", default=None, help="keep the cascade engine here (reused when it holds the set)")
+    ap.add_argument("--engine", default=None, help="keep the cascade engine here (reused when it holds the set; "
+                                                   "--set five: one engine per max-drop under it)")
     ap.add_argument("--cache", default=None)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md again from a results .json")
     args = ap.parse_args(argv)
+    given = [o for o, v in (("--max-drop", args.max_drop), ("--images", args.images)) if v is not None]
+    given += [o for o, v, d in (("--unlabelled-copies", args.unlabelled_copies, COPIES),
+                                ("--bench-images", args.bench_images, BENCH_IMAGES)) if v != d]
+    if args.set != "five" and given:
+        ap.error(f"{', '.join(given)}: only with --set five")
+    if args.set == "five" and args.certify_on:
+        ap.error("--certify-on: --set five certifies the int8 stages on the fp32 cascade's --certify-on folder")
     import logging
     from contextlib import nullcontext
 
@@ -202,16 +256,16 @@ def main(argv=None):
 def _run(args, argv):
     if args.render:
         res = json.loads(Path(args.render).read_text())
-        Path(args.render).with_suffix(".md").write_text(markdown(res))
+        Path(args.render).with_suffix(".md").write_text((moonshot.markdown if "drops" in res else markdown)(res))
         return res
-    from clipfuse.bench.cascade_exits import bench_cascade
-    from clipfuse.export.precision.int8_export import export_int8
-    from clipfuse.runtime.manifest import read_manifest
 
-    backbones = SETS[args.set][0] or train_towers.specs()
+    backbones = args.backbones or SETS[args.set][0] or train_towers.specs()
     batches = tuple(int(b) for b in args.batch.split(","))
     command = "python benchmarks/cascade_int8.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--quiet",))
+    if args.set == "five":
+        return _write(_run_five(args, backbones, batches, command),
+                      Path(args.out or ROOT / "results" / "cascade_moonshot"))
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-cascade-int8-"))
     try:
@@ -234,14 +288,70 @@ def _run(args, argv):
     res = {"set": args.set, "command": command, "backbones": backbones, "order": m.backbone_names, "setup": setup,
            "int8": {k: info[k] for k in ("validation", "cascade", "calibration", "float_backbones", "quantized")},
            "bench": bench, "seconds": round(time.perf_counter() - t0, 1)}
-    out = Path(args.out or ROOT / "results" / (f"cascade_int8_{args.set}{'_keep' if args.keep_fp32 else ''}"
-                                                f"{'_noneval' if certify == 'non-eval' else ''}"))
+    name = f"cascade_int8_{args.set}{'_keep' if args.keep_fp32 else ''}{'_noneval' if certify == 'non-eval' else ''}"
+    return _write(res, Path(args.out or ROOT / "results" / name))
+
+
+def _write(res: dict, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = markdown(res)
+    md = (moonshot.markdown if "drops" in res else markdown)(res)
     out.with_suffix(".md").write_text(md)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)) + "\n")
+    plain = lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)      # noqa: E731
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, default=plain) + "\n")
     print(md)
     return res
+
+
+def _run_five(args, backbones, batches, command) -> dict:
+    """--set five: prepare, render, then per max-drop fit, int8 export, accuracy on every eval digit, benches."""
+    drops = tuple(float(d) for d in (args.max_drop or "0.5,1").split(","))
+    t0 = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="clipfuse-moonshot-"))
+    try:
+        calib, evald, fitcal, setup = prepare(backbones, tmp, args.cache, per_class=args.images)
+        # one flat folder certifies both precisions: the pool digits outside the shots (the fit counts them once, as
+        # its labelled pool) and the renders of them; never an eval digit, a probe's image or a shot
+        certify = tmp / "certify"
+        written = certify_folder(fitcal, evald, certify, args.unlabelled_copies)
+        timed = moonshot.timing_subset(evald, tmp / "timed", args.bench_images)
+        setup.update(copies=args.unlabelled_copies, renders=written["renders"],
+                     render_sources=written["render_sources"], timed_images=len(timed), timed=timed,
+                     int8_certify_max=CERTIFY_MAX,
+                     timing_rule="of each class its share, evenly spaced over its files sorted by name")
+        full_cache, drops_res = {}, {}
+        for d in drops:
+            engine = (Path(args.engine) if args.engine else tmp / "engines") / f"max-drop-{d:g}"
+            try:           # one max-drop refused (too few images, say) costs the run neither the other's figures
+                drops_res[f"{d:g}"] = _five_at(d, engine, backbones, tmp, calib, evald, certify, setup, batches,
+                                               full_cache, args)
+            except ClipfuseError as e:
+                drops_res[f"{d:g}"] = {"max_drop": d, "error": str(e)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    target = drops_res.get(f"{moonshot.TARGET_DROP:g}")
+    return {"set": "five", "command": command, "backbones": backbones, "setup": setup, "drops": drops_res,
+            "targets": [c.to_dict() for c in moonshot.target_checks(target)] if target else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _five_at(d: float, engine: Path, backbones, tmp: Path, calib: Path, evald: Path, certify: Path, setup: dict,
+             batches, full_cache: dict, args) -> dict:
+    """One max-drop of --set five: fit, int8 export, fp32 answers on every eval digit, both benches."""
+    fresh = fit_cascade_engine(backbones, tmp / "digits", engine, args.cache, d, certify)
+    info = export_int8(engine, calib, count=256, targets=("cpu",), data=evald, strict=False,
+                       keep_fp32=args.keep_fp32, cascade_images=certify)
+    m = read_manifest(engine)
+    block = m.data["cascade"]
+    r = {"max_drop": d, "fitted_now": fresh,
+         "engine": {"order": m.backbone_names, **{k: block.get(k) for k in (
+             "score", "thresholds", "certified_on", "calibration", "calibration_images", "test")}},
+         "int8": {k: info[k] for k in ("validation", "cascade", "calibration", "float_backbones", "quantized")},
+         "fp32_accuracy": moonshot.fp32_answers(m, evald, full_cache),
+         "bench": {"fp32": bench_cascade(m, tmp / "timed", batches=batches, single=setup["best_single"])}}
+    if info["cascade"].get("written"):
+        r["bench"]["int8"] = bench_cascade(m, tmp / "timed", batches=batches, precision="int8",
+                                           single=setup["best_single"])
+    return r
 
 
 if __name__ == "__main__":
