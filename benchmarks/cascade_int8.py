@@ -28,9 +28,9 @@ calibration split certifies: 1 point on 590 images), then:
 `--set five` (the moonshot of issue #26): the five cheapest towers on all 1797 digits (cascade_digits.py's
 splits). One engine per --max-drop, fitted with `--certify-on` a folder of the pool digits outside the
 shots plus --unlabelled-copies renders of each (benchmarks/digit_renders.py states the augmentation; never
-an eval digit); its int8 stages certified again on the same folder (`--cascade-images`: the export leaves
-out the pool digits, which fit_images.json records with the controller's whole pool, and uses at most
-1024 renders, evenly spaced). Accuracy on every eval digit (benchmarks/moonshot.py), latency on
+an eval digit); its int8 stages certified again on the same folder (`--cascade-images`: the pool digits
+stay, as fit_images.json names them the cascade's calibration images; at most 1024 images, evenly
+spaced). Accuracy on every eval digit (benchmarks/moonshot.py), latency on
 --bench-images of them; the issue's targets as pass/fail lines. The random ResNets stay fp32 in int8
 (their features collapse there, error-to-spread > 1: benchmarks/results/precision_nine.md), as the
 pair's RN50 does. Writes benchmarks/results/cascade_moonshot.md and .json.

@@ -183,8 +183,8 @@ def _drop_section(r: dict, setup: dict) -> list[str]:
         f8 = c8["certified_on"].get("found") or {}
         left8 = ", ".join(f"{n} {k}" for k, n in (f8.get("left_out") or {}).items() if n) or "none"
         L += [f"int8 thresholds {c8['thresholds']} ({c8['score']}), certified again on {c['n']} of the same folder's "
-              f"{f8.get('found', '?')} images (left out by the export: {left8}, the digests fit_images.json records, "
-              f"which include the controller's whole pool; at most {setup['int8_certify_max']}, evenly spaced): "
+              f"{f8.get('found', '?')} images (left out by the export as fitted on: {left8}; "
+              f"at most {setup['int8_certify_max']}, evenly spaced): "
               f"{c['disagreements']} disagreements with the int8 full "
               f"ensemble, bound {c['disagreement_bound']:.2f}% <= {c8['max_drop']:g}; exit rates there "
               f"{_rates(c['exit_rates'])}.",

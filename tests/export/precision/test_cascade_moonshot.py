@@ -150,6 +150,9 @@ def test_the_moonshot_runs_on_tiny_towers(script, tmp_path):
         # the fit counted the pool once (its own labelled pool) and used every render
         assert found["labelled_pool"] == s["pool_outside_shots"] and found["unlabelled"]["used"] == s["renders"]
         assert found["unlabelled"]["left_out"]["labelled pool images"] == s["pool_outside_shots"]
+        # the int8 certification keeps the pool digits too: they are the fp32 cascade's calibration, not fitted on
+        f8 = r["int8"]["cascade"]["certified_on"]["found"]
+        assert f8["found"] == s["pool_outside_shots"] + s["renders"] and not f8["left_out"].get("fit images"), f8
         a = r["fp32_accuracy"]
         assert a["n"] == 60 and abs(sum(a["exit_rates"]) - 1) < 1e-9                # accuracy on every eval digit
         assert r["bench"]["fp32"]["images"] == 10 and set(r["bench"]["fp32"]["latency"]) == {"1", "2"}
