@@ -129,6 +129,15 @@ def render(result: dict) -> str:
     if o.get("int8_keep_fp32"):
         L.append(f"int8 towers kept fp32: --int8-keep-fp32 {' '.join(o['int8_keep_fp32'])} -> "
                  f"{', '.join(int8.get('float_backbones') or []) or 'none'}.")
+        v8 = next((r["validation"] for n, r in result["graphs"].items() if "int8" in n), None)
+        if "auto" in o["int8_keep_fp32"] and not int8.get("float_backbones") and v8:
+            from clipfuse.export.precision.int8_export import failing_backbones
+
+            failing = failing_backbones(v8)
+            if failing and len(failing) == len(v8["backbones"]):
+                L.append("auto keeps the towers whose own checks fail, unless that is every tower (int8 would then "
+                         f"gain nothing): here all {len(failing)} fail theirs, so none is kept and the graph stays "
+                         "refused.")
     L += [""] + [f"REFUSED by its validation (measured anyway, not shippable): {w}: {e}" for w, e in result["refused"].items()]
     L += ["", "## Validation against fp32 and accuracy on the held-out digits", "",
           "Agreement images: fp16 on the 32 shipped photo variants; int8 on every held-out digit (export --precision "

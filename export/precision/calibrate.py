@@ -39,6 +39,7 @@ QUANT_OPS = ("Conv", "MatMul", "Gemm")
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_COUNT = 256             # calibration images used at most (evenly spaced over the folder)
 MIN_IMAGES = 32                 # fewer than this and the activation ranges are one photo's ranges
+HIST_CHUNK = 8                  # entropy/percentile: images whose activations are held at once (then histogrammed)
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -224,7 +225,12 @@ def calibrate_ranges(src_onnx: Path, feeds: list[dict[str, np.ndarray]], method:
                 cal = create_calibrator(path, list(QUANT_OPS), augmented_model_path=str(tmp / "augmented.onnx"),
                                         calibrate_method=cal_method, use_external_data_format=True,
                                         extra_options=extra)
-                cal.collect_data(_reader(singles, inputs))
+                # MinMax reduces each run to two numbers in the graph; the histogram methods keep every run's
+                # whole activations until collect_data returns (RN50 + RN101 on 256 images passed 24 GiB, killed):
+                # HIST_CHUNK images per call, merged into one histogram per tensor by onnxruntime's collector
+                step_n = len(singles) if method == "minmax" else HIST_CHUNK
+                for i in range(0, len(singles), step_n):
+                    cal.collect_data(_reader(singles[i:i + step_n], inputs))
                 ranges = cal.compute_data()
                 del cal
             for name, td in ranges.data.items():

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 
@@ -140,3 +141,35 @@ def test_both_graphs_of_an_export_come_from_one_calibration(engine, calib_dir, t
     assert info["calibration"]["sha256"] == info["tensorrt"]["calibration"]["sha256"]
     assert (folder / "model.int8.onnx").is_file() and (folder / "model.int8-trt.onnx").is_file()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]      # no temporary left behind
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_methods_collect_a_few_images_at_a_time(engine, tmp_path, monkeypatch, method):
+    """entropy and percentile hold every collected run's whole activations until collect_data returns, so they
+    are fed HIST_CHUNK images per call (256 images of RN50 + RN101 in one call passed 24 GiB); every image is
+    still seen, and the merged histograms give a range for every tower tensor."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    from clipfuse.export.precision import calibrate
+
+    m, feeds = engine
+    n = sum(len(next(iter(f.values()))) for f in feeds)
+    assert n > calibrate.HIST_CHUNK                            # else one call would hold them all anyway
+    calls = []
+    real = HistogramCalibrater.collect_data
+
+    def spy(self, reader):
+        before = len(calls)
+        while (item := reader.get_next()) is not None:
+            calls.append(item)
+        chunk = calls[before:]
+        assert 0 < len(chunk) <= calibrate.HIST_CHUNK
+        return real(self, calibrate._reader(chunk))
+
+    monkeypatch.setattr(HistogramCalibrater, "collect_data", spy)
+    ranges = calibrate.calibrate_ranges(m.onnx_path, feeds, method, workdir=tmp_path)
+    towers = len(calibrate.tower_outputs(onnx.load(str(m.onnx_path), load_external_data=False).graph))
+    assert len(calls) == n * towers                             # every image, once per tower
+    assert len(ranges.data) > 20
+    assert all(np.isfinite(td.range_value).all() and td.range_value[0] <= td.range_value[1]
+               for td in ranges.data.values())
