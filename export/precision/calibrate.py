@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import shutil
 from pathlib import Path
@@ -229,9 +230,10 @@ def calibrate_ranges(src_onnx: Path, feeds: list[dict[str, np.ndarray]], method:
                 # whole activations until collect_data returns (RN50 + RN101 on 256 images passed 24 GiB, killed):
                 # HIST_CHUNK images per call, merged into one histogram per tensor by onnxruntime's collector
                 step_n = len(singles) if method == "minmax" else HIST_CHUNK
-                for i in range(0, len(singles), step_n):
-                    cal.collect_data(_reader(singles[i:i + step_n], inputs))
-                ranges = cal.compute_data()
+                with contextlib.redirect_stdout(io.StringIO()):  # the collector prints a line per call
+                    for i in range(0, len(singles), step_n):
+                        cal.collect_data(_reader(singles[i:i + step_n], inputs))
+                    ranges = cal.compute_data()
                 del cal
             for name, td in ranges.data.items():
                 # a tensor two towers share (the input scaling) has one value: the same images made it
