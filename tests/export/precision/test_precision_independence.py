@@ -113,7 +113,7 @@ def test_int8_export_killed_before_its_manifest_update_then_rebuilt(tiny_vit_eng
             "from clipfuse.cli.main import cli\n"
             "engine_folder._before_manifest = lambda: os._exit(9)\n"
             "cli(sys.argv[1:])\n")
-    p = subprocess.run([sys.executable, "-c", code, *args[:-2], "32", "--calibration-method", "percentile", "--int8-target", "cpu", "-q"],
+    p = subprocess.run([sys.executable, "-c", code, *args[:-1], "--int8-keep-fp32", "clipfuse-test-vit:random:0", "-q"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 9, p.stderr
     assert (e / INT8).read_bytes() != first          # the kill window: the new graph under the old record
