@@ -264,8 +264,8 @@ def _run(args, argv):
     command = "python benchmarks/cascade_int8.py " + " ".join(
         a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--quiet",))
     if args.set == "five":
-        return _write(_run_five(args, backbones, batches, command),
-                      Path(args.out or ROOT / "results" / "cascade_moonshot"))
+        out = Path(args.out or ROOT / "results" / "cascade_moonshot")
+        return _write(_run_five(args, backbones, batches, command, out), out)
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-cascade-int8-"))
     try:
@@ -302,8 +302,10 @@ def _write(res: dict, out: Path) -> dict:
     return res
 
 
-def _run_five(args, backbones, batches, command) -> dict:
-    """--set five: prepare, render, then per max-drop fit, int8 export, accuracy on every eval digit, benches."""
+def _run_five(args, backbones, batches, command, out: Path | None = None) -> dict:
+    """--set five: prepare, render, then per max-drop fit, int8 export, accuracy on every eval digit, benches. A run
+    takes hours on 2 cores: each max-drop's figures are written to out as soon as they exist, the later max-drops
+    named as pending, so a run stopped part-way keeps what it measured."""
     drops = tuple(float(d) for d in (args.max_drop or "0.5,1").split(","))
     t0 = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="clipfuse-moonshot-"))
@@ -319,19 +321,28 @@ def _run_five(args, backbones, batches, command) -> dict:
                      int8_certify_max=CERTIFY_MAX,
                      timing_rule="of each class its share, evenly spaced over its files sorted by name")
         full_cache, drops_res = {}, {}
-        for d in drops:
+        for i, d in enumerate(drops):
             engine = (Path(args.engine) if args.engine else tmp / "engines") / f"max-drop-{d:g}"
             try:           # one max-drop refused (too few images, say) costs the run neither the other's figures
                 drops_res[f"{d:g}"] = _five_at(d, engine, backbones, tmp, calib, evald, certify, setup, batches,
                                                full_cache, args)
             except ClipfuseError as e:
                 drops_res[f"{d:g}"] = {"max_drop": d, "error": str(e)}
+            if out is not None and i + 1 < len(drops):
+                _write(_five_result(command, backbones, setup, drops_res, t0, pending=drops[i + 1:]), out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return _five_result(command, backbones, setup, drops_res, t0)
+
+
+def _five_result(command, backbones, setup, drops_res, t0, pending=()) -> dict:
     target = drops_res.get(f"{moonshot.TARGET_DROP:g}")
-    return {"set": "five", "command": command, "backbones": backbones, "setup": setup, "drops": drops_res,
-            "targets": [c.to_dict() for c in moonshot.target_checks(target)] if target else None,
-            "seconds": round(time.perf_counter() - t0, 1)}
+    res = {"set": "five", "command": command, "backbones": backbones, "setup": setup, "drops": drops_res,
+           "targets": [c.to_dict() for c in moonshot.target_checks(target)] if target else None,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if pending:
+        res["pending"] = [float(d) for d in pending]
+    return res
 
 
 def _five_at(d: float, engine: Path, backbones, tmp: Path, calib: Path, evald: Path, certify: Path, setup: dict,

@@ -218,7 +218,12 @@ def markdown(res: dict) -> str:
     s = res["setup"]
     L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
          f"# The moonshot: the cascade of `{res['set']}` at max-drop "
-         f"{', '.join(f'{float(d):g}' for d in res['drops'])}, fp32 and int8 stages (issue #26)", "",
+         f"{', '.join(f'{float(d):g}' for d in res['drops'])}, fp32 and int8 stages (issue #26)", ""]
+    if res.get("pending"):
+        L += [f"**Part-way:** written when max-drop {', '.join(f'{float(d):g}' for d in res['drops'])} finished; "
+              f"max-drop {', '.join(f'{d:g}' for d in res['pending'])} was still to run (the file is rewritten "
+              "when the run ends).", ""]
+    L += [
          f"{s['digits']} scikit-learn digits, seeded random towers {' + '.join(res['backbones'])}, linear-probe heads, "
          f"the splits of cascade_digits.py: {s['eval_images']} eval digits (never certify, never rendered), "
          f"{s['pool_outside_shots']} pool digits outside the shots (labels unused by the bound), "

@@ -78,6 +78,30 @@ def test_a_run_without_max_drop_0_5_says_the_targets_were_not_measured(script):
     assert "- not measured: this run has no max-drop 0.5" in md and "Refused: refused" in md
 
 
+def test_a_run_stopped_after_its_first_max_drop_keeps_that_max_drops_figures(script, monkeypatch, tmp_path):
+    """The full run takes hours: each max-drop is written as soon as it is measured, the rest named pending."""
+    setup = {k: 0 for k in ("digits", "eval_images", "pool_outside_shots", "copies", "timed_images")} | {
+        "best_single": "a", "timing_rule": "r"}
+    monkeypatch.setattr(script, "prepare", lambda *a, **k: (tmp_path, tmp_path, tmp_path, dict(setup)))
+    monkeypatch.setattr(script, "certify_folder", lambda *a, **k: {"renders": 0, "render_sources": 0})
+    monkeypatch.setattr(script.moonshot, "timing_subset", lambda *a, **k: [])
+
+    def one_drop(d, *a, **k):
+        if d == 1.0:
+            raise KeyboardInterrupt            # the run stopped by hand during max-drop 1
+        return {"max_drop": d, "error": "refused here"}
+    monkeypatch.setattr(script, "_five_at", one_drop)
+    args = script.argparse.Namespace(max_drop="0.5,1", images=None, cache=None, unlabelled_copies=4,
+                                     bench_images=200, engine=None)
+    out = tmp_path / "results" / "moonshot"
+    with pytest.raises(KeyboardInterrupt):
+        script._run_five(args, ["a"], (1,), "c", out)
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert list(res["drops"]) == ["0.5"] and res["pending"] == [1.0]
+    assert "**Part-way:** written when max-drop 0.5 finished; max-drop 1 was still to run" in out.with_suffix(
+        ".md").read_text()
+
+
 def test_the_timing_subset_takes_every_class(script, digits, tmp_path):
     names = script.moonshot.timing_subset(digits / "eval", tmp_path / "timed", 10)
     assert len(names) == 10 and len({n.split("/")[0] for n in names}) == 10
