@@ -197,6 +197,8 @@ def markdown(res: dict) -> str:
                      + f" | {_iv(c['accuracy_cascade'])} | {_iv(c['accuracy_full'])} | {_diff(c['paired_difference'])} | "
                      + (f"{x['single']['backbone']}: {x['single']['mean_ms']:.1f} | {x['cascade_over_single_mean']:.3f} |"
                         if "single" in x else "- | - |"))
+    if any("single" not in x for c in res["bench"].values() for x in c["latency"].values()):
+        L += ["", "-: the most accurate single was not timed in this run (the results file predates that column)."]
     b = res["bench"]
     if "int8" in b and "fp32" in b:
         L += ["", "Side by side (mean ms per call, same run): "
