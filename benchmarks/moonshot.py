@@ -221,8 +221,8 @@ def markdown(res: dict) -> str:
          f"{', '.join(f'{float(d):g}' for d in res['drops'])}, fp32 and int8 stages (issue #26)", ""]
     if res.get("pending"):
         L += [f"**Part-way:** written when max-drop {', '.join(f'{float(d):g}' for d in res['drops'])} finished; "
-              f"max-drop {', '.join(f'{d:g}' for d in res['pending'])} was still to run (the file is rewritten "
-              "when the run ends).", ""]
+              f"max-drop {', '.join(f'{d:g}' for d in res['pending'])} was still to run "
+              "(a run that ends rewrites this file; this one did not reach it).", ""]
     L += [
          f"{s['digits']} scikit-learn digits, seeded random towers {' + '.join(res['backbones'])}, linear-probe heads, "
          f"the splits of cascade_digits.py: {s['eval_images']} eval digits (never certify, never rendered), "
