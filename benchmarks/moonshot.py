@@ -216,13 +216,13 @@ def _drop_section(r: dict, setup: dict) -> list[str]:
 
 def markdown(res: dict) -> str:
     s = res["setup"]
+    done = ", ".join(f"{float(d):g}" for d in res["drops"])
     L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
-         f"# The moonshot: the cascade of `{res['set']}` at max-drop "
-         f"{', '.join(f'{float(d):g}' for d in res['drops'])}, fp32 and int8 stages (issue #26)", ""]
+         f"# The moonshot: the cascade of `{res['set']}` at max-drop {done}, fp32 and int8 stages (issue #26)", ""]
     if res.get("pending"):
-        L += [f"**Part-way:** written when max-drop {', '.join(f'{float(d):g}' for d in res['drops'])} finished; "
-              f"max-drop {', '.join(f'{d:g}' for d in res['pending'])} was still to run "
-              "(a run that ends rewrites this file; this one did not reach it).", ""]
+        L += [f"**Part-way:** written when max-drop {done} finished; max-drop "
+              f"{', '.join(f'{d:g}' for d in res['pending'])} was still to run (a run that finishes rewrites this "
+              "file without this line).", ""]
     L += [
          f"{s['digits']} scikit-learn digits, seeded random towers {' + '.join(res['backbones'])}, linear-probe heads, "
          f"the splits of cascade_digits.py: {s['eval_images']} eval digits (never certify, never rendered), "
