@@ -7,8 +7,10 @@ images and the controller's pool: what the heads, the controller, a budget subse
 thresholds were chosen on; the eval split is not among them). The feature cache keys images the same
 way (export/fit/features.py), so a renamed or copied file is still recognised; an edited one is not.
 A cascade engine's file also names, among them, its cascade calibration images (the controller's pool
-outside the shots): they chose things but fitted nothing, so certifying the int8 stages' thresholds on
-them (`export --precision int8 --cascade-images`) is as honest as the fp32 cascade's own certification.
+outside the shots, and the `fit --certify-on` folder's images that were used): they chose the exits but
+fitted nothing, so eval and bench leave them out like the rest, while certifying the int8 stages'
+thresholds on them (`export --precision int8 --cascade-images`) is as honest as the fp32 cascade's own
+certification.
 
     digests = fit_image_digests(manifest)                      # frozenset of hex digests (empty: none recorded)
     fitted = digests - cascade_calibration_digests(manifest)   # what the heads and controller were fitted on

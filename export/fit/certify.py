@@ -18,6 +18,8 @@ them), each kind counted in the log, report and manifest:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from clipfuse.core.log import log, progress_shown
@@ -33,22 +35,31 @@ def check_folder(folder) -> None:
     scan_folder(folder, WHAT)
 
 
+class CertifyImages(NamedTuple):
+    """The --certify-on images that certify the exits, as the threshold search and fit_images.json take them."""
+
+    X: np.ndarray                   # (N, sum D) features, the towers' in order
+    Z: np.ndarray                   # (N, K, C) each head's logits
+    found: UnlabelledImages         # what the folder held, what was left out and why, what was used
+    digests: tuple                  # sha256 of the N images' bytes: fit_images.json records them (they chose exits)
+
+
 def certify_on_arrays(folder, built, heads, cache: FeatureCache, batch_size: int, fit_digests, labelled_digests,
-                      eval_digests) -> tuple[np.ndarray, np.ndarray, UnlabelledImages]:
-    """The folder's images without fit, labelled-pool and eval images -> (X (N, sum D), Z (N, K, C), what was
-    found and used). *_digests: sha256 of those images' bytes (FeatureSet.digests)."""
+                      eval_digests) -> CertifyImages:
+    """The folder's images without fit, labelled-pool and eval images, embedded. *_digests: sha256 of those
+    images' bytes (FeatureSet.digests)."""
 
     def embed(paths):
         fs = compute_features(built, paths, cache, batch_size=batch_size, progress=progress_shown())
-        return fs.features, len(fs.paths), fs.failures
+        return (fs.features, tuple(fs.digests[p] for p in fs.paths)), len(fs.paths), fs.failures
 
-    feats, info = unlabelled_images(folder, embed, what=WHAT,
-                                    leave_out={FIT: set(fit_digests), LABELLED: set(labelled_digests),
-                                               EVAL: set(eval_digests)})
+    (feats, digests), info = unlabelled_images(folder, embed, what=WHAT,
+                                               leave_out={FIT: set(fit_digests), LABELLED: set(labelled_digests),
+                                                          EVAL: set(eval_digests)})
     X = np.concatenate(feats, axis=1)                                                  # (N, sum D)
     Z = np.stack([head_logits(f, h) for f, h in zip(feats, heads)], axis=1)            # (N, K, C)
     log(f"cascade: --certify-on {info.line()}")
-    return X, Z, info
+    return CertifyImages(X, Z, info, digests)
 
 
 def describe(n_labelled: int, info: UnlabelledImages | None) -> str:

@@ -293,14 +293,15 @@ def plan_cascade(levers: Levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_e
     """Order, per-stage controllers and thresholds -> {"order", "controllers" (stage order, the last =
     `shipped` reordered), "fit" (CascadeFit), "block" (the manifest's cascade entry)}.
     costs: check_calibration's result when fit already ran it; shipped_row: what `shipped` is, in the
-    report's words (NLC, C-LOG-AVG, LOG-AVG or a backbone's name); unlabelled: (X, Z, UnlabelledImages) of
-    the --certify-on images (export/fit/certify.py), calibration images beside the pool's."""
+    report's words (NLC, C-LOG-AVG, LOG-AVG or a backbone's name); unlabelled: the --certify-on images
+    (export/fit/certify.CertifyImages), calibration images beside the pool's."""
 
     names = [str(b.spec) for b in built]
     K = len(names)
     cfg = CascadeConfig(max_drop=levers.max_drop, score=levers.score).check()
     calib = np.setdiff1d(np.arange(len(y_pool)), shot_idx)
-    X_u, Z_u, found = unlabelled if unlabelled is not None else (X_pool[:0], Z_pool[:0], None)
+    X_u, Z_u, found = (unlabelled.X, unlabelled.Z, unlabelled.found) if unlabelled is not None \
+        else (X_pool[:0], Z_pool[:0], None)
     orders, costs, cost_info = costs or check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx, len(Z_u))
     X_cal, Z_cal = np.concatenate([X_pool[calib], X_u]), np.concatenate([Z_pool[calib], Z_u])   # no labels needed
     full_cal = fused_logits(shipped, X_cal, Z_cal)

@@ -203,7 +203,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             unlabelled = certify.certify_on_arrays(levers.certify_on, built, heads, cache, batch_size,
                                                    *([fs.digests[p] for p in ps] for ps in (fitted, calib_paths, ev_paths)))
         cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx,
-                                             0 if unlabelled is None else len(unlabelled[1]))
+                                             0 if unlabelled is None else len(unlabelled.Z))
     alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
     study_table = None
     if not alone:
@@ -213,8 +213,11 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     # The controllers fitted for shipping: k = shots, seed = seed; the loss curve feeds the plateau check.
     idx = sample_k_shot(y_pool, shots, seed, num_classes=C, class_names=class_names)
     # probes' and controller pool's images, not eval's; a cascade's calibration images (pool outside the shots) named
+    # and the --certify-on images, which chose the exits too: eval and bench leave them all out
     cal_paths = [paths[i] for i in np.setdiff1d(pool, pool[idx])] if levers.cascade else []
-    fit_images = fit_images_json((fs.digests[p] for p in paths), (fs.digests[p] for p in cal_paths))
+    certify_digests = unlabelled.digests if unlabelled is not None else ()
+    fit_images = fit_images_json([*(fs.digests[p] for p in paths), *certify_digests],
+                                 [*(fs.digests[p] for p in cal_paths), *certify_digests])
     from dataclasses import replace
 
     run_cfg = replace(config, seed=seed)

@@ -15,7 +15,8 @@ from imagefactory import make_labelled_folder
 
 from clipfuse.cli.main import cli
 from clipfuse.export.thresholds import required_calibration_images
-from clipfuse.runtime.manifest import read_manifest
+from clipfuse.runtime.fit_images import cascade_calibration_digests, fit_image_digests, leave_out_fit_images
+from clipfuse.runtime.manifest import read_manifest, sha256_file
 
 # 24 labelled images, eval 0.34 -> 16 in the pool, 1 shot per class -> 12 calibration images: they certify no
 # less than ~30 points (2-4 configurations tried at 95%); 12 + 60 unlabelled ones certify 10.
@@ -77,6 +78,14 @@ def test_unlabelled_images_certify_what_the_pool_alone_cannot(data, unlabelled, 
     assert "--certify-on: 60 of the 84 images" in md and "4 fit images" in md
     report = json.loads((tmp_path / "eng" / "report.json").read_text())
     assert report["cascade"]["certified_on"] == found
+    # the 60 chose the exits: fit_images.json names them among the cascade's calibration images, so eval and
+    # bench leave them out as they leave out the pool (and int8's --cascade-images may certify on them again)
+    m = read_manifest(tmp_path / "eng")
+    new = {sha256_file(p) for p in (unlabelled / "new").rglob("*.jpg")}
+    assert len(new) == 60 and new <= cascade_calibration_digests(m) and new <= fit_image_digests(m)
+    assert len(cascade_calibration_digests(m)) == 72
+    kept, seen = leave_out_fit_images(m, sorted((unlabelled / "new").rglob("*.jpg"))[:5] + sorted(data.rglob("*.jpg")))
+    assert seen.seen == 5 + 16 and len(kept) == 8        # the 5 certify images and the 16 pool ones; eval's 8 stay
 
 
 def test_a_second_copy_counts_once(data, tmp_path, photo_paths):
