@@ -21,7 +21,7 @@ interval, each method's paired difference against the full ensemble (bootstrap 9
 - best single: the most accurate single backbone on the pool's held-out images;
 - best subsets (export/fit/subsets.py, C-LOG-AVG per subset, as `fit --budget-gflops`) at 1x, 2x and 4x the
   best single's GFLOPs;
-- the cascade (export/fit_levers.plan_cascade, as `fit --cascade`): --max-drop is the smallest of
+- the cascade (export/fit/levers/plan.plan_cascade, as `fit --cascade`): --max-drop is the smallest of
   0.5, 1, 2, 3, 5, 10, 20 points that the calibration images can certify (Clopper-Pearson on agreement,
   95%), unless given.
 Costs here are GFLOPs (counted, exact); latencies need --latency (the cascade engine is exported and
@@ -107,7 +107,8 @@ def auto_drop(n_calib: int, tries: int) -> float:
 
 def figures(a: dict, max_drop: float | None) -> dict:
     from clipfuse.export.fit import nlc, select
-    from clipfuse.export.fit.levers import Levers, check_calibration, fused_logits, plan_cascade
+    from clipfuse.export.fit.levers.plan import check_calibration, fused_logits, plan_cascade
+    from clipfuse.export.fit.levers.recipe import Levers
     from clipfuse.export.fit.subsets import Split, search_subsets, static_fitter
     from clipfuse.export.paired import accuracy_interval, paired_difference
 
@@ -275,7 +276,7 @@ def _run(args, argv):
 def latency(backbones, tmp: Path, a: dict, res: dict, args) -> str:
     """Export the cascade engine (fit --cascade, same splits) and bench it on the eval images."""
     from clipfuse.bench.run import run_bench
-    from clipfuse.export.fit.levers import Levers
+    from clipfuse.export.fit.levers.recipe import Levers
     from clipfuse.export.fit.pipeline import fit_engine
 
     engine = tmp / "engine"

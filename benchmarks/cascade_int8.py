@@ -52,7 +52,7 @@ import numpy as np
 
 from clipfuse.bench.cascade_exits import bench_cascade
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.export.fit.levers import Levers
+from clipfuse.export.fit.levers.recipe import Levers
 from clipfuse.export.fit.pipeline import fit_engine
 from clipfuse.export.precision.int8_export import export_int8
 from clipfuse.export.precision.int8_stages import CERTIFY_MAX

@@ -86,7 +86,7 @@ def figures(a: dict, shots=SHOTS, seeds=SEEDS) -> dict:
     from clipfuse.export.data import sample_k_shot
     from clipfuse.export.fit import nlc, select
     from clipfuse.export.fit.baselines import oracle_correct
-    from clipfuse.export.fit.levers import fused_logits
+    from clipfuse.export.fit.levers.plan import fused_logits
     from clipfuse.export.paired import accuracy_interval, paired_difference
 
     y, names, C = a["y_ev"], a["names"], len(a["classes"])

@@ -6,14 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from clipfuse.cli.present import format_inspect
+from clipfuse.export.fit.levers.recipe import Levers
 from clipfuse.export.thresholds import CascadeConfig
 from clipfuse.runtime.manifest import read_manifest
 
 
 def fit_levers(**kwargs):
-    """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (see export.fit.levers.Levers)."""
-
-    from clipfuse.export.fit.levers import Levers
+    """fit's levers (budget-chosen subset, cascade) as one recipe, checked by fit (export/fit/levers/recipe.py)."""
 
     if not kwargs.get("cascade"):       # a bad value (negative, nan, inf) is refused even unused
         CascadeConfig(max_drop=kwargs.get("max_drop", 0.5)).check()

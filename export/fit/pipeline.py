@@ -38,7 +38,10 @@ from ..graph.engine import export_engine
 from ..graph.engine_folder import check_output_folder
 from ..graph.fused import save_controller
 from ..graph.heads import LINEAR_PROBE, Head
-from . import baselines, certify, diversity as dv, levers as fl, nlc, select, study
+from . import baselines, certify, diversity as dv, nlc, select, study
+from .levers import budget, plan
+from .levers.recipe import Levers
+from .levers.report import report_markdown
 from .features import FeatureCache, compute_features, head_logits
 from .report import HEATMAP, heatmap_bytes, render_report
 
@@ -106,7 +109,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
                force: bool = False, config=None, controller: str = "auto", levers=None):
     """Fit NLC (and every baseline) on a labelled folder; write engines/<name>/ with the graph of the method
     that ships: controller "auto" (the best on held-out pool images), or forced: nlc, static, mean, single.
-    levers: export/fit_levers.Levers: a budget-chosen subset (the engine holds it) or a cascade engine."""
+    levers: export/fit/levers/recipe.Levers: a budget-chosen subset (the engine holds it) or a cascade engine."""
 
     t0 = time.perf_counter()
     select.check_choice(controller)
@@ -115,7 +118,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if not backbones:
         raise ClipfuseError("no backbones given: pass --backbone ARCH[:WEIGHTS] at least once")
     specs = [bb.parse_backbone(b) if not isinstance(b, bb.BackboneSpec) else b for b in backbones]
-    levers = (levers or fl.Levers()).check(len(specs))
+    levers = (levers or Levers()).check(len(specs))
     check_output_folder(Path(out), force)
     if levers.certify_on is not None:  # a bad folder is refused before the minutes of building and features
         certify.check_folder(levers.certify_on)
@@ -181,7 +184,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
 
     lever_report = {}
     if levers.budget is not None:      # the engine holds the chosen subset: everything below sees only it
-        lever_report["budget"] = fl.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels,
+        lever_report["budget"] = budget.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels,
                                                  shots, seed, C, config)
         keep = lever_report["budget"]["members"]
         built, heads, tr_feats, ev_feats = ([x[k] for k in keep] for x in (built, heads, tr_feats, ev_feats))
@@ -202,7 +205,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             calib_paths = [paths[i] for i in np.setdiff1d(pool, pool[shot_idx])]
             unlabelled = certify.certify_on_arrays(levers.certify_on, built, heads, cache, batch_size,
                                                    *([fs.digests[p] for p in ps] for ps in (fitted, calib_paths, ev_paths)))
-        cascade_costs = fl.check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx,
+        cascade_costs = plan.check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx,
                                              0 if unlabelled is None else len(unlabelled.Z))
     alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
     study_table = None
@@ -250,19 +253,19 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     cascade = None
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
         with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})"):
-            plan = fl.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                   shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"],
-                                   unlabelled=unlabelled)
-        order, dims = plan["order"], [b.embed_dim for b in built]
+            planned = plan.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
+                                      shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"],
+                                      unlabelled=unlabelled)
+        order, dims = planned["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
-        static, controller_nlc = (fl.permute_controller(c, order, dims) for c in (static, controller_nlc))
-        shipped_module = plan["controllers"][-1]
-        cascade = {"controllers": plan["controllers"], "block": plan["block"]}
-        lever_report["cascade"] = plan["block"]
-        log(f"cascade: {' -> '.join(plan['block']['order'])}, eval exit rates "
-            f"{[round(r, 3) for r in plan['block']['test']['exit_rates']]}")
-        if list(plan["block"]["order"]) != names:
-            log(f"cascade: {fl.REORDERED} ({', '.join(names)})")
+        static, controller_nlc = (plan.permute_controller(c, order, dims) for c in (static, controller_nlc))
+        shipped_module = planned["controllers"][-1]
+        cascade = {"controllers": planned["controllers"], "block": planned["block"]}
+        lever_report["cascade"] = planned["block"]
+        log(f"cascade: {' -> '.join(planned['block']['order'])}, eval exit rates "
+            f"{[round(r, 3) for r in planned['block']['test']['exit_rates']]}")
+        if list(planned["block"]["order"]) != names:
+            log(f"cascade: {plan.REORDERED} ({', '.join(names)})")
     report = {
         "data": str(data), "eval": str(eval_data) if eval_data else f"seeded split of --data ({eval_fraction:.0%}, seed {SPLIT_SEED})",
         "head": head, "classes": class_names, "backbones": names,
@@ -285,9 +288,9 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     }
     frontier = None
     if "budget" in lever_report:
-        frontier = fl.frontier_png(lever_report["budget"]["frontier"], lever_report["budget"]["chosen"])
-        lever_report["budget"]["plot"] = fl.FRONTIER_PNG if isinstance(frontier, bytes) else frontier
-    md = render_report(report) + fl.report_markdown(report)
+        frontier = budget.frontier_png(lever_report["budget"]["frontier"], lever_report["budget"]["chosen"])
+        lever_report["budget"]["plot"] = budget.FRONTIER_PNG if isinstance(frontier, bytes) else frontier
+    md = render_report(report) + report_markdown(report)
     extra = {REPORT_MD: md, REPORT_JSON: json.dumps(report, indent=2) + "\n",
              STATIC: lambda p: save_controller(static, p), FIT_IMAGES: fit_images}
     if controller_nlc is not None:
@@ -295,7 +298,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if isinstance(heat, bytes):
         extra[HEATMAP] = heat
     if isinstance(frontier, bytes):
-        extra[fl.FRONTIER_PNG] = frontier
+        extra[budget.FRONTIER_PNG] = frontier
     fit_info = {"fit": {"data": str(data), "shots": shots, "seed": seed, "head": head,
                         "accuracy": shipped, "static_file": STATIC, "report": REPORT_MD,
                         "nlc_file": NLC_FILE if controller_nlc is not None else None,

@@ -72,7 +72,7 @@ def render_report(report: dict) -> str:
     cascade = report.get("cascade")
     mark = " (last stage, model.onnx)" if cascade else " (shipped)"
     rows = dict(s["accuracy"])
-    if cascade:          # what predict answers, on the same eval images (export/fit/levers.py plan_cascade)
+    if cascade:          # what predict answers, on the same eval images (export/fit/levers/plan.py plan_cascade)
         rows = {**{m: a for m, a in rows.items() if m != "ORACLE"},
                 "cascade (shipped)": cascade["test"]["accuracy_cascade"]["value"], "ORACLE": rows.get("ORACLE")}
         rows = {m: a for m, a in rows.items() if a is not None}

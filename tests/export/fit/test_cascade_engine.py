@@ -17,7 +17,7 @@ from standins import triton_python_model
 
 from clipfuse.cli.main import cli
 from clipfuse.core.errors import ClipfuseError
-from clipfuse.export.fit.levers import Levers
+from clipfuse.export.fit.levers.recipe import Levers
 from clipfuse.export.fit.pipeline import fit_engine
 from clipfuse.runtime.cascade import CascadeBackend
 from clipfuse.runtime.manifest import read_manifest
@@ -317,7 +317,7 @@ def test_eval_scores_the_cascade_that_predict_answers(cascade_engine, data):
 def test_report_says_one_thing_about_what_ships(cascade_engine):
     """a cascade engine's report.md ships the cascade, whose last stage (model.onnx) holds the
     chosen controller, in the stage order the manifest holds; where that is not the order given, it says so."""
-    from clipfuse.export.fit.levers import REORDERED
+    from clipfuse.export.fit.levers.plan import REORDERED
 
     folder, report, _ = cascade_engine
     md = (folder / "report.md").read_text()
@@ -400,7 +400,7 @@ def test_threshold_choice_meets_max_drop_on_a_synthetic_split():
     """plan_cascade (the fit's wiring) on a world where a cheap stage is often enough."""
     from synthetic import synthetic_ensemble
 
-    from clipfuse.export.fit.levers import plan_cascade
+    from clipfuse.export.fit.levers.plan import plan_cascade
     from clipfuse.export.graph.fused import StaticController
 
     X, Z, y, _ = synthetic_ensemble(200, num_classes=10, num_backbones=3, scenario="one-good", seed=0, wrong_rate=0.4)

@@ -39,7 +39,7 @@ def data(tmp_path_factory, photo_paths):
 def fp32_cascade(tmp_path_factory, data):
     """A cascade over the two tiny ViT towers (the tiny RN tower's features are too collapsed for int8, see
     conftest.tiny_vit_engine), fp32 only."""
-    from clipfuse.export.fit.levers import Levers
+    from clipfuse.export.fit.levers.recipe import Levers
     from clipfuse.export.fit.pipeline import fit_engine
 
     base = tmp_path_factory.mktemp("int8-cascade")
