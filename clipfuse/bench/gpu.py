@@ -29,7 +29,7 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.core.log import log
 from clipfuse.export.gpu.cascade import sub_ensemble
 from clipfuse.export.gpu.graphs import GraphedEnsemble
-from clipfuse.export.graph.torch_backend import rebuild_fused
+from clipfuse.export.graph.rebuild import rebuild_fused
 from clipfuse.runtime.manifest import read_manifest
 
 

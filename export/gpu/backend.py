@@ -3,7 +3,7 @@ fp32 or fp16 (model.fp16.onnx's fp32 islands), optional torch.compile. The fp32 
 with stays registered as `torch-cuda-eager` (export/graph/torch_backend.py).
 
 Light at import, like every registered backend: the registry loads this class to ask unavailable_reason(),
-so torch is imported only in open() (export/gpu/graphs.py). Written from the H200 measurements in DESIGN.md
+so torch is imported only in open() (export/gpu/runner.py). Written from the H200 measurements in DESIGN.md
 "The GPU" but never yet run on a GPU: see README "The GPU path".
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from clipfuse.runtime.backends import registry
 from clipfuse.runtime.backends.base import Backend
 from clipfuse.runtime.manifest import Manifest
 
-from ..graph.torch_backend import missing_torch_modules, rebuild_fused
+from ..graph.torch_backend import missing_torch_modules
 from .plan import check_options
 
 DEFAULT_MAX_BATCH = 8
@@ -58,27 +58,21 @@ class TorchCudaBackend(Backend):
     def open(self) -> "TorchCudaBackend":
         import torch
 
-        from .graphs import GraphedEnsemble
+        from .runner import open_runner
 
         if self._device == "cuda" and not torch.cuda.is_available():
             raise ClipfuseError("backend torch-cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); "
                                 "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --backend torch")
         if self.threads:
             torch.set_num_threads(self.threads)
-        model = rebuild_fused(self.manifest).to(self._device)
         if self._device == "cuda" and self.precision == "fp32":
             # fp32 means fp32 (TF32 ~1e-3 relative would blur compare); put back on close()
             self._tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch
-        options = dict(device=self._device, precision=self.precision, max_batch=self.max_batch,
-                       concurrent=self.concurrent, compile=self.compile)
-        if self.cascade:
-            from .cascade import GraphedCascade
-
-            self.runner = GraphedCascade(self.manifest, model, threads=self.threads, **options)
-        else:
-            self.runner = GraphedEnsemble(model, **options)
+        self.runner = open_runner(self.manifest, cascade=self.cascade, threads=self.threads, device=self._device,
+                                  precision=self.precision, max_batch=self.max_batch, concurrent=self.concurrent,
+                                  compile=self.compile)
         self.is_open = True
         return self
 

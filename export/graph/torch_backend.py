@@ -6,8 +6,8 @@ entry points (group `clipfuse.backends`) name `torch` and `torch-cuda-eager`, an
 `clipfuse.runtime.backends.registry.make_backend(manifest, "torch")` loads this module
 only when that backend is asked for (or checked by `available_backends()`).
 
-Loading this module is cheap: torch and open_clip are imported in open(),
-so checking whether the backend can run here never imports them.
+Loading this module is cheap: torch and open_clip are imported in open() (with export/graph/rebuild.py,
+which rebuilds the module), so checking whether the backend can run here never imports them.
 """
 from __future__ import annotations
 
@@ -18,50 +18,11 @@ from clipfuse.core.errors import ClipfuseError
 from clipfuse.runtime.backends import registry
 from clipfuse.runtime.backends.base import Backend
 from clipfuse.runtime.backends.sessions import check_threads
-from clipfuse.runtime.manifest import Manifest, rebuild_hint
+from clipfuse.runtime.manifest import Manifest
 
 
 def missing_torch_modules() -> list[str]:
     return [m for m in ("torch", "open_clip") if importlib.util.find_spec(m) is None]
-
-
-def rebuild_fused(m: Manifest):
-    """The FusedEnsemble of engine `m`, on the CPU: towers rebuilt with export.graph.backbones.load_backbone
-    (exact for random:SEED and checkpoint-file weights; a pretrained tag needs open_clip's download or cache),
-    each checked against the manifest's weights_sha256, then its heads and controller. Imports torch."""
-    from .backbones import load_backbone
-    from .fused import FusedEnsemble, load_controller
-    from .heads import load_heads
-
-    missing = missing_torch_modules()
-    if missing:
-        raise ClipfuseError(f"torch backends need {' and '.join(missing)}: pip install torch open_clip_torch "
-                            "(or use --backend onnxruntime, which needs neither)")
-    visuals = []
-    for i, b in enumerate(m.backbones):
-        spec = f"{b['arch']}:{b['weights']}"
-        built = load_backbone(spec)
-        if built.weights_sha256 != b["weights_sha256"]:
-            raise ClipfuseError(
-                f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilt here has image-tower weights "
-                f"{built.weights_sha256[:12]}..., the manifest records {b['weights_sha256'][:12]}...: these are not the "
-                "weights the graph was exported from (another open_clip version, or a changed checkpoint file), "
-                f"so the torch backend cannot reproduce it. Use --backend onnxruntime, or rebuild: {rebuild_hint(m)}")
-        if built.image_size != b["image_size"] or built.embed_dim != b["embed_dim"]:
-            raise ClipfuseError(f"engine {str(m.folder)!r}: backbone {i} ({spec}) rebuilds at {built.image_size} px, "
-                                f"D={built.embed_dim}; the manifest says {b['image_size']} px, D={b['embed_dim']}")
-        visuals.append(built.model.visual)
-        del built
-    heads = load_heads(m.folder / m.data.get("heads_file", "heads.safetensors"), num_backbones=len(visuals))
-    for i, (h, b) in enumerate(zip(heads, m.backbones)):
-        if tuple(h.weight.shape) != (len(m.classes), b["embed_dim"]):
-            raise ClipfuseError(
-                f"engine {str(m.folder)!r}: head {i} in {m.data.get('heads_file', 'heads.safetensors')} has shape "
-                f"{tuple(h.weight.shape)}, the manifest needs ({len(m.classes)} classes, D={b['embed_dim']}): the "
-                f"heads file comes from another engine; {rebuild_hint(m)}")
-    controller = load_controller(m.folder / m.data.get("controller", {}).get("file", "controller.safetensors"))
-    return FusedEnsemble(visuals, heads, [b["image_size"] for b in m.backbones],
-                         [b["mean"] for b in m.backbones], [b["std"] for b in m.backbones], controller).eval()
 
 
 class TorchBackend(Backend):
@@ -116,6 +77,8 @@ class TorchBackend(Backend):
                                 "install a CUDA build of torch on a machine with an NVIDIA GPU, or use --backend torch")
         if self.threads:
             torch.set_num_threads(self.threads)
+        from .rebuild import rebuild_fused
+
         self.model = rebuild_fused(self.manifest).eval().to(self._device)
         if self._device == "cuda":
             # A reference computes in fp32: cuDNN convolutions default to TF32 on Ampere and later

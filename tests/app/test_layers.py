@@ -78,7 +78,6 @@ HEAVY = ("torch", "open_clip", "tensorrt", "openvino", "pytriton", "tritonclient
 # ONNX Runtime path and the bench's timing workers never load them). Each target is checked heavy below.
 ALLOWED_INNER = {
     ("clipfuse.api", "clipfuse.export.fit.evaluate"),
-    ("clipfuse.api", "clipfuse.export.fit.levers"),
     ("clipfuse.api", "clipfuse.export.graph.backbones"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.backbones"),
     ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
@@ -92,12 +91,9 @@ ALLOWED_INNER = {
     ("clipfuse.cli.build", "clipfuse.export.graph.backbones"),
     ("clipfuse.demo", "clipfuse.export.fit.pipeline"),
     # the PyTorch backend is loaded by the registry to ask whether it can run: it imports torch when opened
-    ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.backbones"),
-    ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.fused"),
-    ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.heads"),
-    # the same for torch-cuda: the CUDA-graph runner imports torch at its top
-    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.graphs"),
-    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.cascade"),
+    ("clipfuse.export.graph.torch_backend", "clipfuse.export.graph.rebuild"),
+    # the same for torch-cuda: its runner (CUDA graphs, the cascade's stages) imports torch at its top
+    ("clipfuse.export.gpu.backend", "clipfuse.export.gpu.runner"),
 }
 
 

@@ -96,7 +96,7 @@ def test_the_forward_follows_the_stream_plan(tiny_engine, concurrent):
     """The runner's forward performs the plan's steps in the plan's order (fork, towers on their streams, join,
     then heads, controller, combination on the main stream): the plan is what runs, not a description."""
     from clipfuse.export.gpu.graphs import GraphedEnsemble
-    from clipfuse.export.graph.torch_backend import rebuild_fused
+    from clipfuse.export.graph.rebuild import rebuild_fused
     from clipfuse.runtime.manifest import read_manifest
 
     runner = GraphedEnsemble(rebuild_fused(read_manifest(tiny_engine)), device="cpu", max_batch=2,
