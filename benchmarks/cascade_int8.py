@@ -5,6 +5,7 @@
     python benchmarks/cascade_int8.py --set trained              # the three towers trained here (train_towers.py)
     python benchmarks/cascade_int8.py --set five --max-drop 0.5,1 --bench-images 200 \
         --keep-fp32 RN50:random:0 RN101:random:1 RN50x4:random:2             # issue #26's moonshot
+    python benchmarks/cascade_int8.py --set five --merge A.json B.json      # max-drops measured in separate runs
 
 The same digits, splits and cascade engine as `benchmarks/cascade_digits.py --set pair --latency`
 (RN50:random:0 + ViT-B-32:random:1, linear-probe heads, `fit --cascade` with the max-drop the
@@ -238,6 +239,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--render", default=None, metavar="JSON", help="only write the .md again from a results .json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="--set five: write one results file (--out, default the moonshot's) from runs of the same "
+                         "setup that measured different max-drops")
     args = ap.parse_args(argv)
     given = [o for o, v in (("--max-drop", args.max_drop), ("--images", args.images)) if v is not None]
     given += [o for o, v, d in (("--unlabelled-copies", args.unlabelled_copies, COPIES),
@@ -256,6 +260,12 @@ def main(argv=None):
 
 
 def _run(args, argv):
+    if args.merge:
+        try:
+            res = moonshot.merge_runs([json.loads(Path(f).read_text()) for f in args.merge])
+        except ValueError as e:
+            raise SystemExit(f"--merge: {e}") from None
+        return _write(res, Path(args.out or ROOT / "results" / "cascade_moonshot"))
     if args.render:
         res = json.loads(Path(args.render).read_text())
         Path(args.render).with_suffix(".md").write_text((moonshot.markdown if "drops" in res else markdown)(res))

@@ -7,6 +7,9 @@
   digit, for the accuracy and its paired difference. The int8 figures on every eval digit come from the
   int8 export's own record (export_int8(data=...): int8 stages and model.onnx on the same images).
 - target_checks: the issue's targets as pass/fail lines, each printing its bound.
+- merge_runs: one results file from runs that measured different max-drops on the same setup (a run takes
+  hours on 2 cores, so the max-drops may come from different sessions); each row's latencies stay side by side
+  within the run that measured them.
 - markdown: the results file.
 """
 from __future__ import annotations
@@ -214,11 +217,53 @@ def _drop_section(r: dict, setup: dict) -> list[str]:
     return L
 
 
+# what must be equal for two runs' max-drops to sit in one file: the same towers on the same images
+SAME_SETUP = ("set", "backbones", "setup")
+
+
+def _runs(res: dict) -> list[dict]:
+    """The runs a result holds: [{command, seconds, drops}], one unless merged."""
+    return res.get("runs") or [{"command": res["command"], "seconds": res["seconds"], "drops": list(res["drops"])}]
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """One result from runs of the same setup that measured different max-drops (each a `_five_result`):
+    drops in the order given, the targets taken again from max-drop TARGET_DROP, every run's command and
+    seconds kept under "runs". Refuses (ValueError, naming the key) runs of another setup, or a max-drop
+    measured twice."""
+    if len(results) < 2:
+        raise ValueError("give at least two results files to merge")
+    first = results[0]
+    for k, r in enumerate(results[1:], 2):
+        for key in SAME_SETUP:
+            if r.get(key) != first.get(key):
+                raise ValueError(f"result {k} has another {key!r} than result 1: only runs on the same towers and "
+                                 "images can share one file")
+    drops, runs = {}, []
+    for r in results:
+        runs += _runs(r)
+        for d, v in r["drops"].items():
+            if d in drops:
+                raise ValueError(f"max-drop {d} is in more than one result: keep one of them")
+            drops[d] = v
+    pending = [d for r in results for d in r.get("pending", []) if f"{d:g}" not in drops]
+    target = drops.get(f"{TARGET_DROP:g}")
+    res = {key: first[key] for key in SAME_SETUP} | {
+        "command": first["command"], "seconds": round(sum(r["seconds"] for r in runs), 1), "drops": drops,
+        "targets": [c.to_dict() for c in target_checks(target)] if target else None, "runs": runs}
+    return res | ({"pending": pending} if pending else {})
+
+
 def markdown(res: dict) -> str:
     s = res["setup"]
     done = ", ".join(f"{float(d):g}" for d in res["drops"])
-    L = [f"<!-- made by: {res['command']} ({res['seconds']:.0f} s on this machine) -->", "",
-         f"# The moonshot: the cascade of `{res['set']}` at max-drop {done}, fp32 and int8 stages (issue #26)", ""]
+    runs = _runs(res)
+    L = [f"<!-- made by: {r['command']} ({r['seconds']:.0f} s on this machine) -->" for r in runs]
+    L += ["", f"# The moonshot: the cascade of `{res['set']}` at max-drop {done}, fp32 and int8 stages (issue #26)", ""]
+    if len(runs) > 1:
+        L += [f"Measured in {len(runs)} runs of the same setup, merged with `--merge`: " + "; ".join(
+            f"max-drop {', '.join(r['drops'])} by `{r['command']}` ({r['seconds']:.0f} s)" for r in runs)
+            + ". A row's latencies were measured side by side within its run.", ""]
     if res.get("pending"):
         L += [f"**Part-way:** written when max-drop {done} finished; max-drop "
               f"{', '.join(f'{d:g}' for d in res['pending'])} was still to run (a run that finishes rewrites this "

@@ -102,6 +102,39 @@ def test_a_run_stopped_after_its_first_max_drop_keeps_that_max_drops_figures(scr
         ".md").read_text()
 
 
+def _five(drops: dict, command: str, seconds: float = 10.0, **extra) -> dict:
+    setup = {k: 0 for k in ("digits", "eval_images", "pool_outside_shots", "renders", "copies", "timed_images")} | {
+        "best_single": "a", "timing_rule": "r"}
+    return {"set": "five", "command": command, "seconds": seconds, "backbones": ["a"], "setup": setup,
+            "drops": drops, "targets": None} | extra
+
+
+def test_runs_that_measured_different_max_drops_merge_into_one_file(script, tmp_path):
+    """The stopped run kept max-drop 0.5; a later run measured max-drop 1 alone: --merge writes one file with both,
+    the targets from 0.5, both commands, and no part-way line; other setups or a drop measured twice are refused."""
+    first = _five({"0.5": {"max_drop": 0.5, "error": "refused at 0.5"}}, "run --max-drop 0.5,1", 7150.0, pending=[1.0])
+    second = _five({"1": {"max_drop": 1.0, "error": "refused here"}}, "run --max-drop 1", 5000.0)
+    files = []
+    for k, r in enumerate((first, second)):
+        files.append(tmp_path / f"r{k}.json")
+        files[-1].write_text(json.dumps(r))
+    out = tmp_path / "merged"
+    res = script.main(["--set", "five", "--merge", *map(str, files), "--out", str(out)])
+    assert list(res["drops"]) == ["0.5", "1"] and "pending" not in res and res["seconds"] == 12150.0
+    assert len(res["targets"]) == 3 and all("not measured (refused at 0.5)" in c["line"] for c in res["targets"])
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("<!-- made by: run --max-drop 0.5,1 (7150 s on this machine) -->\n"
+                         "<!-- made by: run --max-drop 1 (5000 s on this machine) -->")
+    assert "Measured in 2 runs of the same setup" in md and "max-drop 1 by `run --max-drop 1` (5000 s)" in md
+    assert "Part-way" not in md and "Refused: refused here" in md and "Refused: refused at 0.5" in md
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_five({"1": {"max_drop": 1.0, "error": "x"}}, "c") | {"backbones": ["b"]}))
+    with pytest.raises(SystemExit, match="--merge: result 2 has another 'backbones' than result 1"):
+        script.main(["--set", "five", "--merge", str(files[0]), str(other), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--merge: max-drop 0.5 is in more than one result"):
+        script.main(["--set", "five", "--merge", str(files[0]), str(files[0]), "--out", str(out)])
+
+
 def test_the_timing_subset_takes_every_class(script, digits, tmp_path):
     names = script.moonshot.timing_subset(digits / "eval", tmp_path / "timed", 10)
     assert len(names) == 10 and len({n.split("/")[0] for n in names}) == 10
