@@ -84,26 +84,15 @@ def _export_single(manifest: Manifest, k: int, folder: Path) -> Manifest:
     # export/ (torch, open_clip) is imported here, not at the top: the worker processes import this
     # module, and the memory probes' baseline must not hold torch for configurations that never use it.
 
-    from clipfuse.export.graph.backbones import load_backbone
-    from clipfuse.export.graph.engine import export_engine
-    from clipfuse.export.graph.heads import load_heads
+    from clipfuse.export.graph.rebuild import export_single
 
     b = manifest.backbones[k]
     spec = f"{b['arch']}:{b['weights']}"
     t0 = time.perf_counter()
     log(f"single {k} {spec}: exporting alone into {folder} (once; cached)", tag="bench")
-    built = load_backbone(spec)
-    if built.weights_sha256 != b["weights_sha256"]:
-        raise ClipfuseError(f"backbone {spec} rebuilt here does not have the weights engine {str(manifest.folder)!r} "
-                            "was exported with (weights sha256 differs): the single-backbone comparison would not "
-                            "measure the same network; re-export the engine with this open_clip")
-    heads = load_heads(manifest.folder / manifest.data.get("heads_file", "heads.safetensors"),
-                       num_backbones=len(manifest.backbones))
     folder.parent.mkdir(parents=True, exist_ok=True)
     with detail():          # the bench's two lines say it; the export's own steps show with -v
-        export_engine([built], manifest.classes, folder, templates=manifest.data.get("templates"), force=True,
-                      heads=[heads[k]], opset=manifest.data["onnx"].get("opset"))
-    del built
+        export_single(manifest, k, folder)
     log(f"single {k} {spec}: exported in {time.perf_counter() - t0:.0f} s", tag="bench")
     return read_manifest(folder, verify=False)
 

@@ -79,9 +79,7 @@ HEAVY = ("torch", "open_clip", "tensorrt", "openvino", "pytriton", "tritonclient
 ALLOWED_INNER = {
     ("clipfuse.api", "clipfuse.export.fit.evaluate"),
     ("clipfuse.api", "clipfuse.export.graph.backbones"),
-    ("clipfuse.bench.configs", "clipfuse.export.graph.backbones"),
-    ("clipfuse.bench.configs", "clipfuse.export.graph.engine"),
-    ("clipfuse.bench.configs", "clipfuse.export.graph.heads"),
+    ("clipfuse.bench.configs", "clipfuse.export.graph.rebuild"),
     ("clipfuse.bench.run", "clipfuse.export.fit.evaluate"),
     ("clipfuse.bench.run", "clipfuse.bench.gpu"),
     ("clipfuse.cli.build", "clipfuse.export.fit.evaluate"),
