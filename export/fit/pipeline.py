@@ -184,8 +184,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
 
     lever_report = {}
     if levers.budget is not None:      # the engine holds the chosen subset: everything below sees only it
-        lever_report["budget"] = budget.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels, ev_labels,
-                                                 shots, seed, C, config)
+        lever_report["budget"] = budget.apply_budget(levers, built, heads, tr_feats, ev_feats, pool, labels,
+                                                     ev_labels, shots, seed, C, config)
         keep = lever_report["budget"]["members"]
         built, heads, tr_feats, ev_feats = ([x[k] for k in keep] for x in (built, heads, tr_feats, ev_feats))
         names = [str(b.spec) for b in built]
@@ -206,7 +206,7 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
             unlabelled = certify.certify_on_arrays(levers.certify_on, built, heads, cache, batch_size,
                                                    *([fs.digests[p] for p in ps] for ps in (fitted, calib_paths, ev_paths)))
         cascade_costs = plan.check_calibration(levers, built, heads, Z_pool, y_pool, shot_idx,
-                                             0 if unlabelled is None else len(unlabelled.Z))
+                                               0 if unlabelled is None else len(unlabelled.Z))
     alone = levers.budget is not None and len(names) == 1     # the budget kept one: no ensemble, no controller to fit
     study_table = None
     if not alone:
@@ -254,8 +254,8 @@ def fit_engine(backbones, data, out, classes=None, eval_data=None, eval_fraction
     if levers.cascade:                 # backbones, heads and controllers go into the graph in stage order
         with step(f"cascade: order, per-stage controllers and thresholds (--max-drop {levers.max_drop})"):
             planned = plan.plan_cascade(levers, built, heads, X_pool, Z_pool, y_pool, X_ev, Z_ev, ev_labels, idx,
-                                      shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"],
-                                      unlabelled=unlabelled)
+                                        shipped_module, run_cfg, costs=cascade_costs, shipped_row=choice["row"],
+                                        unlabelled=unlabelled)
         order, dims = planned["order"], [b.embed_dim for b in built]
         built, heads = [built[k] for k in order], [heads[k] for k in order]
         static, controller_nlc = (plan.permute_controller(c, order, dims) for c in (static, controller_nlc))
