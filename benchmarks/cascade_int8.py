@@ -261,8 +261,16 @@ def main(argv=None):
 
 def _run(args, argv):
     if args.merge:
+        results = []
+        for f in args.merge:
+            try:
+                results.append(json.loads(Path(f).read_text()))
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"--merge: {f} cannot be read as JSON ({e})") from None
+            if not isinstance(results[-1], dict) or "drops" not in results[-1]:
+                raise SystemExit(f"--merge: {f} is not a --set five results file (it has no 'drops')")
         try:
-            res = moonshot.merge_runs([json.loads(Path(f).read_text()) for f in args.merge])
+            res = moonshot.merge_runs(results)
         except ValueError as e:
             raise SystemExit(f"--merge: {e}") from None
         return _write(res, Path(args.out or ROOT / "results" / "cascade_moonshot"))

@@ -5,6 +5,7 @@ import copy
 import importlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,12 @@ def test_runs_that_measured_different_max_drops_merge_into_one_file(script, tmp_
         script.main(["--set", "five", "--merge", str(files[0]), str(other), "--out", str(out)])
     with pytest.raises(SystemExit, match="--merge: max-drop 0.5 is in more than one result"):
         script.main(["--set", "five", "--merge", str(files[0]), str(files[0]), "--out", str(out)])
+    (tmp_path / "pair.json").write_text(json.dumps({"set": "pair", "bench": {}}))
+    (tmp_path / "broken.json").write_text("{not json")
+    for bad, why in (("missing.json", "cannot be read as JSON"), ("broken.json", "cannot be read as JSON"),
+                     ("pair.json", "is not a --set five results file (it has no 'drops')")):
+        with pytest.raises(SystemExit, match=f"--merge: .*{bad} {re.escape(why)}"):
+            script.main(["--set", "five", "--merge", str(files[0]), str(tmp_path / bad), "--out", str(out)])
 
 
 def test_the_timing_subset_takes_every_class(script, digits, tmp_path):
